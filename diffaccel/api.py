@@ -1,0 +1,130 @@
+"""The public verbs: ``accelerate``, ``remove``, ``stats``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffaccel.pipelines.adapters import adapter_for, unwrap_denoiser
+
+from .config import AccelConfig
+from .presets import preset
+from .registry import AccelTarget, handler_for
+from .runtime import PIPE_ATTRIBUTE, Runtime
+
+logger = logging.getLogger("diffaccel")
+
+DENOISER_ATTRIBUTES = ("transformer", "unet")
+
+
+def resolve_config(config: Any = None, **slots: Any) -> AccelConfig:
+    """Turn what ``accelerate`` accepts into an ``AccelConfig``.
+
+    ``config`` may be None, a preset name, an ``AccelConfig``, a dict (``AccelConfig.to_dict`` form)
+    or a path to a .json/.yaml file; ``slots`` (cache=, guidance=, ...) override it slot by slot.
+    """
+    if config is None:
+        base = AccelConfig()
+    elif isinstance(config, AccelConfig):
+        base = config
+    elif isinstance(config, dict):
+        base = AccelConfig.from_dict(config)
+    elif isinstance(config, Path) or (isinstance(config, str) and config.endswith((".json", ".yaml", ".yml"))):
+        base = AccelConfig.from_file(config)
+    elif isinstance(config, str):
+        base = preset(config)
+    else:
+        raise ValueError(
+            f"accelerate() takes a preset name, an AccelConfig, a dict or a config file path, "
+            f"got {type(config).__name__}."
+        )
+    given = {slot: value for slot, value in slots.items() if value is not None}
+    return base.with_methods(**given) if given else base
+
+
+def find_denoiser(pipe: Any) -> torch.nn.Module:
+    for name in DENOISER_ATTRIBUTES:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return unwrap_denoiser(module)
+    raise ValueError(
+        f"{type(pipe).__name__} has no denoiser: diffaccel looks for a torch module at "
+        f"pipe.{' or pipe.'.join(DENOISER_ATTRIBUTES)}."
+    )
+
+
+def accelerate(
+    pipe: Any,
+    config: Any = None,
+    *,
+    cache: Any = None,
+    guidance: Any = None,
+    sampling: Any = None,
+    attention: Any = None,
+) -> Any:
+    """Accelerate a diffusers pipeline in place and return it.
+
+    >>> pipe = diffaccel.accelerate(pipe, "fast")
+    >>> pipe = diffaccel.accelerate(pipe, cache="block")
+    >>> pipe = diffaccel.accelerate(pipe, cache=diffaccel.BlockCacheConfig(threshold=0.1))
+
+    Calling it again replaces the previous configuration. Everything is validated before any hook
+    is installed, and a failure while installing leaves the pipeline as it was.
+    """
+    resolved = resolve_config(config, cache=cache, guidance=guidance, sampling=sampling, attention=attention)
+    denoiser = find_denoiser(pipe)
+    target = AccelTarget(pipe=pipe, denoiser=denoiser, adapter=adapter_for(denoiser))
+    planned = [(method, handler_for(method)) for method in resolved.methods()]
+    for method, handler in planned:
+        handler.validate(method, target)
+
+    remove(pipe)
+    runtime = Runtime(pipe, denoiser, target.adapter, resolved)
+    try:
+        for method, handler in planned:
+            handler.apply(method, target, runtime)
+        runtime.install_denoiser_hook()
+    except BaseException:
+        runtime.remove()
+        raise
+    setattr(pipe, PIPE_ATTRIBUTE, runtime)
+    logger.info(
+        "diffaccel: accelerated %s (%s) with %s",
+        type(pipe).__name__,
+        target.adapter.name,
+        ", ".join(f"{m.slot}={m.method}" for m in resolved.methods()) or "no method (off)",
+    )
+    return pipe
+
+
+def remove(pipe: Any) -> Any:
+    """Take every diffaccel hook and processor off ``pipe``; its output is then the original's."""
+    runtime = getattr(pipe, PIPE_ATTRIBUTE, None)
+    if runtime is not None:
+        runtime.remove()
+        delattr(pipe, PIPE_ATTRIBUTE)
+    return pipe
+
+
+def runtime_of(pipe: Any) -> Runtime:
+    runtime = getattr(pipe, PIPE_ATTRIBUTE, None)
+    if runtime is None:
+        raise ValueError(f"This {type(pipe).__name__} is not accelerated; call diffaccel.accelerate(pipe, ...) first.")
+    return runtime
+
+
+def stats(pipe: Any, cumulative: bool = False) -> dict:
+    """What the last pipeline call computed and skipped (``cumulative=True``: since ``accelerate``).
+
+    Keys include ``steps``, ``denoiser_calls`` (one per CFG branch evaluated: a doubled batch
+    counts two), ``denoiser_forwards``, ``blocks_computed``, ``blocks_skipped`` and per-method counters.
+    """
+    return runtime_of(pipe).stats(cumulative=cumulative)
+
+
+def config_of(pipe: Any) -> AccelConfig:
+    """The configuration a pipeline is accelerated with."""
+    return runtime_of(pipe).config

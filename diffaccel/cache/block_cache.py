@@ -1,0 +1,218 @@
+"""Block residual cache (first-block / DBCache family).
+
+Per forward: always run the first ``compute_first_blocks`` blocks (F); compare their residual with
+the one stored at the last *computed* step by relative L1, ``mean|R - R_ref| / mean|R_ref|``; below
+``threshold`` skip the middle blocks (M) by adding the cached residual of the middle span
+(``M_out - M_in``, for the hidden and, where the blocks carry one, the encoder stream); always run
+the last ``compute_last_blocks`` blocks (B). State is per CFG branch and per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks.hooks import ModelHook
+
+from diffaccel.config import MethodConfig, check_float, check_int, register_config
+from diffaccel.pipelines.adapters import ENCODER, HIDDEN, BoundBlock, get_argument
+from diffaccel.registry import AccelTarget, register_method
+
+BLOCK_CACHE_HOOK = "diffaccel.block_cache"
+
+
+@register_config
+@dataclass(frozen=True)
+class BlockCacheConfig(MethodConfig):
+    """Skip the middle blocks while the front blocks' residual barely changes.
+
+    Args:
+        threshold: relative L1 change of the front residual below which the middle span is reused.
+            0 never reuses; larger is faster and less faithful (cache-dit's default is 0.08).
+        compute_first_blocks: blocks always computed at the front (Fn); their residual drives the decision.
+        compute_last_blocks: blocks always computed at the back (Bn); they refine a reused span.
+        warmup_steps: first denoising steps of each call that always compute (layout forms there).
+        max_consecutive: most reuses in a row before a forced compute; None for no limit.
+    """
+
+    slot = "cache"
+    method = "block"
+
+    threshold: float = 0.08
+    compute_first_blocks: int = 1
+    compute_last_blocks: int = 0
+    warmup_steps: int = 2
+    max_consecutive: int | None = 3
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_float(name, "threshold", self.threshold, minimum=0.0)
+        check_int(name, "compute_first_blocks", self.compute_first_blocks, minimum=1)
+        check_int(name, "compute_last_blocks", self.compute_last_blocks, minimum=0)
+        check_int(name, "warmup_steps", self.warmup_steps, minimum=0)
+        if self.max_consecutive is not None:
+            check_int(name, "max_consecutive", self.max_consecutive, minimum=1)
+
+
+class BlockCacheState:
+    """What one CFG branch remembers between forwards of a call."""
+
+    def __init__(self) -> None:
+        self.span_input: torch.Tensor | None = None  # hidden input of block 0, this forward
+        self.reference_residual: torch.Tensor | None = None  # front residual at the last computed step
+        self.middle_input: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.cached_hidden_residual: torch.Tensor | None = None
+        self.cached_encoder_residual: torch.Tensor | None = None
+        self.encoder_output_is_none = False
+        self.reuse = False
+        self.consecutive_reuses = 0
+
+
+def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
+    """mean|current - reference| / mean|reference| (FBCache / DBCache similarity)."""
+    denominator = reference.abs().mean()
+    if denominator == 0:
+        return float("inf")
+    return float((current - reference).abs().mean() / denominator)
+
+
+def _split_output(output: Any, block: BoundBlock) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not block.spec.returns_tuple:
+        return output, None
+    values = dict(zip(block.spec.returns, output))
+    return values[HIDDEN], values.get(ENCODER)
+
+
+def _join_output(hidden: torch.Tensor, encoder: torch.Tensor | None, block: BoundBlock) -> Any:
+    if not block.spec.returns_tuple:
+        return hidden
+    values = {HIDDEN: hidden, ENCODER: encoder}
+    return tuple(values[name] for name in block.spec.returns)
+
+
+class BlockCacheHook(ModelHook):
+    """One per block; its role (front start, decider, middle, back) decides what it does."""
+
+    _is_stateful = False  # state lives in the runtime's BranchStates, reset there
+
+    def __init__(self, config: BlockCacheConfig, runtime, states, block: BoundBlock, roles: set[str]) -> None:
+        super().__init__()
+        self.config = config
+        self.runtime = runtime
+        self.states = states
+        self.block = block
+        self.roles = roles
+
+    def _inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        spec = self.block.spec
+        hidden = get_argument(args, kwargs, spec.hidden_arg, self.block.position_of(spec.hidden_arg))
+        encoder = None
+        if spec.encoder_arg is not None:
+            encoder = get_argument(args, kwargs, spec.encoder_arg, self.block.position_of(spec.encoder_arg))
+        return hidden, encoder
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state: BlockCacheState = self.states.get(self.runtime.clock.current.branch)
+        if "start" in self.roles:
+            state.span_input = self._inputs(args, kwargs)[0]
+        if "middle" in self.roles and state.reuse:
+            return self._replay(state, args, kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if "decide" in self.roles:
+            self._decide(state, output)
+        if "middle_end" in self.roles:
+            self._store_middle_residual(state, output)
+        return output
+
+    def _replay(self, state: BlockCacheState, args: tuple, kwargs: dict):
+        """Skipped block: pass the streams through; the span's first block adds the cached residual."""
+        hidden, encoder = self._inputs(args, kwargs)
+        if "middle_start" in self.roles:
+            hidden = hidden + state.cached_hidden_residual
+            if encoder is not None and state.cached_encoder_residual is not None:
+                encoder = encoder + state.cached_encoder_residual
+        if "middle_end" in self.roles and state.encoder_output_is_none:
+            encoder = None
+        self.runtime.count_skipped_blocks()
+        return _join_output(hidden, encoder, self.block)
+
+    @torch.compiler.disable
+    def _decide(self, state: BlockCacheState, output: Any) -> None:
+        ctx = self.runtime.clock.current
+        hidden, encoder = _split_output(output, self.block)
+        residual = hidden - state.span_input
+        reference = state.reference_residual
+        limit = self.config.max_consecutive
+        reuse = (
+            ctx.step_index >= self.config.warmup_steps
+            and reference is not None
+            and reference.shape == residual.shape
+            and state.cached_hidden_residual is not None
+            and (limit is None or state.consecutive_reuses < limit)
+            and relative_l1(residual, reference) < self.config.threshold
+        )
+        state.reuse = reuse
+        if reuse:
+            state.consecutive_reuses += 1
+            self.runtime.count("cache_hits")
+        else:
+            state.consecutive_reuses = 0
+            state.reference_residual = residual
+            state.middle_input = (hidden, encoder)
+            self.runtime.count("cache_misses")
+        state.span_input = None
+
+    @torch.compiler.disable
+    def _store_middle_residual(self, state: BlockCacheState, output: Any) -> None:
+        hidden, encoder = _split_output(output, self.block)
+        hidden_in, encoder_in = state.middle_input
+        state.cached_hidden_residual = hidden - hidden_in
+        state.encoder_output_is_none = encoder is None and encoder_in is not None
+        if encoder is not None and encoder_in is not None and encoder.shape == encoder_in.shape:
+            state.cached_encoder_residual = encoder - encoder_in
+        else:
+            state.cached_encoder_residual = None
+        state.middle_input = None
+
+
+def block_roles(index: int, num_blocks: int, first: int, last: int) -> set[str]:
+    """Roles of block ``index`` for a split into ``first`` front, middle, and ``last`` back blocks."""
+    roles: set[str] = set()
+    middle_start, middle_end = first, num_blocks - last - 1
+    if index == 0:
+        roles.add("start")
+    if index == first - 1:
+        roles.add("decide")
+    if middle_start <= index <= middle_end:
+        roles.add("middle")
+        if index == middle_start:
+            roles.add("middle_start")
+        if index == middle_end:
+            roles.add("middle_end")
+    return roles
+
+
+@register_method(BlockCacheConfig)
+class BlockCacheHandler:
+    def validate(self, config: BlockCacheConfig, target: AccelTarget) -> None:
+        if not target.adapter.block_cache:
+            raise ValueError(
+                f"cache='block' cannot apply to {target.denoiser_name}: {target.adapter.notes or 'no flat block list'}."
+            )
+        num_blocks = len(target.blocks)
+        spared = config.compute_first_blocks + config.compute_last_blocks
+        if spared >= num_blocks:
+            raise ValueError(
+                f"BlockCacheConfig: compute_first_blocks + compute_last_blocks = {spared} leaves no middle block to "
+                f"skip in {target.denoiser_name}, which has {num_blocks} blocks; use a sum below {num_blocks}."
+            )
+
+    def apply(self, config: BlockCacheConfig, target: AccelTarget, runtime) -> None:
+        states = runtime.new_branch_states(BlockCacheState)
+        blocks = target.blocks
+        for index, block in enumerate(blocks):
+            roles = block_roles(index, len(blocks), config.compute_first_blocks, config.compute_last_blocks)
+            if roles:
+                hook = BlockCacheHook(config, runtime, states, block, roles)
+                runtime.register_hook(block.module, hook, BLOCK_CACHE_HOOK)

@@ -1,0 +1,295 @@
+"""The step runtime: one per accelerated pipeline.
+
+It owns the step clock, the per-branch method states and the statistics, and it installs (and on
+``remove`` takes away) every hook through diffusers' ``HookRegistry``. Two taps feed the clock:
+
+* the scheduler's ``set_timesteps`` (a new pipeline call: all state is dropped) and ``step`` (a
+  denoising step ended), wrapped on the scheduler *instance* — no class is touched;
+* a ``ModelHook`` on the denoiser, outermost in its hook chain, that turns each forward into a
+  ``StepContext``: CFG branch (diffusers' ``cache_context`` name, or a doubled batch detected from
+  its identical latent halves), timestep, token grid. A change of grid or batch inside a call drops
+  that branch's state, so a resolution change can never feed a stale cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from typing import Any, Callable
+
+import torch
+from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+
+from diffaccel.pipelines.adapters import FamilyAdapter, argument_position, get_argument
+
+from .context import COND, COND_UNCOND, DEFAULT, UNCOND, StepClock, StepContext
+from .state import BranchStates, RunStats
+
+logger = logging.getLogger("diffaccel")
+
+RUNTIME_HOOK = "diffaccel.runtime"
+PIPE_ATTRIBUTE = "_diffaccel_runtime"
+
+
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+class BranchTracker(StateManager):
+    """Receives the name a pipeline gives with ``transformer.cache_context(name)``.
+
+    diffusers hands the context to every ``StateManager`` found on a stateful hook; pipelines that
+    open no context (PixArt, SD3, Sana, SD) simply leave it unset.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_NoState)
+
+    @property
+    def name(self) -> str | None:
+        return None if self._context is None else self._context.name
+
+
+class DenoiserHook(ModelHook):
+    """Outermost hook on the denoiser: describes each forward to the runtime."""
+
+    _is_stateful = True
+
+    def __init__(self, runtime: "Runtime") -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.branch_tracker = BranchTracker()
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.runtime.begin_forward(args, kwargs, self.branch_tracker.name)
+        return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.runtime.reset_states()
+        return module
+
+
+def latent_grid(hidden: torch.Tensor, layout: str) -> tuple[int, ...]:
+    """The token grid of the latent input: (frames, height, width), (height, width) or (tokens,)."""
+    shape = tuple(hidden.shape)
+    if layout == "BCHW":
+        return shape[2:4]
+    if layout == "BCFHW":
+        return shape[2:5]
+    if layout == "BFCHW":
+        return (shape[1],) + shape[3:5]
+    return shape[1:2]  # BSC: packed tokens
+
+
+class Runtime:
+    """Clock, states, stats and installed hooks of one accelerated pipeline."""
+
+    def __init__(self, pipe: Any, denoiser: torch.nn.Module, adapter: FamilyAdapter, config: Any) -> None:
+        self._pipe_ref = weakref.ref(pipe)
+        self.denoiser = denoiser
+        self.adapter = adapter
+        self.config = config
+        self.clock = StepClock()
+        self.blocks_per_forward = adapter.count_blocks(denoiser)
+        self.call_stats = RunStats(blocks_per_forward=self.blocks_per_forward)
+        self.total_stats = RunStats(blocks_per_forward=self.blocks_per_forward)
+        self._states: list[BranchStates] = []
+        self._signatures: dict[str, tuple] = {}
+        self._installed: list[tuple[torch.nn.Module, str]] = []
+        self._cleanups: list[Callable[[], None]] = []
+        self._scheduler = None
+        self._scheduler_originals: dict[str, Any] = {}
+        self._hidden_position = argument_position(denoiser, adapter.hidden_arg)
+        self._timestep_position = argument_position(denoiser, adapter.timestep_arg)
+
+    # ----------------------------------------------------------------------------- installation
+
+    @property
+    def pipe(self) -> Any:
+        return self._pipe_ref()
+
+    def register_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+        """Register a hook through diffusers' registry and remember it for ``remove``."""
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        self._installed.append((module, name))
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        """Something ``remove`` must undo that is not a hook (e.g. an attention processor)."""
+        self._cleanups.append(fn)
+
+    def new_branch_states(self, factory: Callable[[], Any]) -> BranchStates:
+        """Per-branch state for a method; dropped at every call start and on shape changes."""
+        states = BranchStates(factory)
+        self._states.append(states)
+        return states
+
+    def install_denoiser_hook(self) -> None:
+        """Install last, so it runs first: every method hook below it sees a fresh context."""
+        self.register_hook(self.denoiser, DenoiserHook(self), RUNTIME_HOOK)
+        HookRegistry.check_if_exists_or_initialize(self.denoiser).invalidate_child_registries_cache()
+        self._tap_scheduler()
+
+    def remove(self) -> None:
+        """Take away every hook, scheduler tap and processor this runtime installed."""
+        for module, name in reversed(self._installed):
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None:
+                registry.remove_hook(name, recurse=False)
+        self._installed.clear()
+        for cleanup in reversed(self._cleanups):
+            cleanup()
+        self._cleanups.clear()
+        self._untap_scheduler()
+        registry = getattr(self.denoiser, "_diffusers_hook", None)
+        if registry is not None:
+            registry.invalidate_child_registries_cache()
+        self.reset_states()
+
+    # ----------------------------------------------------------------------------- scheduler taps
+
+    def _tap_scheduler(self) -> None:
+        pipe = self.pipe
+        scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
+        if scheduler is None:
+            return
+        originals = {"set_timesteps": scheduler.set_timesteps, "step": scheduler.step}
+
+        def set_timesteps(*args, **kwargs):
+            result = originals["set_timesteps"](*args, **kwargs)
+            timesteps = getattr(scheduler, "timesteps", None)
+            self.start_call(len(timesteps) if timesteps is not None else None)
+            return result
+
+        def step(*args, **kwargs):
+            result = originals["step"](*args, **kwargs)
+            self.end_step()
+            return result
+
+        # update_wrapper keeps the signature visible: pipelines inspect set_timesteps' parameters.
+        scheduler.set_timesteps = functools.update_wrapper(set_timesteps, originals["set_timesteps"])
+        scheduler.step = functools.update_wrapper(step, originals["step"])
+        self._scheduler = scheduler
+        self._scheduler_originals = originals
+
+    def _untap_scheduler(self) -> None:
+        scheduler = self._scheduler
+        if scheduler is not None:
+            for name in self._scheduler_originals:
+                if name in vars(scheduler):
+                    delattr(scheduler, name)
+        self._scheduler = None
+        self._scheduler_originals = {}
+
+    def _follow_scheduler(self) -> None:
+        """The user may swap ``pipe.scheduler`` after accelerate(): tap the new one."""
+        pipe = self.pipe
+        scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
+        if scheduler is self._scheduler:
+            return
+        self._untap_scheduler()
+        self._tap_scheduler()
+        # This call's set_timesteps went to the untapped scheduler: start the call here.
+        timesteps = getattr(scheduler, "timesteps", None)
+        logger.info("diffaccel: pipe.scheduler was replaced; following the new %s", type(scheduler).__name__)
+        self.start_call(len(timesteps) if timesteps is not None else None)
+
+    # ----------------------------------------------------------------------------- clock events
+
+    def start_call(self, num_steps: int | None) -> None:
+        self.reset_states()
+        self._signatures.clear()
+        self.call_stats = RunStats(calls=1, blocks_per_forward=self.blocks_per_forward)
+        self.total_stats.calls += 1
+        self.clock.begin_call(num_steps)
+
+    def end_step(self) -> None:
+        self.clock.end_step()
+        self.call_stats.steps += 1
+        self.total_stats.steps += 1
+
+    def reset_states(self, branch: str | None = None) -> None:
+        for states in self._states:
+            states.reset(branch)
+
+    @torch.compiler.disable
+    def begin_forward(self, args: tuple, kwargs: dict, context_name: str | None) -> StepContext:
+        self._follow_scheduler()
+        if not self.clock.in_call:
+            self.start_call(None)  # the denoiser is driven by something other than a pipeline call
+        hidden = get_argument(args, kwargs, self.adapter.hidden_arg, self._hidden_position)
+        timestep = get_argument(args, kwargs, self.adapter.timestep_arg, self._timestep_position)
+        if not isinstance(hidden, torch.Tensor):
+            raise ValueError(
+                f"diffaccel: {type(self.denoiser).__name__} was called without a tensor "
+                f"'{self.adapter.hidden_arg}' argument; cannot track the denoising step."
+            )
+        if isinstance(timestep, torch.Tensor):
+            timestep_value = float(timestep.reshape(-1)[0]) if timestep.numel() else None
+        elif isinstance(timestep, (int, float)):
+            timestep_value = float(timestep)
+        else:
+            timestep_value = None
+
+        if context_name in (COND, UNCOND):
+            branch, branches = context_name, (context_name,)
+        elif self.adapter.cfg_layout == "batched" and self._is_doubled_cfg_batch(hidden):
+            branch, branches = COND_UNCOND, (UNCOND, COND)
+        else:
+            branch = context_name if context_name not in (None, COND_UNCOND) else DEFAULT
+            branches = (COND,)
+
+        batch_size = hidden.shape[0]
+        grid = latent_grid(hidden, self.adapter.latent_layout)
+        signature = (grid, batch_size)
+        previous = self._signatures.get(branch)
+        if previous is not None and previous != signature:
+            logger.info(
+                "diffaccel: latent shape changed within a call (%s -> %s); dropping the %r branch state",
+                previous,
+                signature,
+                branch,
+            )
+            self.reset_states(branch)
+            self.call_stats.state_resets += 1
+            self.total_stats.state_resets += 1
+        self._signatures[branch] = signature
+
+        for stats in (self.call_stats, self.total_stats):
+            stats.denoiser_forwards += 1
+            stats.denoiser_calls_by_branch.update(branches)
+        return self.clock.make_context(
+            timestep=timestep_value, branch=branch, branches_in_batch=branches, grid=grid, batch_size=batch_size
+        )
+
+    def _is_doubled_cfg_batch(self, hidden: torch.Tensor) -> bool:
+        """A CFG batch is ``cat([latents] * 2)``: an even batch whose halves are identical."""
+        batch = hidden.shape[0]
+        if batch % 2:
+            return False
+        try:
+            flag = getattr(self.pipe, "do_classifier_free_guidance", None)
+        except Exception:  # a property reading a field the pipeline has not set yet
+            flag = None
+        if flag is False:
+            return False
+        half = batch // 2
+        return bool(torch.equal(hidden[:half], hidden[half:]))
+
+    # ----------------------------------------------------------------------------- reporting
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add to a method-specific counter in the call and total statistics."""
+        self.call_stats.counters[name] += amount
+        self.total_stats.counters[name] += amount
+
+    def count_skipped_blocks(self, amount: int = 1) -> None:
+        self.call_stats.blocks_skipped += amount
+        self.total_stats.blocks_skipped += amount
+
+    def stats(self, cumulative: bool = False) -> dict:
+        data = (self.total_stats if cumulative else self.call_stats).as_dict()
+        data["methods"] = [f"{m.slot}={m.method}" for m in self.config.methods()]
+        return data
+

@@ -1,0 +1,1 @@
+"""Evaluation (installed as ``diffaccel.eval``): metrics, evaluation jobs, reports and plots."""

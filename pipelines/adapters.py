@@ -1,0 +1,194 @@
+"""Model-family adapters: what the runtime must know about a denoiser, as data.
+
+A ``FamilyAdapter`` row says where a denoiser's block lists are, what its forward takes (timestep
+and latent argument names, latent layout), how its pipeline runs classifier-free guidance, and a
+``BlockSpec`` per block class says which block arguments and outputs carry the residual streams.
+Adding a model is adding rows (see ``families.py``); users add their own with ``register_adapter``,
+which checks the row against the model's real forward signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+LatentLayout = Literal["BCHW", "BCFHW", "BFCHW", "BSC"]
+CfgLayout = Literal["batched", "separate"]
+
+HIDDEN = "hidden"
+ENCODER = "encoder"
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """How one block class carries the residual streams.
+
+    ``returns`` lists the block's outputs in order: ``("hidden",)`` for a block returning one tensor,
+    ``("encoder", "hidden")`` for Flux-style dual-stream blocks that return a tuple.
+    """
+
+    returns: tuple[str, ...] = (HIDDEN,)
+    hidden_arg: str = "hidden_states"
+    encoder_arg: str | None = None  # set when the block updates and returns the encoder stream
+
+    def __post_init__(self) -> None:
+        if HIDDEN not in self.returns:
+            raise ValueError(f"BlockSpec.returns must contain {HIDDEN!r}, got {self.returns}.")
+        if (ENCODER in self.returns) != (self.encoder_arg is not None):
+            raise ValueError("BlockSpec: encoder_arg must be set exactly when 'encoder' is among the returns.")
+
+    @property
+    def returns_tuple(self) -> bool:
+        return len(self.returns) > 1
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """Everything the runtime needs to know about one denoiser class."""
+
+    name: str  # short family name, e.g. "flux"
+    block_lists: tuple[str, ...]  # attribute names of the block ModuleLists, in forward order
+    latent_layout: LatentLayout
+    cfg_layout: CfgLayout
+    timestep_arg: str = "timestep"
+    hidden_arg: str = "hidden_states"
+    is_video: bool = False
+    block_cache: bool = True  # False where the residual block cache cannot apply (UNets)
+    notes: str = ""
+
+    def count_blocks(self, denoiser: torch.nn.Module) -> int:
+        """Number of blocks a full forward runs (for statistics); needs no block specs."""
+        return sum(len(getattr(denoiser, name, None) or ()) for name in self.block_lists)
+
+    def find_blocks(self, denoiser: torch.nn.Module) -> list["BoundBlock"]:
+        """The denoiser's blocks, flattened across its block lists in forward order."""
+        bound: list[BoundBlock] = []
+        for list_name in self.block_lists:
+            blocks = getattr(denoiser, list_name, None)
+            if blocks is None:
+                continue  # optional list (e.g. a model configured without single-stream blocks)
+            if not isinstance(blocks, torch.nn.ModuleList):
+                raise ValueError(
+                    f"{type(denoiser).__name__}.{list_name} is a {type(blocks).__name__}, not a ModuleList; "
+                    f"the '{self.name}' adapter does not match this model."
+                )
+            for index, block in enumerate(blocks):
+                bound.append(BoundBlock(module=block, spec=block_spec_for(block), list_name=list_name, index=index))
+        return bound
+
+
+@dataclass
+class BoundBlock:
+    """One block instance with its spec and where it sits."""
+
+    module: torch.nn.Module
+    spec: BlockSpec
+    list_name: str
+    index: int
+    _positions: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.list_name}.{self.index}"
+
+    def position_of(self, arg: str) -> int | None:
+        """Position of a named forward argument (None if it has none)."""
+        if arg not in self._positions:
+            self._positions[arg] = argument_position(self.module, arg)
+        return self._positions[arg]
+
+
+def argument_position(module: torch.nn.Module, arg: str) -> int | None:
+    """Index of ``arg`` among the positional parameters of ``module.forward`` (None if keyword-only/absent)."""
+    forward = inspect.unwrap(type(module).forward)
+    params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
+    for i, p in enumerate(params):
+        if p.name == arg:
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                return i
+            return None
+    return None
+
+
+def get_argument(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    if position is not None and position < len(args):
+        return args[position]
+    return None
+
+
+def set_argument(args: tuple, kwargs: dict, name: str, position: int | None, value: Any) -> tuple[tuple, dict]:
+    if name in kwargs or position is None or position >= len(args):
+        kwargs = dict(kwargs)
+        kwargs[name] = value
+        return args, kwargs
+    args = list(args)
+    args[position] = value
+    return tuple(args), kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries. Keys are classes; lookups walk the MRO so subclasses of a known class work too.
+
+_ADAPTERS: dict[type, FamilyAdapter] = {}
+_BLOCK_SPECS: dict[type, BlockSpec] = {}
+
+
+def register_block_spec(block_cls: type, spec: BlockSpec) -> None:
+    """Describe a block class; checked against its forward signature."""
+    params = inspect.signature(inspect.unwrap(block_cls.forward)).parameters
+    for arg in (spec.hidden_arg, spec.encoder_arg):
+        if arg is not None and arg not in params:
+            raise ValueError(
+                f"BlockSpec for {block_cls.__name__} names argument {arg!r}, but its forward takes {list(params)[1:]}."
+            )
+    _BLOCK_SPECS[block_cls] = spec
+
+
+def block_spec_for(block: torch.nn.Module) -> BlockSpec:
+    for cls in type(block).__mro__:
+        if cls in _BLOCK_SPECS:
+            return _BLOCK_SPECS[cls]
+    raise ValueError(
+        f"Block class {type(block).__name__} has no BlockSpec; describe it with "
+        f"diffaccel.pipelines.register_block_spec({type(block).__name__}, BlockSpec(...))."
+    )
+
+
+def register_adapter(denoiser_cls: type, adapter: FamilyAdapter) -> None:
+    """Add (or replace) the adapter for a denoiser class, after checking it against the forward."""
+    if not (isinstance(denoiser_cls, type) and issubclass(denoiser_cls, torch.nn.Module)):
+        raise ValueError(f"register_adapter needs an nn.Module subclass, got {denoiser_cls!r}.")
+    params = inspect.signature(inspect.unwrap(denoiser_cls.forward)).parameters
+    for what, arg in (("timestep_arg", adapter.timestep_arg), ("hidden_arg", adapter.hidden_arg)):
+        if arg not in params:
+            raise ValueError(
+                f"FamilyAdapter '{adapter.name}': {what}={arg!r} is not an argument of "
+                f"{denoiser_cls.__name__}.forward {list(params)[1:]}."
+            )
+    _ADAPTERS[denoiser_cls] = adapter
+
+
+def supported_denoisers() -> list[str]:
+    return sorted(cls.__name__ for cls in _ADAPTERS)
+
+
+def unwrap_denoiser(module: torch.nn.Module) -> torch.nn.Module:
+    """The module under a ``torch.compile`` wrapper, if any."""
+    return getattr(module, "_orig_mod", module)
+
+
+def adapter_for(denoiser: torch.nn.Module) -> FamilyAdapter:
+    """The adapter for a denoiser; a ``ValueError`` naming the class and the supported ones otherwise."""
+    for cls in type(unwrap_denoiser(denoiser)).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+    raise ValueError(
+        f"diffaccel does not support the denoiser class {type(denoiser).__name__}. Supported: "
+        f"{', '.join(supported_denoisers())}. For another model, describe it with "
+        f"diffaccel.pipelines.register_adapter(YourModelClass, FamilyAdapter(...))."
+    )

@@ -1,0 +1,143 @@
+"""The supported model families, one row each, and the block classes they use.
+
+Read from diffusers' model code (0.42): where the block lists are, what a block returns, how the
+pipeline runs CFG. Rows whose class the installed diffusers lacks are skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from .adapters import ENCODER, HIDDEN, BlockSpec, FamilyAdapter, register_adapter, register_block_spec
+
+logger = logging.getLogger(__name__)
+
+HIDDEN_ONLY = BlockSpec(returns=(HIDDEN,))
+ENCODER_THEN_HIDDEN = BlockSpec(returns=(ENCODER, HIDDEN), encoder_arg="encoder_hidden_states")
+HIDDEN_THEN_ENCODER = BlockSpec(returns=(HIDDEN, ENCODER), encoder_arg="encoder_hidden_states")
+
+# (module path, block class name) -> spec
+BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
+    ("diffusers.models.attention", "BasicTransformerBlock", HIDDEN_ONLY),  # PixArt
+    ("diffusers.models.attention", "JointTransformerBlock", ENCODER_THEN_HIDDEN),  # SD3 (last: (None, hidden))
+    ("diffusers.models.transformers.transformer_sd3", "SD3SingleTransformerBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.transformer_flux", "FluxTransformerBlock", ENCODER_THEN_HIDDEN),
+    ("diffusers.models.transformers.transformer_flux", "FluxSingleTransformerBlock", ENCODER_THEN_HIDDEN),
+    ("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.transformer_qwenimage", "QwenImageTransformerBlock", ENCODER_THEN_HIDDEN),
+    ("diffusers.models.transformers.transformer_wan", "WanTransformerBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.cogvideox_transformer_3d", "CogVideoXBlock", HIDDEN_THEN_ENCODER),
+    ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoTransformerBlock", HIDDEN_THEN_ENCODER),
+    (
+        "diffusers.models.transformers.transformer_hunyuan_video",
+        "HunyuanVideoSingleTransformerBlock",
+        HIDDEN_THEN_ENCODER,
+    ),
+    ("diffusers.models.transformers.transformer_ltx", "LTXVideoTransformerBlock", HIDDEN_ONLY),
+]
+
+# (module path, denoiser class name) -> adapter
+FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
+    (
+        "diffusers",
+        "PixArtTransformer2DModel",
+        FamilyAdapter(name="pixart", block_lists=("transformer_blocks",), latent_layout="BCHW", cfg_layout="batched"),
+    ),
+    (
+        "diffusers",
+        "SD3Transformer2DModel",
+        FamilyAdapter(name="sd3", block_lists=("transformer_blocks",), latent_layout="BCHW", cfg_layout="batched"),
+    ),
+    (
+        "diffusers",
+        "FluxTransformer2DModel",
+        FamilyAdapter(
+            name="flux",
+            block_lists=("transformer_blocks", "single_transformer_blocks"),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            notes="true CFG (true_cfg_scale > 1) runs cond and uncond as separate calls",
+        ),
+    ),
+    (
+        "diffusers",
+        "SanaTransformer2DModel",
+        FamilyAdapter(name="sana", block_lists=("transformer_blocks",), latent_layout="BCHW", cfg_layout="batched"),
+    ),
+    (
+        "diffusers",
+        "QwenImageTransformer2DModel",
+        FamilyAdapter(
+            name="qwenimage", block_lists=("transformer_blocks",), latent_layout="BSC", cfg_layout="separate"
+        ),
+    ),
+    (
+        "diffusers",
+        "WanTransformer3DModel",
+        FamilyAdapter(
+            name="wan", block_lists=("blocks",), latent_layout="BCFHW", cfg_layout="separate", is_video=True
+        ),
+    ),
+    (
+        "diffusers",
+        "CogVideoXTransformer3DModel",
+        FamilyAdapter(
+            name="cogvideox",
+            block_lists=("transformer_blocks",),
+            latent_layout="BFCHW",
+            cfg_layout="batched",
+            is_video=True,
+        ),
+    ),
+    (
+        "diffusers",
+        "HunyuanVideoTransformer3DModel",
+        FamilyAdapter(
+            name="hunyuan_video",
+            block_lists=("transformer_blocks", "single_transformer_blocks"),
+            latent_layout="BCFHW",
+            cfg_layout="separate",
+            is_video=True,
+        ),
+    ),
+    (
+        "diffusers",
+        "LTXVideoTransformer3DModel",
+        FamilyAdapter(
+            name="ltx", block_lists=("transformer_blocks",), latent_layout="BSC", cfg_layout="batched", is_video=True
+        ),
+    ),
+    (
+        "diffusers",
+        "UNet2DConditionModel",
+        FamilyAdapter(
+            name="unet",
+            block_lists=("down_blocks", "up_blocks"),
+            latent_layout="BCHW",
+            cfg_layout="batched",
+            hidden_arg="sample",
+            block_cache=False,
+            notes="UNets have no flat block list: the residual block cache does not apply",
+        ),
+    ),
+]
+
+
+def _resolve(module_path: str, name: str):
+    try:
+        return getattr(importlib.import_module(module_path), name)
+    except (ImportError, AttributeError):
+        logger.debug("diffaccel: %s.%s is not in the installed diffusers; its row is skipped", module_path, name)
+        return None
+
+
+def register_builtin_families() -> None:
+    for module_path, name, spec in BLOCK_ROWS:
+        cls = _resolve(module_path, name)
+        if cls is not None:
+            register_block_spec(cls, spec)
+    for module_path, name, adapter in FAMILY_ROWS:
+        cls = _resolve(module_path, name)
+        if cls is not None:
+            register_adapter(cls, adapter)
