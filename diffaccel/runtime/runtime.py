@@ -87,7 +87,10 @@ class Runtime:
     """Clock, states, stats and installed hooks of one accelerated pipeline."""
 
     def __init__(self, pipe: Any, denoiser: torch.nn.Module, adapter: FamilyAdapter, config: Any) -> None:
-        self._pipe_ref = weakref.ref(pipe)
+        try:
+            self._pipe_ref = weakref.ref(pipe)
+        except TypeError:  # objects without weakref support (plain namespaces)
+            self._pipe_ref = lambda: pipe
         self.denoiser = denoiser
         self.adapter = adapter
         self.config = config

@@ -1,0 +1,157 @@
+"""The ``diffaccel`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate an image or video with an accelerated pipeline",
+        description="Generate with a diffusers pipeline accelerated by diffaccel; prints what was skipped and the wall time.",
+    )
+    p.add_argument("prompt", help="text prompt")
+    p.add_argument("-o", "--output", required=True, help="output file: .png/.jpg/.webp for images, .mp4/.gif for video")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a diffusers model id or local folder (loaded with DiffusionPipeline.from_pretrained)",
+    )
+    p.add_argument("--preset", default=None, help="acceleration preset: off, safe, fast, turbo (default: fast)")
+    p.add_argument("--config", default=None, help="an AccelConfig saved as .json or .yaml (overrides --preset)")
+    p.add_argument("--steps", type=int, default=None, help="number of denoising steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None, help="number of frames (video pipelines)")
+    p.add_argument("--fps", type=int, default=8, help="frames per second of a written video")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--stats-json", default=None, help="also write the statistics and timing to this JSON file")
+    p.set_defaults(func=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffaccel",
+        description="Make diffusers pipelines faster (feature caching and more) and measure what it costs.",
+    )
+    from diffaccel import __version__
+
+    parser.add_argument("--version", action="version", version=f"diffaccel {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate(subparsers)
+    return parser
+
+
+def _torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_pipeline(model: str, device: str, dtype_name: str = "auto"):
+    """Load any diffusers pipeline by id or folder."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=_torch_dtype(dtype_name, device))
+    return pipe.to(device)
+
+
+def is_video_pipeline(pipe: Any) -> bool:
+    from diffaccel.api import find_denoiser
+    from diffaccel.pipelines import adapter_for
+
+    try:
+        return adapter_for(find_denoiser(pipe)).is_video
+    except ValueError:
+        return "num_frames" in inspect.signature(pipe.__call__).parameters
+
+
+def call_arguments(pipe: Any, args: argparse.Namespace) -> dict:
+    """The pipeline call, with only the options the user set; unsupported ones are refused."""
+    import torch
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    wanted = {
+        "prompt": args.prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "negative_prompt": args.negative_prompt,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.frames,
+    }
+    kwargs = {}
+    for name, value in wanted.items():
+        if value is None:
+            continue
+        if name not in accepted:
+            raise ValueError(f"{type(pipe).__name__} does not take {name!r}; drop that option.")
+        kwargs[name] = value
+    kwargs["generator"] = torch.Generator("cpu").manual_seed(args.seed)
+    kwargs["output_type"] = "np"
+    return kwargs
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import diffaccel
+    from diffaccel.media import check_output_path, save_image, save_video
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = args.config if args.config else (args.preset or "fast")
+    accel_config = diffaccel.resolve_config(config)  # fail on a bad preset/config before loading a model
+
+    pipe = load_pipeline(args.model, device, args.dtype)
+    video = is_video_pipeline(pipe)
+    output_path = check_output_path(args.output, video)
+    diffaccel.accelerate(pipe, accel_config)
+    kwargs = call_arguments(pipe, args)
+
+    start = time.perf_counter()
+    result = pipe(**kwargs)
+    wall = time.perf_counter() - start
+
+    if video:
+        frames = np.asarray(result.frames[0])
+        save_video(frames, output_path, fps=args.fps)
+    else:
+        save_image(np.asarray(result.images[0]), output_path)
+    report = {"output": str(output_path), "wall_seconds": round(wall, 3), "stats": diffaccel.stats(pipe)}
+    print(f"wrote {output_path} in {wall:.2f} s")
+    print(json.dumps(report["stats"], indent=2))
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except ValueError as error:
+        print(f"diffaccel: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Writing pipeline outputs to image and video files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] (diffusers' ``output_type="np"``) to uint8."""
+    if array.dtype == np.uint8:
+        return array
+    return (np.clip(np.nan_to_num(array), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def check_output_path(path: str | Path, is_video: bool) -> Path:
+    """Refuse a file type the pipeline cannot produce, before any generation work."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if is_video and suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"This is a video pipeline: write to one of {VIDEO_SUFFIXES}, not {path.name!r}.")
+    if not is_video and suffix not in IMAGE_SUFFIXES:
+        raise ValueError(f"This is an image pipeline: write to one of {IMAGE_SUFFIXES}, not {path.name!r}.")
+    return path
+
+
+def save_image(image: np.ndarray, path: str | Path) -> Path:
+    """Save one (H, W, C) image."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(image)
+    if pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def save_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
+    """Save (F, H, W, C) frames as MP4 (needs imageio-ffmpeg: pip install 'diffaccel[video]') or GIF."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(frames)
+    if path.suffix.lower() == ".gif":
+        iio.imwrite(path, pixels, extension=".gif", duration=1000 / fps, loop=0)
+        return path
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            f"Writing {path.name} needs imageio-ffmpeg: pip install 'diffaccel[video]' (or write a .gif)."
+        ) from None
+    # H.264 wants even sizes; macro_block_size=1 keeps tiny test frames as they are.
+    iio.imwrite(path, pixels, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1)
+    return path
