@@ -1,0 +1,928 @@
+"""Tiny random-weight diffusers pipelines, built fully offline, for fast CPU tests.
+
+Every component is constructed from a config (no hub downloads). Text tokenizers are
+`tokenizers` WordLevel tokenizers over a small vocabulary wrapped in
+``PreTrainedTokenizerFast``, so pipelines can be called with a plain text prompt and
+survive ``save_pretrained`` + ``DiffusionPipeline.from_pretrained(folder)`` offline.
+
+Usage::
+
+    from tests.tiny_pipelines import FAMILIES, build, run
+    case = build("flux")
+    out = run(case, seed=0)               # numpy array (images or video frames)
+    out = run(case, seed=0, num_inference_steps=3, height=32, width=32)
+
+Notes:
+  * ``call_kwargs`` always passes an explicit small height/width (and num_frames for video):
+    the pipelines' *default* resolutions are derived from hard-coded sizes (e.g. Flux/Qwen
+    use 128 * vae_scale_factor, Wan/HunyuanVideo default to 480p/720p and 81/129 frames),
+    so ``pipe("x")`` without size arguments works but is much slower.
+  * PixArt and Sana use ``use_resolution_binning=False`` in ``call_kwargs``; with binning on
+    (the pipeline default) the output is still produced but the latent size comes from the
+    256/512 px aspect-ratio bins.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["TinyCase", "FAMILIES", "build", "run", "make_tokenizer"]
+
+
+@dataclass
+class TinyCase:
+    pipe: "object"  # DiffusionPipeline
+    call_kwargs: dict = field(default_factory=dict)
+    denoiser_attr: str = "transformer"
+    is_video: bool = False
+    cfg_layout: str = "batched"  # "batched" (one doubled batch) or "separate" (cache_context cond/uncond)
+    name: str = ""
+
+    @property
+    def denoiser(self):
+        return getattr(self.pipe, self.denoiser_attr)
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------
+
+VOCAB_SIZE = 256  # size used for every tiny text encoder's embedding table
+
+_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+_WORDS = (
+    "a an the of and or with in on at to from by for is are be this that it its as "
+    "red green blue yellow black white orange purple pink brown gray grey dark light bright "
+    "circle square triangle star cat dog bird fish car house tree flower sky sun moon water "
+    "man woman person child face hand eye city street mountain river forest beach snow rain "
+    "photo image video picture painting drawing render portrait landscape close up view "
+    "big small large tiny tall short long round old new beautiful ugly happy sad "
+    "high low quality detailed blurry blur lowres worst best sharp realistic cartoon style "
+    "running walking flying sitting standing moving camera slow fast motion scene frame "
+    "x y z describe detailing color shape size texture quantity text spatial relationships "
+    "objects background main content theme actions events user assistant system "
+    "1 2 3 4 5 0 . , : ; ! ? - ' \" ( ) [ ] < > | / _ { }"
+).split()
+
+
+def _vocab() -> dict:
+    vocab = {}
+    for tok in _SPECIALS + _WORDS:
+        if tok not in vocab:
+            vocab[tok] = len(vocab)
+    assert len(vocab) <= VOCAB_SIZE
+    return vocab
+
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def make_tokenizer(model_max_length: int = 512, add_bos: bool = False, add_eos: bool = True, padding_side: str = "right"):
+    """A word-level fast tokenizer built in-process (no files, no network)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel(vocab=_vocab(), unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = ("<s> " if add_bos else "") + "$A" + (" </s>" if add_eos else "")
+    pair = single + " $B" + (" </s>" if add_eos else "")
+    special = [("<s>", BOS_ID), ("</s>", EOS_ID)]
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=model_max_length,
+        padding_side=padding_side,
+    )
+
+
+def clip_tokenizer():
+    # CLIP-style: bos + text + eos, padded to model_max_length=77
+    return make_tokenizer(model_max_length=77, add_bos=True, add_eos=True)
+
+
+def t5_tokenizer():
+    return make_tokenizer(model_max_length=512, add_bos=False, add_eos=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Tiny text encoders
+# ----------------------------------------------------------------------------------------
+
+
+def _seed(s: int = 0):
+    torch.manual_seed(s)
+
+
+def clip_text_model(hidden_size=32, projection_dim=32, with_projection=False, layers=2):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        layer_norm_eps=1e-5,
+        num_attention_heads=4,
+        num_hidden_layers=layers,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=projection_dim,
+    )
+    _seed(0)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def t5_encoder(d_model=32, layers=2, umt5=False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    kw = dict(
+        vocab_size=VOCAB_SIZE,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+    )
+    _seed(0)
+    if umt5:
+        return UMT5EncoderModel(UMT5Config(**kw)).eval()
+    return T5EncoderModel(T5Config(**kw)).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Tiny VAEs
+# ----------------------------------------------------------------------------------------
+
+
+def kl_vae(latent_channels=4, levels=4, ch=8, **kw):
+    """AutoencoderKL with 2**(levels-1) spatial compression (levels=4 -> 8x, like real SD/Flux)."""
+    from diffusers import AutoencoderKL
+
+    _seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(ch,) * levels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        **kw,
+    ).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Families
+# ----------------------------------------------------------------------------------------
+
+
+def _finish(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cpu")
+    return pipe
+
+
+def _pixart(sigma: bool) -> TinyCase:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    _seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=32,  # 32 -> 256px aspect-ratio bins if resolution binning is on
+        num_layers=3,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=16,
+        out_channels=8,  # learned sigma, like the real model
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    ).eval()
+    vae = kl_vae(latent_channels=4)
+    text_encoder = t5_encoder(d_model=32)
+    tokenizer = t5_tokenizer()
+    if sigma:
+        scheduler = DPMSolverMultistepScheduler()
+        cls = PixArtSigmaPipeline
+    else:
+        scheduler = DDIMScheduler()
+        cls = PixArtAlphaPipeline
+    pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            num_inference_steps=4,
+            guidance_scale=4.5,
+            height=64,
+            width=64,
+            use_resolution_binning=False,
+            clean_caption=False,
+            max_sequence_length=32,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=False,
+        cfg_layout="batched",
+    )
+
+
+def pixart_alpha() -> TinyCase:
+    return _pixart(sigma=False)
+
+
+def pixart_sigma() -> TinyCase:
+    return _pixart(sigma=True)
+
+
+def sd3() -> TinyCase:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    _seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+    text_encoder = clip_text_model(hidden_size=16, projection_dim=16, with_projection=True)
+    text_encoder_2 = clip_text_model(hidden_size=16, projection_dim=16, with_projection=True)
+    text_encoder_3 = t5_encoder(d_model=32)
+    vae = kl_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer(),
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            height=64,
+            width=64,
+            max_sequence_length=32,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=False,
+        cfg_layout="batched",
+    )
+
+
+def flux() -> TinyCase:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    _seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        out_channels=None,
+        num_layers=2,
+        num_single_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
+    text_encoder = clip_text_model(hidden_size=32, projection_dim=32)
+    text_encoder_2 = t5_encoder(d_model=32)
+    vae = kl_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            negative_prompt="blurry",
+            true_cfg_scale=2.0,
+            guidance_scale=3.5,  # embedded (distilled) guidance
+            num_inference_steps=4,
+            height=64,
+            width=64,
+            max_sequence_length=32,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=False,
+        cfg_layout="separate",
+    )
+
+
+def sana() -> TinyCase:
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    _seed(0)
+    transformer = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=16,
+        mlp_ratio=2.0,
+        sample_size=16,  # 16 -> 512px aspect-ratio bins when resolution binning is on
+    ).eval()
+    _seed(0)
+    # 6 levels -> 32x spatial compression like the real DC-AE
+    n = 6
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock",) * (n - 1) + ("EfficientViTBlock",),
+        decoder_block_types=("ResBlock",) * (n - 1) + ("EfficientViTBlock",),
+        encoder_block_out_channels=(8,) * n,
+        decoder_block_out_channels=(8,) * n,
+        encoder_qkv_multiscales=((),) * (n - 1) + ((5,),),
+        decoder_qkv_multiscales=((),) * (n - 1) + ((5,),),
+        encoder_layers_per_block=(1,) * n,
+        decoder_layers_per_block=(1,) * n,
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    ).eval()
+    _seed(0)
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            head_dim=8,
+            hidden_size=16,
+            intermediate_size=32,
+            max_position_embeddings=2048,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            num_key_value_heads=1,
+            vocab_size=VOCAB_SIZE,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            attn_implementation="eager",
+        )
+    ).eval()
+    tokenizer = make_tokenizer(model_max_length=4096, add_bos=True, add_eos=False)
+    pipe = SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            num_inference_steps=4,
+            guidance_scale=4.5,
+            height=128,
+            width=128,
+            use_resolution_binning=False,
+            clean_caption=False,
+            complex_human_instruction=None,
+            max_sequence_length=32,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=False,
+        cfg_layout="batched",
+    )
+
+
+def qwenimage() -> TinyCase:
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    _seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    ).eval()
+    z_dim = 4
+    _seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=z_dim * 2,
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],  # 8x spatial like the real VAE
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+    ).eval()
+    _seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "vocab_size": VOCAB_SIZE,
+            "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID,
+            "pad_token_id": PAD_ID,
+        },
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16,
+        vocab_size=VOCAB_SIZE,
+        vision_end_token_id=VOCAB_SIZE - 4,
+        vision_start_token_id=VOCAB_SIZE - 3,
+        vision_token_id=VOCAB_SIZE - 2,
+        image_token_id=VOCAB_SIZE - 1,
+        video_token_id=VOCAB_SIZE - 2,
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    tokenizer = make_tokenizer(model_max_length=32768, add_bos=False, add_eos=False)
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            negative_prompt="blurry",
+            true_cfg_scale=4.0,
+            num_inference_steps=4,
+            height=64,
+            width=64,
+            max_sequence_length=32,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=False,
+        cfg_layout="separate",
+    )
+
+
+def wan() -> TinyCase:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    _seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    ).eval()
+    text_encoder = t5_encoder(d_model=32, umt5=True)
+    _seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=3,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    pipe = WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            negative_prompt="blurry",
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            height=32,
+            width=32,
+            num_frames=9,
+            max_sequence_length=32,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=True,
+        cfg_layout="separate",
+    )
+
+
+def cogvideox() -> TinyCase:
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    _seed(0)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=4,
+        text_embed_dim=32,
+        num_layers=3,
+        sample_width=4,
+        sample_height=4,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=226,  # must equal the pipeline's max_sequence_length (226 by default)
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    ).eval()
+    text_encoder = t5_encoder(d_model=32)
+    pipe = CogVideoXPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(),
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            num_inference_steps=4,
+            guidance_scale=6.0,
+            height=32,
+            width=32,
+            num_frames=9,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=True,
+        cfg_layout="batched",
+    )
+
+
+def hunyuan_video() -> TinyCase:
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import LlamaConfig, LlamaModel
+
+    _seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=2,
+        num_single_layers=3,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    ).eval()
+    _seed(0)
+    text_encoder = LlamaModel(
+        LlamaConfig(
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_hidden_layers=3,
+            vocab_size=VOCAB_SIZE,
+            max_position_embeddings=1024,
+            hidden_act="silu",
+        )
+    ).eval()
+    text_encoder_2 = clip_text_model(hidden_size=8, projection_dim=8)
+    pipe = HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(model_max_length=4096, add_bos=True, add_eos=False),
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(),
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            negative_prompt="blurry",
+            true_cfg_scale=2.0,
+            guidance_scale=6.0,  # embedded guidance
+            num_inference_steps=4,
+            height=32,
+            width=32,
+            num_frames=9,
+            max_sequence_length=32,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=True,
+        cfg_layout="separate",
+    )
+
+
+def ltx() -> TinyCase:
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    _seed(0)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=3,
+        caption_channels=32,
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    ).eval()
+    text_encoder = t5_encoder(d_model=32)
+    pipe = LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=t5_tokenizer(),
+        transformer=transformer,
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            num_inference_steps=4,
+            guidance_scale=3.0,
+            height=32,
+            width=32,
+            num_frames=9,
+            max_sequence_length=32,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=True,
+        cfg_layout="batched",
+    )
+
+
+def sd15() -> TinyCase:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    _seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    vae = kl_vae(latent_channels=4)
+    text_encoder = clip_text_model(hidden_size=32)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            num_inference_steps=4,
+            guidance_scale=7.5,
+            height=64,
+            width=64,
+            output_type="np",
+        ),
+        denoiser_attr="unet",
+        is_video=False,
+        cfg_layout="batched",
+    )
+
+
+def sdxl() -> TinyCase:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    _seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1, 2),
+        projection_class_embeddings_input_dim=8 * 6 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=4,
+    ).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
+    )
+    vae = kl_vae(latent_channels=4)
+    text_encoder = clip_text_model(hidden_size=32, projection_dim=32)
+    text_encoder_2 = clip_text_model(hidden_size=32, projection_dim=32, with_projection=True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            height=64,
+            width=64,
+            output_type="np",
+        ),
+        denoiser_attr="unet",
+        is_video=False,
+        cfg_layout="batched",
+    )
+
+
+FAMILIES: dict[str, Callable[[], TinyCase]] = {
+    "pixart_alpha": pixart_alpha,
+    "pixart_sigma": pixart_sigma,
+    "sd3": sd3,
+    "flux": flux,
+    "sana": sana,
+    "qwenimage": qwenimage,
+    "wan": wan,
+    "cogvideox": cogvideox,
+    "hunyuan_video": hunyuan_video,
+    "ltx": ltx,
+    "sd15": sd15,
+    "sdxl": sdxl,
+}
+
+
+def build(name: str) -> TinyCase:
+    if name not in FAMILIES:
+        raise KeyError(f"unknown tiny family {name!r}; choose from {sorted(FAMILIES)}")
+    case = FAMILIES[name]()
+    case.name = name
+    return case
+
+
+def run(case: TinyCase, seed: int = 0, **overrides) -> np.ndarray:
+    """Run the case's pipeline deterministically and return images / frames as a numpy array."""
+    kwargs = dict(case.call_kwargs)
+    kwargs.update(overrides)
+    kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        out = case.pipe(**kwargs)
+    arr = out.frames if case.is_video else out.images
+    if isinstance(arr, torch.Tensor):
+        arr = arr.float().cpu().numpy()
+    return np.asarray(arr)
