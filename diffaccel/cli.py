@@ -66,7 +66,7 @@ def load_pipeline(model: str, device: str, dtype_name: str = "auto"):
     """Load any diffusers pipeline by id or folder."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=_torch_dtype(dtype_name, device))
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=_torch_dtype(dtype_name, device))
     return pipe.to(device)
 
 

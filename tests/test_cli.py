@@ -1,0 +1,83 @@
+"""The command line: generate from a saved tiny pipeline folder, images and video, clear errors."""
+
+import json
+import shutil
+import subprocess
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffaccel.cli import main
+from tiny_pipelines import build
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Tiny pipelines saved with save_pretrained, as a user's local model folders."""
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+    for name in ("pixart_alpha", "wan"):
+        folder = root / name
+        build(name).pipe.save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+def test_console_script_help():
+    exe = shutil.which("diffaccel")
+    assert exe, "the diffaccel console script is installed"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "generate" in out
+    out = subprocess.run([exe, "generate", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--model", "--preset", "--config", "--steps", "--guidance", "--seed", "--height", "--frames", "--device"):
+        assert option in out
+
+
+def test_generate_writes_a_valid_png_and_reports_stats(saved, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    stats_file = tmp_path / "stats.json"
+    code = main(
+        ["generate", "a red circle", "-o", str(out), "--model", str(saved["pixart_alpha"]), "--steps", "4",
+         "--height", "64", "--width", "64", "--preset", "turbo", "--stats-json", str(stats_file)]
+    )
+    assert code == 0
+    image = Image.open(out)
+    image.load()
+    assert image.size == (64, 64) and image.mode == "RGB"
+    report = json.loads(stats_file.read_text())
+    assert report["stats"]["steps"] == 4 and report["stats"]["denoiser_calls"] == 8
+    assert report["wall_seconds"] > 0
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_generate_same_seed_same_image_and_config_file(saved, tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("cache:\n  method: block\n  threshold: 0.0\n")
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"img{i}.png")
+        assert main(["generate", "x", "-o", str(paths[-1]), "--model", str(saved["pixart_alpha"]), "--steps", "3",
+                     "--height", "64", "--width", "64", "--config", str(config), "--seed", "7"]) == 0
+    assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(paths[1])))
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_generate_video_writes_a_readable_file(saved, tmp_path, suffix):
+    out = tmp_path / f"clip{suffix}"
+    code = main(["generate", "a red circle moving", "-o", str(out), "--model", str(saved["wan"]), "--steps", "2",
+                 "--height", "32", "--width", "32", "--frames", "9"])
+    assert code == 0
+    frames = iio.imread(out, index=None)
+    assert frames.shape[0] == 9 and frames.shape[1:3] == (32, 32)
+
+
+def test_generate_errors_are_clear(saved, tmp_path, capsys):
+    args = ["generate", "x", "--model", str(saved["pixart_alpha"]), "--height", "64", "--width", "64"]
+    assert main(args + ["-o", str(tmp_path / "a.png"), "--preset", "warp"]) == 2
+    assert "Unknown preset 'warp'" in capsys.readouterr().err
+    assert main(args + ["-o", str(tmp_path / "a.mp4")]) == 2
+    assert "image pipeline" in capsys.readouterr().err
+    assert main(args + ["-o", str(tmp_path / "a.png"), "--frames", "9"]) == 2
+    assert "does not take 'num_frames'" in capsys.readouterr().err
