@@ -22,9 +22,11 @@ def _add_generate(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="output file: .png/.jpg/.webp for images, .mp4/.gif for video")
     p.add_argument(
         "--model",
-        required=True,
-        help="a diffusers model id or local folder (loaded with DiffusionPipeline.from_pretrained)",
+        default=None,
+        help="a diffusers model id or local folder (DiffusionPipeline.from_pretrained); default: the embedded "
+        "reference model (image, or video with --video or an .mp4/.gif output)",
     )
+    p.add_argument("--video", action="store_true", help="use the embedded reference video model")
     p.add_argument("--preset", default=None, help="acceleration preset: off, safe, fast, turbo (default: fast)")
     p.add_argument("--config", default=None, help="an AccelConfig saved as .json or .yaml (overrides --preset)")
     p.add_argument("--steps", type=int, default=None, help="number of denoising steps (default: the pipeline's)")
@@ -80,8 +82,19 @@ def is_video_pipeline(pipe: Any) -> bool:
         return "num_frames" in inspect.signature(pipe.__call__).parameters
 
 
-def call_arguments(pipe: Any, args: argparse.Namespace) -> dict:
-    """The pipeline call, with only the options the user set; unsupported ones are refused."""
+def reference_name(args: argparse.Namespace) -> str | None:
+    """Which embedded model to use when no --model is given."""
+    from diffaccel.media import VIDEO_SUFFIXES
+
+    if args.model is not None:
+        if args.video:
+            raise ValueError("--video selects the embedded video model; with --model the pipeline decides.")
+        return None
+    return "video" if args.video or str(args.output).lower().endswith(VIDEO_SUFFIXES) else "image"
+
+
+def call_arguments(pipe: Any, args: argparse.Namespace, defaults: dict | None = None) -> dict:
+    """The pipeline call: the user's options over the model's defaults; unsupported ones are refused."""
     import torch
 
     accepted = inspect.signature(pipe.__call__).parameters
@@ -94,7 +107,7 @@ def call_arguments(pipe: Any, args: argparse.Namespace) -> dict:
         "width": args.width,
         "num_frames": args.frames,
     }
-    kwargs = {}
+    kwargs = dict(defaults or {})
     for name, value in wanted.items():
         if value is None:
             continue
@@ -116,11 +129,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = args.config if args.config else (args.preset or "fast")
     accel_config = diffaccel.resolve_config(config)  # fail on a bad preset/config before loading a model
 
-    pipe = load_pipeline(args.model, device, args.dtype)
-    video = is_video_pipeline(pipe)
-    output_path = check_output_path(args.output, video)
+    reference = reference_name(args)
+    if reference is not None:
+        from diffaccel.pipelines import reference as embedded
+
+        output_path = check_output_path(args.output, embedded.info(reference)["is_video"])
+        pipe = embedded.load(reference, device=device, dtype=_torch_dtype(args.dtype, device))
+        pipe.set_progress_bar_config(disable=False)
+        defaults = embedded.call_defaults(reference)
+        video = embedded.info(reference)["is_video"]
+    else:
+        pipe = load_pipeline(args.model, device, args.dtype)
+        video = is_video_pipeline(pipe)
+        output_path = check_output_path(args.output, video)
+        defaults = {}
     diffaccel.accelerate(pipe, accel_config)
-    kwargs = call_arguments(pipe, args)
+    kwargs = call_arguments(pipe, args, defaults)
 
     start = time.perf_counter()
     result = pipe(**kwargs)

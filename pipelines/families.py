@@ -35,6 +35,7 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
         HIDDEN_THEN_ENCODER,
     ),
     ("diffusers.models.transformers.transformer_ltx", "LTXVideoTransformerBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.transformer_cogview4", "CogView4TransformerBlock", HIDDEN_THEN_ENCODER),
 ]
 
 # (module path, denoiser class name) -> adapter
@@ -106,6 +107,17 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "LTXVideoTransformer3DModel",
         FamilyAdapter(
             name="ltx", block_lists=("transformer_blocks",), latent_layout="BSC", cfg_layout="batched", is_video=True
+        ),
+    ),
+    (
+        "diffusers",
+        "CogView4Transformer2DModel",
+        FamilyAdapter(
+            name="cogview4",
+            block_lists=("transformer_blocks",),
+            latent_layout="BCHW",
+            cfg_layout="separate",
+            notes="the embedded reference image model's family",
         ),
     ),
     (

@@ -1,0 +1,92 @@
+"""Embedded reference models: procedural scenes, two small trained pipelines, and the judge.
+
+    pipe = diffaccel.pipelines.reference.load("image")   # a CogView4Pipeline trained here
+    pipe = diffaccel.pipelines.reference.load("video")   # a WanPipeline trained here
+    diffaccel.pipelines.reference.info("image")          # resolutions, default steps/guidance, ...
+
+They are ordinary diffusers pipelines (``DiffusionPipeline.from_pretrained(path("image"))`` works
+too), shipped in the repository so nothing is downloaded; ``scripts/train_reference.py`` retrains
+them from a seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+WEIGHTS = Path(__file__).parent / "weights"
+
+# Facts of each model that callers need to use it as trained (the pipeline's own call defaults
+# are the upstream model's, e.g. Wan's 480x832x81): sizes, steps, guidance.
+INFO: dict[str, dict[str, Any]] = {
+    "image": {
+        "pipeline": "CogView4Pipeline",
+        "train_resolutions": [64, 128],
+        "default_resolution": 64,
+        "default_steps": 20,
+        "default_guidance": 4.0,
+        "is_video": False,
+    },
+    "video": {
+        "pipeline": "WanPipeline",
+        "train_resolutions": [64],
+        "default_resolution": 64,
+        "frames": 9,
+        "default_steps": 20,
+        "default_guidance": 4.0,
+        "is_video": True,
+    },
+}
+NAMES = tuple(INFO)
+
+
+def _check(name: str) -> None:
+    if name not in INFO:
+        raise ValueError(f"Unknown reference model {name!r}; choose from {list(NAMES)}.")
+
+
+def path(name: str) -> Path:
+    """Folder of the shipped pipeline (loadable with ``DiffusionPipeline.from_pretrained``)."""
+    _check(name)
+    folder = WEIGHTS / name
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(
+            f"The reference {name} model is not in this checkout ({folder}); "
+            f"train it with: python scripts/train_reference.py {name}"
+        )
+    return folder
+
+
+def info(name: str) -> dict[str, Any]:
+    """The model's facts: train_resolutions, default_steps, default_guidance, frames (video), training record."""
+    _check(name)
+    facts = dict(INFO[name])
+    state = WEIGHTS / name / "transformer" / "training_state.json"
+    if state.is_file():
+        facts["training"] = json.loads(state.read_text())
+    return facts
+
+
+def call_defaults(name: str) -> dict[str, Any]:
+    """The keyword arguments that run the model as trained (size, frames, steps, guidance)."""
+    facts = info(name)
+    kwargs = {
+        "height": facts["default_resolution"],
+        "width": facts["default_resolution"],
+        "num_inference_steps": facts["default_steps"],
+        "guidance_scale": facts["default_guidance"],
+    }
+    if facts["is_video"]:
+        kwargs["num_frames"] = facts["frames"]
+    return kwargs
+
+
+def load(name: str = "image", device: str = "cpu", dtype=None):
+    """The shipped reference pipeline, in float32 on CPU unless told otherwise."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path(name), dtype=dtype or torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,111 @@
+"""Prompt adherence of the reference models, judged by the shipped judge.
+
+    python scripts/eval_reference.py image --num 200            # default steps and guidance
+    python scripts/eval_reference.py image --num 200 --guidance 1.0
+
+Fixed prompt set (``scenes.prompt_set``), seed i for prompt i. Writes a JSON result and a grid of
+the first samples to ``docs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from diffaccel.pipelines import reference  # noqa: E402
+from diffaccel.pipelines.reference import judge as judges  # noqa: E402
+from diffaccel.pipelines.reference import scenes  # noqa: E402
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int = 8, **kwargs) -> np.ndarray:
+    """Images (n, H, W, 3) or clips (n, F, H, W, 3) in [0, 1], one seed per prompt."""
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch_size]]
+        result = pipe(chunk, generator=generators, output_type="np", **kwargs)
+        outputs.append(np.asarray(result.frames if hasattr(result, "frames") else result.images))
+    return np.concatenate(outputs)
+
+
+def to_judge_input(samples: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(samples).float()
+    return tensor.permute(0, 3, 1, 2) if tensor.dim() == 4 else tensor.permute(0, 1, 4, 2, 3)
+
+
+def save_grid(samples: np.ndarray, path: Path, columns: int = 8) -> None:
+    from PIL import Image
+
+    if samples.ndim == 5:  # clips: first, middle and last frame side by side
+        samples = np.concatenate([samples[:, 0], samples[:, samples.shape[1] // 2], samples[:, -1]], axis=2)
+    rows = [np.concatenate(list(samples[r : r + columns]), axis=1) for r in range(0, len(samples), columns)]
+    rows = [r for r in rows if r.shape[1] == rows[0].shape[1]]
+    grid = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def evaluate(kind: str, num: int, guidance: float | None, steps: int | None, resolution: int | None,
+             seed_offset: int = 0) -> dict:
+    pipe = reference.load(kind)
+    judge = judges.load_judge(kind)
+    kwargs = reference.call_defaults(kind)
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    if resolution is not None:
+        kwargs["height"] = kwargs["width"] = resolution
+    prompts = scenes.prompt_set(num, clip=kind == "video")
+    seeds = [seed_offset + i for i in range(num)]
+    start = time.perf_counter()
+    samples = generate(pipe, prompts, seeds, **kwargs)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        scores = judges.adherence(judge, to_judge_input(samples), prompts)
+        per_attribute = judges.attribute_accuracy(judge, to_judge_input(samples), prompts)
+    return {
+        "model": kind,
+        "num_prompts": num,
+        "call": kwargs,
+        "adherence": round(float(np.mean(scores)), 4),
+        "per_attribute": {k: round(float(v), 4) for k, v in per_attribute.items()},
+        "seconds": round(seconds, 1),
+        "samples": samples,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=reference.NAMES)
+    parser.add_argument("--num", type=int, default=200)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="JSON result path (default docs/reference_<kind>_eval.json)")
+    parser.add_argument("--grid", default=None, help="grid image path (default docs/reference_<kind>_grid.png)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = evaluate(args.kind, args.num, args.guidance, args.steps, args.resolution)
+    samples = result.pop("samples")
+    suffix = "" if args.guidance is None else f"_g{args.guidance:g}"
+    grid = Path(args.grid or ROOT / "docs" / f"reference_{args.kind}_grid{suffix}.png")
+    save_grid(samples[:32], grid)
+    out = Path(args.out or ROOT / "docs" / f"reference_{args.kind}_eval{suffix}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

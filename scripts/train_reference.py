@@ -1,0 +1,310 @@
+"""Train the embedded reference models from a seed on a CPU.
+
+    python scripts/train_reference.py image-vae --minutes 8
+    python scripts/train_reference.py image --minutes 90      # resumable: run again to continue
+    python scripts/train_reference.py video-vae --minutes 10
+    python scripts/train_reference.py video --minutes 90
+    python scripts/train_reference.py judge --kind both
+
+Every stage checkpoints to ``work/reference/<stage>/`` every few minutes (full state, resumable,
+not committed) and exports the shipped weights to ``pipelines/reference/weights/`` (EMA weights,
+float16, with ``training_state.json``). A run on a fresh clone resumes from the shipped weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "pipelines" / "reference" / "weights"
+WORK = ROOT / "work" / "reference"
+
+from diffaccel.pipelines.reference import build, scenes  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def to_model_pixels(pixels: np.ndarray) -> torch.Tensor:
+    """(n, H, W, 3) in [0, 1] -> (n, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+
+
+def read_state(folder: Path) -> dict:
+    path = folder / "training_state.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_state(folder: Path, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "training_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ VAEs
+
+
+def vae_batch(kind: str, rng: np.random.Generator, steps: int, batch_size: int) -> torch.Tensor:
+    """Images (n, 3, H, W) at 64 px (every 4th batch 128 px), or clips (n, 3, F, H, W), in [-1, 1]."""
+    if kind == "image":
+        resolution = 128 if steps % 4 == 3 else 64
+        pixels, _, _ = scenes.sample_batch(rng, batch_size if resolution == 64 else batch_size // 4, resolution)
+        return to_model_pixels(pixels)
+    pixels, _, _ = scenes.sample_batch(rng, batch_size, 64, clip=True, frames=build.VIDEO_FRAMES)
+    return torch.from_numpy(pixels).permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0
+
+
+def train_vae(kind: str, minutes: float, seed: int) -> None:
+    """Reconstruction (L1 + MSE) with a small KL term; then the latent normalisation the pipeline uses."""
+    out = WEIGHTS / kind / "vae"
+    batch_size = 16 if kind == "image" else 4
+    components = build.image_components(seed) if kind == "image" else build.video_components(seed)
+    vae = components["vae"]
+    state = read_state(out)
+    if state:
+        vae = type(vae).from_pretrained(out, torch_dtype=torch.float32)
+        log(f"resuming the {kind} VAE from step {state['steps']}")
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=4e-4, weight_decay=0.0)
+    rng = np.random.default_rng(seed + 100 + state.get("steps", 0))
+    steps, start = state.get("steps", 0), time.time()
+    while time.time() - start < minutes * 60:
+        x = vae_batch(kind, rng, steps, batch_size)
+        posterior = vae.encode(x).latent_dist
+        # Decode the posterior mean (what the denoiser is trained on) plus a little noise so the decoder
+        # tolerates imperfect latents; the KL term only keeps the latent scale in check.
+        z = posterior.mode()
+        recon = vae.decode(z + 0.05 * z.detach().std() * torch.randn_like(z)).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        if steps % 50 == 0:
+            log(f"{kind} vae step {steps} loss {loss.item():.4f} (kl {kl.item():.2f})")
+    vae.eval()
+    with torch.no_grad():
+        x = torch.cat([vae_batch(kind, np.random.default_rng(seed + 999 + i), 0, batch_size) for i in range(8)])
+        latents = vae.encode(x).latent_dist.mean
+        recon = vae.decode(latents).sample
+        psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, x)))
+    record = {"steps": steps, "seed": seed, "psnr_64px": round(psnr, 2)}
+    if kind == "image":
+        record["scaling_factor"] = float(1.0 / latents.std())
+        record["latent_mean"] = round(float(latents.mean()), 4)
+        vae.register_to_config(scaling_factor=record["scaling_factor"])
+    else:
+        dims = (0, 2, 3, 4)
+        record["latents_mean"] = [round(float(v), 5) for v in latents.mean(dim=dims)]
+        record["latents_std"] = [round(float(v), 5) for v in latents.std(dim=dims)]
+        vae.register_to_config(latents_mean=record["latents_mean"], latents_std=record["latents_std"])
+    vae.save_pretrained(out)
+    record["minutes"] = round(state.get("minutes", 0.0) + (time.time() - start) / 60, 1)
+    write_state(out, record)
+    log(f"{kind} vae saved: {steps} steps, {record['minutes']} min, PSNR {psnr:.2f} dB")
+
+
+# ------------------------------------------------------------------------------------------ denoisers
+
+
+def sample_sigmas(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Logit-normal noise levels (SD3's training distribution)."""
+    return torch.sigmoid(torch.randn(n, generator=generator))
+
+
+class ImageRecipe:
+    """CogView4: text encoder trained jointly; 64 px batches, every 4th batch 128 px."""
+
+    kind = "image"
+    train_text_encoder = True
+
+    def __init__(self, seed: int) -> None:
+        from diffusers import AutoencoderKL
+
+        self.components = build.image_components(seed)
+        self.components["vae"] = AutoencoderKL.from_pretrained(WEIGHTS / "image" / "vae", torch_dtype=torch.float32)
+        self.pipe = build.image_pipeline(self.components)
+
+    def batch(self, rng, steps: int, batch_size: int):
+        resolution = 128 if steps % 4 == 3 else 64
+        n = batch_size if resolution == 64 else batch_size // 4
+        pixels, captions, _ = scenes.sample_batch(rng, n, resolution)
+        return to_model_pixels(pixels), captions
+
+    def latents(self, x, generator):
+        vae = self.pipe.vae
+        return vae.encode(x).latent_dist.sample(generator) * vae.config.scaling_factor
+
+    def text(self, captions):
+        return self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu")[0]
+
+    def predict(self, transformer, xt, embeds, sigma):
+        n, resolution = xt.shape[0], xt.shape[-1] * self.pipe.vae_scale_factor
+        size = torch.tensor([[resolution, resolution]], dtype=torch.float32).repeat(n, 1)
+        return transformer(
+            hidden_states=xt, encoder_hidden_states=embeds, timestep=sigma * 1000, original_size=size,
+            target_size=size, crop_coords=torch.zeros(n, 2), return_dict=False,
+        )[0]
+
+
+class VideoRecipe:
+    """Wan: frozen text encoder (bidirectional UMT5), 9-frame 64 px clips."""
+
+    kind = "video"
+    train_text_encoder = False
+
+    def __init__(self, seed: int) -> None:
+        from diffusers import AutoencoderKLWan
+
+        self.components = build.video_components(seed)
+        self.components["vae"] = AutoencoderKLWan.from_pretrained(WEIGHTS / "video" / "vae", torch_dtype=torch.float32)
+        self.pipe = build.video_pipeline(self.components)
+        config = self.pipe.vae.config
+        self.mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1)
+
+    def batch(self, rng, steps: int, batch_size: int):
+        pixels, captions, _ = scenes.sample_batch(rng, batch_size // 3, 64, clip=True, frames=build.VIDEO_FRAMES)
+        return torch.from_numpy(pixels).permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0, captions
+
+    def latents(self, x, generator):
+        return (self.pipe.vae.encode(x).latent_dist.sample(generator) - self.mean) / self.std
+
+    def text(self, captions):
+        with torch.no_grad():
+            return self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu")[0]
+
+    def predict(self, transformer, xt, embeds, sigma):
+        return transformer(hidden_states=xt, encoder_hidden_states=embeds, timestep=sigma * 1000, return_dict=False)[0]
+
+
+def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = 48) -> None:
+    """Flow matching (v = noise - x0 at t = 1000 sigma) with 10% caption dropout for CFG, and an EMA."""
+    recipe = ImageRecipe(seed) if kind == "image" else VideoRecipe(seed)
+    pipe = recipe.pipe
+    pipe.vae.eval().requires_grad_(False)
+    export, work = WEIGHTS / kind, WORK / kind
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = work / "checkpoint.pt"
+    shipped = read_state(export / "transformer")
+    steps, trained_minutes, saved = 0, 0.0, None
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=False)
+        pipe.transformer.load_state_dict(saved["transformer"])
+        pipe.text_encoder.load_state_dict(saved["text_encoder"])
+        steps, trained_minutes = saved["steps"], saved["minutes"]
+        log(f"resuming from {checkpoint} at step {steps}")
+    elif shipped:
+        pipe.transformer.load_state_dict(type(pipe.transformer).from_pretrained(export / "transformer").float().state_dict())
+        pipe.text_encoder.load_state_dict(type(pipe.text_encoder).from_pretrained(export / "text_encoder").float().state_dict())
+        steps, trained_minutes = shipped["steps"], shipped["minutes"]
+        log(f"resuming from the shipped weights at step {steps} (fresh optimizer)")
+    transformer, text_encoder = pipe.transformer, pipe.text_encoder
+    ema = copy.deepcopy(transformer).requires_grad_(False).eval()
+    if saved is not None:
+        ema.load_state_dict(saved["ema"])
+    params = list(transformer.parameters())
+    if recipe.train_text_encoder:
+        params += list(text_encoder.parameters())
+        text_encoder.train()
+    else:
+        text_encoder.requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+    transformer.train()
+
+    rng = np.random.default_rng(seed + 1000 + steps)
+    generator = torch.Generator().manual_seed(seed + steps)
+    start = last_save = time.time()
+    losses: list[float] = []
+
+    def save() -> None:
+        elapsed = trained_minutes + (time.time() - start) / 60
+        torch.save(
+            {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
+             "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "steps": steps, "minutes": elapsed},
+            checkpoint,
+        )
+        export_pipeline(recipe, ema, export)
+        write_state(export / "transformer", {"steps": steps, "minutes": round(elapsed, 1), "seed": seed,
+                                             "loss_last_200": round(float(np.mean(losses[-200:] or [0])), 4)})
+        log(f"checkpoint at step {steps} ({elapsed:.1f} min); loss {np.mean(losses[-200:] or [0]):.4f}")
+
+    while time.time() - start < minutes * 60:
+        x, captions = recipe.batch(rng, steps, batch_size)
+        captions = [c if rng.random() >= 0.1 else "" for c in captions]
+        with torch.no_grad():
+            x0 = recipe.latents(x, generator)
+        embeds = recipe.text(captions)
+        sigma = sample_sigmas(x0.shape[0], generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+        xt = (1 - s) * x0 + s * noise
+        loss = F.mse_loss(recipe.predict(transformer, xt, embeds, sigma), noise - x0)
+        lr = 3e-4 * min(1.0, (steps + 1) / 500)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(0.999, (1 + steps) / (10 + steps))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), transformer.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        steps += 1
+        losses.append(loss.item())
+        if steps % 50 == 0:
+            log(f"{kind} step {steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.1e}")
+        if time.time() - last_save > 300:
+            save()
+            last_save = time.time()
+    save()
+
+
+def export_pipeline(recipe, ema, export: Path) -> None:
+    """The shipped folder: EMA transformer and text encoder in float16; VAE, tokenizer, scheduler as trained."""
+    components = dict(recipe.components)
+    components["transformer"] = copy.deepcopy(ema).to(torch.float16)
+    components["text_encoder"] = copy.deepcopy(recipe.pipe.text_encoder).to(torch.float16)
+    components["vae"] = recipe.pipe.vae
+    pipeline = build.image_pipeline(components) if recipe.kind == "image" else build.video_pipeline(components)
+    pipeline.save_pretrained(export)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["image-vae", "image", "video-vae", "video", "judge"])
+    parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of this run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kind", default="both", help="judge: image, video or both")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.stage.endswith("-vae"):
+        train_vae(args.stage.split("-")[0], args.minutes, args.seed)
+    elif args.stage in ("image", "video"):
+        train_denoiser(args.stage, args.minutes, args.seed)
+    elif args.stage == "judge":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from train_judge import main as judge_main
+
+        return judge_main(["--kind", args.kind, "--minutes", str(args.minutes), "--seed", str(args.seed)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
