@@ -41,6 +41,31 @@ def to_judge_input(samples: np.ndarray) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2) if tensor.dim() == 4 else tensor.permute(0, 1, 4, 2, 3)
 
 
+def transformer_time_fraction(pipe, kwargs: dict, prompt: str, repeats: int = 3) -> float:
+    """Share of a baseline call's wall time spent inside the denoiser (median of repeats)."""
+    spent = []
+
+    def pre(module, args, kw):
+        spent.append(-time.perf_counter())
+
+    def post(module, args, kw, out):
+        spent[-1] += time.perf_counter()
+
+    handles = [pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True),
+               pipe.transformer.register_forward_hook(post, with_kwargs=True)]
+    fractions = []
+    try:
+        for r in range(repeats):
+            spent.clear()
+            start = time.perf_counter()
+            pipe(prompt, generator=torch.Generator("cpu").manual_seed(r), output_type="np", **kwargs)
+            fractions.append(sum(spent) / (time.perf_counter() - start))
+    finally:
+        for h in handles:
+            h.remove()
+    return float(np.median(fractions))
+
+
 def save_grid(samples: np.ndarray, path: Path, columns: int = 8) -> None:
     from PIL import Image
 
@@ -65,6 +90,7 @@ def evaluate(kind: str, num: int, guidance: float | None, steps: int | None, res
     if resolution is not None:
         kwargs["height"] = kwargs["width"] = resolution
     prompts = scenes.prompt_set(num, clip=kind == "video")
+    fraction = transformer_time_fraction(pipe, kwargs, prompts[0])
     seeds = [seed_offset + i for i in range(num)]
     start = time.perf_counter()
     samples = generate(pipe, prompts, seeds, **kwargs)
@@ -79,6 +105,7 @@ def evaluate(kind: str, num: int, guidance: float | None, steps: int | None, res
         "adherence": round(float(np.mean(scores)), 4),
         "per_attribute": {k: round(float(v), 4) for k, v in per_attribute.items()},
         "seconds": round(seconds, 1),
+        "transformer_time_fraction": round(fraction, 3),
         "samples": samples,
     }
 

@@ -57,15 +57,19 @@ def write_state(folder: Path, state: dict) -> None:
 def vae_batch(kind: str, rng: np.random.Generator, steps: int, batch_size: int) -> torch.Tensor:
     """Images (n, 3, H, W) at 64 px (every 4th batch 128 px), or clips (n, 3, F, H, W), in [-1, 1]."""
     if kind == "image":
-        resolution = 128 if steps % 4 == 3 else 64
+        resolution = 128 if steps % 8 == 7 else 64  # convolutional: mostly 64 px is enough
         pixels, _, _ = scenes.sample_batch(rng, batch_size if resolution == 64 else batch_size // 4, resolution)
         return to_model_pixels(pixels)
     pixels, _, _ = scenes.sample_batch(rng, batch_size, 64, clip=True, frames=build.VIDEO_FRAMES)
     return torch.from_numpy(pixels).permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0
 
 
-def train_vae(kind: str, minutes: float, seed: int) -> None:
-    """Reconstruction (L1 + MSE) with a small KL term; then the latent normalisation the pipeline uses."""
+def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False) -> None:
+    """Reconstruction (L1 + MSE) with a small KL term; then the latent normalisation the pipeline uses.
+
+    ``decoder_only`` sharpens the decoder while the encoder, and so the latent space the denoiser is
+    trained on, stays fixed.
+    """
     out = WEIGHTS / kind / "vae"
     batch_size = 16 if kind == "image" else 4
     components = build.image_components(seed) if kind == "image" else build.video_components(seed)
@@ -75,12 +79,21 @@ def train_vae(kind: str, minutes: float, seed: int) -> None:
         vae = type(vae).from_pretrained(out, torch_dtype=torch.float32)
         log(f"resuming the {kind} VAE from step {state['steps']}")
     vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=4e-4, weight_decay=0.0)
+    trainable = vae.parameters()
+    if decoder_only:
+        if not state:
+            raise SystemExit(f"--decoder-only needs a trained {kind} VAE to start from")
+        vae.encoder.requires_grad_(False)
+        if getattr(vae, "quant_conv", None) is not None:
+            vae.quant_conv.requires_grad_(False)
+        trainable = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3 if not decoder_only else 3e-4, weight_decay=0.0)
     rng = np.random.default_rng(seed + 100 + state.get("steps", 0))
     steps, start = state.get("steps", 0), time.time()
     while time.time() - start < minutes * 60:
         x = vae_batch(kind, rng, steps, batch_size)
-        posterior = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(x).latent_dist
         # Decode the posterior mean (what the denoiser is trained on) plus a little noise so the decoder
         # tolerates imperfect latents; the KL term only keeps the latent scale in check.
         z = posterior.mode()
@@ -100,7 +113,12 @@ def train_vae(kind: str, minutes: float, seed: int) -> None:
         recon = vae.decode(latents).sample
         psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, x)))
     record = {"steps": steps, "seed": seed, "psnr_64px": round(psnr, 2)}
-    if kind == "image":
+    if decoder_only:
+        for key in ("scaling_factor", "latent_mean", "latents_mean", "latents_std"):
+            if key in state:
+                record[key] = state[key]
+        record["decoder_only_steps"] = state.get("decoder_only_steps", 0) + steps - state["steps"]
+    elif kind == "image":
         record["scaling_factor"] = float(1.0 / latents.std())
         record["latent_mean"] = round(float(latents.mean()), 4)
         vae.register_to_config(scaling_factor=record["scaling_factor"])
@@ -189,7 +207,7 @@ class VideoRecipe:
         return transformer(hidden_states=xt, encoder_hidden_states=embeds, timestep=sigma * 1000, return_dict=False)[0]
 
 
-def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = 48) -> None:
+def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = 32) -> None:
     """Flow matching (v = noise - x0 at t = 1000 sigma) with 10% caption dropout for CFG, and an EMA."""
     recipe = ImageRecipe(seed) if kind == "image" else VideoRecipe(seed)
     pipe = recipe.pipe
@@ -279,7 +297,8 @@ def export_pipeline(recipe, ema, export: Path) -> None:
     components = dict(recipe.components)
     components["transformer"] = copy.deepcopy(ema).to(torch.float16)
     components["text_encoder"] = copy.deepcopy(recipe.pipe.text_encoder).to(torch.float16)
-    components["vae"] = recipe.pipe.vae
+    # The VAE folder is its own stage's output (its decoder may be sharpened meanwhile): save it as it is on disk.
+    components["vae"] = type(recipe.pipe.vae).from_pretrained(WEIGHTS / recipe.kind / "vae")
     pipeline = build.image_pipeline(components) if recipe.kind == "image" else build.video_pipeline(components)
     pipeline.save_pretrained(export)
 
@@ -291,11 +310,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kind", default="both", help="judge: image, video or both")
+    parser.add_argument("--decoder-only", action="store_true", help="VAE stages: sharpen the decoder, keep the latent space")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.stage.endswith("-vae"):
-        train_vae(args.stage.split("-")[0], args.minutes, args.seed)
+        train_vae(args.stage.split("-")[0], args.minutes, args.seed, decoder_only=args.decoder_only)
     elif args.stage in ("image", "video"):
         train_denoiser(args.stage, args.minutes, args.seed)
     elif args.stage == "judge":

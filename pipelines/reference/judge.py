@@ -7,7 +7,8 @@ back from the pixels) and a feature space for FID (``features``: the penultimate
   ``background`` (B, 8), ``slot_shape`` (B, 5, 4) = none/circle/square/triangle per position slot
   in ``scenes.POSITIONS`` order, ``slot_color`` (B, 5, 8), ``slot_size`` (B, 5, 2).
 * ``ClipJudge``: (B, F, 3, H, W) in [0, 1], any F >= 2 (resampled in time to 9 frames, in space to
-  64 px, frames stacked as channels so that motion is read by the first convolution) -> logits
+  64 px, frames stacked as channels so that motion is read by the first convolution; trained on 9
+  frames and on 5-8 kept of 9, it reads F >= 3 reliably, F = 2 poorly) -> logits
   ``background``, ``shape``, ``color``, ``size``, ``direction``, ``speed``.
 
 Weights ship as safetensors with a small JSON config next to them (``load_judge``); they are made by
@@ -163,7 +164,7 @@ class ClipJudge(_Judge):
         x = resample_frames(x.float())
         b, f = x.shape[:2]
         x = _resize(x.flatten(0, 1))  # (B*F, 3, 64, 64)
-        return ((x - 0.5) * 4.0).view(b, f * 3, RESOLUTION, RESOLUTION)
+        return ((x - 0.5) * 4.0).reshape(b, f * 3, RESOLUTION, RESOLUTION)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.dropout(self.features(x))
@@ -258,7 +259,7 @@ def predict(judge: nn.Module, pixels, batch_size: int = 128) -> dict[str, np.nda
     judge.eval()
     out: dict[str, list[np.ndarray]] = {}
     try:
-        for i in range(0, x.shape[0], batch_size):
+        for i in range(0, max(x.shape[0], 1), batch_size):  # an empty batch still gives (0, ...) arrays
             logits = judge(x[i : i + batch_size].to(device))
             for name, lg in logits.items():
                 out.setdefault(name, []).append(lg.argmax(-1).cpu().numpy())
@@ -275,10 +276,13 @@ def features(judge: nn.Module, pixels, batch_size: int = 128) -> np.ndarray:
     was_training = judge.training
     judge.eval()
     try:
-        parts = [judge.features(x[i : i + batch_size].to(device)).double().cpu().numpy() for i in range(0, x.shape[0], batch_size)]
+        parts = [
+            judge.features(x[i : i + batch_size].to(device)).double().cpu().numpy()
+            for i in range(0, max(x.shape[0], 1), batch_size)
+        ]
     finally:
         judge.train(was_training)
-    return np.concatenate(parts) if parts else np.zeros((0, judge.embed_dim))
+    return np.concatenate(parts)
 
 
 def _decode(kind: str, pred: dict[str, np.ndarray], i: int) -> Scene:
@@ -397,8 +401,12 @@ def save_judge(judge: nn.Module, path: str | Path, extra: dict | None = None) ->
     kind = _kind(judge)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in judge.state_dict().items()}
+    state = {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in judge.state_dict().items()
+    }
     save_file(state, str(path), metadata={"kind": kind, "format_version": str(FORMAT_VERSION)})
+    path.chmod(0o644)
     config = {"kind": kind, "class": type(judge).__name__, "format_version": FORMAT_VERSION, "config": judge.config}
     config.update(extra or {})
     _config_path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,65 @@
+"""The shipped reference models: offline loading, generation in seconds, ordinary diffusers pipelines."""
+
+import numpy as np
+import pytest
+import torch
+
+import diffaccel
+from diffaccel.pipelines import reference
+
+
+@pytest.fixture(scope="module")
+def image_pipe():
+    return reference.load("image")
+
+
+@pytest.fixture(scope="module")
+def video_pipe():
+    return reference.load("video")
+
+
+def test_info_states_the_facts():
+    image, video = reference.info("image"), reference.info("video")
+    assert image["train_resolutions"] == [64, 128] and video["frames"] == 9
+    for facts in (image, video):
+        assert facts["default_steps"] > 0 and facts["default_guidance"] > 1.0
+        assert facts["training"]["steps"] > 0
+    with pytest.raises(ValueError, match="Unknown reference model 'audio'"):
+        reference.info("audio")
+
+
+def test_shipped_weights_fit_the_budget():
+    total = sum(p.stat().st_size for p in reference.WEIGHTS.rglob("*") if p.is_file())
+    assert total <= 60 * 2**20, f"{total / 2**20:.1f} MB"
+
+
+def test_ordinary_diffusers_pipelines(image_pipe, video_pipe):
+    from diffusers import CogView4Pipeline, DiffusionPipeline, WanPipeline
+
+    assert isinstance(image_pipe, CogView4Pipeline) and isinstance(video_pipe, WanPipeline)
+    again = DiffusionPipeline.from_pretrained(reference.path("image"), dtype=torch.float32)
+    assert type(again) is CogView4Pipeline
+    assert len(image_pipe.transformer.transformer_blocks) >= 12
+
+
+def test_image_model_generates_in_seconds_and_accelerates(image_pipe):
+    kwargs = dict(reference.call_defaults("image"), num_inference_steps=6)
+    run = lambda: image_pipe("a large red circle on the left, on a blue background", output_type="np",
+                             generator=torch.Generator().manual_seed(0), **kwargs).images
+    base = run()
+    assert base.shape == (1, 64, 64, 3) and np.isfinite(base).all()
+    diffaccel.accelerate(image_pipe, "off")
+    assert np.array_equal(run(), base)
+    diffaccel.accelerate(image_pipe, cache=diffaccel.BlockCacheConfig(threshold=1e9, warmup_steps=2))
+    cached = run()
+    assert diffaccel.stats(image_pipe)["blocks_skipped"] > 0
+    assert np.abs(cached - base).mean() < 0.25
+    diffaccel.remove(image_pipe)
+    assert np.array_equal(run(), base)
+
+
+def test_video_model_generates(video_pipe):
+    kwargs = dict(reference.call_defaults("video"), num_inference_steps=4)
+    frames = video_pipe("a small green square moving right slowly, on a black background", output_type="np",
+                        generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert frames.shape == (1, 9, 64, 64, 3) and np.isfinite(frames).all()
