@@ -32,6 +32,11 @@ WORK = ROOT / "work" / "reference"
 from diffaccel.pipelines.reference import build, scenes  # noqa: E402
 
 
+# bfloat16 autocast halves a training step on CPUs with AVX512-BF16/AMX (measured: 2.1-2.6 s -> 1.3 s
+# per image-denoiser step); master weights, optimizer and losses stay float32.
+AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": True}
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -92,12 +97,13 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False) 
     steps, start = state.get("steps", 0), time.time()
     while time.time() - start < minutes * 60:
         x = vae_batch(kind, rng, steps, batch_size)
-        with torch.set_grad_enabled(not decoder_only):
-            posterior = vae.encode(x).latent_dist
-        # Decode the posterior mean (what the denoiser is trained on) plus a little noise so the decoder
-        # tolerates imperfect latents; the KL term only keeps the latent scale in check.
-        z = posterior.mode()
-        recon = vae.decode(z + 0.05 * z.detach().std() * torch.randn_like(z)).sample
+        with torch.autocast(**AUTOCAST):
+            with torch.set_grad_enabled(not decoder_only):
+                posterior = vae.encode(x).latent_dist
+            # Decode the posterior mean (what the denoiser is trained on) plus a little noise so the decoder
+            # tolerates imperfect latents; the KL term only keeps the latent scale in check.
+            z = posterior.mode()
+            recon = vae.decode(z + 0.05 * z.detach().std() * torch.randn_like(z)).sample.float()
         kl = posterior.kl().mean() / x[0].numel()
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
         optimizer.zero_grad(set_to_none=True)
@@ -265,12 +271,14 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = 32) -
         captions = [c if rng.random() >= 0.1 else "" for c in captions]
         with torch.no_grad():
             x0 = recipe.latents(x, generator)
-        embeds = recipe.text(captions)
         sigma = sample_sigmas(x0.shape[0], generator)
         noise = torch.randn(x0.shape, generator=generator)
         s = sigma.view(-1, *([1] * (x0.dim() - 1)))
         xt = (1 - s) * x0 + s * noise
-        loss = F.mse_loss(recipe.predict(transformer, xt, embeds, sigma), noise - x0)
+        with torch.autocast(**AUTOCAST):
+            embeds = recipe.text(captions)
+            prediction = recipe.predict(transformer, xt, embeds, sigma)
+        loss = F.mse_loss(prediction.float(), noise - x0)
         lr = 3e-4 * min(1.0, (steps + 1) / 500)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -81,3 +81,15 @@ def test_generate_errors_are_clear(saved, tmp_path, capsys):
     assert "image pipeline" in capsys.readouterr().err
     assert main(args + ["-o", str(tmp_path / "a.png"), "--frames", "9"]) == 2
     assert "does not take 'num_frames'" in capsys.readouterr().err
+
+
+def test_generate_defaults_to_the_embedded_image_model(tmp_path):
+    out = tmp_path / "ref.png"
+    assert main(["generate", "a large red circle on the left, on a blue background", "-o", str(out), "--steps", "4"]) == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+
+
+def test_video_flag_with_a_model_is_refused(tmp_path, capsys):
+    assert main(["generate", "x", "-o", str(tmp_path / "a.gif"), "--model", "somewhere", "--video"]) == 2
+    assert "--video selects the embedded video model" in capsys.readouterr().err
