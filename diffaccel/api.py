@@ -13,7 +13,7 @@ from diffaccel.pipelines.adapters import adapter_for, unwrap_denoiser
 from .config import AccelConfig
 from .presets import preset
 from .registry import AccelTarget, handler_for
-from .runtime import PIPE_ATTRIBUTE, Runtime
+from .runtime import PIPE_ATTRIBUTE, RUNTIME_HOOK, Runtime
 
 logger = logging.getLogger("diffaccel")
 
@@ -82,6 +82,12 @@ def accelerate(
         handler.validate(method, target)
 
     remove(pipe)
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(RUNTIME_HOOK) is not None:
+        raise ValueError(
+            f"This {type(denoiser).__name__} is already accelerated through another pipeline object that shares it; "
+            f"call diffaccel.remove() on that pipeline first."
+        )
     runtime = Runtime(pipe, denoiser, target.adapter, resolved)
     try:
         for method, handler in planned:

@@ -165,3 +165,18 @@ def test_user_adapter_is_checked_against_the_forward_signature():
 
     with pytest.raises(ValueError, match=r"timestep_arg='timestep' is not an argument of Net.forward \['x', 't'\]"):
         register_adapter(Net, FamilyAdapter(name="net", block_lists=(), latent_layout="BSC", cfg_layout="batched"))
+
+
+def test_a_denoiser_shared_by_two_pipelines_is_accelerated_once():
+    from types import SimpleNamespace
+
+    from toy_models import CountdownScheduler
+
+    first = toy_pipe()
+    second = SimpleNamespace(transformer=first.transformer, scheduler=CountdownScheduler())
+    diffaccel.accelerate(first, "fast")
+    with pytest.raises(ValueError, match=r"already accelerated through another pipeline object"):
+        diffaccel.accelerate(second, "fast")
+    diffaccel.remove(first)
+    diffaccel.accelerate(second, "off")
+    assert values(run_toy(second, 3)) == [11 + 2 * t for t in (200, 100, 0)]
