@@ -43,6 +43,82 @@ def _add_generate(subparsers) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _model_options(p, generating: bool = True) -> None:
+    p.add_argument("--model", default=None, help="embedded 'image'/'video' (default) or a diffusers id / folder")
+    p.add_argument("--prompts", default=None, help="a text file with one prompt per line")
+    p.add_argument("--prompt-set", default=None, help="a named prompt set: reference-image, reference-video")
+    p.add_argument("--num", type=int, default=None, help="number of prompts (default: all / 200 for a set)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    if generating:
+        p.add_argument("--preset", default=None, help="acceleration preset of the generated samples (default off)")
+        p.add_argument("--config", default=None, help="an AccelConfig file (.json/.yaml), overrides --preset")
+
+
+def _feature_options(p) -> None:
+    p.add_argument("--features", default="judge", help="judge (offline default), judge-video, or inception")
+    p.add_argument("--inception-weights", default=None,
+                   help="local torch-fidelity InceptionV3 weights (or $DIFFACCEL_INCEPTION_WEIGHTS)")
+
+
+def _add_eval(subparsers) -> None:
+    from diffaccel.eval import jobs
+
+    p = subparsers.add_parser("eval", help="evaluation jobs: fid, fid-stats, fidelity, vbench")
+    sub = p.add_subparsers(dest="eval_command", metavar="JOB", required=True)
+
+    q = sub.add_parser("fid", help="FID (and KID) of generated samples or a folder, resumable")
+    _model_options(q)
+    _feature_options(q)
+    q.add_argument("--fake", default=None, help="a folder of samples to score instead of generating")
+    q.add_argument("--samples", default=None, help="where generated samples go (default: next to --out)")
+    q.add_argument("--real", default=None, help="a folder of real images")
+    q.add_argument("--real-stats", default=None, help="precomputed real statistics (diffaccel eval fid-stats)")
+    q.add_argument("--out", required=True, help="result JSON")
+    q.set_defaults(func=jobs.fid_command)
+
+    q = sub.add_parser("fid-stats", help="precompute real-set statistics for FID")
+    q.add_argument("folder", nargs="?", default=None, help="a folder of real images")
+    q.add_argument("--procedural", choices=["image"], default=None, help="use procedural ground truth instead")
+    q.add_argument("--num", type=int, default=1000)
+    q.add_argument("--seed", type=int, default=10**6)
+    q.add_argument("--resolution", type=int, default=64)
+    q.add_argument("-o", "--output", required=True, help="statistics file (.npz)")
+    _feature_options(q)
+    q.set_defaults(func=jobs.fid_stats_command)
+
+    q = sub.add_parser("fidelity", help="accelerated vs baseline on the same prompts and seeds")
+    _model_options(q, generating=False)
+    q.add_argument("--config", required=True, help="preset name or config file of the accelerated run")
+    q.add_argument("--baseline", default="off", help="preset or config of the baseline (default off)")
+    q.add_argument("--out", required=True, help="result JSON")
+    q.set_defaults(func=jobs.fidelity_command)
+
+    q = sub.add_parser("vbench", help="VBench-style video dimensions of clips or of a video model")
+    _model_options(q)
+    q.add_argument("--videos", default=None, help="a folder of clips (.npz, .mp4, .gif) instead of generating")
+    q.add_argument("--backend", choices=["offline", "vbench"], default="offline",
+                   help="offline implementations (default) or the official vbench package when installed")
+    q.add_argument("--out", required=True, help="result JSON")
+    q.set_defaults(func=jobs.vbench_command)
+
+
+def _add_bench(subparsers) -> None:
+    from diffaccel.eval import jobs
+
+    p = subparsers.add_parser("bench", help="speed and quality of configs side by side; report and plots")
+    _model_options(p, generating=False)
+    p.add_argument("--configs", default="off,safe,fast,turbo",
+                   help="comma-separated presets or config files; the first is the baseline")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--fid-min", type=int, default=200, help="compute FID when there are at least this many prompts")
+    p.add_argument("--out", required=True, help="output folder: report.md, report.json, two PNGs")
+    p.set_defaults(func=jobs.bench_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffaccel",
@@ -53,33 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffaccel {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(subparsers)
+    _add_eval(subparsers)
+    _add_bench(subparsers)
     return parser
-
-
-def _torch_dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
-def load_pipeline(model: str, device: str, dtype_name: str = "auto"):
-    """Load any diffusers pipeline by id or folder."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=_torch_dtype(dtype_name, device))
-    return pipe.to(device)
-
-
-def is_video_pipeline(pipe: Any) -> bool:
-    from diffaccel.api import find_denoiser
-    from diffaccel.pipelines import adapter_for
-
-    try:
-        return adapter_for(find_denoiser(pipe)).is_video
-    except ValueError:
-        return "num_frames" in inspect.signature(pipe.__call__).parameters
 
 
 def reference_name(args: argparse.Namespace) -> str | None:
@@ -123,6 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     import diffaccel
+    from diffaccel.loading import load_model
     from diffaccel.media import check_output_path, save_image, save_video
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,18 +186,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if reference is not None:
         from diffaccel.pipelines import reference as embedded
 
-        output_path = check_output_path(args.output, embedded.info(reference)["is_video"])
-        pipe = embedded.load(reference, device=device, dtype=_torch_dtype(args.dtype, device))
-        pipe.set_progress_bar_config(disable=False)
-        defaults = embedded.call_defaults(reference)
-        video = embedded.info(reference)["is_video"]
-    else:
-        pipe = load_pipeline(args.model, device, args.dtype)
-        video = is_video_pipeline(pipe)
-        output_path = check_output_path(args.output, video)
-        defaults = {}
+        check_output_path(args.output, embedded.info(reference)["is_video"])  # before loading anything
+    loaded = load_model(reference or args.model, device, args.dtype)
+    pipe, video = loaded.pipe, loaded.is_video
+    pipe.set_progress_bar_config(disable=False)
+    output_path = check_output_path(args.output, video)
     diffaccel.accelerate(pipe, accel_config)
-    kwargs = call_arguments(pipe, args, defaults)
+    kwargs = call_arguments(pipe, args, loaded.defaults)
 
     start = time.perf_counter()
     result = pipe(**kwargs)

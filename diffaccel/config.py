@@ -143,6 +143,23 @@ class MethodConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _yaml_load(text: str) -> Any:
+    """PyYAML's safe loader, but reading ``1e9`` / ``1.0e9`` as numbers (YAML 1.2), not strings."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"),
+        list("-+0123456789."),
+    )
+    return yaml.load(text, Loader=Loader)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
@@ -232,9 +249,7 @@ class AccelConfig:
         if suffix == ".json":
             data = json.loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _yaml_load(text)
         else:
             raise ValueError(f"Config file {str(path)!r}: unknown format {suffix!r}; use .json, .yaml or .yml.")
         return cls.from_dict(data)

@@ -90,3 +90,9 @@ def test_configs_are_frozen():
     config = BlockCacheConfig()
     with pytest.raises(Exception):
         config.threshold = 1.0
+
+
+def test_yaml_reads_exponent_numbers(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("cache:\n  method: block\n  threshold: 1e9\n  warmup_steps: 1\n")
+    assert AccelConfig.from_file(path).cache.threshold == 1e9

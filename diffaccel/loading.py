@@ -1,0 +1,82 @@
+"""Load a model by name for the CLI: an embedded reference model, a hub id or a local folder."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LoadedModel:
+    pipe: Any
+    name: str
+    is_video: bool
+    reference: str | None = None  # "image" / "video" for the embedded models (their judge applies)
+    defaults: dict = field(default_factory=dict)  # call arguments that run the model as trained
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"Unknown dtype {name!r}; use auto, float32, float16 or bfloat16.")
+    return getattr(torch, name)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_video_pipeline(pipe: Any) -> bool:
+    from diffaccel.api import find_denoiser
+    from diffaccel.pipelines import adapter_for
+
+    try:
+        return adapter_for(find_denoiser(pipe)).is_video
+    except ValueError:
+        return "num_frames" in inspect.signature(pipe.__call__).parameters
+
+
+def load_model(spec: str | None, device: str | None = None, dtype: str = "auto", video: bool = False) -> LoadedModel:
+    """``spec`` None -> the embedded image (or, with ``video``, video) model; "image"/"video" -> that
+    embedded model; anything else -> ``DiffusionPipeline.from_pretrained(spec)``."""
+    from diffaccel.pipelines import reference
+
+    device = device or default_device()
+    if spec is None:
+        spec = "video" if video else "image"
+    if spec in reference.NAMES and not Path(spec).exists():
+        pipe = reference.load(spec, device=device, dtype=torch_dtype(dtype, device))
+        facts = reference.info(spec)
+        return LoadedModel(pipe, f"reference-{spec}", facts["is_video"], spec, reference.call_defaults(spec))
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype(dtype, device)).to(device)
+    return LoadedModel(pipe, str(spec), is_video_pipeline(pipe))
+
+
+def read_prompts(prompts_file: str | None, prompt_set: str | None, num: int | None) -> list[str]:
+    """Prompts from a file (one per line) or a named set: reference-image, reference-video."""
+    from diffaccel.pipelines.reference import scenes
+
+    if prompts_file and prompt_set:
+        raise ValueError("Give --prompts FILE or --prompt-set NAME, not both.")
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise ValueError(f"Prompt file {prompts_file!r} does not exist.")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"Prompt file {prompts_file!r} holds no prompts.")
+        return prompts[:num] if num else prompts
+    sets = {"reference-image": False, "reference-video": True}
+    name = prompt_set or "reference-image"
+    if name not in sets:
+        raise ValueError(f"Unknown prompt set {name!r}; available: {list(sets)} (or --prompts FILE).")
+    return scenes.prompt_set(num or 200, clip=sets[name])
