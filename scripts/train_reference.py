@@ -206,8 +206,10 @@ class VideoRecipe:
         return (self.pipe.vae.encode(x).latent_dist.sample(generator) - self.mean) / self.std
 
     def text(self, captions):
+        # WanPipeline.__call__ pads prompts to 512 tokens (encode_prompt's own default is 226): train as it samples.
         with torch.no_grad():
-            return self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu")[0]
+            return self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu",
+                                           max_sequence_length=512)[0]
 
     def predict(self, transformer, xt, embeds, sigma):
         return transformer(hidden_states=xt, encoder_hidden_states=embeds, timestep=sigma * 1000, return_dict=False)[0]
