@@ -8,7 +8,7 @@
 
 from . import cache as _cache  # noqa: F401  (registers the caching methods)
 from .api import accelerate, config_of, remove, resolve_config, stats
-from .cache import BlockCacheConfig
+from .cache import BlockCacheConfig, DeepCacheConfig
 from .config import AccelConfig, MethodConfig, available_methods
 from .presets import PRESETS, preset
 
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccelConfig",
     "BlockCacheConfig",
+    "DeepCacheConfig",
     "MethodConfig",
     "PRESETS",
     "accelerate",

@@ -198,7 +198,8 @@ class BlockCacheHandler:
     def validate(self, config: BlockCacheConfig, target: AccelTarget) -> None:
         if not target.adapter.block_cache:
             raise ValueError(
-                f"cache='block' cannot apply to {target.denoiser_name}: {target.adapter.notes or 'no flat block list'}."
+                f"cache='block' cannot apply to {target.denoiser_name}: {target.adapter.notes or 'no flat block list'}; "
+                f"for UNets use cache='deep' (DeepCacheConfig)."
             )
         num_blocks = len(target.blocks)
         spared = config.compute_first_blocks + config.compute_last_blocks
