@@ -20,11 +20,12 @@ logger = logging.getLogger("diffaccel")
 DENOISER_ATTRIBUTES = ("transformer", "unet")
 
 
-def resolve_config(config: Any = None, **slots: Any) -> AccelConfig:
+def resolve_config(config: Any = None, unet: bool = False, **slots: Any) -> AccelConfig:
     """Turn what ``accelerate`` accepts into an ``AccelConfig``.
 
     ``config`` may be None, a preset name, an ``AccelConfig``, a dict (``AccelConfig.to_dict`` form)
     or a path to a .json/.yaml file; ``slots`` (cache=, guidance=, ...) override it slot by slot.
+    ``unet`` picks a preset's UNet recipe.
     """
     if config is None:
         base = AccelConfig()
@@ -35,7 +36,7 @@ def resolve_config(config: Any = None, **slots: Any) -> AccelConfig:
     elif isinstance(config, Path) or (isinstance(config, str) and config.endswith((".json", ".yaml", ".yml"))):
         base = AccelConfig.from_file(config)
     elif isinstance(config, str):
-        base = preset(config)
+        base = preset(config, unet=unet)
     else:
         raise ValueError(
             f"accelerate() takes a preset name, an AccelConfig, a dict or a config file path, "
@@ -74,9 +75,12 @@ def accelerate(
     Calling it again replaces the previous configuration. Everything is validated before any hook
     is installed, and a failure while installing leaves the pipeline as it was.
     """
-    resolved = resolve_config(config, cache=cache, guidance=guidance, sampling=sampling, attention=attention)
     denoiser = find_denoiser(pipe)
-    target = AccelTarget(pipe=pipe, denoiser=denoiser, adapter=adapter_for(denoiser))
+    adapter = adapter_for(denoiser)
+    resolved = resolve_config(
+        config, unet=not adapter.block_cache, cache=cache, guidance=guidance, sampling=sampling, attention=attention
+    )
+    target = AccelTarget(pipe=pipe, denoiser=denoiser, adapter=adapter)
     planned = [(method, handler_for(method)) for method in resolved.methods()]
     for method, handler in planned:
         handler.validate(method, target)

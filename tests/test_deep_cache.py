@@ -221,3 +221,15 @@ def test_t2i_adapter_residuals_are_a_clear_error():
             unet(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 77, 32), down_intrablock_additional_residuals=residuals)
     finally:
         diffaccel.remove(pipe)
+
+
+def test_presets_pick_deep_cache_on_unets():
+    from diffaccel import DeepCacheConfig, preset
+
+    case = build("sd15")
+    diffaccel.accelerate(case.pipe, "fast")
+    assert diffaccel.config_of(case.pipe).cache == preset("fast", unet=True).cache
+    assert isinstance(diffaccel.config_of(case.pipe).cache, DeepCacheConfig)
+    run(case, seed=0)
+    assert diffaccel.stats(case.pipe)["blocks_skipped"] > 0
+    diffaccel.remove(case.pipe)
