@@ -8,7 +8,7 @@
 
 from . import cache as _cache  # noqa: F401  (registers the caching methods)
 from .api import accelerate, config_of, remove, resolve_config, stats
-from .cache import BlockCacheConfig, DeepCacheConfig
+from .cache import BlockCacheConfig, DeepCacheConfig, DeltaDiTConfig
 from .config import AccelConfig, MethodConfig, available_methods
 from .presets import PRESETS, preset
 
@@ -18,6 +18,7 @@ __all__ = [
     "AccelConfig",
     "BlockCacheConfig",
     "DeepCacheConfig",
+    "DeltaDiTConfig",
     "MethodConfig",
     "PRESETS",
     "accelerate",

@@ -2,13 +2,17 @@
 
 from .block_cache import BLOCK_CACHE_HOOK, BlockCacheConfig, BlockCacheState, relative_l1
 from .deep_cache import DEEP_CACHE_HOOK, DeepCacheConfig, DeepCacheState
+from .delta_dit import DELTA_DIT_HOOK, DeltaDiTConfig, DeltaDiTState
 
 __all__ = [
     "BLOCK_CACHE_HOOK",
     "DEEP_CACHE_HOOK",
+    "DELTA_DIT_HOOK",
     "BlockCacheConfig",
     "BlockCacheState",
     "DeepCacheConfig",
     "DeepCacheState",
+    "DeltaDiTConfig",
+    "DeltaDiTState",
     "relative_l1",
 ]
