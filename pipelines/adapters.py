@@ -94,6 +94,29 @@ class BoundBlock:
     def qualified_name(self) -> str:
         return f"{self.list_name}.{self.index}"
 
+    def stream_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hidden and (where the block carries one) encoder stream this call receives."""
+        spec = self.spec
+        hidden = get_argument(args, kwargs, spec.hidden_arg, self.position_of(spec.hidden_arg))
+        encoder = None
+        if spec.encoder_arg is not None:
+            encoder = get_argument(args, kwargs, spec.encoder_arg, self.position_of(spec.encoder_arg))
+        return hidden, encoder
+
+    def split_output(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, encoder) from what the block returned, in its spec's order."""
+        if not self.spec.returns_tuple:
+            return output, None
+        values = dict(zip(self.spec.returns, output))
+        return values[HIDDEN], values.get(ENCODER)
+
+    def join_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
+        """What the block would return for these streams (used when a skipped block passes through)."""
+        if not self.spec.returns_tuple:
+            return hidden
+        values = {HIDDEN: hidden, ENCODER: encoder}
+        return tuple(values[name] for name in self.spec.returns)
+
     def position_of(self, arg: str) -> int | None:
         """Position of a named forward argument (None if it has none)."""
         if arg not in self._positions:

@@ -16,7 +16,7 @@ import torch
 from diffusers.hooks.hooks import ModelHook
 
 from diffaccel.config import MethodConfig, check_float, check_int, register_config
-from diffaccel.pipelines.adapters import ENCODER, HIDDEN, BoundBlock, get_argument
+from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
 
 BLOCK_CACHE_HOOK = "diffaccel.block_cache"
@@ -77,19 +77,6 @@ def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
     return float((current - reference).abs().mean() / denominator)
 
 
-def _split_output(output: Any, block: BoundBlock) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not block.spec.returns_tuple:
-        return output, None
-    values = dict(zip(block.spec.returns, output))
-    return values[HIDDEN], values.get(ENCODER)
-
-
-def _join_output(hidden: torch.Tensor, encoder: torch.Tensor | None, block: BoundBlock) -> Any:
-    if not block.spec.returns_tuple:
-        return hidden
-    values = {HIDDEN: hidden, ENCODER: encoder}
-    return tuple(values[name] for name in block.spec.returns)
-
 
 class BlockCacheHook(ModelHook):
     """One per block; its role (front start, decider, middle, back) decides what it does."""
@@ -104,18 +91,10 @@ class BlockCacheHook(ModelHook):
         self.block = block
         self.roles = roles
 
-    def _inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        spec = self.block.spec
-        hidden = get_argument(args, kwargs, spec.hidden_arg, self.block.position_of(spec.hidden_arg))
-        encoder = None
-        if spec.encoder_arg is not None:
-            encoder = get_argument(args, kwargs, spec.encoder_arg, self.block.position_of(spec.encoder_arg))
-        return hidden, encoder
-
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state: BlockCacheState = self.states.get(self.runtime.clock.current.branch)
         if "start" in self.roles:
-            state.span_input = self._inputs(args, kwargs)[0]
+            state.span_input = self.block.stream_inputs(args, kwargs)[0]
         if "middle" in self.roles and state.reuse:
             return self._replay(state, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
@@ -127,7 +106,7 @@ class BlockCacheHook(ModelHook):
 
     def _replay(self, state: BlockCacheState, args: tuple, kwargs: dict):
         """Skipped block: pass the streams through; the span's first block adds the cached residual."""
-        hidden, encoder = self._inputs(args, kwargs)
+        hidden, encoder = self.block.stream_inputs(args, kwargs)
         if "middle_start" in self.roles:
             hidden = hidden + state.cached_hidden_residual
             if encoder is not None and state.cached_encoder_residual is not None:
@@ -135,12 +114,12 @@ class BlockCacheHook(ModelHook):
         if "middle_end" in self.roles and state.encoder_output_is_none:
             encoder = None
         self.runtime.count_skipped_blocks()
-        return _join_output(hidden, encoder, self.block)
+        return self.block.join_output(hidden, encoder)
 
     @torch.compiler.disable
     def _decide(self, state: BlockCacheState, output: Any) -> None:
         ctx = self.runtime.clock.current
-        hidden, encoder = _split_output(output, self.block)
+        hidden, encoder = self.block.split_output(output)
         residual = hidden - state.span_input
         reference = state.reference_residual
         limit = self.config.max_consecutive
@@ -165,7 +144,7 @@ class BlockCacheHook(ModelHook):
 
     @torch.compiler.disable
     def _store_middle_residual(self, state: BlockCacheState, output: Any) -> None:
-        hidden, encoder = _split_output(output, self.block)
+        hidden, encoder = self.block.split_output(output)
         hidden_in, encoder_in = state.middle_input
         state.cached_hidden_residual = hidden - hidden_in
         state.encoder_output_is_none = encoder is None and encoder_in is not None

@@ -26,7 +26,7 @@ import torch
 from diffusers.hooks.hooks import ModelHook
 
 from diffaccel.config import MethodConfig, check_float, check_int, register_config
-from diffaccel.pipelines.adapters import ENCODER, HIDDEN, BoundBlock, get_argument
+from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
 
 logger = logging.getLogger("diffaccel")
@@ -121,19 +121,6 @@ class _Active:
         self.warned_no_step_count = False
 
 
-def _split_output(output: Any, block: BoundBlock) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not block.spec.returns_tuple:
-        return output, None
-    values = dict(zip(block.spec.returns, output))
-    return values[HIDDEN], values.get(ENCODER)
-
-
-def _join_output(hidden: torch.Tensor, encoder: torch.Tensor | None, block: BoundBlock) -> Any:
-    if not block.spec.returns_tuple:
-        return hidden
-    values = {HIDDEN: hidden, ENCODER: encoder}
-    return tuple(values[name] for name in block.spec.returns)
-
 
 class DeltaDiTDenoiserHook(ModelHook):
     """On the denoiser: plans this forward (stage, span, full or cached) for its CFG branch."""
@@ -192,14 +179,6 @@ class DeltaDiTBlockHook(ModelHook):
         self.position = position  # index in the flattened block list
         self.cached_blocks = cached_blocks
 
-    def _inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        spec = self.block.spec
-        hidden = get_argument(args, kwargs, spec.hidden_arg, self.block.position_of(spec.hidden_arg))
-        encoder = None
-        if spec.encoder_arg is not None:
-            encoder = get_argument(args, kwargs, spec.encoder_arg, self.block.position_of(spec.encoder_arg))
-        return hidden, encoder
-
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state = self.active.state
         if state is None:
@@ -208,7 +187,7 @@ class DeltaDiTBlockHook(ModelHook):
         if not start <= self.position <= end:
             return self.fn_ref.original_forward(*args, **kwargs)
         if self.position == start:
-            self._begin_span(state, self._inputs(args, kwargs))
+            self._begin_span(state, self.block.stream_inputs(args, kwargs))
         if state.replay:
             return self._replay(state, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
@@ -236,7 +215,7 @@ class DeltaDiTBlockHook(ModelHook):
 
     def _replay(self, state: DeltaDiTState, args: tuple, kwargs: dict):
         """Skipped block: pass the streams through; the span's first block adds Δ to the fresh input."""
-        hidden, encoder = self._inputs(args, kwargs)
+        hidden, encoder = self.block.stream_inputs(args, kwargs)
         start, end = state.span
         if self.position == start:
             hidden = hidden + state.delta_hidden
@@ -244,12 +223,12 @@ class DeltaDiTBlockHook(ModelHook):
                 encoder = encoder + state.delta_encoder
         if self.position == end and state.encoder_output_is_none:
             encoder = None
-        return _join_output(hidden, encoder, self.block)
+        return self.block.join_output(hidden, encoder)
 
     @torch.compiler.disable
     def _store_delta(self, state: DeltaDiTState, output: Any) -> None:
         """Full step: Δ = span output - span input, for each stream the span carries."""
-        hidden, encoder = _split_output(output, self.block)
+        hidden, encoder = self.block.split_output(output)
         hidden_in, encoder_in = state.span_input
         state.delta_hidden = hidden - hidden_in
         state.encoder_output_is_none = encoder is None and encoder_in is not None
