@@ -1,8 +1,10 @@
 """Train the embedded reference models from a seed on a CPU.
 
     python scripts/train_reference.py image-vae --minutes 8
+    python scripts/train_reference.py image-text --minutes 3  # text encoder: reads captions into attributes
     python scripts/train_reference.py image --minutes 90      # resumable: run again to continue
     python scripts/train_reference.py video-vae --minutes 10
+    python scripts/train_reference.py video-text --minutes 3
     python scripts/train_reference.py video --minutes 90
     python scripts/train_reference.py judge --kind both
 
@@ -33,8 +35,17 @@ from diffaccel.pipelines.reference import build, scenes  # noqa: E402
 
 
 # bfloat16 autocast halves a training step on CPUs with AVX512-BF16/AMX (measured: 2.1-2.6 s -> 1.3 s
-# per image-denoiser step); master weights, optimizer and losses stay float32.
-AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": True}
+# per image-denoiser step) but is emulated, and several times slower, on AVX2-only CPUs: use it only
+# where the CPU has it. Master weights, optimizer and losses stay float32 either way.
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": _cpu_has_bf16()}
 
 
 def log(msg: str) -> None:
@@ -139,6 +150,116 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False) 
     log(f"{kind} vae saved: {steps} steps, {record['minutes']} min, PSNR {psnr:.2f} dB")
 
 
+# ------------------------------------------------------------------------------------------ text encoders
+#
+# Trained jointly with the denoiser from scratch, the text encoders learned captions slowly: after
+# 4.5k denoiser steps the image model ignored the background word entirely (same image for every
+# background). So each encoder is first taught to read a caption into the scene's attributes (the
+# judge's targets, from linear heads on its output) and then frozen while the denoiser trains, the way
+# real pipelines use a pretrained, frozen text encoder.
+
+TEXT_OBJECTIVE = "scene attributes (judge targets) from linear heads"
+
+
+class TextProbe(torch.nn.Module):
+    """Linear heads that read the judge's attribute targets from one text embedding per caption."""
+
+    def __init__(self, kind: str, dim: int) -> None:
+        super().__init__()
+        from diffaccel.pipelines.reference import judge
+
+        if kind == "image":
+            slots = len(scenes.POSITIONS)
+            self.shapes = {"background": (len(scenes.COLORS),), "slot_shape": (slots, len(judge.SLOT_SHAPES)),
+                           "slot_color": (slots, len(scenes.COLORS)), "slot_size": (slots, len(scenes.SIZES))}
+        else:
+            self.shapes = {"background": (len(scenes.COLORS),), "shape": (len(scenes.SHAPES),),
+                           "color": (len(scenes.COLORS),), "size": (len(scenes.SIZES),),
+                           "direction": (len(scenes.DIRECTIONS),), "speed": (len(scenes.SPEEDS),)}
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, math.prod(v)) for k, v in self.shapes.items()})
+
+    def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: head(pooled).view(-1, *self.shapes[k]) for k, head in self.heads.items()}
+
+
+def text_features(kind: str, pipe, captions: list[str], rng: np.random.Generator) -> torch.Tensor:
+    """The embeddings the pipeline feeds the denoiser, reduced to what the probe reads.
+
+    Image (CogView4, causal GLM, left padding, no attention mask): the last position, after a random
+    number of extra left pads, so the encoding does not depend on how long the batch was padded.
+    Video (Wan, bidirectional UMT5 with a mask): every real token, so each one carries the whole scene.
+    """
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    if kind == "image":
+        ids = tokenizer(captions, padding="longest", return_tensors="pt").input_ids
+        extra = int(rng.integers(0, 33))
+        ids = torch.cat([torch.full((ids.shape[0], extra), tokenizer.pad_token_id), ids], dim=1)
+        return encoder(ids, output_hidden_states=True).hidden_states[-2][:, -1]
+    batch = tokenizer(captions, padding="longest", return_tensors="pt")
+    hidden = encoder(batch.input_ids, batch.attention_mask).last_hidden_state
+    mask = batch.attention_mask.bool()
+    return hidden[mask]  # (total real tokens, dim); targets are repeated per token
+
+
+def train_text_encoder(kind: str, minutes: float, seed: int, batch_size: int = 256) -> None:
+    from diffaccel.pipelines.reference import judge
+
+    components = build.image_components(seed) if kind == "image" else build.video_components(seed)
+    pipe = (build.image_pipeline if kind == "image" else build.video_pipeline)(components)
+    encoder = pipe.text_encoder.train()
+    dim = encoder.config.hidden_size if kind == "image" else encoder.config.d_model
+    probe = TextProbe(kind, dim)
+    targets_of = judge.image_targets if kind == "image" else judge.clip_targets
+    optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(probe.parameters()), lr=1e-3)
+    rng = np.random.default_rng(seed + 500)
+    steps, start = 0, time.time()
+
+    def batch(n: int):
+        picked = [scenes.sample_scene(rng, clip=kind == "video") for _ in range(n)]
+        captions = [scenes.caption(s) for s in picked]
+        targets = targets_of(picked)
+        if kind == "video":
+            lengths = pipe.tokenizer(captions, padding="longest", return_tensors="pt").attention_mask.sum(1)
+            targets = {k: v.repeat_interleave(lengths, dim=0) for k, v in targets.items()}
+        return captions, targets
+
+    def accuracy() -> float:
+        encoder.eval()
+        with torch.no_grad():
+            captions, targets = batch(512)
+            logits = probe(text_features(kind, pipe, captions, rng))
+            right = [(logits[k].argmax(-1) == t)[t != -100].float() for k, t in targets.items()]
+        encoder.train()
+        return float(torch.cat([r.flatten() for r in right]).mean())
+
+    while time.time() - start < minutes * 60:
+        captions, targets = batch(batch_size)
+        loss = judge.judge_loss(probe, probe(text_features(kind, pipe, captions, rng)), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        if steps % 100 == 0:
+            log(f"{kind} text step {steps} loss {loss.item():.4f}")
+            if loss.item() < 1e-3 and accuracy() == 1.0:
+                break
+    encoder.eval()
+    held_out = accuracy()
+    out = WEIGHTS / kind / "text_encoder"
+    encoder.to(torch.float16).save_pretrained(out)
+    write_state(out, {"objective": TEXT_OBJECTIVE, "steps": steps, "seed": seed, "frozen_in_denoiser": True,
+                      "attribute_accuracy": round(held_out, 4), "minutes": round((time.time() - start) / 60, 1)})
+    log(f"{kind} text encoder saved: {steps} steps, attribute accuracy {held_out:.4f}")
+
+
+def pretrained_text_encoder(kind: str, current):
+    """The attribute-trained encoder of ``train_text_encoder`` (float32), or None if not trained yet."""
+    folder = WEIGHTS / kind / "text_encoder"
+    if read_state(folder).get("objective") != TEXT_OBJECTIVE:
+        return None
+    return type(current).from_pretrained(folder, dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------------ denoisers
 
 
@@ -171,7 +292,8 @@ class ImageRecipe:
         return vae.encode(x).latent_dist.sample(generator) * vae.config.scaling_factor
 
     def text(self, captions):
-        return self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu")[0]
+        with torch.set_grad_enabled(self.train_text_encoder):
+            return self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu")[0]
 
     def predict(self, transformer, xt, embeds, sigma):
         n, resolution = xt.shape[0], xt.shape[-1] * self.pipe.vae_scale_factor
@@ -236,6 +358,11 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = 32) -
         pipe.text_encoder.load_state_dict(type(pipe.text_encoder).from_pretrained(export / "text_encoder").float().state_dict())
         steps, trained_minutes = shipped["steps"], shipped["minutes"]
         log(f"resuming from the shipped weights at step {steps} (fresh optimizer)")
+    pretrained = pretrained_text_encoder(kind, pipe.text_encoder)
+    if pretrained is not None:
+        pipe.text_encoder = recipe.components["text_encoder"] = pretrained
+        recipe.train_text_encoder = False
+        log(f"text encoder: attribute-trained, frozen ({WEIGHTS / kind / 'text_encoder'})")
     transformer, text_encoder = pipe.transformer, pipe.text_encoder
     ema = copy.deepcopy(transformer).requires_grad_(False).eval()
     if saved is not None:
@@ -315,7 +442,7 @@ def export_pipeline(recipe, ema, export: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["image-vae", "image", "video-vae", "video", "judge"])
+    parser.add_argument("stage", choices=["image-vae", "image-text", "image", "video-vae", "video-text", "video", "judge"])
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of this run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -326,6 +453,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     if args.stage.endswith("-vae"):
         train_vae(args.stage.split("-")[0], args.minutes, args.seed, decoder_only=args.decoder_only)
+    elif args.stage.endswith("-text"):
+        train_text_encoder(args.stage.split("-")[0], args.minutes, args.seed)
     elif args.stage in ("image", "video"):
         train_denoiser(args.stage, args.minutes, args.seed)
     elif args.stage == "judge":

@@ -19,6 +19,8 @@ from diffaccel.config import MethodConfig, check_float, check_int, register_conf
 from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
 
+from .calibrators import check_calibrator, make_extrapolator
+
 BLOCK_CACHE_HOOK = "diffaccel.block_cache"
 
 
@@ -34,6 +36,10 @@ class BlockCacheConfig(MethodConfig):
         compute_last_blocks: blocks always computed at the back (Bn); they refine a reused span.
         warmup_steps: first denoising steps of each call that always compute (layout forms there).
         max_consecutive: most reuses in a row before a forced compute; None for no limit.
+        calibrator: None reuses the stored middle residual as it is; "taylorseer" forecasts it from the
+            residuals of the last computed steps (Taylor expansion in the step index), which keeps
+            longer runs of reuse faithful (cache-dit's recommended FnB0 + TaylorSeer).
+        calibrator_order: order of the Taylor expansion, 1 or 2 (TaylorSeer's FLUX preset uses 1).
     """
 
     slot = "cache"
@@ -44,9 +50,12 @@ class BlockCacheConfig(MethodConfig):
     compute_last_blocks: int = 0
     warmup_steps: int = 2
     max_consecutive: int | None = 3
+    calibrator: str | None = None
+    calibrator_order: int = 1
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_calibrator(name, self.calibrator, self.calibrator_order)
         check_float(name, "threshold", self.threshold, minimum=0.0)
         check_int(name, "compute_first_blocks", self.compute_first_blocks, minimum=1)
         check_int(name, "compute_last_blocks", self.compute_last_blocks, minimum=0)
@@ -58,7 +67,7 @@ class BlockCacheConfig(MethodConfig):
 class BlockCacheState:
     """What one CFG branch remembers between forwards of a call."""
 
-    def __init__(self) -> None:
+    def __init__(self, calibrator: str | None = None, order: int = 1) -> None:
         self.span_input: torch.Tensor | None = None  # hidden input of block 0, this forward
         self.reference_residual: torch.Tensor | None = None  # front residual at the last computed step
         self.middle_input: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -67,6 +76,9 @@ class BlockCacheState:
         self.encoder_output_is_none = False
         self.reuse = False
         self.consecutive_reuses = 0
+        # Forecasters of the middle residual (hidden and encoder stream) when a calibrator is on.
+        self.hidden_forecast = make_extrapolator(calibrator, order)
+        self.encoder_forecast = make_extrapolator(calibrator, order)
 
 
 def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
@@ -108,9 +120,16 @@ class BlockCacheHook(ModelHook):
         """Skipped block: pass the streams through; the span's first block adds the cached residual."""
         hidden, encoder = self.block.stream_inputs(args, kwargs)
         if "middle_start" in self.roles:
-            hidden = hidden + state.cached_hidden_residual
+            step = self.runtime.clock.current.step_index
+            residual = state.cached_hidden_residual
+            if state.hidden_forecast is not None:
+                residual = state.hidden_forecast.predict(step)
+            hidden = hidden + residual
             if encoder is not None and state.cached_encoder_residual is not None:
-                encoder = encoder + state.cached_encoder_residual
+                residual = state.cached_encoder_residual
+                if state.encoder_forecast is not None and state.encoder_forecast.factors:
+                    residual = state.encoder_forecast.predict(step)
+                encoder = encoder + residual
         if "middle_end" in self.roles and state.encoder_output_is_none:
             encoder = None
         self.runtime.count_skipped_blocks()
@@ -153,6 +172,14 @@ class BlockCacheHook(ModelHook):
         else:
             state.cached_encoder_residual = None
         state.middle_input = None
+        step = self.runtime.clock.current.step_index
+        if state.hidden_forecast is not None:
+            state.hidden_forecast.update(state.cached_hidden_residual, step)
+        if state.encoder_forecast is not None:
+            if state.cached_encoder_residual is None:
+                state.encoder_forecast.reset()
+            else:
+                state.encoder_forecast.update(state.cached_encoder_residual, step)
 
 
 def block_roles(index: int, num_blocks: int, first: int, last: int) -> set[str]:
@@ -189,7 +216,9 @@ class BlockCacheHandler:
             )
 
     def apply(self, config: BlockCacheConfig, target: AccelTarget, runtime) -> None:
-        states = runtime.new_branch_states(BlockCacheState)
+        states = runtime.new_branch_states(
+            lambda: BlockCacheState(config.calibrator, config.calibrator_order)
+        )
         blocks = target.blocks
         for index, block in enumerate(blocks):
             roles = block_roles(index, len(blocks), config.compute_first_blocks, config.compute_last_blocks)

@@ -29,6 +29,8 @@ from diffaccel.config import MethodConfig, check_float, check_int, register_conf
 from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
 
+from .calibrators import check_calibrator, make_extrapolator
+
 logger = logging.getLogger("diffaccel")
 
 DELTA_DIT_HOOK = "diffaccel.delta_dit"
@@ -52,6 +54,9 @@ class DeltaDiTConfig(MethodConfig):
         boundary_fraction: b as a fraction of the call's steps: steps before ``round(b * steps)`` are the
             outline stage. 0.6 is the paper's b=12 of 20 steps on PixArt-α (as a reviewer quotes it).
             0 caches the front span throughout, 1 the rear span throughout.
+        calibrator: None adds the stored Δ as it is; "taylorseer" forecasts Δ from the Δs of the stage's
+            last full steps (Taylor expansion in the step index).
+        calibrator_order: order of the Taylor expansion, 1 or 2.
     """
 
     slot = "cache"
@@ -60,9 +65,12 @@ class DeltaDiTConfig(MethodConfig):
     cache_interval: int = 2
     cached_blocks: int = 4
     boundary_fraction: float = 0.6
+    calibrator: str | None = None
+    calibrator_order: int = 1
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_calibrator(name, self.calibrator, self.calibrator_order)
         check_int(name, "cache_interval", self.cache_interval, minimum=1)
         check_int(name, "cached_blocks", self.cached_blocks, minimum=1)
         check_float(name, "boundary_fraction", self.boundary_fraction, minimum=0.0, maximum=1.0)
@@ -100,11 +108,14 @@ def span_of(stage: str, num_blocks: int, cached_blocks: int) -> tuple[int, int]:
 class DeltaDiTState:
     """What one CFG branch remembers between forwards of a call."""
 
-    def __init__(self) -> None:
+    def __init__(self, calibrator: str | None = None, order: int = 1) -> None:
         self.stage: str | None = None  # stage whose span the stored Δ belongs to
         self.delta_hidden: torch.Tensor | None = None
         self.delta_encoder: torch.Tensor | None = None
         self.encoder_output_is_none = False  # the span's last block drops the encoder stream (SD3)
+        # Forecasters of Δ (hidden, encoder) within the current stage, when a calibrator is on.
+        self.hidden_forecast = make_extrapolator(calibrator, order)
+        self.encoder_forecast = make_extrapolator(calibrator, order)
         # Set for the forward now running:
         self.plan_stage: str | None = None
         self.plan_full = True
@@ -218,9 +229,14 @@ class DeltaDiTBlockHook(ModelHook):
         hidden, encoder = self.block.stream_inputs(args, kwargs)
         start, end = state.span
         if self.position == start:
-            hidden = hidden + state.delta_hidden
+            step = self.runtime.clock.current.step_index
+            delta = state.delta_hidden if state.hidden_forecast is None else state.hidden_forecast.predict(step)
+            hidden = hidden + delta
             if encoder is not None and state.delta_encoder is not None:
-                encoder = encoder + state.delta_encoder
+                delta = state.delta_encoder
+                if state.encoder_forecast is not None and state.encoder_forecast.factors:
+                    delta = state.encoder_forecast.predict(step)
+                encoder = encoder + delta
         if self.position == end and state.encoder_output_is_none:
             encoder = None
         return self.block.join_output(hidden, encoder)
@@ -236,6 +252,18 @@ class DeltaDiTBlockHook(ModelHook):
             state.delta_encoder = encoder - encoder_in
         else:
             state.delta_encoder = None
+        if state.stage != state.plan_stage:  # a new span: its Δ history starts here
+            for forecast in (state.hidden_forecast, state.encoder_forecast):
+                if forecast is not None:
+                    forecast.reset()
+        step = self.runtime.clock.current.step_index
+        if state.hidden_forecast is not None:
+            state.hidden_forecast.update(state.delta_hidden, step)
+        if state.encoder_forecast is not None:
+            if state.delta_encoder is None:
+                state.encoder_forecast.reset()
+            else:
+                state.encoder_forecast.update(state.delta_encoder, step)
         state.stage = state.plan_stage
         state.span_input = None
 
@@ -257,7 +285,7 @@ class DeltaDiTHandler:
             )
 
     def apply(self, config: DeltaDiTConfig, target: AccelTarget, runtime) -> None:
-        states = runtime.new_branch_states(DeltaDiTState)
+        states = runtime.new_branch_states(lambda: DeltaDiTState(config.calibrator, config.calibrator_order))
         active = _Active()
         blocks = target.blocks
         num_blocks = len(blocks)
