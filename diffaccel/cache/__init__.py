@@ -3,6 +3,7 @@
 from .block_cache import BLOCK_CACHE_HOOK, BlockCacheConfig, BlockCacheState, relative_l1
 from .deep_cache import DEEP_CACHE_HOOK, DeepCacheConfig, DeepCacheState
 from .delta_dit import DELTA_DIT_HOOK, DeltaDiTConfig, DeltaDiTState
+from .teacache import TEACACHE_HOOK, TeaCacheConfig, TeaCacheState, calibrate_teacache
 
 __all__ = [
     "BLOCK_CACHE_HOOK",
@@ -14,5 +15,9 @@ __all__ = [
     "DeepCacheState",
     "DeltaDiTConfig",
     "DeltaDiTState",
+    "TEACACHE_HOOK",
+    "TeaCacheConfig",
+    "TeaCacheState",
+    "calibrate_teacache",
     "relative_l1",
 ]

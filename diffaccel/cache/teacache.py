@@ -1,0 +1,279 @@
+"""TeaCache (Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model",
+arXiv 2411.19108): skip the whole block stack while the first block's timestep-modulated input has
+changed little since the last computed step.
+
+Per forward, before any block runs: the indicator I is block 0's timestep-modulated input (its
+adaptive ``norm1`` applied to the hidden stream with the timestep embedding; for blocks that modulate
+inside their forward, e.g. Wan or PixArt, the timestep embedding itself, as TeaCache does for Wan).
+The relative L1 change of I since the previous forward of the same CFG branch is passed through a
+polynomial fitted per model (``calibrate_teacache``) and accumulated; while the sum stays below
+``threshold`` the blocks are skipped and the block-stack residual (last block output minus first
+block input, per stream) stored at the last computed step is added to the current input. A compute
+resets the sum. The first ``warmup_steps`` steps and the last step always compute.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers.hooks.hooks import ModelHook
+
+from diffaccel.config import MethodConfig, check_float, check_int, register_config
+from diffaccel.pipelines.adapters import BoundBlock
+from diffaccel.registry import AccelTarget, register_method
+
+from .block_cache import relative_l1
+
+TEACACHE_HOOK = "diffaccel.teacache"
+# Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan: temb; PixArt/Sana: timestep).
+TIMESTEP_EMBEDDING_ARGS = ("temb", "timestep_proj", "timestep", "emb", "time_emb")
+
+
+@register_config
+@dataclass(frozen=True)
+class TeaCacheConfig(MethodConfig):
+    """Skip every block while the accumulated, rescaled change of the modulated input stays small.
+
+    Args:
+        threshold: δ; the accumulated rescaled relative-L1 change below which the blocks are skipped.
+            0 never skips. Official values run 0.05-0.6 depending on the model and its polynomial.
+        coefficients: the rescaling polynomial, highest degree first (numpy ``poly1d`` order), fitted
+            per model by ``calibrate_teacache`` / ``diffaccel tune cache --method teacache``; empty uses
+            the raw change (identity).
+        warmup_steps: first steps of each call that always compute (official: 1).
+        force_last_step: the last step always computes (official: yes).
+        max_consecutive: most skips in a row before a forced compute; None for no limit (official).
+    """
+
+    slot = "cache"
+    method = "teacache"
+
+    threshold: float = 0.1
+    coefficients: tuple[float, ...] = ()
+    warmup_steps: int = 1
+    force_last_step: bool = True
+    max_consecutive: int | None = None
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_float(name, "threshold", self.threshold, minimum=0.0)
+        check_int(name, "warmup_steps", self.warmup_steps, minimum=0)
+        if self.max_consecutive is not None:
+            check_int(name, "max_consecutive", self.max_consecutive, minimum=1)
+        if not isinstance(self.force_last_step, bool):
+            raise ValueError(f"{name}.force_last_step must be True or False, got {self.force_last_step!r}.")
+        if not isinstance(self.coefficients, tuple) or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) for c in self.coefficients
+        ):
+            raise ValueError(f"{name}.coefficients must be a tuple of finite numbers, got {self.coefficients!r}.")
+
+
+def rescale(change: float, coefficients: Sequence[float]) -> float:
+    """TeaCache's polynomial map from input change to estimated output change (identity if none)."""
+    return float(np.polyval(coefficients, change)) if len(coefficients) else change
+
+
+def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Block 0's timestep-modulated input, or its timestep embedding where the block modulates inline."""
+    signature = inspect.signature(inspect.unwrap(type(block.module).forward))
+    bound = signature.bind_partial(None, *args, **kwargs).arguments
+    temb = next((bound[n] for n in TIMESTEP_EMBEDDING_ARGS if isinstance(bound.get(n), torch.Tensor)), None)
+    if temb is None:
+        raise ValueError(
+            f"cache='teacache': {type(block.module).__name__} receives no timestep embedding among "
+            f"{list(TIMESTEP_EMBEDDING_ARGS)}; TeaCache needs it for its change indicator."
+        )
+    norm = getattr(block.module, "norm1", None)
+    if norm is not None:
+        params = inspect.signature(norm.forward).parameters
+        emb_name = next((n for n in ("emb", "temb") if n in params), None)
+        if emb_name is not None:
+            hidden, encoder = block.stream_inputs(args, kwargs)
+            extra = {emb_name: temb}
+            if "encoder_hidden_states" in params:
+                extra["encoder_hidden_states"] = encoder
+            out = norm(hidden, **extra)
+            return out[0] if isinstance(out, (tuple, list)) else out
+    return temb
+
+
+class TeaCacheState:
+    """What one CFG branch remembers between forwards of a call."""
+
+    def __init__(self) -> None:
+        self.previous_indicator: torch.Tensor | None = None
+        self.accumulated = 0.0
+        self.skip = False
+        self.consecutive_skips = 0
+        self.stack_input: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.hidden_residual: torch.Tensor | None = None
+        self.encoder_residual: torch.Tensor | None = None
+        self.encoder_output_is_none = False
+        self.last_change: float | None = None  # raw relative change of this forward (calibration reads it)
+
+
+class TeaCacheHook(ModelHook):
+    """On every block: block 0 decides, all replay on a skip, the last one stores the stack residual."""
+
+    _is_stateful = False
+
+    def __init__(self, config: TeaCacheConfig, runtime, states, block: BoundBlock, first: bool, last: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.runtime = runtime
+        self.states = states
+        self.block = block
+        self.first = first
+        self.last = last
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state: TeaCacheState = self.states.get(self.runtime.clock.current.branch)
+        if self.first:
+            self._decide(state, args, kwargs)
+        if state.skip:
+            return self._replay(state, args, kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if self.last:
+            self._store(state, output)
+        return output
+
+    @torch.compiler.disable
+    def _decide(self, state: TeaCacheState, args: tuple, kwargs: dict) -> None:
+        ctx = self.runtime.clock.current
+        config = self.config
+        with torch.no_grad():
+            indicator = modulated_input(self.block, args, kwargs).detach()
+        previous = state.previous_indicator
+        change = None
+        if previous is not None and previous.shape == indicator.shape:
+            change = relative_l1(indicator, previous)
+        state.previous_indicator = indicator
+        state.last_change = change
+        forced = (
+            ctx.step_index < config.warmup_steps
+            or (config.force_last_step and ctx.is_last_step)
+            or change is None
+            or state.hidden_residual is None
+            or (config.max_consecutive is not None and state.consecutive_skips >= config.max_consecutive)
+        )
+        if not forced:
+            state.accumulated += rescale(change, config.coefficients)
+        skip = not forced and state.accumulated < config.threshold
+        state.skip = skip
+        if skip:
+            state.consecutive_skips += 1
+            self.runtime.count("cache_hits")
+        else:
+            state.accumulated = 0.0
+            state.consecutive_skips = 0
+            state.stack_input = self.block.stream_inputs(args, kwargs)
+            self.runtime.count("cache_misses")
+
+    def _replay(self, state: TeaCacheState, args: tuple, kwargs: dict):
+        hidden, encoder = self.block.stream_inputs(args, kwargs)
+        if self.first:
+            hidden = hidden + state.hidden_residual
+            if encoder is not None and state.encoder_residual is not None:
+                encoder = encoder + state.encoder_residual
+        if self.last and state.encoder_output_is_none:
+            encoder = None
+        self.runtime.count_skipped_blocks()
+        return self.block.join_output(hidden, encoder)
+
+    @torch.compiler.disable
+    def _store(self, state: TeaCacheState, output: Any) -> None:
+        hidden, encoder = self.block.split_output(output)
+        hidden_in, encoder_in = state.stack_input
+        state.hidden_residual = hidden - hidden_in
+        state.encoder_output_is_none = encoder is None and encoder_in is not None
+        if encoder is not None and encoder_in is not None and encoder.shape == encoder_in.shape:
+            state.encoder_residual = encoder - encoder_in
+        else:
+            state.encoder_residual = None
+        state.stack_input = None
+
+
+@register_method(TeaCacheConfig)
+class TeaCacheHandler:
+    def validate(self, config: TeaCacheConfig, target: AccelTarget) -> None:
+        if not target.adapter.block_cache:
+            raise ValueError(
+                f"cache='teacache' cannot apply to {target.denoiser_name}: {target.adapter.notes or 'no flat block list'}; "
+                f"for UNets use cache='deep' (DeepCacheConfig)."
+            )
+        first = target.blocks[0].module
+        params = inspect.signature(inspect.unwrap(type(first).forward)).parameters
+        if not any(name in params for name in TIMESTEP_EMBEDDING_ARGS):
+            raise ValueError(
+                f"cache='teacache' cannot apply to {target.denoiser_name}: its first block "
+                f"({type(first).__name__}) takes no timestep embedding among {list(TIMESTEP_EMBEDDING_ARGS)}."
+            )
+
+    def apply(self, config: TeaCacheConfig, target: AccelTarget, runtime) -> None:
+        states = runtime.new_branch_states(TeaCacheState)
+        blocks = target.blocks
+        for index, block in enumerate(blocks):
+            hook = TeaCacheHook(config, runtime, states, block, first=index == 0, last=index == len(blocks) - 1)
+            runtime.register_hook(block.module, hook, TEACACHE_HOOK)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def calibrate_teacache(pipe: Any, runs: Sequence[dict], degree: int = 4) -> tuple[float, ...]:
+    """Fit TeaCache's rescaling polynomial on baseline runs of ``pipe`` (TeaCache issue #2 recipe).
+
+    ``runs`` are keyword arguments of ``pipe(...)`` (prompt, generator, steps, ...). Every step is
+    computed; for consecutive forwards of each CFG branch the indicator's relative-L1 change is paired
+    with the block-stack residual's, and ``np.polyfit(x, y, degree)`` maps one to the other. Returns
+    the coefficients, highest degree first, for ``TeaCacheConfig(coefficients=...)``.
+    """
+    import diffaccel
+
+    xs: list[float] = []
+    ys: list[float] = []
+    previous_residual: dict[str, torch.Tensor] = {}
+    config = TeaCacheConfig(threshold=0.0)  # never skips: a baseline run that computes the indicator
+    diffaccel.accelerate(pipe, cache=config)
+    runtime = diffaccel.api.runtime_of(pipe)
+    blocks = runtime.adapter.find_blocks(runtime.denoiser)
+    states = runtime._states[-1]
+    captured: dict[str, torch.Tensor] = {}
+
+    def first_pre(module, args, kwargs):
+        captured["input"] = blocks[0].stream_inputs(args, kwargs)[0].detach()
+
+    def last_post(module, args, kwargs, output):
+        ctx = runtime.clock.current
+        residual = blocks[-1].split_output(output)[0].detach() - captured.pop("input")
+        change = states.get(ctx.branch).last_change
+        before = previous_residual.get(ctx.branch)
+        if ctx.step_index == 0:
+            before = None
+        if change is not None and before is not None and before.shape == residual.shape:
+            xs.append(change)
+            ys.append(relative_l1(residual, before))
+        previous_residual[ctx.branch] = residual
+
+    handles = [
+        blocks[0].module.register_forward_pre_hook(first_pre, with_kwargs=True),
+        blocks[-1].module.register_forward_hook(last_post, with_kwargs=True),
+    ]
+    try:
+        for kwargs in runs:
+            previous_residual.clear()
+            pipe(**kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        diffaccel.remove(pipe)
+    if len(xs) <= degree:
+        raise ValueError(
+            f"calibrate_teacache collected {len(xs)} step pairs, too few for a degree-{degree} fit; "
+            f"use more runs or steps."
+        )
+    return tuple(float(c) for c in np.polyfit(np.asarray(xs), np.asarray(ys), degree))

@@ -1,0 +1,74 @@
+"""TeaCache: exact skips on the oracle toy, off is bit-identical, every transformer family, calibration."""
+
+import numpy as np
+import pytest
+import torch
+
+import diffaccel
+from diffaccel import AccelConfig, TeaCacheConfig
+from diffaccel.cache.teacache import calibrate_teacache, rescale
+from tiny_pipelines import FAMILIES, build, run
+from toy_models import run_toy, toy_pipe
+
+TRANSFORMER_FAMILIES = [name for name in FAMILIES if name not in ("sd15", "sdxl")]
+
+
+def values(outputs):
+    return [float(o.reshape(-1)[0]) for o in outputs]
+
+
+def test_config_validation_rescale_and_round_trip():
+    with pytest.raises(ValueError, match="threshold"):
+        TeaCacheConfig(threshold=-1.0)
+    with pytest.raises(ValueError, match="coefficients must be a tuple of finite numbers"):
+        TeaCacheConfig(coefficients=(1.0, float("nan")))
+    with pytest.raises(ValueError, match="force_last_step"):
+        TeaCacheConfig(force_last_step="yes")
+    assert rescale(0.3, ()) == 0.3 and rescale(0.5, (2.0, 1.0)) == 2.0
+    config = AccelConfig(cache=TeaCacheConfig(threshold=0.2, coefficients=(1.5, -0.25, 0.01)))
+    assert AccelConfig.from_dict(config.to_dict()) == config
+    assert diffaccel.resolve_config(cache="teacache").cache == TeaCacheConfig()
+
+
+def test_accumulated_change_decides_and_the_stack_residual_is_replayed():
+    # The toy's blocks receive temb = t: changes 100/400, 100/300, 100/200, 100/100 from step to step.
+    pipe = toy_pipe()
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(threshold=0.6))
+    # step 0 computes (warm-up); 1: acc 0.25 skip; 2: acc 0.583 skip; 3: acc 1.08 computes; 4: last, computes.
+    assert values(run_toy(pipe, 5)) == [811, 811, 811, 211, 11]
+    stats = diffaccel.stats(pipe)
+    assert stats["cache_hits"] == 2 and stats["cache_misses"] == 3 and stats["blocks_skipped"] == 2 * 4
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(threshold=0.6, max_consecutive=1))
+    assert values(run_toy(pipe, 5)) == [811, 811, 411, 411, 11]  # forced compute at step 2, acc restarts
+
+
+@pytest.mark.parametrize("name", TRANSFORMER_FAMILIES)
+def test_every_transformer_family_off_is_exact_on_skips_and_remove_restores(name):
+    case = build(name)
+    baseline = run(case, seed=0)
+    diffaccel.accelerate(case.pipe, cache=TeaCacheConfig(threshold=0.0))
+    assert np.array_equal(run(case, seed=0), baseline)
+    assert diffaccel.stats(case.pipe)["blocks_skipped"] == 0
+    diffaccel.accelerate(case.pipe, cache=TeaCacheConfig(threshold=100.0))
+    fast = run(case, seed=0)
+    stats = diffaccel.stats(case.pipe)
+    assert stats["blocks_skipped"] > 0 and np.isfinite(fast).all()
+    diffaccel.remove(case.pipe)
+    assert np.array_equal(run(case, seed=0), baseline)
+
+
+def test_unet_is_a_clear_error():
+    case = build("sd15")
+    with pytest.raises(ValueError, match="cache='teacache' cannot apply to UNet2DConditionModel"):
+        diffaccel.accelerate(case.pipe, cache="teacache")
+
+
+def test_calibration_fits_a_polynomial_on_baseline_runs_and_leaves_the_pipe_clean():
+    case = build("flux")
+    baseline = run(case, seed=0)
+    runs = [dict(case.call_kwargs, num_inference_steps=6, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    coefficients = calibrate_teacache(case.pipe, runs, degree=2)
+    assert len(coefficients) == 3 and np.isfinite(coefficients).all()
+    assert np.array_equal(run(case, seed=0), baseline)
+    with pytest.raises(ValueError, match="too few"):
+        calibrate_teacache(case.pipe, runs[:1], degree=40)
