@@ -8,7 +8,7 @@
 
 from . import cache as _cache  # noqa: F401  (registers the caching methods)
 from .api import accelerate, config_of, remove, resolve_config, stats
-from .cache import BlockCacheConfig, DeepCacheConfig, DeltaDiTConfig
+from .cache import BlockCacheConfig, DeepCacheConfig, DeltaDiTConfig, TeaCacheConfig
 from .config import AccelConfig, MethodConfig, available_methods
 from .presets import PRESETS, preset
 
@@ -21,6 +21,7 @@ __all__ = [
     "DeltaDiTConfig",
     "MethodConfig",
     "PRESETS",
+    "TeaCacheConfig",
     "accelerate",
     "available_methods",
     "config_of",
