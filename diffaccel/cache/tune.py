@@ -1,0 +1,175 @@
+"""Find a cache config for a model that meets a target: PSNR to the uncached output, or a speedup.
+
+Users should not tune thresholds by reading percentiles by hand (a frequent complaint about the
+peers). ``tune_cache`` runs the model on held-out prompts: once uncached (the reference), then a
+search over the method's one speed knob — the block cache's and TeaCache's threshold (bisection),
+Δ-DiT's interval and span (a small grid), the learned schedule's compute budget (re-thresholding the
+trained router) — and returns the fastest setting whose mean PSNR to the reference meets the target,
+or the setting whose share of computed blocks is closest to 1/target speedup. Speed during the
+search is the share of block evaluations (deterministic); wall-clock is for ``diffaccel bench``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .block_cache import BlockCacheConfig
+from .delta_dit import DeltaDiTConfig
+from .learned import schedule_for_budget, train_schedule
+from .teacache import TeaCacheConfig, calibrate_teacache
+
+logger = logging.getLogger("diffaccel")
+
+METHODS = ("block", "teacache", "delta_dit", "learned")
+
+
+@dataclass
+class Trial:
+    config: Any
+    psnr: float
+    compute_fraction: float  # blocks computed / blocks of an uncached run
+
+
+@dataclass
+class TuneResult:
+    config: Any
+    psnr: float
+    compute_fraction: float
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def block_speedup(self) -> float:
+        return 1.0 / max(self.compute_fraction, 1e-9)
+
+
+def _psnr(reference: np.ndarray, sample: np.ndarray) -> float:
+    mse = float(np.mean((reference.astype(np.float64) - sample.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else min(100.0, 10 * np.log10(1.0 / mse))
+
+
+class _Evaluator:
+    """Runs the held-out calls under a config; mean PSNR to the uncached outputs and compute share."""
+
+    def __init__(self, pipe: Any, calls: Sequence[dict]) -> None:
+        import diffaccel
+
+        self.diffaccel = diffaccel
+        self.pipe = pipe
+        self.calls = list(calls)
+        diffaccel.remove(pipe)
+        self.reference = [self._run(call) for call in self.calls]
+        self.trials: list[Trial] = []
+
+    def _run(self, call: dict) -> np.ndarray:
+        kwargs = {k: v for k, v in call.items() if k not in ("seed", "generator", "output_type")}
+        out = self.pipe(generator=torch.Generator("cpu").manual_seed(call.get("seed", 0)), output_type="np", **kwargs)
+        return np.asarray(out.frames if hasattr(out, "frames") else out.images)
+
+    def __call__(self, config: Any) -> Trial:
+        self.diffaccel.accelerate(self.pipe, cache=config)
+        computed = total = 0
+        scores = []
+        try:
+            for call, reference in zip(self.calls, self.reference):
+                scores.append(_psnr(reference, self._run(call)))
+                stats = self.diffaccel.stats(self.pipe)
+                computed += stats["blocks_computed"]
+                total += stats["blocks_computed"] + stats["blocks_skipped"]
+        finally:
+            self.diffaccel.remove(self.pipe)
+        trial = Trial(config, float(np.mean(scores)), computed / max(total, 1))
+        self.trials.append(trial)
+        logger.info("tune: %s -> PSNR %.2f dB, computes %.2f of blocks", config, trial.psnr, trial.compute_fraction)
+        return trial
+
+
+def _pick(trials: Sequence[Trial], target_psnr: float | None, target_speedup: float | None) -> Trial:
+    if target_psnr is not None:
+        meeting = [t for t in trials if t.psnr >= target_psnr]
+        if not meeting:
+            return max(trials, key=lambda t: t.psnr)
+        return min(meeting, key=lambda t: (t.compute_fraction, -t.psnr))
+    goal = 1.0 / target_speedup
+    return min(trials, key=lambda t: (abs(t.compute_fraction - goal), -t.psnr))
+
+
+def _bisect(evaluate: Callable[[float], Trial], low: float, high: float, target_psnr, target_speedup, rounds: int) -> None:
+    """Bisection on a knob where larger is faster and less faithful."""
+    for _ in range(rounds):
+        middle = (low + high) / 2
+        trial = evaluate(middle)
+        if target_psnr is not None:
+            ok = trial.psnr >= target_psnr
+        else:
+            ok = trial.compute_fraction >= 1.0 / target_speedup
+        low, high = (middle, high) if ok else (low, middle)
+
+
+def tune_cache(
+    pipe: Any,
+    calls: Sequence[dict],
+    method: str = "block",
+    *,
+    target_psnr: float | None = None,
+    target_speedup: float | None = None,
+    calibration_calls: Sequence[dict] = (),
+    rounds: int = 6,
+    learned_iterations: int = 40,
+    progress: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Search ``method``'s speed knob on ``calls`` (pipe kwargs with a ``seed`` each) for a target.
+
+    Exactly one of ``target_psnr`` (dB, mean over the calls, vs the uncached outputs) and
+    ``target_speedup`` (x, as 1 / share of computed blocks) must be given. ``calibration_calls`` feed
+    TeaCache's polynomial fit and the learned router's training (default: the tuning calls).
+    """
+    if (target_psnr is None) == (target_speedup is None):
+        raise ValueError("tune_cache needs exactly one of target_psnr and target_speedup.")
+    if target_speedup is not None and target_speedup <= 1.0:
+        raise ValueError(f"target_speedup must be above 1, got {target_speedup}.")
+    if method not in METHODS:
+        raise ValueError(f"tune_cache: unknown method {method!r}; choose from {list(METHODS)}.")
+    if not calls:
+        raise ValueError("tune_cache needs at least one held-out call.")
+    say = progress or (lambda message: None)
+    calibration = list(calibration_calls) or list(calls)
+    evaluate = _Evaluator(pipe, calls)
+
+    if method == "block":
+        for calibrator in (None, "taylorseer"):
+            say(f"block cache, calibrator={calibrator}: bisection on the threshold")
+            _bisect(lambda x, c=calibrator: evaluate(BlockCacheConfig(threshold=x, max_consecutive=None, calibrator=c)),
+                    0.0, 1.0, target_psnr, target_speedup, rounds)
+    elif method == "teacache":
+        say("TeaCache: fitting the rescaling polynomial on the calibration calls")
+        runs = [dict({k: v for k, v in c.items() if k != "seed"}, generator=torch.Generator().manual_seed(c.get("seed", 0)))
+                for c in calibration]
+        coefficients = calibrate_teacache(pipe, runs)
+        say("TeaCache: bisection on the threshold")
+        _bisect(lambda x: evaluate(TeaCacheConfig(threshold=x, coefficients=coefficients)), 0.0, 2.0,
+                target_psnr, target_speedup, rounds)
+    elif method == "delta_dit":
+        denoiser = pipe.transformer
+        from diffaccel.pipelines import adapter_for
+
+        blocks = len(adapter_for(denoiser).find_blocks(denoiser))
+        for interval in (2, 3, 4):
+            for span in sorted({max(1, blocks // 4), max(1, blocks // 3), max(1, blocks // 2)}):
+                say(f"Δ-DiT: interval {interval}, {span} cached blocks")
+                evaluate(DeltaDiTConfig(cache_interval=interval, cached_blocks=span))
+    else:
+        say(f"learned schedule: training the router ({learned_iterations} iterations)")
+        _, router = train_schedule(pipe, calibration, iterations=learned_iterations,
+                                   progress=lambda m: say(f"  router {m}"))
+        label = f"{type(pipe.transformer).__name__}, {calibration[0]['num_inference_steps']} steps"
+        _bisect(lambda x: evaluate(schedule_for_budget(router, 1.0 - x, trained_for=label)), 0.0, 0.95,
+                target_psnr, target_speedup, rounds)
+    best = _pick(evaluate.trials, target_psnr, target_speedup)
+    if target_psnr is not None and best.psnr < target_psnr:
+        logger.warning("tune: no %s setting reached %.1f dB; the most faithful one gives %.2f dB", method, target_psnr, best.psnr)
+    return TuneResult(best.config, best.psnr, best.compute_fraction, evaluate.trials)
