@@ -7,24 +7,30 @@
 """
 
 from . import cache as _cache  # noqa: F401  (registers the caching methods)
+from . import guidance as _guidance  # noqa: F401  (registers the guidance methods)
 from .api import accelerate, config_of, remove, resolve_config, stats
 from .cache import BlockCacheConfig, DeepCacheConfig, DeltaDiTConfig, TeaCacheConfig
 from .config import AccelConfig, MethodConfig, available_methods
+from .guidance import AdaptiveGuidanceConfig, IntervalGuidanceConfig, LinearGuidanceConfig, fit_linear_guidance
 from .presets import PRESETS, preset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccelConfig",
+    "AdaptiveGuidanceConfig",
     "BlockCacheConfig",
     "DeepCacheConfig",
     "DeltaDiTConfig",
+    "IntervalGuidanceConfig",
+    "LinearGuidanceConfig",
     "MethodConfig",
     "PRESETS",
     "TeaCacheConfig",
     "accelerate",
     "available_methods",
     "config_of",
+    "fit_linear_guidance",
     "preset",
     "remove",
     "resolve_config",

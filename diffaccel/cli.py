@@ -119,6 +119,36 @@ def _add_bench(subparsers) -> None:
     p.set_defaults(func=jobs.bench_command)
 
 
+def _add_tune(subparsers) -> None:
+    p = subparsers.add_parser("tune", help="fit a method's parameters on baseline runs of a model")
+    sub = p.add_subparsers(dest="tune_command", metavar="METHOD", required=True)
+    _add_tune_guidance(sub)
+
+
+def _add_tune_guidance(sub) -> None:
+    from diffaccel.guidance.tune import TUNE_SEED, tune_guidance_command
+
+    q = sub.add_parser(
+        "guidance",
+        help="fit LinearAG's coefficients (and pick the AG threshold for a target saving)",
+        description="Records plain CFG runs of the model, fits LinearAG's per-step coefficients by least squares "
+        "and writes an AccelConfig file (use it with --config). Default prompts: the reference scenes from a "
+        "stream the evaluation sets do not use.",
+    )
+    _model_options(q, generating=False)
+    q.set_defaults(seed=TUNE_SEED)
+    q.add_argument("--video", action="store_true", help="use the embedded reference video model")
+    q.add_argument("--mode", choices=["linear", "ag"], default="linear",
+                   help="linear: fit coefficients (default); ag: only pick the threshold (needs --target-saving)")
+    q.add_argument("--target-saving", type=float, default=None,
+                   help="fraction of denoiser evaluations to save, e.g. 0.3: picks the highest threshold that does")
+    q.add_argument("--threshold", type=float, default=None, help="the threshold to keep (without --target-saving)")
+    q.add_argument("--min-steps", type=int, default=None)
+    q.add_argument("--refresh-every", type=int, default=None)
+    q.add_argument("--out", required=True, help="the AccelConfig file to write (.json / .yaml)")
+    q.set_defaults(func=tune_guidance_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffaccel",
@@ -131,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_eval(subparsers)
     _add_bench(subparsers)
+    _add_tune(subparsers)
     return parser
 
 

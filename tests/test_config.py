@@ -24,8 +24,8 @@ def test_unknown_preset_lists_the_presets():
 def test_unknown_method_name_lists_the_methods():
     with pytest.raises(ValueError, match=r"Unknown cache method 'magic'.*'block'"):
         diffaccel.resolve_config(cache="magic")
-    with pytest.raises(ValueError, match=r"Unknown guidance method 'adaptive'"):
-        diffaccel.resolve_config(guidance="adaptive")
+    with pytest.raises(ValueError, match=r"Unknown guidance method 'magic'. Available guidance methods: 'adaptive', 'interval', 'linear'"):
+        diffaccel.resolve_config(guidance="magic")
     assert "block" in available_methods("cache")
 
 

@@ -13,6 +13,7 @@ It owns the step clock, the per-branch method states and the statistics, and it 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import weakref
@@ -245,7 +246,17 @@ class Runtime:
 
         batch_size = hidden.shape[0]
         grid = latent_grid(hidden, self.adapter.latent_layout)
-        signature = (grid, batch_size)
+        self._check_signature(branch, (grid, batch_size))
+
+        for stats in (self.call_stats, self.total_stats):
+            stats.denoiser_forwards += 1
+            stats.denoiser_calls_by_branch.update(branches)
+        return self.clock.make_context(
+            timestep=timestep_value, branch=branch, branches_in_batch=branches, grid=grid, batch_size=batch_size
+        )
+
+    def _check_signature(self, branch: str, signature: tuple) -> None:
+        """A change of grid or batch inside a call drops that branch's state."""
         previous = self._signatures.get(branch)
         if previous is not None and previous != signature:
             logger.info(
@@ -259,12 +270,41 @@ class Runtime:
             self.total_stats.state_resets += 1
         self._signatures[branch] = signature
 
+    @torch.compiler.disable
+    def narrow_forward(self, branches: tuple[str, ...]) -> StepContext:
+        """A method changed which CFG branches the forward now running evaluates.
+
+        Adaptive guidance calls it when it skips the unconditional branch: with ``()`` when it returns
+        without running the denoiser (a skipped per-branch call), with ``("cond",)`` when only the
+        conditional half of a doubled batch runs. The statistics then count what really ran, and the
+        context handed to the hooks below describes that forward (its branch key and batch size), so the
+        state of a branch that is not evaluated is never touched. Returns the (new) current context.
+        """
+        ctx = self.clock.current
+        if ctx is None:
+            raise RuntimeError("narrow_forward() is only valid inside a denoiser forward.")
         for stats in (self.call_stats, self.total_stats):
-            stats.denoiser_forwards += 1
-            stats.denoiser_calls_by_branch.update(branches)
-        return self.clock.make_context(
-            timestep=timestep_value, branch=branch, branches_in_batch=branches, grid=grid, batch_size=batch_size
+            counted = stats.denoiser_calls_by_branch
+            counted.subtract(ctx.branches_in_batch)
+            counted.update(branches)
+            for name in [name for name, count in counted.items() if count <= 0]:
+                del counted[name]
+            if not branches:
+                stats.denoiser_forwards -= 1
+        if not branches:
+            return ctx
+        if len(branches) == 1:
+            branch = branches[0]
+        elif set(branches) == {COND, UNCOND}:
+            branch = COND_UNCOND
+        else:
+            raise ValueError(f"narrow_forward: unsupported branches {branches!r}.")
+        batch_size = ctx.batch_size // len(ctx.branches_in_batch) * len(branches)
+        self._check_signature(branch, (ctx.grid, batch_size))
+        self.clock.current = dataclasses.replace(
+            ctx, branch=branch, branches_in_batch=tuple(branches), batch_size=batch_size
         )
+        return self.clock.current
 
     def _is_doubled_cfg_batch(self, hidden: torch.Tensor) -> bool:
         """A CFG batch is ``cat([latents] * 2)``: an even batch whose halves are identical."""

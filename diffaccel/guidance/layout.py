@@ -1,0 +1,77 @@
+"""The two CFG layouts seen from the denoiser: halves of a doubled batch, and output structures.
+
+A pipeline that runs CFG as one doubled batch calls the denoiser with ``cat([uncond, cond])`` in every
+batch-shaped argument (diffusers puts the unconditional half first). Running only the conditional half
+means slicing every such argument; the prediction is then put back into a doubled output so the
+pipeline's own CFG formula runs unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.utils import BaseOutput
+
+# Forward arguments that are never batch-shaped, even when their first dimension happens to equal the
+# doubled batch size: rotary tables and position ids are (tokens, ...), image shapes are a list per sample
+# of the *unbatched* grid.
+NOT_BATCHED = frozenset(
+    {"image_rotary_emb", "rotary_emb", "img_ids", "txt_ids", "img_shapes", "rope_interpolation_scale"}
+)
+
+
+def cond_half(value: Any, full: int, name: str | None = None) -> Any:
+    """``value`` with every tensor whose first dimension is the doubled batch ``full`` cut to its second
+    (conditional) half; dicts, lists and tuples are walked, everything else is returned as is."""
+    if name in NOT_BATCHED:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 1 and value.shape[0] == full:
+            return value[full // 2 :]
+        return value
+    if isinstance(value, dict):
+        return type(value)((key, cond_half(item, full, key)) for key, item in value.items())
+    if isinstance(value, (list, tuple)) and not _is_namedtuple(value):
+        return type(value)(cond_half(item, full) for item in value)
+    return value
+
+
+def cond_half_arguments(args: tuple, kwargs: dict, full: int, names: list[str]) -> tuple[tuple, dict]:
+    """All forward arguments cut to the conditional half; ``names`` are the positional parameter names."""
+    sliced_args = tuple(
+        cond_half(value, full, names[i] if i < len(names) else None) for i, value in enumerate(args)
+    )
+    sliced_kwargs = {key: cond_half(value, full, key) for key, value in kwargs.items()}
+    return sliced_args, sliced_kwargs
+
+
+def _is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def prediction_of(output: Any) -> torch.Tensor:
+    """The prediction tensor in what a denoiser returned: the tensor itself, the first element of a tuple,
+    or the first field of a ``BaseOutput`` (``Transformer2DModelOutput.sample``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, BaseOutput):
+        return output[0]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(
+        f"diffaccel guidance: cannot find the prediction in a denoiser output of type {type(output).__name__}; "
+        f"expected a tensor, a tuple starting with one, or a diffusers BaseOutput."
+    )
+
+
+def with_prediction(output: Any, prediction: torch.Tensor) -> Any:
+    """The same structure as ``output`` with its prediction replaced (other fields kept)."""
+    if isinstance(output, torch.Tensor):
+        return prediction
+    if isinstance(output, BaseOutput):
+        keys = list(output.keys())
+        return type(output)(**{key: (prediction if i == 0 else output[key]) for i, key in enumerate(keys)})
+    if isinstance(output, (tuple, list)):
+        return type(output)([prediction, *output[1:]])
+    raise ValueError(f"diffaccel guidance: cannot rebuild a denoiser output of type {type(output).__name__}.")
