@@ -183,22 +183,31 @@ class TextProbe(torch.nn.Module):
 
 
 def text_features(kind: str, pipe, captions: list[str], rng: np.random.Generator) -> torch.Tensor:
-    """The embeddings the pipeline feeds the denoiser, reduced to what the probe reads.
+    """The embeddings the pipeline feeds the denoiser, every position, flattened: (positions, dim).
 
-    Image (CogView4, causal GLM, left padding, no attention mask): the last position, after a random
-    number of extra left pads, so the encoding does not depend on how long the batch was padded.
-    Video (Wan, bidirectional UMT5 with a mask): every real token, so each one carries the whole scene.
+    Each position is trained to carry the whole scene, so whichever text token a denoiser's attention
+    finds, it reads every attribute. Image (CogView4: left padding, no attention mask, reads
+    ``hidden_states[-2]``): all positions, pads included, after a random number of extra left pads so
+    the encoding does not depend on how long the batch was padded. Video (Wan: a mask, the last
+    hidden state, pads zeroed): the real tokens.
     """
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
     if kind == "image":
         ids = tokenizer(captions, padding="longest", return_tensors="pt").input_ids
         extra = int(rng.integers(0, 33))
         ids = torch.cat([torch.full((ids.shape[0], extra), tokenizer.pad_token_id), ids], dim=1)
-        return encoder(ids, output_hidden_states=True).hidden_states[-2][:, -1]
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]
+        return hidden.flatten(0, 1)
     batch = tokenizer(captions, padding="longest", return_tensors="pt")
     hidden = encoder(batch.input_ids, batch.attention_mask).last_hidden_state
-    mask = batch.attention_mask.bool()
-    return hidden[mask]  # (total real tokens, dim); targets are repeated per token
+    return hidden[batch.attention_mask.bool()]
+
+
+def positions_per_caption(kind: str, pipe, captions: list[str], features: torch.Tensor) -> torch.Tensor:
+    """How many feature rows each caption contributed (to repeat its targets)."""
+    if kind == "image":
+        return torch.full((len(captions),), features.shape[0] // len(captions))
+    return pipe.tokenizer(captions, padding="longest", return_tensors="pt").attention_mask.sum(1)
 
 
 def train_text_encoder(kind: str, minutes: float, seed: int, batch_size: int = 256) -> None:
@@ -206,8 +215,14 @@ def train_text_encoder(kind: str, minutes: float, seed: int, batch_size: int = 2
 
     components = build.image_components(seed) if kind == "image" else build.video_components(seed)
     pipe = (build.image_pipeline if kind == "image" else build.video_pipeline)(components)
+    out = WEIGHTS / kind / "text_encoder"
+    state = read_state(out)
+    resumed = pretrained_text_encoder(kind, pipe.text_encoder)
+    if resumed is not None:
+        pipe.text_encoder = resumed
+        log(f"resuming the {kind} text encoder after {state['steps']} steps (fresh probe and optimizer)")
     encoder = pipe.text_encoder.train()
-    dim = encoder.config.hidden_size if kind == "image" else encoder.config.d_model
+    dim = encoder.config.d_model
     probe = TextProbe(kind, dim)
     targets_of = judge.image_targets if kind == "image" else judge.clip_targets
     optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(probe.parameters()), lr=1e-3)
@@ -217,24 +232,23 @@ def train_text_encoder(kind: str, minutes: float, seed: int, batch_size: int = 2
     def batch(n: int):
         picked = [scenes.sample_scene(rng, clip=kind == "video") for _ in range(n)]
         captions = [scenes.caption(s) for s in picked]
-        targets = targets_of(picked)
-        if kind == "video":
-            lengths = pipe.tokenizer(captions, padding="longest", return_tensors="pt").attention_mask.sum(1)
-            targets = {k: v.repeat_interleave(lengths, dim=0) for k, v in targets.items()}
-        return captions, targets
+        features = text_features(kind, pipe, captions, rng)
+        repeats = positions_per_caption(kind, pipe, captions, features)
+        targets = {k: v.repeat_interleave(repeats, dim=0) for k, v in targets_of(picked).items()}
+        return features, targets
 
     def accuracy() -> float:
         encoder.eval()
         with torch.no_grad():
-            captions, targets = batch(512)
-            logits = probe(text_features(kind, pipe, captions, rng))
+            features, targets = batch(512)
+            logits = probe(features)
             right = [(logits[k].argmax(-1) == t)[t != -100].float() for k, t in targets.items()]
         encoder.train()
         return float(torch.cat([r.flatten() for r in right]).mean())
 
     while time.time() - start < minutes * 60:
-        captions, targets = batch(batch_size)
-        loss = judge.judge_loss(probe, probe(text_features(kind, pipe, captions, rng)), targets)
+        features, targets = batch(batch_size)
+        loss = judge.judge_loss(probe, probe(features), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -245,10 +259,11 @@ def train_text_encoder(kind: str, minutes: float, seed: int, batch_size: int = 2
                 break
     encoder.eval()
     held_out = accuracy()
-    out = WEIGHTS / kind / "text_encoder"
     encoder.to(torch.float16).save_pretrained(out)
+    steps += state.get("steps", 0) if resumed is not None else 0
+    minutes_spent = (time.time() - start) / 60 + (state.get("minutes", 0.0) if resumed is not None else 0.0)
     write_state(out, {"objective": TEXT_OBJECTIVE, "steps": steps, "seed": seed, "frozen_in_denoiser": True,
-                      "attribute_accuracy": round(held_out, 4), "minutes": round((time.time() - start) / 60, 1)})
+                      "attribute_accuracy": round(held_out, 4), "minutes": round(minutes_spent, 1)})
     log(f"{kind} text encoder saved: {steps} steps, attribute accuracy {held_out:.4f}")
 
 
@@ -350,18 +365,20 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = 32) -
     checkpoint = work / "checkpoint.pt"
     shipped = read_state(export / "transformer")
     steps, trained_minutes, saved = 0, 0.0, None
+    pretrained = pretrained_text_encoder(kind, pipe.text_encoder)
     if checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False)
         pipe.transformer.load_state_dict(saved["transformer"])
-        pipe.text_encoder.load_state_dict(saved["text_encoder"])
+        if pretrained is None:
+            pipe.text_encoder.load_state_dict(saved["text_encoder"])
         steps, trained_minutes = saved["steps"], saved["minutes"]
         log(f"resuming from {checkpoint} at step {steps}")
     elif shipped:
         pipe.transformer.load_state_dict(type(pipe.transformer).from_pretrained(export / "transformer").float().state_dict())
-        pipe.text_encoder.load_state_dict(type(pipe.text_encoder).from_pretrained(export / "text_encoder").float().state_dict())
+        if pretrained is None:
+            pipe.text_encoder.load_state_dict(type(pipe.text_encoder).from_pretrained(export / "text_encoder").float().state_dict())
         steps, trained_minutes = shipped["steps"], shipped["minutes"]
         log(f"resuming from the shipped weights at step {steps} (fresh optimizer)")
-    pretrained = pretrained_text_encoder(kind, pipe.text_encoder)
     if pretrained is not None:
         pipe.text_encoder = recipe.components["text_encoder"] = pretrained
         recipe.train_text_encoder = False

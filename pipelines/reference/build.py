@@ -1,8 +1,9 @@
 """Untrained components of the reference pipelines: ordinary diffusers classes at a small size.
 
 Image: ``CogView4Pipeline`` — flow matching, CFG on by default (separate cond/uncond calls), a
-12-block joint-attention transformer, a 4x AutoencoderKL, a tiny GLM text encoder and a word-level
-tokenizer over the caption vocabulary. Video: ``WanPipeline`` — flow matching, CFG by default,
+12-block joint-attention transformer, a 4x AutoencoderKL, a tiny bidirectional UMT5 text encoder (in
+place of GLM: any encoder returning ``hidden_states`` serves the pipeline) and a word-level tokenizer
+over the caption vocabulary. Video: ``WanPipeline`` — flow matching, CFG by default,
 12 blocks, a small ``AutoencoderKLWan``, a tiny UMT5 encoder. ``scripts/train_reference.py``
 trains them; ``reference.load`` loads the trained copies shipped in ``weights/``.
 """
@@ -41,26 +42,31 @@ def make_tokenizer(padding_side: str = "left"):
     )
 
 
+def small_umt5(vocab_size: int, pad_token_id: int, seed: int):
+    """A tiny bidirectional UMT5 encoder (both pipelines; CogView4 reads ``hidden_states[-2]``, Wan the last)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=vocab_size,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=3,
+            num_heads=4,
+            relative_attention_num_buckets=16,
+            pad_token_id=pad_token_id,
+        )
+    )
+
+
 def image_components(seed: int = 0) -> dict:
     """Components of the reference text-to-image pipeline, randomly initialised."""
     from diffusers import AutoencoderKL, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
-    from transformers import GlmConfig, GlmModel
 
     tokenizer = make_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = GlmModel(
-        GlmConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            head_dim=16,
-            max_position_embeddings=128,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = small_umt5(len(tokenizer), tokenizer.pad_token_id, seed)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
         in_channels=3,
@@ -117,22 +123,9 @@ VIDEO_LATENT_CHANNELS = 8
 def video_components(seed: int = 0) -> dict:
     """Components of the reference text-to-video pipeline (Wan family), randomly initialised."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = make_tokenizer(padding_side="right")
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=3,
-            num_heads=4,
-            relative_attention_num_buckets=16,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = small_umt5(len(tokenizer), tokenizer.pad_token_id, seed)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLWan(
         base_dim=24,
