@@ -123,6 +123,28 @@ def _add_tune(subparsers) -> None:
     p = subparsers.add_parser("tune", help="fit a method's parameters on baseline runs of a model")
     sub = p.add_subparsers(dest="tune_command", metavar="METHOD", required=True)
     _add_tune_guidance(sub)
+    _add_tune_cache(sub)
+
+
+def _add_tune_cache(sub) -> None:
+    from diffaccel.cache.tune import METHODS, tune_cache_command
+    from diffaccel.guidance.tune import TUNE_SEED
+
+    q = sub.add_parser(
+        "cache",
+        help="find the fastest cache setting that meets a PSNR target (or the most faithful at a speedup)",
+        description="Runs the model uncached and cached on held-out prompts (the reference scenes from a stream "
+        "the evaluation sets do not use, unless --prompts/--prompt-set), searches the method's speed knob and "
+        "writes an AccelConfig file (use it with --config). --method auto tries every method.",
+    )
+    _model_options(q, generating=False)
+    q.set_defaults(seed=TUNE_SEED)
+    q.add_argument("--video", action="store_true", help="use the embedded reference video model")
+    q.add_argument("--method", choices=[*METHODS, "auto"], default="auto")
+    q.add_argument("--target-psnr", type=float, default=None, help="dB vs the uncached output, mean over prompts")
+    q.add_argument("--target-speedup", type=float, default=None, help="x, as fewer block evaluations")
+    q.add_argument("--out", required=True, help="the AccelConfig file to write (.json / .yaml)")
+    q.set_defaults(func=tune_cache_command)
 
 
 def _add_tune_guidance(sub) -> None:

@@ -82,3 +82,16 @@ def test_tune_cache_meets_a_psnr_target_and_a_speedup_target_on_held_out_calls()
         tune_cache(case.pipe, calls, "block")
     with pytest.raises(ValueError, match="unknown method"):
         tune_cache(case.pipe, calls, "magic", target_psnr=30)
+
+
+def test_tune_cache_cli_writes_a_loadable_config_that_meets_the_target(tmp_path, capsys):
+    from diffaccel.cli import main
+
+    out = tmp_path / "cache.json"
+    assert main(["tune", "cache", "--method", "block", "--num", "1", "--steps", "6", "--target-psnr", "30",
+                 "--out", str(out)]) == 0
+    config = AccelConfig.from_file(out)
+    assert config.cache is not None and config.cache.method == "block"
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "PSNR" in printed
+    assert main(["tune", "cache", "--num", "1", "--steps", "3", "--out", str(tmp_path / "x.json")]) == 2

@@ -173,3 +173,51 @@ def tune_cache(
     if target_psnr is not None and best.psnr < target_psnr:
         logger.warning("tune: no %s setting reached %.1f dB; the most faithful one gives %.2f dB", method, target_psnr, best.psnr)
     return TuneResult(best.config, best.psnr, best.compute_fraction, evaluate.trials)
+
+
+def tune_cache_command(args) -> int:
+    """``diffaccel tune cache``: search on held-out prompts, write an AccelConfig file with the result."""
+    import json
+    from pathlib import Path
+
+    from diffaccel.config import AccelConfig
+    from diffaccel.guidance.tune import TUNE_PROMPT_SEED
+    from diffaccel.loading import load_model, read_prompts
+    from diffaccel.pipelines.reference import scenes
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"--out {args.out!r}: use a .json, .yaml or .yml file name.")
+    if (args.target_psnr is None) == (args.target_speedup is None):
+        raise ValueError("diffaccel tune cache needs exactly one of --target-psnr and --target-speedup.")
+    loaded = load_model(args.model, args.device, args.dtype, video=args.video)
+    num = args.num or 4
+    if args.prompts or args.prompt_set:
+        prompts = read_prompts(args.prompts, args.prompt_set, 2 * num)
+    else:  # reference scenes from a stream the evaluation sets do not use
+        prompts = scenes.prompt_set(2 * num, seed=TUNE_PROMPT_SEED, clip=loaded.is_video)
+    kwargs = dict(loaded.defaults)
+    for name, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)):
+        if value is not None:
+            kwargs[name] = value
+    calls = [dict(kwargs, prompt=p, seed=args.seed + i) for i, p in enumerate(prompts)]
+    methods = list(METHODS) if args.method == "auto" else [args.method]
+    results = {}
+    for method in methods:
+        print(f"tuning {method} ...", flush=True)
+        results[method] = tune_cache(
+            loaded.pipe, calls[:num], method, target_psnr=args.target_psnr, target_speedup=args.target_speedup,
+            calibration_calls=calls[num:], progress=lambda message: print(f"  {message}", flush=True),
+        )
+    if args.target_psnr is not None:
+        meeting = {m: r for m, r in results.items() if r.psnr >= args.target_psnr} or results
+        method, best = min(meeting.items(), key=lambda item: item[1].compute_fraction)
+    else:
+        method, best = max(results.items(), key=lambda item: item[1].psnr)
+    AccelConfig(cache=best.config).to_file(out)
+    report = {m: {"config": r.config.to_dict(), "psnr": round(r.psnr, 2), "compute_fraction": round(r.compute_fraction, 3)}
+              for m, r in results.items()}
+    print(json.dumps({"model": loaded.name, "call": kwargs, "held_out_prompts": num, "results": report}, indent=2))
+    print(f"wrote {out}: cache={method!r}, PSNR {best.psnr:.2f} dB on the held-out prompts, "
+          f"computes {best.compute_fraction:.2f} of blocks (~{best.block_speedup:.2f}x fewer block evaluations)")
+    return 0
