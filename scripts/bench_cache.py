@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import diffaccel  # noqa: E402
 from diffaccel import BlockCacheConfig, DeltaDiTConfig, TeaCacheConfig  # noqa: E402
+from diffaccel.cache.learned import schedule_for_budget, train_schedule  # noqa: E402
 from diffaccel.cache.teacache import calibrate_teacache  # noqa: E402
 from diffaccel.eval import metrics  # noqa: E402
 from diffaccel.eval.bench import hardware  # noqa: E402
@@ -106,7 +107,7 @@ def feed_forward_modules(pipe) -> list[torch.nn.Module]:
     return modules
 
 
-def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...]) -> list[Row]:
+def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], router=None) -> list[Row]:
     from diffusers import (
         FasterCacheConfig,
         FirstBlockCacheConfig,
@@ -131,6 +132,9 @@ def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...]) ->
         ))
     for threshold in (0.1, 0.2, 0.4):
         rows.append(ours(f"ours TeaCache δ{threshold}", TeaCacheConfig(threshold=threshold, coefficients=teacache_coefficients)))
+    if router is not None:
+        for budget in (0.7, 0.55, 0.4):
+            rows.append(ours(f"ours learned {budget:.0%} blocks", schedule_for_budget(router, budget)))
     rows += [
         diffusers_cache("diffusers FBCache 0.05", lambda: FirstBlockCacheConfig(threshold=0.05)),
         diffusers_cache("diffusers FBCache 0.1", lambda: FirstBlockCacheConfig(threshold=0.1)),
@@ -182,7 +186,14 @@ def run(args) -> dict:
     print(f"TeaCache polynomial fitted on {len(held_out)} held-out prompts in {time.perf_counter() - start:.0f} s: "
           f"{[round(c, 4) for c in coefficients]}", flush=True)
 
-    rows = rows_for(kind, steps, coefficients)
+    router = None
+    if args.learned_iterations:
+        start = time.perf_counter()
+        calls = [dict(prompt=p, seed=1000 + i, **call_kwargs) for i, p in enumerate(held_out)]
+        _, router = train_schedule(pipe, calls, iterations=args.learned_iterations)
+        print(f"learned router trained on {len(held_out)} held-out prompts, {args.learned_iterations} iterations, "
+              f"in {time.perf_counter() - start:.0f} s", flush=True)
+    rows = rows_for(kind, steps, coefficients, router)
     if args.only:
         rows = [r for r in rows if r.source == "baseline" or any(key in r.name for key in args.only)]
     counter = {"n": 0}
@@ -267,6 +278,8 @@ def write(result: dict, args) -> Path:
             f"| {row.name} | {row.source} | {q['speedup']:.2f}x | {q['blocks']:.2f} | {psnr_cap(q['psnr']):.1f} | "
             f"{q['ssim']:.3f} | {q['judge_dist']:.3f} | {q['adherence']:.3f} |"
         )
+    lines += ["", "Learned rows: one HarmoniCa-style router trained on the 3 held-out prompts "
+              f"({args.learned_iterations} iterations), re-thresholded to each compute budget."]
     lines += ["", f"TeaCache polynomial (fitted on 3 held-out prompts): {[round(c, 4) for c in result['coefficients']]}",
               "", f"![speed vs quality]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
@@ -302,6 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="keep only rows whose name contains one of these")
+    parser.add_argument("--learned-iterations", type=int, default=30, help="router training for the learned rows; 0 skips")
     args = parser.parse_args(argv)
     result = run(args)
     path = write(result, args)
