@@ -8,11 +8,13 @@
 
 from . import cache as _cache  # noqa: F401  (registers the caching methods)
 from . import guidance as _guidance  # noqa: F401  (registers the guidance methods)
+from . import sampling as _sampling  # noqa: F401  (registers the sampling methods)
 from .api import accelerate, config_of, remove, resolve_config, stats
-from .cache import BlockCacheConfig, DeepCacheConfig, DeltaDiTConfig, TeaCacheConfig
+from .cache import BlockCacheConfig, DeepCacheConfig, DeltaDiTConfig, LearnedCacheConfig, TeaCacheConfig
 from .config import AccelConfig, MethodConfig, available_methods
 from .guidance import AdaptiveGuidanceConfig, IntervalGuidanceConfig, LinearGuidanceConfig, fit_linear_guidance
 from .presets import PRESETS, preset
+from .sampling import BottleneckConfig
 
 __version__ = "0.1.0"
 
@@ -20,9 +22,11 @@ __all__ = [
     "AccelConfig",
     "AdaptiveGuidanceConfig",
     "BlockCacheConfig",
+    "BottleneckConfig",
     "DeepCacheConfig",
     "DeltaDiTConfig",
     "IntervalGuidanceConfig",
+    "LearnedCacheConfig",
     "LinearGuidanceConfig",
     "MethodConfig",
     "PRESETS",

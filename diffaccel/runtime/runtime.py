@@ -105,6 +105,7 @@ class Runtime:
         self._cleanups: list[Callable[[], None]] = []
         self._scheduler = None
         self._scheduler_originals: dict[str, Any] = {}
+        self._scheduler_own: dict[str, Any] = {}
         self._hidden_position = argument_position(denoiser, adapter.hidden_arg)
         self._timestep_position = argument_position(denoiser, adapter.timestep_arg)
 
@@ -159,6 +160,8 @@ class Runtime:
         if scheduler is None:
             return
         originals = {"set_timesteps": scheduler.set_timesteps, "step": scheduler.step}
+        # Instance attributes someone set before us (a user's own wrapper) come back on remove.
+        self._scheduler_own = {name: vars(scheduler)[name] for name in originals if name in vars(scheduler)}
 
         def set_timesteps(*args, **kwargs):
             result = originals["set_timesteps"](*args, **kwargs)
@@ -183,8 +186,11 @@ class Runtime:
             for name in self._scheduler_originals:
                 if name in vars(scheduler):
                     delattr(scheduler, name)
+                if name in self._scheduler_own:
+                    setattr(scheduler, name, self._scheduler_own[name])
         self._scheduler = None
         self._scheduler_originals = {}
+        self._scheduler_own = {}
 
     def _follow_scheduler(self) -> None:
         """The user may swap ``pipe.scheduler`` after accelerate(): tap the new one."""

@@ -1,0 +1,314 @@
+"""Bottleneck sampling (Tian, Xia et al., "Training-free Diffusion Acceleration with Bottleneck
+Sampling", arXiv 2503.18940): high -> low -> high resolution across the denoising steps.
+
+A call runs in stages, each one call of the underlying diffusers pipeline (prompts encoded once and
+passed as ``prompt_embeds``; ``output_type="latent"`` until the last stage): the first at full size
+(layout), the middle at a lower size (cheap: a quarter of the tokens at scale 0.5), the last at full
+size again (detail). Each stage denoises down to sigma 0, so it ends on a clean latent estimate; at a
+transition that estimate is resized in latent space (bicubic; the paper's Lanczos is not in torch and
+third-party ablations find the difference small) and re-noised along the flow, ``x = (1-s)·x0 + s·ε``,
+to the next stage's start level ``s`` (its strength). Each stage's schedule is the scheduler's own for
+that stage's size (so dynamic shifting is recomputed per resolution): an unshifted ramp from the level
+whose shifted value is ``s`` down to the stage's last step, shifted by the scheduler as usual.
+
+Caches and guidance keep working inside stages and reset at each transition: every stage is a new
+pipeline call to the step runtime. Supported: flow-matching pipelines (``FlowMatchEulerDiscreteScheduler``)
+whose latents are unpacked images or videos (CogView4, SD3, Sana, Wan, HunyuanVideo, the reference
+models); packed-token latents (Flux, Qwen-Image, LTX) and other schedulers are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from diffaccel.config import MethodConfig, check_choice, register_config
+from diffaccel.registry import AccelTarget, register_method
+
+logger = logging.getLogger("diffaccel")
+
+# Steps per stage follow RALU's re-run of the paper's settings (SD3: 6/18/7 of 31, FLUX: 4/12/5 of 21),
+# rescaled to the call's step count; strengths are the third-party port's 1.0/0.8/0.6.
+DEFAULT_SCALES = (1.0, 0.5, 1.0)
+DEFAULT_FRACTIONS = (0.2, 0.55, 0.25)
+DEFAULT_STRENGTHS = (1.0, 0.8, 0.6)
+
+
+@register_config
+@dataclass(frozen=True)
+class BottleneckConfig(MethodConfig):
+    """Stages of (spatial scale, share of the steps, start noise level).
+
+    Args:
+        scales: spatial scale of each stage (1 = the requested size); the first and last must be 1.
+        step_fractions: share of the call's ``num_inference_steps`` each stage runs (sum 1; each stage
+            gets at least one step).
+        strengths: noise level each stage starts from; the first must be 1 (pure noise).
+        resample: latent resampling at transitions, "bicubic" (default), "bilinear" or "nearest".
+    """
+
+    slot = "sampling"
+    method = "bottleneck"
+
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    step_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
+    resample: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        lengths = {len(self.scales), len(self.step_fractions), len(self.strengths)}
+        if len(lengths) != 1 or len(self.scales) < 2:
+            raise ValueError(f"{name}: scales, step_fractions and strengths need one entry per stage (at least 2), "
+                             f"got {len(self.scales)}, {len(self.step_fractions)}, {len(self.strengths)}.")
+        if any(not 0.0 < s <= 1.0 for s in self.scales) or self.scales[0] != 1.0 or self.scales[-1] != 1.0:
+            raise ValueError(f"{name}.scales must lie in (0, 1] and start and end at 1.0, got {self.scales}.")
+        if any(f <= 0 for f in self.step_fractions) or not math.isclose(sum(self.step_fractions), 1.0, abs_tol=1e-6):
+            raise ValueError(f"{name}.step_fractions must be positive and sum to 1, got {self.step_fractions}.")
+        if self.strengths[0] != 1.0 or any(not 0.0 < s <= 1.0 for s in self.strengths):
+            raise ValueError(f"{name}.strengths must lie in (0, 1] and start at 1.0, got {self.strengths}.")
+        check_choice(name, "resample", self.resample, ("bicubic", "bilinear", "nearest"))
+
+
+# ------------------------------------------------------------------------------------------ maths
+
+
+def stage_steps(fractions: tuple[float, ...], num_steps: int) -> list[int]:
+    """Steps per stage: the fractions of ``num_steps``, rounded, at least one each, summing to it."""
+    if num_steps < len(fractions):
+        raise ValueError(f"bottleneck sampling needs at least {len(fractions)} steps (one per stage), got {num_steps}.")
+    steps = [max(1, round(f * num_steps)) for f in fractions]
+    while sum(steps) > num_steps:
+        steps[steps.index(max(steps))] -= 1
+    while sum(steps) < num_steps:
+        steps[fractions.index(max(fractions))] += 1
+    return steps
+
+
+def unshift(level: float, scheduler, mu: float | None) -> float:
+    """The unshifted sigma that ``scheduler``'s shift maps to ``level`` (inverse of its time shift)."""
+    if level >= 1.0:
+        return 1.0
+    config = scheduler.config
+    odds = 1.0 / level - 1.0
+    if config.use_dynamic_shifting:
+        if config.time_shift_type == "linear":
+            return 1.0 / (1.0 + mu * odds)
+        return 1.0 / (1.0 + math.exp(mu) * odds)
+    shift = float(scheduler.shift if hasattr(scheduler, "shift") else config.shift)
+    return level / (shift - (shift - 1.0) * level)
+
+
+def stage_sigmas(start: float, steps: int) -> list[float]:
+    """An unshifted linear ramp of ``steps`` sigmas from ``start``; the scheduler appends the final 0."""
+    return [start * (1.0 - i / steps) for i in range(steps)]
+
+
+def renoise(x0: torch.Tensor, level: float, generator) -> torch.Tensor:
+    """Flow-matching forward process to ``level``: (1 - s)·x0 + s·ε."""
+    if isinstance(generator, (list, tuple)):
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g, dtype=torch.float32) for g in generator])
+    else:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(device=x0.device, dtype=x0.dtype)
+    return (1.0 - level) * x0 + level * noise
+
+
+def resize_latents(latents: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize (B, C, H, W) or (B, C, F, H, W) latents spatially (frames untouched)."""
+    kwargs = {} if mode == "nearest" else {"align_corners": False}
+    if latents.dim() == 4:
+        return F.interpolate(latents.float(), size=size, mode=mode, **kwargs).to(latents.dtype)
+    b, c, f, h, w = latents.shape
+    flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).float()
+    out = F.interpolate(flat, size=size, mode=mode, **kwargs).to(latents.dtype)
+    return out.reshape(b, f, c, *size).permute(0, 2, 1, 3, 4)
+
+
+# ------------------------------------------------------------------------------------------ the wrapper
+
+
+@dataclass
+class _Geometry:
+    spatial_factor: int  # pixels per latent cell
+    multiple: int  # stage sizes are rounded to multiples of this many pixels
+
+
+def _geometry(pipe) -> _Geometry:
+    factor = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8))
+    patch = getattr(pipe.transformer.config, "patch_size", 1)
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else (patch or 1)
+    return _Geometry(factor, factor * int(patch))
+
+
+def _encode_once(pipe, kwargs: dict) -> dict:
+    """Prompt embeddings computed once, as the pipeline's own ``encode_prompt`` makes them."""
+    call_params = inspect.signature(type(pipe).__call__).parameters
+    if "prompt_embeds" not in call_params or kwargs.get("prompt_embeds") is not None or kwargs.get("prompt") is None:
+        return kwargs
+    encode = pipe.encode_prompt
+    params = inspect.signature(encode).parameters
+    guidance = kwargs.get("guidance_scale", call_params["guidance_scale"].default if "guidance_scale" in call_params else 1.0)
+    request = {"prompt": kwargs["prompt"], "do_classifier_free_guidance": guidance > 1.0}
+    for name in ("negative_prompt", "max_sequence_length", "num_images_per_prompt", "num_videos_per_prompt"):
+        if name in params and kwargs.get(name) is not None:
+            request[name] = kwargs[name]
+    if "device" in params:
+        request["device"] = pipe._execution_device
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in request
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:  # an encoder with more inputs (SD3's three prompts): let each stage encode
+        logger.debug("bottleneck: %s.encode_prompt needs %s; each stage encodes the prompt", type(pipe).__name__, required)
+        return kwargs
+    outputs = encode(**request)
+    if not isinstance(outputs, tuple) or len(outputs) != 2:
+        return kwargs  # an encoder with more outputs (pooled embeddings...): let each stage encode
+    out = dict(kwargs)
+    out.pop("prompt")
+    out.pop("negative_prompt", None)
+    out["prompt_embeds"], out["negative_prompt_embeds"] = outputs
+    return out
+
+
+def _set_stage_schedule(scheduler, start: float, steps: int):
+    """Make the pipeline's next ``set_timesteps`` use this stage's ramp; returns an undo function."""
+    current = scheduler.set_timesteps
+
+    def set_timesteps(num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None, **extra):
+        ramp = stage_sigmas(unshift(start, scheduler, mu), steps)
+        given_timesteps = None
+        if timesteps is not None:  # pipelines that pass both (CogView4) feed the unshifted values to the model
+            given_timesteps = [s * scheduler.config.num_train_timesteps for s in ramp]
+        return current(device=device, sigmas=ramp, mu=mu, timesteps=given_timesteps, **extra)
+
+    scheduler.set_timesteps = functools.update_wrapper(set_timesteps, current)
+
+    def undo() -> None:
+        scheduler.set_timesteps = current
+
+    return undo
+
+
+def _latents_of(output) -> torch.Tensor:
+    for name in ("frames", "images"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ValueError("bottleneck sampling: the pipeline returned no latent tensor for output_type='latent'.")
+
+
+def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, kwargs: dict):
+    """One accelerated pipeline call: the stages, each an ordinary call of the pipeline."""
+    if args:
+        kwargs = dict(zip(list(inspect.signature(original_call).parameters)[1:], args), **kwargs)
+    call_params = inspect.signature(original_call).parameters
+    defaults = {name: p.default for name, p in call_params.items() if p.default is not inspect.Parameter.empty}
+    num_steps = kwargs.get("num_inference_steps", defaults.get("num_inference_steps"))
+    height = kwargs.get("height") or defaults.get("height") or pipe.default_sample_size * _geometry(pipe).spatial_factor
+    width = kwargs.get("width") or defaults.get("width") or pipe.default_sample_size * _geometry(pipe).spatial_factor
+    output_type = kwargs.get("output_type", defaults.get("output_type", "pil"))
+    return_dict = kwargs.get("return_dict", True)
+    generator = kwargs.get("generator")
+    geometry = _geometry(pipe)
+    steps = stage_steps(config.step_fractions, int(num_steps))
+    kwargs = _encode_once(pipe, dict(kwargs))
+    runtime = getattr(pipe, "_diffaccel_runtime", None)
+    total_stats = None
+    latents = kwargs.pop("latents", None)
+    output = None
+    for k, (scale, n, strength) in enumerate(zip(config.scales, steps, config.strengths)):
+        last = k == len(steps) - 1
+        stage_h = max(geometry.multiple, round(height * scale / geometry.multiple) * geometry.multiple)
+        stage_w = max(geometry.multiple, round(width * scale / geometry.multiple) * geometry.multiple)
+        if latents is not None and k > 0:
+            size = (stage_h // geometry.spatial_factor, stage_w // geometry.spatial_factor)
+            if tuple(latents.shape[-2:]) != size:
+                latents = resize_latents(latents, size, config.resample)
+            latents = renoise(latents, strength, generator)
+        stage = dict(kwargs, height=stage_h, width=stage_w, num_inference_steps=n, latents=latents,
+                     output_type=output_type if last else "latent", return_dict=True if not last else return_dict)
+        undo = _set_stage_schedule(pipe.scheduler, strength, n)
+        try:
+            output = original_call(pipe, **stage)
+        finally:
+            undo()
+        if runtime is not None:
+            if total_stats is None:
+                total_stats = runtime.call_stats
+            else:
+                total_stats.add(runtime.call_stats)
+                total_stats.calls = 1
+        if not last:
+            latents = _latents_of(output)
+    if runtime is not None and total_stats is not None:
+        runtime.call_stats = total_stats
+        runtime.count("bottleneck_stages", len(steps))
+    return output
+
+
+_WRAPPED: dict[type, type] = {}
+
+
+def _wrapped_class(cls: type) -> type:
+    """A subclass of the pipeline's class whose ``__call__`` runs the stages (the class itself is untouched)."""
+    if cls not in _WRAPPED:
+        original_call = cls.__call__
+
+        def __call__(self, *args, **kwargs):
+            runtime = getattr(self, "_diffaccel_runtime", None)
+            config = getattr(getattr(runtime, "config", None), "sampling", None)
+            if not isinstance(config, BottleneckConfig):
+                return original_call(self, *args, **kwargs)
+            return bottleneck_call(self, original_call, config, args, kwargs)
+
+        __call__.__signature__ = inspect.signature(original_call)
+        __call__.__doc__ = original_call.__doc__
+        _WRAPPED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                  "_diffaccel_base_class": cls})
+    return _WRAPPED[cls]
+
+
+@register_method(BottleneckConfig)
+class BottleneckHandler:
+    def validate(self, config: BottleneckConfig, target: AccelTarget) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        pipe = target.pipe
+        name = type(pipe).__name__
+        scheduler = getattr(pipe, "scheduler", None)
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(
+                f"sampling='bottleneck' cannot serve {name}: its scheduler is {type(scheduler).__name__}, and the "
+                f"re-noising between stages is defined for flow matching (FlowMatchEulerDiscreteScheduler) only."
+            )
+        config_of = scheduler.config
+        if config_of.get("shift_terminal") or config_of.get("use_karras_sigmas") or config_of.get("use_exponential_sigmas") \
+                or config_of.get("use_beta_sigmas"):
+            raise ValueError(f"sampling='bottleneck' cannot serve {name}: its scheduler reshapes sigmas "
+                             f"(shift_terminal / karras / exponential / beta), so a stage's start level is not defined.")
+        if target.adapter.latent_layout not in ("BCHW", "BCFHW"):
+            raise ValueError(
+                f"sampling='bottleneck' cannot serve {name} yet: its latents are packed tokens "
+                f"({target.adapter.latent_layout}), which this version does not resize."
+            )
+        params = inspect.signature(type(pipe).__call__).parameters
+        missing = [p for p in ("latents", "height", "width", "output_type", "num_inference_steps") if p not in params]
+        if missing:
+            raise ValueError(f"sampling='bottleneck' cannot serve {name}: its __call__ takes no {missing}.")
+
+    def apply(self, config: BottleneckConfig, target: AccelTarget, runtime) -> None:
+        pipe = target.pipe
+        base = getattr(type(pipe), "_diffaccel_base_class", type(pipe))
+        pipe.__class__ = _wrapped_class(base)
+
+        def restore() -> None:
+            pipe.__class__ = base
+
+        runtime.add_cleanup(restore)

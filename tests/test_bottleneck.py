@@ -1,0 +1,98 @@
+"""Bottleneck sampling: stages at the right sizes and noise levels, composition, clear refusals."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import diffaccel
+from diffaccel import AccelConfig, BlockCacheConfig, BottleneckConfig
+from diffaccel.sampling.bottleneck import renoise, stage_sigmas, stage_steps, unshift
+from tiny_pipelines import build, run
+
+
+def test_config_validation_and_round_trip():
+    with pytest.raises(ValueError, match="one entry per stage"):
+        BottleneckConfig(scales=(1.0, 0.5, 1.0), step_fractions=(0.5, 0.5))
+    with pytest.raises(ValueError, match="start and end at 1.0"):
+        BottleneckConfig(scales=(0.5, 0.5, 1.0))
+    with pytest.raises(ValueError, match="sum to 1"):
+        BottleneckConfig(step_fractions=(0.2, 0.2, 0.2))
+    with pytest.raises(ValueError, match="start at 1.0"):
+        BottleneckConfig(strengths=(0.9, 0.8, 0.6))
+    with pytest.raises(ValueError, match="resample"):
+        BottleneckConfig(resample="lanczos")
+    config = AccelConfig(sampling=BottleneckConfig(scales=(1.0, 0.75, 1.0)))
+    assert AccelConfig.from_dict(config.to_dict()) == config
+
+
+def test_schedule_maths():
+    assert stage_steps((0.2, 0.55, 0.25), 20) == [4, 11, 5]
+    assert stage_steps((0.2, 0.55, 0.25), 3) == [1, 1, 1]
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        stage_steps((0.2, 0.55, 0.25), 2)
+    assert stage_sigmas(0.8, 4) == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    static = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    u = unshift(0.6, static, None)
+    assert 3.0 * u / (1 + 2.0 * u) == pytest.approx(0.6)
+    for kind in ("exponential", "linear"):
+        dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type=kind)
+        u = unshift(0.8, dynamic, 0.7)
+        assert float(dynamic.time_shift(0.7, 1.0, np.array([u]))[0]) == pytest.approx(0.8)
+    x0 = torch.ones(2, 3, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(renoise(x0, 0.0, g), x0)
+
+
+@pytest.mark.parametrize("name", ["sd3", "wan"])
+def test_stages_run_at_their_sizes_and_levels_and_remove_restores(name):
+    case = build(name)
+    baseline = run(case, seed=0, num_inference_steps=6)
+    shapes, starts = [], []
+    hook = case.denoiser.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["hidden_states"].shape[-2:])),
+                                                   with_kwargs=True)
+    scheduler = case.pipe.scheduler
+    original = scheduler.set_timesteps
+
+    @functools.wraps(original)
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        starts.append(float(scheduler.sigmas[0]))
+        return result
+
+    scheduler.set_timesteps = spy
+    diffaccel.accelerate(case.pipe, sampling="bottleneck")
+    out = run(case, seed=0, num_inference_steps=6)
+    hook.remove()
+    assert out.shape == baseline.shape and np.isfinite(out).all()
+    assert starts == pytest.approx([1.0, 0.8, 0.6]), "each stage starts at its strength"
+    full = shapes[0]
+    half = tuple(s // 2 for s in full)
+    assert half in shapes and shapes[-1] == full, shapes
+    stats = diffaccel.stats(case.pipe)
+    assert stats["steps"] == 6 and stats["bottleneck_stages"] == 3
+    assert isinstance(case.pipe, type(case.pipe).__mro__[1])  # a subclass of the original class
+    diffaccel.remove(case.pipe)
+    del scheduler.set_timesteps
+    assert not hasattr(type(case.pipe), "_diffaccel_base_class")
+    assert np.array_equal(run(case, seed=0, num_inference_steps=6), baseline)
+
+
+def test_composes_with_caching_which_resets_at_each_stage():
+    case = build("sd3")
+    diffaccel.accelerate(case.pipe, cache=BlockCacheConfig(threshold=10.0, warmup_steps=1), sampling="bottleneck")
+    out = run(case, seed=0, num_inference_steps=9)
+    stats = diffaccel.stats(case.pipe)
+    assert np.isfinite(out).all() and stats["blocks_skipped"] > 0
+    # one warm-up (computed) step per stage: the cache state never crosses a transition
+    assert stats["cache_misses"] >= 3
+
+
+@pytest.mark.parametrize("name, reason", [("flux", "packed tokens"), ("sd15", "flow matching")])
+def test_pipelines_it_cannot_serve_are_refused_with_the_reason(name, reason):
+    case = build(name)
+    with pytest.raises(ValueError, match=f"sampling='bottleneck' cannot serve .*{reason}"):
+        diffaccel.accelerate(case.pipe, sampling="bottleneck")
