@@ -8,9 +8,10 @@ python scripts/eval_reference.py image --num 200 --threads "$T"
 python scripts/eval_reference.py image --num 200 --guidance 1.0 --threads "$T"
 python scripts/bench_cache.py --model image --steps 28 --num 6 --repeats 2 --threads "$T"
 python scripts/bench_guidance.py --num 16 --repeats 2 --fit-num 8 --threads "$T"
-python scripts/bench_cache.py --model image --steps 50 --num 4 --repeats 2 --threads "$T"
+python scripts/bench_bottleneck.py --num 16 --repeats 1 --threads "$T"
 mkdir -p work/eval
 [ -f work/eval/real_image.npz ] || diffaccel eval fid-stats --procedural image --num 1000 -o work/eval/real_image.npz
 diffaccel eval fid --prompt-set reference-image --num 1000 --real-stats work/eval/real_image.npz \
     --samples work/eval/fid_image_samples --out docs/fid_image.json
 diffaccel bench --configs off,safe,fast,turbo --num 16 --repeats 2 --out docs/bench_image
+python scripts/bench_cache.py --model image --steps 50 --num 4 --repeats 1 --threads "$T"
