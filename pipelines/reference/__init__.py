@@ -87,6 +87,15 @@ def load(name: str = "image", device: str = "cpu", dtype=None):
     import torch
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(path(name), dtype=dtype or torch.float32)
+    from diffusers.utils import logging as diffusers_logging
+
+    # The image pipeline ships a UMT5 text encoder where CogView4 names GLM (any encoder returning
+    # hidden states serves it); diffusers warns about the type on every load, which says nothing here.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path(name), dtype=dtype or torch.float32)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
