@@ -3,6 +3,8 @@
     python scripts/bench_cache.py --model image --steps 28 --num 8 --repeats 2
     python scripts/bench_cache.py --model video --num 4
 
+The cache-dit rows need ``pip install -e ".[bench]"`` (cache-dit); without it they report the import error.
+
 Same pipeline, steps, prompts and seeds for every row: the baseline; our block cache (with and
 without the TaylorSeer calibrator), Δ-DiT and TeaCache (polynomial calibrated on held-out prompts);
 diffusers' built-in caches (FirstBlockCache, TaylorSeer, MagCache calibrated, FasterCache,
