@@ -19,7 +19,7 @@ from diffaccel.config import MethodConfig, check_float, check_int, register_conf
 from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
 
-from .calibrators import check_calibrator, make_extrapolator
+from .calibrators import StreamForecast, check_calibrator
 
 BLOCK_CACHE_HOOK = "diffaccel.block_cache"
 
@@ -76,9 +76,7 @@ class BlockCacheState:
         self.encoder_output_is_none = False
         self.reuse = False
         self.consecutive_reuses = 0
-        # Forecasters of the middle residual (hidden and encoder stream) when a calibrator is on.
-        self.hidden_forecast = make_extrapolator(calibrator, order)
-        self.encoder_forecast = make_extrapolator(calibrator, order)
+        self.forecast = StreamForecast(calibrator, order)  # the middle residual, forecast when calibrated
 
 
 def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
@@ -121,15 +119,9 @@ class BlockCacheHook(ModelHook):
         hidden, encoder = self.block.stream_inputs(args, kwargs)
         if "middle_start" in self.roles:
             step = self.runtime.clock.current.step_index
-            residual = state.cached_hidden_residual
-            if state.hidden_forecast is not None:
-                residual = state.hidden_forecast.predict(step)
-            hidden = hidden + residual
+            hidden = hidden + state.forecast.hidden_at(state.cached_hidden_residual, step)
             if encoder is not None and state.cached_encoder_residual is not None:
-                residual = state.cached_encoder_residual
-                if state.encoder_forecast is not None and state.encoder_forecast.factors:
-                    residual = state.encoder_forecast.predict(step)
-                encoder = encoder + residual
+                encoder = encoder + state.forecast.encoder_at(state.cached_encoder_residual, step)
         if "middle_end" in self.roles and state.encoder_output_is_none:
             encoder = None
         self.runtime.count_skipped_blocks()
@@ -172,14 +164,8 @@ class BlockCacheHook(ModelHook):
         else:
             state.cached_encoder_residual = None
         state.middle_input = None
-        step = self.runtime.clock.current.step_index
-        if state.hidden_forecast is not None:
-            state.hidden_forecast.update(state.cached_hidden_residual, step)
-        if state.encoder_forecast is not None:
-            if state.cached_encoder_residual is None:
-                state.encoder_forecast.reset()
-            else:
-                state.encoder_forecast.update(state.cached_encoder_residual, step)
+        state.forecast.update(state.cached_hidden_residual, state.cached_encoder_residual,
+                              self.runtime.clock.current.step_index)
 
 
 def block_roles(index: int, num_blocks: int, first: int, last: int) -> set[str]:

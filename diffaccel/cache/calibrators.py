@@ -74,8 +74,32 @@ class TaylorExtrapolator:
         self.step = None
 
 
-def make_extrapolator(calibrator: str | None, order: int) -> TaylorExtrapolator | None:
-    """The calibrator a config asks for, or None for plain reuse."""
-    if calibrator is None:
-        return None
-    return TaylorExtrapolator(order)
+class StreamForecast:
+    """A span's residual for both streams (hidden, encoder): stored as is, or forecast when calibrated.
+
+    The one place the block cache and Δ-DiT keep, update and read the residual they replay.
+    """
+
+    def __init__(self, calibrator: str | None, order: int) -> None:
+        self.hidden = None if calibrator is None else TaylorExtrapolator(order)
+        self.encoder = None if calibrator is None else TaylorExtrapolator(order)
+
+    def update(self, hidden: torch.Tensor, encoder: torch.Tensor | None, step: int) -> None:
+        if self.hidden is not None:
+            self.hidden.update(hidden, step)
+        if self.encoder is not None:
+            if encoder is None:
+                self.encoder.reset()
+            else:
+                self.encoder.update(encoder, step)
+
+    def hidden_at(self, stored: torch.Tensor, step: int) -> torch.Tensor:
+        return stored if self.hidden is None else self.hidden.predict(step)
+
+    def encoder_at(self, stored: torch.Tensor, step: int) -> torch.Tensor:
+        return stored if self.encoder is None or not self.encoder.factors else self.encoder.predict(step)
+
+    def reset(self) -> None:
+        for forecast in (self.hidden, self.encoder):
+            if forecast is not None:
+                forecast.reset()

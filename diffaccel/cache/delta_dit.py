@@ -29,7 +29,7 @@ from diffaccel.config import MethodConfig, check_float, check_int, register_conf
 from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
 
-from .calibrators import check_calibrator, make_extrapolator
+from .calibrators import StreamForecast, check_calibrator
 
 logger = logging.getLogger("diffaccel")
 
@@ -113,9 +113,7 @@ class DeltaDiTState:
         self.delta_hidden: torch.Tensor | None = None
         self.delta_encoder: torch.Tensor | None = None
         self.encoder_output_is_none = False  # the span's last block drops the encoder stream (SD3)
-        # Forecasters of Δ (hidden, encoder) within the current stage, when a calibrator is on.
-        self.hidden_forecast = make_extrapolator(calibrator, order)
-        self.encoder_forecast = make_extrapolator(calibrator, order)
+        self.forecast = StreamForecast(calibrator, order)  # Δ within the current stage, forecast when calibrated
         # Set for the forward now running:
         self.plan_stage: str | None = None
         self.plan_full = True
@@ -230,13 +228,9 @@ class DeltaDiTBlockHook(ModelHook):
         start, end = state.span
         if self.position == start:
             step = self.runtime.clock.current.step_index
-            delta = state.delta_hidden if state.hidden_forecast is None else state.hidden_forecast.predict(step)
-            hidden = hidden + delta
+            hidden = hidden + state.forecast.hidden_at(state.delta_hidden, step)
             if encoder is not None and state.delta_encoder is not None:
-                delta = state.delta_encoder
-                if state.encoder_forecast is not None and state.encoder_forecast.factors:
-                    delta = state.encoder_forecast.predict(step)
-                encoder = encoder + delta
+                encoder = encoder + state.forecast.encoder_at(state.delta_encoder, step)
         if self.position == end and state.encoder_output_is_none:
             encoder = None
         return self.block.join_output(hidden, encoder)
@@ -253,17 +247,8 @@ class DeltaDiTBlockHook(ModelHook):
         else:
             state.delta_encoder = None
         if state.stage != state.plan_stage:  # a new span: its Δ history starts here
-            for forecast in (state.hidden_forecast, state.encoder_forecast):
-                if forecast is not None:
-                    forecast.reset()
-        step = self.runtime.clock.current.step_index
-        if state.hidden_forecast is not None:
-            state.hidden_forecast.update(state.delta_hidden, step)
-        if state.encoder_forecast is not None:
-            if state.delta_encoder is None:
-                state.encoder_forecast.reset()
-            else:
-                state.encoder_forecast.update(state.delta_encoder, step)
+            state.forecast.reset()
+        state.forecast.update(state.delta_hidden, state.delta_encoder, self.runtime.clock.current.step_index)
         state.stage = state.plan_stage
         state.span_input = None
 
