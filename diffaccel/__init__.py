@@ -6,10 +6,12 @@
     diffaccel.remove(pipe)
 """
 
+from . import attention as _attention  # noqa: F401  (registers the attention methods)
 from . import cache as _cache  # noqa: F401  (registers the caching methods)
 from . import guidance as _guidance  # noqa: F401  (registers the guidance methods)
 from . import sampling as _sampling  # noqa: F401  (registers the sampling methods)
 from .api import accelerate, config_of, remove, resolve_config, stats
+from .attention import BlockSparseAttentionConfig, SlidingTileAttentionConfig
 from .cache import BlockCacheConfig, DeepCacheConfig, DeltaDiTConfig, LearnedCacheConfig, TeaCacheConfig
 from .config import AccelConfig, MethodConfig, available_methods
 from .guidance import AdaptiveGuidanceConfig, IntervalGuidanceConfig, LinearGuidanceConfig, fit_linear_guidance
@@ -22,6 +24,7 @@ __all__ = [
     "AccelConfig",
     "AdaptiveGuidanceConfig",
     "BlockCacheConfig",
+    "BlockSparseAttentionConfig",
     "BottleneckConfig",
     "DeepCacheConfig",
     "DeltaDiTConfig",
@@ -30,6 +33,7 @@ __all__ = [
     "LinearGuidanceConfig",
     "MethodConfig",
     "PRESETS",
+    "SlidingTileAttentionConfig",
     "TeaCacheConfig",
     "accelerate",
     "available_methods",

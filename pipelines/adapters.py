@@ -57,6 +57,9 @@ class FamilyAdapter:
     hidden_arg: str = "hidden_states"
     is_video: bool = False
     block_cache: bool = True  # False where the residual block cache cannot apply (UNets)
+    # Where text tokens sit in the blocks' self-attention sequence: "none" (video/image tokens only),
+    # "prefix" ([text, latent], e.g. Flux, CogVideoX) or "suffix" ([latent, text], e.g. SD3, HunyuanVideo).
+    joint_text: str = "none"
     notes: str = ""
 
     def count_blocks(self, denoiser: torch.nn.Module) -> int:

@@ -48,7 +48,9 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
     (
         "diffusers",
         "SD3Transformer2DModel",
-        FamilyAdapter(name="sd3", block_lists=("transformer_blocks",), latent_layout="BCHW", cfg_layout="batched"),
+        FamilyAdapter(
+            name="sd3", block_lists=("transformer_blocks",), latent_layout="BCHW", cfg_layout="batched", joint_text="suffix"
+        ),
     ),
     (
         "diffusers",
@@ -59,6 +61,7 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             latent_layout="BSC",
             cfg_layout="separate",
             notes="true CFG (true_cfg_scale > 1) runs cond and uncond as separate calls",
+            joint_text="prefix",
         ),
     ),
     (
@@ -70,7 +73,11 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "diffusers",
         "QwenImageTransformer2DModel",
         FamilyAdapter(
-            name="qwenimage", block_lists=("transformer_blocks",), latent_layout="BSC", cfg_layout="separate"
+            name="qwenimage",
+            block_lists=("transformer_blocks",),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            joint_text="prefix",
         ),
     ),
     (
@@ -89,6 +96,7 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             latent_layout="BFCHW",
             cfg_layout="batched",
             is_video=True,
+            joint_text="prefix",
         ),
     ),
     (
@@ -100,6 +108,7 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             latent_layout="BCFHW",
             cfg_layout="separate",
             is_video=True,
+            joint_text="suffix",
         ),
     ),
     (
@@ -118,6 +127,7 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             latent_layout="BCHW",
             cfg_layout="separate",
             notes="the embedded reference image model's family",
+            joint_text="prefix",
         ),
     ),
     (

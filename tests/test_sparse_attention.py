@@ -1,0 +1,219 @@
+"""Block-sparse and sliding-tile attention installed on real diffusers video (and image) transformers."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from tiny_pipelines import build, run
+
+import diffaccel
+from diffaccel import AccelConfig, BlockCacheConfig, BlockSparseAttentionConfig, SlidingTileAttentionConfig
+from diffaccel.attention import TokenLayout, attention_density, default_tile, sliding_tile_mask
+from diffaccel.attention.masks import adaptive_block_mask, block_scores
+
+# Tiny pipelines at a size where self-attention spans several 16-token blocks.
+SIZES = {"wan": dict(height=128, width=128), "cogvideox": dict(height=128, width=128), "hunyuan_video": {}, "ltx": {}}
+KEEP_ALL = dict(block_size=16, min_density=1.0, max_density=1.0, dense_steps=0, dense_blocks=())
+
+
+@pytest.fixture(scope="module", params=sorted(SIZES))
+def video_case(request):
+    case = build(request.param)
+    return case, SIZES[request.param], run(case, **SIZES[request.param])
+
+
+def _accelerated(case, kwargs, config):
+    diffaccel.accelerate(case.pipe, attention=config)
+    try:
+        out = run(case, **kwargs)
+        stats = diffaccel.stats(case.pipe)
+    finally:
+        diffaccel.remove(case.pipe)
+    return out, stats
+
+
+def test_keeping_every_block_reproduces_dense_attention(video_case):
+    """Reordering, gathering and the kernel are exact: all blocks kept = the dense output."""
+    case, kwargs, baseline = video_case
+    out, stats = _accelerated(case, kwargs, BlockSparseAttentionConfig(**KEEP_ALL))
+    assert stats["attention_sparse_calls"] > 0 and stats["attention_kernel_torch"] > 0
+    np.testing.assert_allclose(out, baseline, atol=2e-4)
+
+
+def test_sparse_masks_compute_fewer_blocks_and_stay_close(video_case):
+    case, kwargs, baseline = video_case
+    for config in (
+        BlockSparseAttentionConfig(block_size=16, keep="topk", ratio_or_threshold=0.3, max_density=0.3, dense_steps=0, dense_blocks=()),
+        SlidingTileAttentionConfig(block_size=16, tile_window=(1, 1, 1), dense_steps=0, dense_blocks=()),
+    ):
+        out, stats = _accelerated(case, kwargs, config)
+        assert stats["attention_sparse_calls"] > 0
+        assert attention_density(stats) < 0.95, stats  # text blocks stay dense, the rest is thinned
+        assert not np.array_equal(out, baseline)
+        assert np.abs(out - baseline).mean() < 0.1
+
+
+def test_remove_restores_bit_identical_output(video_case):
+    case, kwargs, baseline = video_case
+    _accelerated(case, kwargs, BlockSparseAttentionConfig(block_size=16, dense_steps=0))
+    np.testing.assert_array_equal(run(case, **kwargs), baseline)
+    assert not any("sparse_attention" in str(getattr(m, "_diffusers_hook", "")) for m in case.denoiser.modules())
+
+
+@pytest.fixture(scope="module")
+def wan_case():
+    case = build("wan")
+    return case, SIZES["wan"], run(case, **SIZES["wan"])
+
+
+def test_dense_steps_and_blocks_follow_the_config(wan_case):
+    case, kwargs, _ = wan_case
+    steps, blocks, branches = kwargs_steps(case), len(case.denoiser.blocks), 2
+    config = BlockSparseAttentionConfig(block_size=16, dense_steps=1, dense_last_steps=1, dense_blocks=(0,))
+    _, stats = _accelerated(case, kwargs, config)
+    sparse_steps = steps - 2
+    assert stats["attention_sparse_calls"] == sparse_steps * (blocks - 1) * branches
+    assert stats["attention_dense_calls"] == (steps * blocks - sparse_steps * (blocks - 1)) * branches
+    # A fraction of the steps: 0.5 of 4 steps keeps the first two dense.
+    _, stats = _accelerated(case, kwargs, BlockSparseAttentionConfig(block_size=16, dense_steps=0.5, dense_blocks=()))
+    assert stats["attention_sparse_calls"] == 2 * blocks * branches
+
+
+def kwargs_steps(case) -> int:
+    return case.call_kwargs["num_inference_steps"]
+
+
+def test_composes_with_the_block_cache(wan_case):
+    case, kwargs, baseline = wan_case
+    config = AccelConfig(
+        cache=BlockCacheConfig(threshold=0.5, warmup_steps=1),
+        attention=BlockSparseAttentionConfig(block_size=16, dense_steps=0),
+    )
+    diffaccel.accelerate(case.pipe, config)
+    try:
+        out = run(case, **kwargs)
+        stats = diffaccel.stats(case.pipe)
+    finally:
+        diffaccel.remove(case.pipe)
+    assert stats["attention_sparse_calls"] > 0
+    assert stats["blocks_skipped"] > 0
+    # Skipped blocks run no attention at all.
+    assert stats["attention_sparse_calls"] + stats.get("attention_dense_calls", 0) < kwargs_steps(case) * 3 * 2
+    assert np.isfinite(out).all()
+
+
+def test_short_sequences_run_dense_and_say_so(wan_case, caplog):
+    case, kwargs, baseline = wan_case
+    with caplog.at_level(logging.WARNING, logger="diffaccel"):
+        out, stats = _accelerated(case, kwargs, BlockSparseAttentionConfig(dense_steps=0))  # 128-token blocks
+    assert stats["attention_dense_short"] > 0 and "attention_sparse_calls" not in stats
+    assert "runs dense" in caplog.text
+    np.testing.assert_array_equal(out, baseline)
+
+
+def test_named_selection_and_round_trip():
+    config = diffaccel.resolve_config(None, attention="block_sparse")
+    assert isinstance(config.attention, BlockSparseAttentionConfig)
+    assert isinstance(diffaccel.resolve_config(None, attention="sliding_tile").attention, SlidingTileAttentionConfig)
+    custom = AccelConfig(attention=SlidingTileAttentionConfig(tile=(1, 4, 4), tile_window=(3, 1, 1), dense_steps=3))
+    assert AccelConfig.from_dict(custom.to_dict()) == custom
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(block_size=100), "power of two"),
+        (dict(block_size=8), ">= 16"),
+        (dict(dense_steps=1.5), "fraction"),
+        (dict(keep="random"), "keep"),
+        (dict(min_density=0.5, max_density=0.2), "exceeds"),
+        (dict(ratio_or_threshold=0.0), "ratio_or_threshold"),
+        (dict(implementation="cuda"), "implementation"),
+        (dict(reorder="hilbert"), "reorder"),
+        (dict(tile=(0, 4, 4)), "tile"),
+    ],
+)
+def test_bad_config_values_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BlockSparseAttentionConfig(**kwargs)
+
+
+def test_even_tile_window_is_an_error():
+    with pytest.raises(ValueError, match="odd"):
+        SlidingTileAttentionConfig(tile_window=(2, 3, 3))
+
+
+def test_models_it_cannot_serve_get_clear_errors(wan_case):
+    unet = build("sd15")
+    with pytest.raises(ValueError, match="UNet"):
+        diffaccel.accelerate(unet.pipe, attention="block_sparse")
+    case, _, _ = wan_case
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        diffaccel.accelerate(case.pipe, attention=BlockSparseAttentionConfig(implementation="triton"))
+    with pytest.raises(ValueError, match="out of range"):
+        diffaccel.accelerate(case.pipe, attention=BlockSparseAttentionConfig(dense_blocks=(7,)))
+    processor = case.denoiser.blocks[0].attn1.processor
+    processor._attention_backend = "flash"
+    try:
+        with pytest.raises(ValueError, match="attention backend 'flash'"):
+            diffaccel.accelerate(case.pipe, attention="block_sparse")
+    finally:
+        processor._attention_backend = None
+    assert not hasattr(case.pipe, "_diffaccel_runtime") or case.pipe._diffaccel_runtime is None
+
+
+def test_processor_without_sdpa_is_reported():
+    """Sana's linear attention never calls SDPA: block-sparse attention cannot apply, and says so."""
+    case = build("sana")
+    diffaccel.accelerate(case.pipe, attention=BlockSparseAttentionConfig(block_size=16, dense_steps=0, dense_blocks=()))
+    try:
+        with pytest.raises(RuntimeError, match="without it"):
+            run(case)
+    finally:
+        diffaccel.remove(case.pipe)
+
+
+# ------------------------------------------------------------------------------ masks and layout
+
+
+def test_tile_major_order_makes_each_block_one_tile():
+    layout = TokenLayout(grid=(4, 16, 16), tile=(2, 8, 8))
+    perm = layout.permutation(torch.device("cpu"))
+    assert sorted(perm.tolist()) == list(range(4 * 16 * 16))
+    coords = torch.stack(torch.unravel_index(perm, (4, 16, 16)), -1).reshape(-1, 128, 3)
+    spans = coords.amax(1) - coords.amin(1)
+    assert (spans == torch.tensor([1, 7, 7])).all()  # every 128-token block is one 2x8x8 tile
+    assert default_tile(128, 3) == (2, 8, 8) and default_tile(64, 2) == (8, 8)
+
+
+def test_text_stays_in_place_and_marks_its_blocks():
+    layout = TokenLayout(grid=(2, 4, 4), text_tokens=10, text_position="prefix", tile=(1, 2, 2))
+    perm = layout.permutation(torch.device("cpu"))
+    assert perm[:10].tolist() == list(range(10))
+    assert layout.text_blocks(16).tolist() == [True, False, False]
+    suffix = TokenLayout(grid=(2, 4, 4), text_tokens=10, text_position="suffix", tile=(1, 2, 2))
+    assert suffix.permutation(torch.device("cpu"))[32:].tolist() == list(range(32, 42))
+    assert suffix.text_blocks(16).tolist() == [False, False, True]
+
+
+def test_sliding_tile_windows_are_clamped_at_borders():
+    layout = TokenLayout(grid=(4, 8, 8), tile=(1, 4, 4))  # 4x2x2 tiles of 16 tokens
+    mask = sliding_tile_mask(layout.block_tile_coords(16), layout.tiles_per_axis(), (3, 1, 1))
+    assert mask.shape == (16, 16)
+    assert (mask.sum(-1) == 3).all()  # every query tile sees 3 tiles, also at the first and last frame
+    assert mask.diagonal().all()
+
+
+def test_adaptive_mask_follows_the_attention_mass():
+    """Queries that match one key block get that block; mass mode keeps more when mass is spread."""
+    torch.manual_seed(0)
+    keys = torch.randn(1, 1, 64, 16)
+    queries = keys.clone() * 4  # each query block looks like its own key block
+    mask = adaptive_block_mask(queries, keys, 16, "topk", 0.25)
+    assert mask.sum(-1).eq(1).all() and mask[0, 0].diagonal().all()
+    flat = adaptive_block_mask(torch.zeros(1, 1, 64, 16), keys, 16, "mass", 0.9)
+    assert flat.sum(-1).eq(4).all()  # uniform scores: 90% of the mass needs all four blocks
+    clamped = adaptive_block_mask(torch.zeros(1, 1, 64, 16), keys, 16, "mass", 0.9, max_density=0.5)
+    assert clamped.sum(-1).eq(2).all()
+    torch.testing.assert_close(block_scores(queries, keys, 16).sum(-1), torch.ones(1, 1, 4))
