@@ -10,18 +10,30 @@
 
 Every stage checkpoints to ``work/reference/<stage>/`` every few minutes (full state, resumable,
 not committed) and exports the shipped weights to ``pipelines/reference/weights/`` (EMA weights,
-float16, with ``training_state.json``). A run on a fresh clone resumes from the shipped weights.
+float16, with ``training_state.json``). A run on a fresh clone resumes from the shipped weights, and
+so does a run whose local checkpoint is older than the shipped weights (trained elsewhere since).
+
+The denoiser stages (image, video) also train on a GPU: ``--device cuda`` (``auto``, the default,
+picks CUDA when there is one). There the batch is larger (``--batch-size``, default 256 instead of
+32), autocast is bfloat16 on the GPU, batches are drawn by ``--workers`` CPU processes, and the run
+saves every 2 minutes (``--save-every``). ``--minutes`` bounds the whole run, the final save included.
+``scripts/device_train.sh`` runs this on the device machine.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import math
-import sys
 import time
-from pathlib import Path
+
+T0 = time.time()  # --minutes counts from here: imports, loading and the final save included
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np
 import torch
@@ -46,6 +58,44 @@ def _cpu_has_bf16() -> bool:
 
 
 AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": _cpu_has_bf16()}
+
+CPU_BATCH_SIZE = 32  # images per denoiser step (video: a third as many clips)
+# On a GPU, 8x: these models are small enough that a step of 32 leaves an H100 mostly idle (launch-bound),
+# while 256 still gives thousands of optimizer steps in a few minutes. The peak learning rate stays 3e-4:
+# a larger batch only lowers the gradient noise, so the CPU schedule stays stable (no sqrt/linear scaling).
+GPU_BATCH_SIZE = 256
+
+
+def autocast_for(device: torch.device) -> dict:
+    """bfloat16 autocast on CUDA; on CPU only where the CPU has bf16 instructions (AUTOCAST)."""
+    if device.type == "cuda":
+        return {"device_type": "cuda", "dtype": torch.bfloat16, "enabled": True}
+    return AUTOCAST
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"--device cuda: no CUDA device is available (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda or 'none'}); use --device cpu or auto"
+        )
+    return torch.device(name)
+
+
+def to_cpu(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU (dict types and ``_metadata`` kept)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def log(msg: str) -> None:
@@ -288,6 +338,7 @@ class ImageRecipe:
 
     kind = "image"
     train_text_encoder = True
+    device = torch.device("cpu")  # where text embeddings go (``to``)
 
     def __init__(self, seed: int) -> None:
         from diffusers import AutoencoderKL
@@ -296,10 +347,25 @@ class ImageRecipe:
         self.components["vae"] = AutoencoderKL.from_pretrained(WEIGHTS / "image" / "vae", torch_dtype=torch.float32)
         self.pipe = build.image_pipeline(self.components)
 
-    def batch(self, rng, steps: int, batch_size: int):
+    def to(self, device: torch.device) -> "ImageRecipe":
+        self.device = device
+        return self
+
+    @staticmethod
+    def sample(rng, steps: int, batch_size: int):
+        """Pixels (n, H, W, 3) in [0, 1] as numpy, and captions."""
         resolution = 128 if steps % 4 == 3 else 64
         n = batch_size if resolution == 64 else batch_size // 4
         pixels, captions, _ = scenes.sample_batch(rng, n, resolution)
+        return pixels, captions
+
+    @staticmethod
+    def to_model(pixels: torch.Tensor) -> torch.Tensor:
+        """(n, H, W, 3) in [0, 1] -> (n, 3, H, W) in [-1, 1], on pixels' device."""
+        return pixels.permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+
+    def batch(self, rng, steps: int, batch_size: int):
+        pixels, captions = self.sample(rng, steps, batch_size)
         return to_model_pixels(pixels), captions
 
     def latents(self, x, generator):
@@ -311,14 +377,14 @@ class ImageRecipe:
 
     def text(self, captions):
         with torch.set_grad_enabled(self.train_text_encoder):
-            return self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu")[0]
+            return self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=self.device)[0]
 
     def predict(self, transformer, xt, embeds, sigma):
         n, resolution = xt.shape[0], xt.shape[-1] * self.pipe.vae_scale_factor
-        size = torch.tensor([[resolution, resolution]], dtype=torch.float32).repeat(n, 1)
+        size = torch.tensor([[resolution, resolution]], dtype=torch.float32, device=xt.device).repeat(n, 1)
         return transformer(
             hidden_states=xt, encoder_hidden_states=embeds, timestep=sigma * 1000, original_size=size,
-            target_size=size, crop_coords=torch.zeros(n, 2), return_dict=False,
+            target_size=size, crop_coords=torch.zeros(n, 2, device=xt.device), return_dict=False,
         )[0]
 
 
@@ -327,6 +393,7 @@ class VideoRecipe:
 
     kind = "video"
     train_text_encoder = False
+    device = torch.device("cpu")  # where text embeddings and the latent statistics go (``to``)
 
     def __init__(self, seed: int) -> None:
         from diffusers import AutoencoderKLWan
@@ -338,9 +405,25 @@ class VideoRecipe:
         self.mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1)
 
-    def batch(self, rng, steps: int, batch_size: int):
+    def to(self, device: torch.device) -> "VideoRecipe":
+        self.device = device
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    @staticmethod
+    def sample(rng, steps: int, batch_size: int):
+        """Clips (n, F, H, W, 3) in [0, 1] as numpy, and captions."""
         pixels, captions, _ = scenes.sample_batch(rng, batch_size // 3, 64, clip=True, frames=build.VIDEO_FRAMES)
-        return torch.from_numpy(pixels).permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0, captions
+        return pixels, captions
+
+    @staticmethod
+    def to_model(pixels: torch.Tensor) -> torch.Tensor:
+        """(n, F, H, W, 3) in [0, 1] -> (n, 3, F, H, W) in [-1, 1], on pixels' device."""
+        return pixels.permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0
+
+    def batch(self, rng, steps: int, batch_size: int):
+        pixels, captions = self.sample(rng, steps, batch_size)
+        return self.to_model(torch.from_numpy(pixels)), captions
 
     def latents(self, x, generator):
         return (self.pipe.vae.encode(x).latent_dist.mode() - self.mean) / self.std  # the mean, as for images
@@ -348,15 +431,72 @@ class VideoRecipe:
     def text(self, captions):
         # WanPipeline.__call__ pads prompts to 512 tokens (encode_prompt's own default is 226): train as it samples.
         with torch.no_grad():
-            return self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device="cpu",
+            return self.pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=self.device,
                                            max_sequence_length=512)[0]
 
     def predict(self, transformer, xt, embeds, sigma):
         return transformer(hidden_states=xt, encoder_hidden_states=embeds, timestep=sigma * 1000, return_dict=False)[0]
 
 
-def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = 32) -> None:
-    """Flow matching (v = noise - x0 at t = 1000 sigma) with 10% caption dropout for CFG, and an EMA."""
+def _loader_batch(kind: str, seed: int, step: int, batch_size: int):
+    """One step's batch, drawn in a worker process from the stream (seed, step): pixels (numpy) and the
+    captions, 10% of them dropped for CFG. Numpy only: nothing here touches torch or the GPU."""
+    rng = np.random.default_rng([seed, 1000, step])
+    pixels, captions = (ImageRecipe if kind == "image" else VideoRecipe).sample(rng, step, batch_size)
+    return pixels, [c if rng.random() >= 0.1 else "" for c in captions]
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the training process, which ends the pool
+
+
+class BatchLoader:
+    """Draws the batches of the coming steps in ``workers`` forked processes, ``2 * workers`` steps ahead.
+
+    Step k's batch depends on (seed, k) alone, so the data does not depend on the number of workers. The
+    pool is forked before this process touches the GPU; the workers never use torch.
+    """
+
+    def __init__(self, kind: str, seed: int, first_step: int, batch_size: int, workers: int) -> None:
+        import multiprocessing
+
+        self.args = (kind, seed, batch_size)
+        self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_sigint)
+        self.step = first_step
+        self.pending: collections.deque = collections.deque()
+        self.wait = 0.0  # seconds the training loop waited for data
+        for _ in range(2 * workers):
+            self._submit()
+
+    def _submit(self) -> None:
+        kind, seed, batch_size = self.args
+        self.pending.append(self.pool.apply_async(_loader_batch, (kind, seed, self.step, batch_size)))
+        self.step += 1
+
+    def get(self):
+        t = time.time()
+        result = self.pending.popleft().get()
+        self.wait += time.time() - t
+        self._submit()
+        return result
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
+def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_BATCH_SIZE,
+                   device: torch.device = torch.device("cpu"), workers: int = 0, lr_peak: float = 3e-4,
+                   save_every: float = 5.0, deadline: float | None = None) -> None:
+    """Flow matching (v = noise - x0 at t = 1000 sigma) with 10% caption dropout for CFG, and an EMA.
+
+    Stops in time to save before ``deadline`` (default: ``minutes`` from now). On the CPU with
+    ``workers=0`` (the defaults) every step is what it always was; with workers the batches come from
+    ``BatchLoader``'s streams instead. Off the CPU a fresh optimizer warms up again over 100 steps.
+    """
+    deadline = deadline if deadline is not None else time.time() + minutes * 60
     recipe = ImageRecipe(seed) if kind == "image" else VideoRecipe(seed)
     pipe = recipe.pipe
     pipe.vae.eval().requires_grad_(False)
@@ -367,7 +507,12 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = 32) -
     steps, trained_minutes, saved = 0, 0.0, None
     pretrained = pretrained_text_encoder(kind, pipe.text_encoder)
     if checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = torch.load(checkpoint, weights_only=False, map_location="cpu")
+        if shipped.get("steps", 0) > saved["steps"]:
+            # Trained further elsewhere (e.g. on a GPU) and fetched: the local checkpoint is stale.
+            log(f"ignoring {checkpoint} (step {saved['steps']}): the shipped weights are newer")
+            saved = None
+    if saved is not None:
         pipe.transformer.load_state_dict(saved["transformer"])
         if pretrained is None:
             pipe.text_encoder.load_state_dict(saved["text_encoder"])
@@ -383,100 +528,181 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = 32) -
         pipe.text_encoder = recipe.components["text_encoder"] = pretrained
         recipe.train_text_encoder = False
         log(f"text encoder: attribute-trained, frozen ({WEIGHTS / kind / 'text_encoder'})")
-    transformer, text_encoder = pipe.transformer, pipe.text_encoder
-    ema = copy.deepcopy(transformer).requires_grad_(False).eval()
-    if saved is not None:
-        ema.load_state_dict(saved["ema"])
-    params = list(transformer.parameters())
-    if recipe.train_text_encoder:
-        params += list(text_encoder.parameters())
-        text_encoder.train()
-    else:
-        text_encoder.requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-    transformer.train()
+    # Fork the batch workers before this process initialises CUDA (and before the models move there).
+    loader = BatchLoader(kind, seed, steps, batch_size, workers) if workers > 0 else None
+    try:
+        transformer, text_encoder = pipe.transformer, pipe.text_encoder
+        transformer.to(device)  # all no-ops on the CPU
+        text_encoder.to(device)
+        pipe.vae.to(device)
+        recipe.to(device)
+        ema = copy.deepcopy(transformer).requires_grad_(False).eval()
+        if saved is not None:
+            ema.load_state_dict(saved["ema"])
+        params = list(transformer.parameters())
+        if recipe.train_text_encoder:
+            params += list(text_encoder.parameters())
+            text_encoder.train()
+        else:
+            text_encoder.requires_grad_(False).eval()
+        optimizer = torch.optim.AdamW(params, lr=lr_peak, weight_decay=0.0)
+        if saved is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        rewarm = 100 if saved is None and device.type != "cpu" else 0
+        del saved
+        transformer.train()
+        autocast = autocast_for(device)
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        log(f"{kind}: training on {device} ({where}), batch {batch_size}"
+            f"{f' ({batch_size // 3} clips)' if kind == 'video' else ''}, {workers} data workers, peak lr {lr_peak:g}, "
+            f"{(deadline - time.time()) / 60:.1f} min left")
 
-    rng = np.random.default_rng(seed + 1000 + steps)
-    generator = torch.Generator().manual_seed(seed + steps)
-    start = last_save = time.time()
-    losses: list[float] = []
+        rng = np.random.default_rng(seed + 1000 + steps)
+        generator = torch.Generator().manual_seed(seed + steps)
+        start = last_save = time.time()
+        losses: list[float] = []
+        run_steps, step_seconds, save_seconds = 0, 0.0, 5.0  # save_seconds: a guess until a save is timed
+        first_step, tick = steps, time.time()
 
-    def save() -> None:
-        elapsed = trained_minutes + (time.time() - start) / 60
-        torch.save(
-            {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
-             "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "steps": steps, "minutes": elapsed},
-            checkpoint,
-        )
-        export_pipeline(recipe, ema, export)
-        write_state(export / "transformer", {"steps": steps, "minutes": round(elapsed, 1), "seed": seed,
-                                             "loss_last_200": round(float(np.mean(losses[-200:] or [0])), 4)})
-        log(f"checkpoint at step {steps} ({elapsed:.1f} min); loss {np.mean(losses[-200:] or [0]):.4f}")
+        def save() -> None:
+            nonlocal save_seconds
+            began = time.time()
+            elapsed = trained_minutes + (began - start) / 60
+            state = {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
+                     "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "steps": steps, "minutes": elapsed}
+            torch.save(state if device.type == "cpu" else to_cpu(state), checkpoint)
+            export_pipeline(recipe, ema, export)
+            write_state(export / "transformer", {"steps": steps, "minutes": round(elapsed, 1), "seed": seed,
+                                                 "loss_last_200": round(float(np.mean(losses[-200:] or [0])), 4)})
+            save_seconds = time.time() - began
+            log(f"checkpoint at step {steps} ({elapsed:.1f} min); loss {np.mean(losses[-200:] or [0]):.4f} "
+                f"(saved in {save_seconds:.1f} s)")
 
-    while time.time() - start < minutes * 60:
-        x, captions = recipe.batch(rng, steps, batch_size)
-        captions = [c if rng.random() >= 0.1 else "" for c in captions]
-        with torch.no_grad():
-            x0 = recipe.latents(x, generator)
-        sigma = sample_sigmas(x0.shape[0], generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-        xt = (1 - s) * x0 + s * noise
-        with torch.autocast(**AUTOCAST):
-            embeds = recipe.text(captions)
-            prediction = recipe.predict(transformer, xt, embeds, sigma)
-        loss = F.mse_loss(prediction.float(), noise - x0)
-        lr = 3e-4 * min(1.0, (steps + 1) / 500)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        decay = min(0.999, (1 + steps) / (10 + steps))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), transformer.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-        steps += 1
-        losses.append(loss.item())
-        if steps % 50 == 0:
-            log(f"{kind} step {steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.1e}")
-        if time.time() - last_save > 300:
-            save()
-            last_save = time.time()
+        # Stop when one more step and the final save would not fit before the deadline.
+        while time.time() + step_seconds + 1.5 * save_seconds < deadline:
+            began = time.time()
+            if loader is not None:
+                pixels, captions = loader.get()
+                x = recipe.to_model(torch.from_numpy(pixels).to(device))
+            else:
+                x, captions = recipe.batch(rng, steps, batch_size)
+                captions = [c if rng.random() >= 0.1 else "" for c in captions]
+                x = x.to(device)
+            with torch.no_grad():
+                x0 = recipe.latents(x, generator)
+            sigma = sample_sigmas(x0.shape[0], generator).to(device)
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+            xt = (1 - s) * x0 + s * noise
+            with torch.autocast(**autocast):
+                embeds = recipe.text(captions)
+                prediction = recipe.predict(transformer, xt, embeds, sigma)
+            loss = F.mse_loss(prediction.float(), noise - x0)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise SystemExit(f"{kind} step {steps}: loss is {value}; stopping without saving "
+                                 f"(the last checkpoint and export are kept)")
+            lr = lr_peak * min(1.0, (steps + 1) / 500)
+            if rewarm:
+                lr *= min(1.0, (run_steps + 1) / rewarm)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            decay = min(0.999, (1 + steps) / (10 + steps))
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), transformer.parameters()):
+                    p_ema.lerp_(p, 1 - decay)
+            steps += 1
+            run_steps += 1
+            losses.append(value)
+            if steps % 50 == 0:
+                message = f"{kind} step {steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.1e}"
+                if device.type != "cpu" or loader is not None:
+                    now = time.time()
+                    rate = (steps - first_step) / (now - tick)
+                    waited = f", waiting for data {100 * loader.wait / (now - tick):.0f}%" if loader else ""
+                    per_step = batch_size if kind == "image" else batch_size // 3
+                    samples = f"{rate * per_step:.0f} {'images' if kind == 'image' else 'clips'}/s"
+                    message += f" ({rate:.2f} steps/s, {samples}{waited})"
+                    first_step, tick = steps, now
+                    if loader:
+                        loader.wait = 0.0
+                log(message)
+            if time.time() - last_save > save_every * 60 and deadline - time.time() > 60 + 1.5 * save_seconds:
+                save()
+                last_save = time.time()
+            step_seconds = time.time() - began
+    finally:
+        if loader is not None:
+            loader.close()
     save()
 
 
 def export_pipeline(recipe, ema, export: Path) -> None:
     """The shipped folder: EMA transformer and text encoder in float16; VAE, tokenizer, scheduler as trained."""
     components = dict(recipe.components)
-    components["transformer"] = copy.deepcopy(ema).to(torch.float16)
-    components["text_encoder"] = copy.deepcopy(recipe.pipe.text_encoder).to(torch.float16)
+    components["transformer"] = copy.deepcopy(ema).to("cpu", torch.float16)
+    components["text_encoder"] = copy.deepcopy(recipe.pipe.text_encoder).to("cpu", torch.float16)
     # The VAE folder is its own stage's output (its decoder may be sharpened meanwhile): save it as it is on disk.
     components["vae"] = type(recipe.pipe.vae).from_pretrained(WEIGHTS / recipe.kind / "vae")
     pipeline = build.image_pipeline(components) if recipe.kind == "image" else build.video_pipeline(components)
     pipeline.save_pretrained(export)
 
 
+def default_workers() -> int:
+    """Batch workers on a GPU machine: every core but three (the training process, its threads, the OS)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 4
+    return max(1, min(14, cores - 3))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["image-vae", "image-text", "image", "video-vae", "video-text", "video", "judge"])
-    parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of this run")
+    parser.add_argument("--minutes", type=float, default=10.0,
+                        help="wall-clock budget of this run (image/video: from start-up to the end of the final save)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kind", default="both", help="judge: image, video or both")
     parser.add_argument("--decoder-only", action="store_true", help="VAE stages: sharpen the decoder, keep the latent space")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="image/video stages: where to train (auto: CUDA if available; other stages: CPU)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"image/video: images per step, video a third as many clips "
+                             f"(default {CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on CUDA)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image/video: processes drawing batches (default 0 on CPU: in the training process; "
+                             "on CUDA all cores but three, at most 14)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="image/video: peak learning rate")
+    parser.add_argument("--save-every", type=float, default=None,
+                        help="image/video: minutes between checkpoints (default 5 on CPU, 2 on CUDA)")
     args = parser.parse_args(argv)
+    denoiser = args.stage in ("image", "video")
+    if args.device == "cuda" and not denoiser:
+        raise SystemExit(f"--device cuda: only the image and video stages train on a GPU; run {args.stage} on the CPU")
+    device = resolve_device(args.device) if denoiser else torch.device("cpu")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.stage.endswith("-vae"):
         train_vae(args.stage.split("-")[0], args.minutes, args.seed, decoder_only=args.decoder_only)
     elif args.stage.endswith("-text"):
         train_text_encoder(args.stage.split("-")[0], args.minutes, args.seed)
-    elif args.stage in ("image", "video"):
-        train_denoiser(args.stage, args.minutes, args.seed)
+    elif denoiser:
+        gpu = device.type == "cuda"
+        if gpu:
+            torch.backends.cudnn.benchmark = True  # fixed shapes; convolutions already use TF32 by default
+        batch_size = args.batch_size or (GPU_BATCH_SIZE if gpu else CPU_BATCH_SIZE)
+        if batch_size < 4:
+            raise SystemExit("--batch-size must be at least 4 (image: a quarter of it at 128 px; video: a third, clips)")
+        workers = args.workers if args.workers is not None else (default_workers() if gpu else 0)
+        save_every = args.save_every if args.save_every is not None else (2.0 if gpu else 5.0)
+        train_denoiser(args.stage, args.minutes, args.seed, batch_size=batch_size, device=device, workers=workers,
+                       lr_peak=args.lr, save_every=save_every, deadline=T0 + args.minutes * 60)
     elif args.stage == "judge":
         sys.path.insert(0, str(Path(__file__).parent))
         from train_judge import main as judge_main

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Train a reference denoiser on the device machine (a GPU, no network) and hand its new weights back
+# through $OUT:
+#
+#     bash scripts/device_train.sh STAGE MINUTES [more train_reference.py options]
+#
+# STAGE is image or video; MINUTES bounds train_reference.py from start-up to its final save (keep it
+# at 8 or less inside the device tool's 10 minutes). Needs the diffusers wheel in .whl/ (carried:
+# carry=[".whl"]); installs it into $SITE (/tmp/site), makes diffaccel importable there the way
+# `pip install -e .` maps it (diffaccel.pipelines -> pipelines/, .kernels -> kernels/, .eval -> eval/),
+# trains with --device cuda (DEVICE=cpu to try this script without a GPU) and writes to $OUT:
+#
+#     train.log                                         everything printed
+#     STAGE_transformer.safetensors.part00 [.part01]    the exported EMA transformer, in 15 MB pieces
+#     STAGE_transformer.sha256                          its checksum, checked when the pieces are joined
+#     STAGE_transformer_config.json                     transformer/config.json
+#     STAGE_transformer_training_state.json             transformer/training_state.json
+#
+# Back here: bash scripts/device_fetch.sh STAGE DIR (DIR: where the device tool put those files).
+set -uo pipefail
+
+usage="usage: bash scripts/device_train.sh image|video MINUTES [train_reference.py options]"
+stage=${1:?$usage}
+minutes=${2:?$usage}
+shift 2
+case "$stage" in
+  image | video) ;;
+  *) echo "device_train.sh: STAGE must be image or video ($usage)" >&2; exit 2 ;;
+esac
+out=${OUT:?device_train.sh: OUT is not set (the device tool sets it; give a folder to try it elsewhere)}
+site=${SITE:-/tmp/site}
+cd "$(dirname "$0")/.." || exit 1
+root=$PWD
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$out" "$site/diffaccel" || exit 1
+
+# The carried wheels (diffusers; nothing can be downloaded there).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
+fi
+# diffaccel as installed: a package folder of links (PYTHONPATH=$PWD alone would give no diffaccel.pipelines).
+for f in "$root"/diffaccel/*; do ln -sfn "$f" "$site/diffaccel/"; done
+for p in pipelines kernels eval; do ln -sfn "$root/$p" "$site/diffaccel/$p"; done
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+# (From /: in the repo root python would find the bare diffaccel/ folder first, '' leading sys.path.)
+(cd / && python3 - "$site" <<'EOF') || exit 1
+import sys
+import diffusers, torch, transformers
+import diffaccel.pipelines.reference as reference
+assert reference.__file__.startswith(sys.argv[1]), f"diffaccel.pipelines.reference from {reference.__file__}"
+cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
+print(f"torch {torch.__version__} ({cuda}), diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+      f"diffaccel.pipelines.reference from {reference.__file__}", flush=True)
+EOF
+
+weights=pipelines/reference/weights/$stage/transformer
+before=$(sha256sum "$weights/diffusion_pytorch_model.safetensors" | cut -d' ' -f1)
+# A hard stop a little after --minutes, so that the copying below still runs if training overruns.
+limit=$(awk -v m="$minutes" 'BEGIN { printf "%d", m * 60 + 45 }')
+timeout -s INT -k 20 "$limit" \
+  python3 scripts/train_reference.py "$stage" --minutes "$minutes" --device "${DEVICE:-cuda}" "$@" 2>&1 | tee "$out/train.log"
+status=${PIPESTATUS[0]}
+echo "train_reference.py exited with $status"
+
+after=$(sha256sum "$weights/diffusion_pytorch_model.safetensors" | cut -d' ' -f1)
+if [ "$after" = "$before" ]; then
+  echo "device_train.sh: the $stage transformer did not change: nothing to bring back" >&2
+  exit $((status == 0 ? 1 : status))
+fi
+split -b 15000000 -d -a 2 "$weights/diffusion_pytorch_model.safetensors" "$out/${stage}_transformer.safetensors.part"
+echo "$after" >"$out/${stage}_transformer.sha256"
+cp "$weights/config.json" "$out/${stage}_transformer_config.json"
+cp "$weights/training_state.json" "$out/${stage}_transformer_training_state.json"
+cat "$weights/training_state.json"
+ls -l "$out"
+exit "$status"
