@@ -51,6 +51,9 @@ def _model_options(p, generating: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--height", type=int, default=None, help="image/video height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image/video width (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="number of frames (video models)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     if generating:

@@ -46,9 +46,17 @@ def _features(args) -> Any:
 
 def _call_kwargs(loaded, args) -> dict:
     kwargs = dict(loaded.defaults)
-    for name, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)):
+    for name, value in (
+        ("num_inference_steps", args.steps),
+        ("guidance_scale", args.guidance),
+        ("height", getattr(args, "height", None)),
+        ("width", getattr(args, "width", None)),
+        ("num_frames", getattr(args, "frames", None)),
+    ):
         if value is not None:
             kwargs[name] = value
+    if "num_frames" in kwargs and not loaded.is_video:
+        raise ValueError(f"--frames applies to video models; {loaded.name} makes images.")
     return kwargs
 
 

@@ -90,3 +90,17 @@ def test_eval_errors_are_clear(tmp_path, capsys):
     assert "holds no images" in capsys.readouterr().err
     assert main(["bench", "--prompt-set", "nope", "--out", str(tmp_path)]) == 2
     assert "Unknown prompt set 'nope'" in capsys.readouterr().err
+
+
+def test_size_options_reach_the_pipeline_call():
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from diffaccel.eval.jobs import _call_kwargs
+
+    args = Namespace(steps=8, guidance=None, height=128, width=96, frames=17)
+    video = SimpleNamespace(defaults={"height": 64, "width": 64, "num_frames": 9}, is_video=True, name="video")
+    assert _call_kwargs(video, args) == {"height": 128, "width": 96, "num_frames": 17, "num_inference_steps": 8}
+    image = SimpleNamespace(defaults={"height": 64, "width": 64}, is_video=False, name="image")
+    with pytest.raises(ValueError, match="--frames applies to video models"):
+        _call_kwargs(image, args)
