@@ -9,11 +9,13 @@
 from . import attention as _attention  # noqa: F401  (registers the attention methods)
 from . import cache as _cache  # noqa: F401  (registers the caching methods)
 from . import guidance as _guidance  # noqa: F401  (registers the guidance methods)
+from .parallel import handler as _parallel  # noqa: F401  (registers CFG / context parallelism)
 from . import sampling as _sampling  # noqa: F401  (registers the sampling methods)
 from .api import accelerate, config_of, remove, resolve_config, stats
 from .attention import BlockSparseAttentionConfig, SlidingTileAttentionConfig
 from .cache import BlockCacheConfig, DeepCacheConfig, DeltaDiTConfig, LearnedCacheConfig, TeaCacheConfig
 from .config import AccelConfig, MethodConfig, available_methods
+from .parallel.config import ParallelConfig
 from .guidance import AdaptiveGuidanceConfig, IntervalGuidanceConfig, LinearGuidanceConfig, fit_linear_guidance
 from .presets import PRESETS, preset
 from .sampling import BottleneckConfig
@@ -33,6 +35,7 @@ __all__ = [
     "LinearGuidanceConfig",
     "MethodConfig",
     "PRESETS",
+    "ParallelConfig",
     "SlidingTileAttentionConfig",
     "TeaCacheConfig",
     "accelerate",

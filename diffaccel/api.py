@@ -65,6 +65,7 @@ def accelerate(
     guidance: Any = None,
     sampling: Any = None,
     attention: Any = None,
+    parallel: Any = None,
 ) -> Any:
     """Accelerate a diffusers pipeline in place and return it.
 
@@ -78,7 +79,13 @@ def accelerate(
     denoiser = find_denoiser(pipe)
     adapter = adapter_for(denoiser)
     resolved = resolve_config(
-        config, unet=not adapter.block_cache, cache=cache, guidance=guidance, sampling=sampling, attention=attention
+        config,
+        unet=not adapter.block_cache,
+        cache=cache,
+        guidance=guidance,
+        sampling=sampling,
+        attention=attention,
+        parallel=parallel,
     )
     target = AccelTarget(pipe=pipe, denoiser=denoiser, adapter=adapter)
     planned = [(method, handler_for(method)) for method in resolved.methods()]
@@ -96,6 +103,10 @@ def accelerate(
     try:
         for method, handler in planned:
             handler.apply(method, target, runtime)
+        for method, handler in planned:  # hooks that must wrap every method's hooks on the same modules
+            finish = getattr(handler, "apply_outer", None)
+            if finish is not None:
+                finish(method, target, runtime)
         runtime.install_denoiser_hook()
     except BaseException:
         runtime.remove()

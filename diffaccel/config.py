@@ -16,7 +16,9 @@ from typing import Any, ClassVar
 
 CONFIG_FORMAT_VERSION = 1
 
-SLOTS = ("cache", "guidance", "sampling", "attention")
+# Application order: "parallel" first, so its denoiser hook sits innermost (below guidance and caches,
+# which then see whole CFG batches and decide the same on every rank).
+SLOTS = ("parallel", "cache", "guidance", "sampling", "attention")
 
 # (slot, name) -> config class; filled by @register_config.
 _CONFIG_CLASSES: dict[tuple[str, str], type["MethodConfig"]] = {}
@@ -200,6 +202,7 @@ class AccelConfig:
     guidance: MethodConfig | None = None
     sampling: MethodConfig | None = None
     attention: MethodConfig | None = None
+    parallel: MethodConfig | None = None
 
     def __post_init__(self) -> None:
         for slot in SLOTS:

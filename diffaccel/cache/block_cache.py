@@ -79,8 +79,18 @@ class BlockCacheState:
         self.forecast = StreamForecast(calibrator, order)  # the middle residual, forecast when calibrated
 
 
-def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
-    """mean|current - reference| / mean|reference| (FBCache / DBCache similarity)."""
+def relative_l1(current: torch.Tensor, reference: torch.Tensor, group=None) -> float:
+    """mean|current - reference| / mean|reference| (FBCache / DBCache similarity).
+
+    With a process ``group`` (context parallel: every rank holds a shard of the sequence) the sums are
+    all-reduced first, so every rank computes the same value and takes the same cache decision.
+    """
+    if group is not None:
+        import torch.distributed as dist
+
+        sums = torch.stack([(current - reference).abs().sum(), reference.abs().sum()]).double()
+        dist.all_reduce(sums, group=group)
+        return float("inf") if sums[1] == 0 else float(sums[0] / sums[1])
     denominator = reference.abs().mean()
     if denominator == 0:
         return float("inf")
@@ -140,7 +150,7 @@ class BlockCacheHook(ModelHook):
             and reference.shape == residual.shape
             and state.cached_hidden_residual is not None
             and (limit is None or state.consecutive_reuses < limit)
-            and relative_l1(residual, reference) < self.config.threshold
+            and relative_l1(residual, reference, self.runtime.decision_group) < self.config.threshold
         )
         state.reuse = reuse
         if reuse:

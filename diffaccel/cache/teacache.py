@@ -150,7 +150,7 @@ class TeaCacheHook(ModelHook):
         previous = state.previous_indicator
         change = None
         if previous is not None and previous.shape == indicator.shape:
-            change = relative_l1(indicator, previous)
+            change = relative_l1(indicator, previous, self.runtime.decision_group)
         state.previous_indicator = indicator
         state.last_change = change
         forced = (

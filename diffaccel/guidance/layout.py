@@ -21,29 +21,41 @@ NOT_BATCHED = frozenset(
 )
 
 
-def cond_half(value: Any, full: int, name: str | None = None) -> Any:
-    """``value`` with every tensor whose first dimension is the doubled batch ``full`` cut to its second
-    (conditional) half; dicts, lists and tuples are walked, everything else is returned as is."""
+def batch_half(value: Any, full: int, which: int, name: str | None = None) -> Any:
+    """``value`` with every tensor whose first dimension is the doubled batch ``full`` cut to its first
+    (``which=0``, unconditional) or second (``which=1``, conditional) half; dicts, lists and tuples are
+    walked, everything else is returned as is."""
     if name in NOT_BATCHED:
         return value
     if isinstance(value, torch.Tensor):
         if value.dim() >= 1 and value.shape[0] == full:
-            return value[full // 2 :]
+            half = full // 2
+            return value[half * which : half * (which + 1)]
         return value
     if isinstance(value, dict):
-        return type(value)((key, cond_half(item, full, key)) for key, item in value.items())
+        return type(value)((key, batch_half(item, full, which, key)) for key, item in value.items())
     if isinstance(value, (list, tuple)) and not _is_namedtuple(value):
-        return type(value)(cond_half(item, full) for item in value)
+        return type(value)(batch_half(item, full, which) for item in value)
     return value
 
 
-def cond_half_arguments(args: tuple, kwargs: dict, full: int, names: list[str]) -> tuple[tuple, dict]:
-    """All forward arguments cut to the conditional half; ``names`` are the positional parameter names."""
+def cond_half(value: Any, full: int, name: str | None = None) -> Any:
+    """``value`` cut to the conditional (second) half of a doubled batch."""
+    return batch_half(value, full, 1, name)
+
+
+def half_arguments(args: tuple, kwargs: dict, full: int, names: list[str], which: int) -> tuple[tuple, dict]:
+    """All forward arguments cut to one half of a doubled batch; ``names`` are the positional parameter names."""
     sliced_args = tuple(
-        cond_half(value, full, names[i] if i < len(names) else None) for i, value in enumerate(args)
+        batch_half(value, full, which, names[i] if i < len(names) else None) for i, value in enumerate(args)
     )
-    sliced_kwargs = {key: cond_half(value, full, key) for key, value in kwargs.items()}
+    sliced_kwargs = {key: batch_half(value, full, which, key) for key, value in kwargs.items()}
     return sliced_args, sliced_kwargs
+
+
+def cond_half_arguments(args: tuple, kwargs: dict, full: int, names: list[str]) -> tuple[tuple, dict]:
+    """All forward arguments cut to the conditional half."""
+    return half_arguments(args, kwargs, full, names, 1)
 
 
 def _is_namedtuple(value: Any) -> bool:

@@ -96,6 +96,9 @@ class Runtime:
         self.adapter = adapter
         self.config = config
         self.clock = StepClock()
+        # Set by context parallel: cache decisions are all-reduced over this process group, so that
+        # ranks holding different shards of the sequence never disagree on skipping a block.
+        self.decision_group = None
         self.blocks_per_forward = adapter.count_blocks(denoiser)
         self.call_stats = RunStats(blocks_per_forward=self.blocks_per_forward)
         self.total_stats = RunStats(blocks_per_forward=self.blocks_per_forward)

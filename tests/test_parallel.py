@@ -1,0 +1,115 @@
+"""CFG parallel and Ulysses context parallel under torchrun (gloo, 2 CPU processes) against one process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+from tiny_pipelines import build, run
+
+import diffaccel
+from diffaccel import ParallelConfig
+
+CACHE = {"method": "block", "threshold": 0.3, "warmup_steps": 1}
+AG = {"method": "adaptive", "threshold": -1.0, "min_steps": 2}
+SCENARIOS = [
+    dict(name="cfg_batched", family="pixart_alpha", config={"parallel": {"method": "cfg"}}),
+    dict(name="cfg_separate", family="wan", config={"parallel": {"method": "cfg"}}),
+    dict(name="cfg_separate_cache_ag", family="wan", config={"parallel": {"method": "cfg"}, "cache": CACHE, "guidance": AG}),
+    dict(name="ulysses_flux_cache", family="flux", config={"parallel": {"method": "context"}, "cache": CACHE}),
+    dict(name="ulysses_wan_cache", family="wan", config={"parallel": {"method": "context"}, "cache": CACHE}),
+    dict(name="wrong_degrees", family="wan", config={"parallel": {"method": "hybrid", "cfg": 2, "ulysses": 2}}),
+    dict(name="no_plan", family="pixart_alpha", config={"parallel": {"method": "context"}}),
+]
+
+
+@pytest.fixture(scope="module")
+def torchrun_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("parallel")
+    (folder / "scenarios.json").write_text(json.dumps(SCENARIOS))
+    worker = Path(__file__).with_name("parallel_worker.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(folder / "scenarios.json"), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return folder
+
+
+def _single_process(family, config):
+    case = build(family)
+    config = {k: v for k, v in config.items() if k != "parallel"}
+    diffaccel.accelerate(case.pipe, config)
+    try:
+        return run(case), diffaccel.stats(case.pipe)
+    finally:
+        diffaccel.remove(case.pipe)
+
+
+def _result(folder, name):
+    return np.load(folder / f"{name}.npy"), json.loads((folder / f"{name}.json").read_text())
+
+
+def test_cfg_parallel_doubled_batch_equals_one_process(torchrun_results):
+    out, stats = _result(torchrun_results, "cfg_batched")
+    single, _ = _single_process("pixart_alpha", {})
+    np.testing.assert_allclose(out, single, atol=1e-4)
+    assert stats["parallel_cfg_exchanges"] == stats["steps"]  # one all-gather per step
+
+
+def test_cfg_parallel_separate_calls_equals_one_process(torchrun_results):
+    out, stats = _result(torchrun_results, "cfg_separate")
+    single, _ = _single_process("wan", {})
+    np.testing.assert_allclose(out, single, atol=1e-4)
+    # From the second step on, rank 1 computes the unconditional branch during the conditional call.
+    assert stats["parallel_cfg_speculated"] == stats["steps"] - 1
+    assert "parallel_cfg_mispredicted" not in stats
+
+
+def test_cfg_parallel_composes_with_cache_and_adaptive_guidance(torchrun_results):
+    out, stats = _result(torchrun_results, "cfg_separate_cache_ag")
+    single, single_stats = _single_process("wan", {"cache": CACHE, "guidance": AG})
+    np.testing.assert_allclose(out, single, atol=1e-4)
+    assert stats["guidance_skipped_uncond"] == single_stats["guidance_skipped_uncond"] > 0
+    assert stats["blocks_skipped"] > 0
+    # Step 1 is speculated and used; step 2 is speculated but guidance skips the branch, so from step 3 on
+    # rank 1 stops speculating (it duplicates the conditional call).
+    assert stats["parallel_cfg_speculated"] == 2
+
+
+@pytest.mark.parametrize("family, name", [("flux", "ulysses_flux_cache"), ("wan", "ulysses_wan_cache")])
+def test_ulysses_with_block_cache_equals_one_process(torchrun_results, family, name):
+    out, stats = _result(torchrun_results, name)
+    single, single_stats = _single_process(family, {"cache": CACHE})
+    np.testing.assert_allclose(out, single, atol=1e-4)
+    # The reuse decision is all-reduced: both ranks skip exactly what one process skips.
+    assert stats["blocks_skipped"] == single_stats["blocks_skipped"] > 0
+
+
+def test_wrong_degrees_and_missing_plans_are_clear_errors(torchrun_results):
+    assert "world size 2" in (torchrun_results / "wrong_degrees.error").read_text()
+    assert "no context-parallel plan" in (torchrun_results / "no_plan.error").read_text()
+
+
+def test_without_torchrun_it_says_how_to_launch():
+    assert not (dist.is_available() and dist.is_initialized())
+    case = build("pixart_alpha")
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node"):
+        diffaccel.accelerate(case.pipe, parallel="cfg")
+
+
+def test_degrees_fill_the_world_size():
+    assert ParallelConfig(cfg=2, ulysses=0).degrees(8) == (2, 1, 4)
+    assert diffaccel.resolve_config(None, parallel="cfg").parallel.degrees(2) == (2, 1, 1)
+    assert diffaccel.resolve_config(None, parallel="context").parallel.degrees(4) == (1, 1, 4)
+    with pytest.raises(ValueError, match="world size 6"):
+        ParallelConfig(cfg=2, ulysses=4).degrees(6)
+    with pytest.raises(ValueError, match="at most one degree"):
+        ParallelConfig(cfg=0, ulysses=0)
+    with pytest.raises(ValueError, match="cfg"):
+        ParallelConfig(cfg=3)
