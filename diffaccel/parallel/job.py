@@ -1,0 +1,82 @@
+"""A farm job: the model, the acceleration config and the call every item shares.
+
+It is small and picklable on purpose: each Ray actor or torchrun rank builds its own pipeline
+from it, and its ``record`` is the fingerprint that keeps different jobs out of one folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .manifest import JobRecord
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class FarmJob:
+    """``model``: "image"/"video" (the embedded reference models), a hub id or a local folder;
+    ``config``: an ``AccelConfig.to_dict()``; ``call``: pipeline call arguments shared by all items."""
+
+    model: str
+    config: dict
+    call: dict = field(default_factory=dict)
+    dtype: str = "auto"
+    fps: int = 8
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"FarmJob.dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        if self.fps < 1:
+            raise ValueError(f"FarmJob.fps must be >= 1, got {self.fps}.")
+        if self.config.get("parallel"):
+            raise ValueError("The farm runs one pipeline per replica process; a config with parallel="
+                             f"{self.config['parallel'].get('method')!r} spreads one call over several processes, which "
+                             "farm replicas do not do yet. Drop the parallel slot (more replicas give the throughput).")
+
+    @property
+    def name(self) -> str:
+        """The model as results name it (``reference-image`` for the embedded image model)."""
+        from diffaccel.pipelines import reference
+
+        return f"reference-{self.model}" if _is_embedded(self.model, reference.NAMES) else self.model
+
+    def accel_config(self):
+        from diffaccel.config import AccelConfig
+
+        return AccelConfig.from_dict(self.config)
+
+    def record(self) -> JobRecord:
+        import diffaccel
+
+        return JobRecord(model=self.name, config=self.config, call=self.call, dtype=self.dtype, fps=self.fps,
+                         diffaccel=diffaccel.__version__)
+
+
+def _is_embedded(model: str, names: tuple[str, ...]) -> bool:
+    return model in names and not Path(model).exists()
+
+
+def make_job(model: str | None, config: Any, overrides: dict[str, Any] | None = None, dtype: str = "auto",
+             fps: int = 8) -> FarmJob:
+    """Resolve what the user named into a job, without loading the model: the embedded models'
+    trained call defaults under the user's ``overrides`` (None values ignored); a local folder is
+    made absolute so the fingerprint does not depend on the working directory."""
+    import diffaccel
+    from diffaccel.pipelines import reference
+
+    model = model or "image"
+    call: dict[str, Any] = {}
+    if _is_embedded(model, reference.NAMES):
+        call.update(reference.call_defaults(model))
+        if "num_frames" in (overrides or {}) and overrides["num_frames"] is not None and not reference.info(model)["is_video"]:
+            raise ValueError(f"--frames applies to video models; the embedded {model} model makes images.")
+    elif Path(model).exists():
+        model = str(Path(model).resolve())
+    call.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if "guidance_scale" in call:
+        call["guidance_scale"] = float(call["guidance_scale"])
+    accel = diffaccel.resolve_config(config or "fast")  # a bad preset or config fails here, before any loading
+    return FarmJob(model=model, config=accel.to_dict(), call=call, dtype=dtype, fps=fps)
