@@ -174,6 +174,48 @@ def _add_tune_guidance(sub) -> None:
     q.set_defaults(func=tune_guidance_command)
 
 
+def _add_farm(subparsers) -> None:
+    from diffaccel.parallel.farm import ENGINES, farm_command
+
+    p = subparsers.add_parser(
+        "farm",
+        help="render many prompts over many devices or nodes, resumably, with a manifest",
+        description="Renders every prompt of a file to DIR/<shard>/<id>.png|mp4 (ids hash prompt, seed, model, config "
+        "and call), one manifest row per output in DIR/manifest/. A rerun skips finished items and retries failed "
+        "ones; DIR/job.json refuses a run with another model, config or call. Under torchrun: "
+        "torchrun --nproc_per_node=N -m diffaccel.cli farm ... --engine torchrun.",
+    )
+    p.add_argument("--model", default=None, help="embedded 'image' (default) or 'video', or a diffusers id / folder")
+    p.add_argument("--prompts", required=True,
+                   help="prompts.jsonl (one object a line: prompt, optional seed, negative_prompt, num_inference_steps, "
+                   "guidance_scale, height, width, num_frames) or a text file (one prompt a line)")
+    p.add_argument("--preset", default=None, help="acceleration preset: off, safe, fast, turbo (default: fast)")
+    p.add_argument("--config", default=None, help="an AccelConfig saved as .json or .yaml (overrides --preset)")
+    p.add_argument("--out", required=True, help="the job folder: outputs, manifest/, job.json, summary.json")
+    p.add_argument("--engine", choices=list(ENGINES), default="local",
+                   help="local: this process (default); torchrun: one replica per launched process; ray: an actor pool")
+    p.add_argument("--workers", type=int, default=None,
+                   help="replicas: ray (default one per --devices-per-replica GPUs, 1 on CPU); torchrun takes the "
+                   "launcher's process count; local runs 1")
+    p.add_argument("--devices-per-replica", type=int, default=1,
+                   help="GPUs one pipeline is spread over (device_map='balanced'); 1 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i unless its line sets one")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt of items whose line sets none")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None, help="number of frames (video models)")
+    p.add_argument("--fps", type=int, default=8, help="frames per second of written videos")
+    p.add_argument("--device", default=None, help="torch device of the local/torchrun replica (default: its GPU, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--retries", type=int, default=1, help="more tries of an item that raised, within this run (default 1)")
+    p.add_argument("--max-items", type=int, default=None, help="render at most this many of the remaining items")
+    p.add_argument("--ray-address", default=None, help="a Ray cluster to join (default: one running here, else a new local one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=farm_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffaccel",
@@ -187,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_bench(subparsers)
     _add_tune(subparsers)
+    _add_farm(subparsers)
     return parser
 
 
