@@ -161,6 +161,23 @@ def test_changed_config_or_call_gets_a_new_fingerprint_and_is_refused(tmp_path):
             open_job(tmp_path / field, other)
     stored = json.loads((tmp_path / "config" / "job.json").read_text())
     assert stored["fingerprint"] == fast.fingerprint() and stored["model"] == "reference-image"
+    assert stored["revision"].startswith("sha256:")
+
+
+def test_retrained_weights_in_the_same_folder_are_a_new_job(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "transformer").mkdir(parents=True)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"step 100")
+    first = make_job(str(folder), "fast").record()
+    assert first.model == str(folder.resolve()) and first.revision.startswith("sha256:")
+    weights.write_bytes(b"step 200")
+    second = make_job(str(folder), "fast").record()
+    assert second.revision != first.revision and second.fingerprint() != first.fingerprint()
+    open_job(tmp_path / "out", first)
+    with pytest.raises(ValueError, match=r"fields that differ: \['revision'\]"):
+        open_job(tmp_path / "out", second)
+    assert make_job("some-org/not-in-the-cache", "fast").record().revision is None
 
 
 # --- local engine ---------------------------------------------------------------------------

@@ -85,8 +85,9 @@ def run_farm(job: FarmJob, prompts: Sequence[PromptLine], out: str | Path, engin
     out = Path(out)
     items = work_items(list(prompts), job.name, job.config, job.call)
     runner = make_engine(engine, options or EngineOptions())
+    record = job.record()
     try:
-        open_job(out, job.record())  # every process checks: a mismatch fails on all ranks alike
+        open_job(out, record)  # every process checks: a mismatch fails on all ranks alike
         plan = runner.share(lambda: make_plan(out, items, max_items))
         start = time.perf_counter()
         rows = runner.run(job, plan.todo, out, pipe)
@@ -102,7 +103,7 @@ def run_farm(job: FarmJob, prompts: Sequence[PromptLine], out: str | Path, engin
                       left=plan.total - plan.finished - len(rows), seconds=round(seconds, 3),
                       mean_render_seconds=round(sum(renders) / len(renders), 4) if renders else None)
     tmp = out / f".{SUMMARY_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"engine": engine, "fingerprint": job.record().fingerprint(), **summary.to_dict()},
+    tmp.write_text(json.dumps({"engine": engine, "fingerprint": record.fingerprint(), **summary.to_dict()},
                               indent=2) + "\n")
     os.replace(tmp, out / SUMMARY_FILE)
     return summary

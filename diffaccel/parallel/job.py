@@ -6,6 +6,7 @@ from it, and its ``record`` is the fingerprint that keeps different jobs out of 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from .manifest import JobRecord
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+HASHED_FILE_LIMIT = 64 << 20  # larger weight files are identified by name and size, not read
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,35 @@ class FarmJob:
         return AccelConfig.from_dict(self.config)
 
     def record(self) -> JobRecord:
+        """The fingerprint's fields (reads a local model folder to hash it: call once per run)."""
         import diffaccel
 
-        return JobRecord(model=self.name, config=self.config, call=self.call, dtype=self.dtype, fps=self.fps,
-                         diffaccel=diffaccel.__version__)
+        return JobRecord(model=self.name, revision=model_revision(self.model), config=self.config, call=self.call,
+                         dtype=self.dtype, fps=self.fps, diffaccel=diffaccel.__version__)
+
+
+def model_revision(model: str) -> str | None:
+    """What identifies the weights behind a model name, so retrained weights under the same name are a
+    new job: a content hash of a local folder (the embedded models included), the snapshot commit of a
+    hub id found in the local cache, None when neither is known."""
+    from diffaccel.pipelines import reference
+
+    folder = reference.path(model) if _is_embedded(model, reference.NAMES) else Path(model)
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            size = path.stat().st_size
+            digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+            if size <= HASHED_FILE_LIMIT:
+                digest.update(path.read_bytes())
+        return "sha256:" + digest.hexdigest()[:16]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "model_index.json")
+    except Exception:  # noqa: BLE001 - not a hub id either: nothing to identify
+        return None
+    return f"hub:{Path(cached).parent.name}" if isinstance(cached, str) else None
 
 
 def _is_embedded(model: str, names: tuple[str, ...]) -> bool:

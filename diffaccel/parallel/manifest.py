@@ -31,6 +31,7 @@ class JobRecord:
     model, config, call or diffaccel version are never mixed into it."""
 
     model: str
+    revision: str | None  # the weights: a content hash of a local folder, or a hub snapshot commit
     config: dict
     call: dict
     dtype: str
