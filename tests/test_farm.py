@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffaccel.cli import main
@@ -44,8 +45,6 @@ def write_txt(path, n):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread: on 2 shared cores two spinning OpenMP threads run many times slower."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -228,7 +227,8 @@ def test_a_failed_item_is_recorded_then_retried_by_a_rerun(pipe, tmp_path, monke
     bad = scene_prompts(4)[1]
     out = tmp_path / "out"
     failing_first(pipe, monkeypatch, bad, times=1)
-    first = run_farm(job(), read_prompt_lines(prompts), out, "local", EngineOptions(progress=False, retries=0), pipe=pipe)
+    options = EngineOptions(progress=False, retries=0)
+    first = run_farm(job(), read_prompt_lines(prompts), out, "local", options, pipe=pipe)
     assert (first.done, first.failed) == (3, 1)
     failed = [r for r in read_manifest(out) if r.status == "failed"]
     assert len(failed) == 1 and failed[0].prompt == bad and failed[0].error == "RuntimeError: simulated device error"
@@ -295,7 +295,8 @@ def test_video_items_are_mp4(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--prompts", "missing.txt"], "Prompts file 'missing.txt' does not exist"),
-    (["--devices-per-replica", "2"], r"--devices-per-replica 2 spreads one pipeline over 2 GPUs, but this machine has none"),
+    pytest.param(["--devices-per-replica", "2"], r"--devices-per-replica 2 spreads one pipeline over 2 GPUs, but this",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="applies on a CPU machine")),
     (["--workers", "2"], r"--engine local runs one worker in this process, not 2"),
     (["--preset", "warp"], r"warp"),
 ])

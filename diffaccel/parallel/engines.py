@@ -240,7 +240,7 @@ class RayEngine:
 
         ray = self.ray
         if pipe is not None:
-            raise ValueError("--engine ray loads a pipeline in every replica; a loaded pipe= applies to the local engine.")
+            raise ValueError("--engine ray loads a pipeline in every replica; pipe= applies to the local engine.")
         if not todo:
             return []
         remote = ray.remote(max_restarts=RAY_MAX_RESTARTS, max_task_retries=RAY_MAX_TASK_RETRIES)(Replica)

@@ -34,9 +34,10 @@ class FarmJob:
         if self.fps < 1:
             raise ValueError(f"FarmJob.fps must be >= 1, got {self.fps}.")
         if self.config.get("parallel"):
-            raise ValueError("The farm runs one pipeline per replica process; a config with parallel="
-                             f"{self.config['parallel'].get('method')!r} spreads one call over several processes, which "
-                             "farm replicas do not do yet. Drop the parallel slot (more replicas give the throughput).")
+            method = self.config["parallel"].get("method")
+            raise ValueError(f"The farm runs one pipeline per replica process; a config with parallel={method!r} "
+                             "spreads one call over several processes, which farm replicas do not do yet. Drop the "
+                             "parallel slot (more replicas give the throughput).")
 
     @property
     def name(self) -> str:
@@ -98,7 +99,7 @@ def make_job(model: str | None, config: Any, overrides: dict[str, Any] | None = 
     call: dict[str, Any] = {}
     if _is_embedded(model, reference.NAMES):
         call.update(reference.call_defaults(model))
-        if "num_frames" in (overrides or {}) and overrides["num_frames"] is not None and not reference.info(model)["is_video"]:
+        if (overrides or {}).get("num_frames") is not None and not reference.info(model)["is_video"]:
             raise ValueError(f"--frames applies to video models; the embedded {model} model makes images.")
     elif Path(model).exists():
         model = str(Path(model).resolve())
