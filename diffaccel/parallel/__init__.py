@@ -2,5 +2,17 @@
 
 from .config import CfgParallelConfig, ContextParallelDegrees, ParallelConfig
 from .farm import EngineOptions, FarmJob, Summary, make_job, read_prompt_lines, run_farm
-from .config import CfgParallelConfig, ContextParallelDegrees, ParallelConfig  # noqa: E402
-from .handler import ParallelHandler  # noqa: E402
+from .handler import ParallelHandler
+
+__all__ = [
+    "CfgParallelConfig",
+    "ContextParallelDegrees",
+    "EngineOptions",
+    "FarmJob",
+    "ParallelConfig",
+    "ParallelHandler",
+    "Summary",
+    "make_job",
+    "read_prompt_lines",
+    "run_farm",
+]
