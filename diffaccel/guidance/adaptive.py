@@ -43,7 +43,7 @@ from diffaccel.pipelines.adapters import argument_position, get_argument, set_ar
 from diffaccel.registry import AccelTarget, register_method
 from diffaccel.runtime import COND, COND_UNCOND, UNCOND
 
-from .layout import cond_half_arguments, prediction_of, with_prediction
+from .layout import cond_half_arguments, prediction_of, same_arguments, same_tensor, with_prediction
 from .rules import (
     CARRY_GUIDANCE,
     COMPUTE,
@@ -314,7 +314,7 @@ class AdaptiveGuidanceHook(ModelHook):
         record = state.record(ctx.step_index)
         if record.cond is None:  # this pipeline calls "uncond" first: compute the conditional here
             return action if self._precompute_cond(state, ctx.step_index, args, kwargs) else COMPUTE
-        if not _same_tensor(record.latents, latents):
+        if not same_tensor(record.latents, latents):
             self._warn(state, "latents", "the unconditional call got other latents than the conditional "
                        "one; evaluating it instead of skipping")
             return COMPUTE
@@ -447,7 +447,7 @@ class AdaptiveGuidanceHook(ModelHook):
             return None
         _, output, used_args, used_kwargs = state.precomputed
         state.precomputed = None
-        if _same_arguments(used_args, used_kwargs, args, kwargs):
+        if same_arguments(used_args, used_kwargs, args, kwargs):
             self.runtime.narrow_forward(())  # computed during the "uncond" call already
             return output
         state.precompute_ok = False
@@ -465,31 +465,6 @@ class AdaptiveGuidanceHook(ModelHook):
         if key not in state.warned:
             state.warned.add(key)
             logger.warning("diffaccel: %s.", message)
-
-
-def _same_tensor(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-    return False
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return _same_tensor(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
-    try:
-        return bool(a == b)
-    except Exception:  # objects without a usable ==
-        return a is b
-
-
-def _same_arguments(args_a: tuple, kwargs_a: dict, args_b: tuple, kwargs_b: dict) -> bool:
-    return _same_value(list(args_a), list(args_b)) and _same_value(kwargs_a, kwargs_b)
 
 
 # ------------------------------------------------------------------------------------------ handler

@@ -87,3 +87,31 @@ def with_prediction(output: Any, prediction: torch.Tensor) -> Any:
     if isinstance(output, (tuple, list)):
         return type(output)([prediction, *output[1:]])
     raise ValueError(f"diffaccel guidance: cannot rebuild a denoiser output of type {type(output).__name__}.")
+
+
+def same_tensor(a: Any, b: Any) -> bool:
+    """The same object, or tensors of equal shape, dtype and values."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    return False
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal forward arguments: tensors by value, containers walked, the rest by ``==``."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return same_tensor(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a usable ==
+        return a is b
+
+
+def same_arguments(args_a: tuple, kwargs_a: dict, args_b: tuple, kwargs_b: dict) -> bool:
+    """Two calls with equal positional and keyword arguments."""
+    return same_value(list(args_a), list(args_b)) and same_value(kwargs_a, kwargs_b)

@@ -31,26 +31,10 @@ import torch
 import torch.distributed as dist
 from diffusers.hooks.hooks import ModelHook
 
-from diffaccel.guidance.layout import half_arguments, prediction_of, with_prediction
+from diffaccel.guidance.layout import half_arguments, prediction_of, same_value, with_prediction
 from diffaccel.runtime.context import COND, COND_UNCOND, UNCOND
 
 from .context import ParallelGroups
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Identical objects or equal values (tensors compared elementwise, containers walked)."""
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
 
 
 def _as_kwargs(args: tuple, kwargs: dict, names: list[str]) -> dict:
@@ -133,7 +117,7 @@ class CfgParallelHook(ModelHook):
         call = _as_kwargs(args, kwargs, self.names)
         self.previous[UNCOND] = call
         stashed, self.stashed = self.stashed, None
-        if stashed is not None and _same(call, stashed[0]):
+        if stashed is not None and same_value(call, stashed[0]):
             return stashed[1]
         if stashed is not None:
             self.runtime.count("parallel_cfg_mispredicted")
@@ -147,7 +131,7 @@ class CfgParallelHook(ModelHook):
         if last_cond is None or last_uncond is None or last_cond.keys() != last_uncond.keys() or call.keys() != last_cond.keys():
             return None
         return {
-            key: (last_uncond[key] if not _same(last_cond[key], last_uncond[key]) else call[key]) for key in call
+            key: (last_uncond[key] if not same_value(last_cond[key], last_uncond[key]) else call[key]) for key in call
         }
 
     def _run_as_uncond(self, call: dict):
