@@ -26,19 +26,26 @@ SCENARIOS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def torchrun_results(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("parallel")
-    (folder / "scenarios.json").write_text(json.dumps(SCENARIOS))
+HYBRID = [dict(name="hybrid_wan_cache", family="wan", config={"parallel": {"method": "hybrid", "cfg": 2, "ulysses": 2}, "cache": CACHE})]
+
+
+def _torchrun(folder, scenarios, processes):
+    (folder / "scenarios.json").write_text(json.dumps(scenarios))
     worker = Path(__file__).with_name("parallel_worker.py")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(folder / "scenarios.json"), str(folder)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(worker),
+         str(folder / "scenarios.json"), str(folder)],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return folder
+
+
+@pytest.fixture(scope="module")
+def torchrun_results(tmp_path_factory):
+    return _torchrun(tmp_path_factory.mktemp("parallel"), SCENARIOS, 2)
 
 
 def _single_process(family, config):
@@ -89,6 +96,16 @@ def test_ulysses_with_block_cache_equals_one_process(torchrun_results, family, n
     np.testing.assert_allclose(out, single, atol=1e-4)
     # The reuse decision is all-reduced: both ranks skip exactly what one process skips.
     assert stats["blocks_skipped"] == single_stats["blocks_skipped"] > 0
+
+
+def test_hybrid_cfg_times_ulysses_on_four_ranks(tmp_path):
+    """cfg=2 x ulysses=2: two CFG groups, each splitting the sequence over two ranks."""
+    folder = _torchrun(tmp_path, HYBRID, 4)
+    out, stats = _result(folder, "hybrid_wan_cache")
+    single, single_stats = _single_process("wan", {"cache": CACHE})
+    np.testing.assert_allclose(out, single, atol=1e-4)
+    assert stats["parallel_cfg_speculated"] == stats["steps"] - 1
+    assert stats["blocks_skipped"] > 0 and single_stats["blocks_skipped"] > 0
 
 
 def test_wrong_degrees_and_missing_plans_are_clear_errors(torchrun_results):
