@@ -1,5 +1,6 @@
 """Methods that change the sampling loop itself: pipeline wrappers around the diffusers pipeline."""
 
 from .bottleneck import BottleneckConfig
+from .resshift import ResShiftScheduler, ResShiftSchedulerOutput
 
-__all__ = ["BottleneckConfig"]
+__all__ = ["BottleneckConfig", "ResShiftScheduler", "ResShiftSchedulerOutput"]
