@@ -2,6 +2,7 @@
 
     pipe = diffaccel.pipelines.reference.load("image")   # a CogView4Pipeline trained here
     pipe = diffaccel.pipelines.reference.load("video")   # a WanPipeline trained here
+    pipe = diffaccel.pipelines.reference.load("upscale")   # x2 super-resolution, ResShift T=4 ("upscale15": T=15)
     diffaccel.pipelines.reference.info("image")          # resolutions, default steps/guidance, ...
 
 They are ordinary diffusers pipelines (``DiffusionPipeline.from_pretrained(path("image"))`` works
@@ -38,12 +39,32 @@ INFO: dict[str, dict[str, Any]] = {
         "is_video": True,
     },
 }
-NAMES = tuple(INFO)
+NAMES = tuple(INFO)  # the generative models
+
+# The x2 super-resolution models (ResShiftPipeline, 64 -> 128 px, pixel space; scripts/train_resshift.py).
+UPSCALERS: dict[str, dict[str, Any]] = {
+    "upscale": {
+        "pipeline": "ResShiftPipeline",
+        "scale_factor": 2,
+        "train_resolutions": [128],
+        "default_steps": 4,
+        "schedule": "ResShift journal settings: T=4, kappa=2, p=0.3, min_noise_level=0.2",
+        "is_video": False,
+    },
+    "upscale15": {
+        "pipeline": "ResShiftPipeline",
+        "scale_factor": 2,
+        "train_resolutions": [128],
+        "default_steps": 15,
+        "schedule": "ResShift NeurIPS settings: T=15, kappa=2, p=0.3, min_noise_level=0.04",
+        "is_video": False,
+    },
+}
 
 
 def _check(name: str) -> None:
-    if name not in INFO:
-        raise ValueError(f"Unknown reference model {name!r}; choose from {list(NAMES)}.")
+    if name not in INFO and name not in UPSCALERS:
+        raise ValueError(f"Unknown reference model {name!r}; choose from {list(NAMES) + list(UPSCALERS)}.")
 
 
 def path(name: str) -> Path:
@@ -51,18 +72,17 @@ def path(name: str) -> Path:
     _check(name)
     folder = WEIGHTS / name
     if not (folder / "model_index.json").is_file():
-        raise ValueError(
-            f"The reference {name} model is not in this checkout ({folder}); "
-            f"train it with: python scripts/train_reference.py {name}"
-        )
+        script = (f"scripts/train_resshift.py {'resshift4' if name == 'upscale' else 'resshift15'}"
+                  if name in UPSCALERS else f"scripts/train_reference.py {name}")
+        raise ValueError(f"The reference {name} model is not in this checkout ({folder}); train it with: python {script}")
     return folder
 
 
 def info(name: str) -> dict[str, Any]:
     """The model's facts: train_resolutions, default_steps, default_guidance, frames (video), training record."""
     _check(name)
-    facts = dict(INFO[name])
-    state = WEIGHTS / name / "transformer" / "training_state.json"
+    facts = dict(INFO[name] if name in INFO else UPSCALERS[name])
+    state = WEIGHTS / name / ("unet" if name in UPSCALERS else "transformer") / "training_state.json"
     if state.is_file():
         facts["training"] = json.loads(state.read_text())
     return facts
@@ -71,6 +91,8 @@ def info(name: str) -> dict[str, Any]:
 def call_defaults(name: str) -> dict[str, Any]:
     """The keyword arguments that run the model as trained (size, frames, steps, guidance)."""
     facts = info(name)
+    if name in UPSCALERS:
+        return {"num_inference_steps": facts["default_steps"]}
     kwargs = {
         "height": facts["default_resolution"],
         "width": facts["default_resolution"],
@@ -83,9 +105,17 @@ def call_defaults(name: str) -> dict[str, Any]:
 
 
 def load(name: str = "image", device: str = "cpu", dtype=None):
-    """The shipped reference pipeline, in float32 on CPU unless told otherwise."""
+    """The shipped reference pipeline, in float32 on CPU unless told otherwise ("upscale" /
+    "upscale15": a ``diffaccel.pipelines.restoration.ResShiftPipeline``)."""
     import torch
     from diffusers import DiffusionPipeline
+
+    if name in UPSCALERS:
+        from diffaccel.pipelines.restoration import ResShiftPipeline
+
+        pipe = ResShiftPipeline.from_pretrained(path(name), dtype=dtype or torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
 
     from diffusers.utils import logging as diffusers_logging
 
