@@ -60,3 +60,32 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     # H.264 wants even sizes; macro_block_size=1 keeps tiny test frames as they are.
     iio.imwrite(path, pixels, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1)
     return path
+
+
+def read_video(path: str | Path) -> tuple[np.ndarray, int]:
+    """(F, H, W, 3) uint8 frames of an .mp4 (needs imageio-ffmpeg) or .gif, and its frame rate (8 if unknown)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if path.suffix.lower() == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise ValueError(f"Reading {path.name} needs imageio-ffmpeg: pip install 'diffaccel[video]'.") from None
+    frames = np.asarray(iio.imread(path, index=None))
+    if frames.ndim == 3:  # a one-frame GIF
+        frames = frames[None]
+    if frames.ndim == 4 and frames.shape[-1] == 4:
+        frames = frames[..., :3]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"{path.name}: expected RGB video frames, got an array shaped {frames.shape}.")
+    fps = 8
+    try:
+        meta = iio.immeta(path)
+        if meta.get("fps"):
+            fps = int(round(float(meta["fps"])))
+        elif meta.get("duration"):  # GIF: milliseconds per frame
+            fps = max(1, int(round(1000.0 / float(meta["duration"]))))
+    except Exception:  # metadata is optional; the frames are what matter
+        pass
+    return frames.astype(np.uint8), fps

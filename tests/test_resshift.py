@@ -236,3 +236,32 @@ def test_shipped_resshift4_beats_bicubic_on_heldout_scenes():
     sr = pipe(image=lr, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     gain = psnr(hr, sr).mean - psnr(hr, pil_upscale(lr)).mean
     assert gain > 1.5, f"ResShift-4 is only {gain:.2f} dB above bicubic"
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_upscale_image_folder_and_video(tiny_pipe, tmp_path):
+    import imageio.v3 as iio
+    from PIL import Image
+
+    from diffaccel.cli import main
+    from diffaccel.media import read_video
+
+    model = tmp_path / "model"
+    tiny_pipe.save_pretrained(model)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((16, 24, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    assert main(["upscale", str(folder / "0.png"), "-o", str(tmp_path / "one.png"), "--model", str(model), "--steps", "2"]) == 0
+    assert Image.open(tmp_path / "one.png").size == (48, 32)
+    assert main(["upscale", str(folder), "-o", str(tmp_path / "out"), "--model", str(model)]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png"]
+    iio.imwrite(tmp_path / "clip.gif", (rng.random((3, 16, 16, 3)) * 255).astype(np.uint8), extension=".gif", duration=125, loop=0)
+    assert main(["upscale", str(tmp_path / "clip.gif"), "-o", str(tmp_path / "big.gif"), "--model", str(model)]) == 0
+    frames, _ = read_video(tmp_path / "big.gif")
+    assert frames.shape == (3, 32, 32, 3)
+    assert main(["upscale", str(folder), "-o", str(tmp_path / "x.png"), "--model", str(model)]) == 2
+    assert main(["upscale", str(folder / "0.png"), "-o", str(tmp_path / "x.png"), "--model", str(model), "--steps", "9"]) == 2

@@ -52,7 +52,7 @@ def _pil_to_tensor(img) -> torch.Tensor:
 
 def _array_to_tensor(x, what: str) -> torch.Tensor:
     """numpy / torch, (3, H, W) / (H, W, 3) / (N, ...) -> float (N, 3, H, W) in [0, 1]."""
-    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x.detach()
+    t = torch.from_numpy(np.array(x)) if not isinstance(x, torch.Tensor) else x.detach()
     if t.dtype == torch.uint8:
         t = t.float() / 255.0
     elif not t.is_floating_point():
