@@ -138,8 +138,10 @@ def test_bad_config_is_refused():
 @pytest.fixture(scope="module")
 def tiny_pipe():
     torch.manual_seed(0)
+    unet = make_unet(channels=(8, 16))
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # an untrained model would return y, whatever the noise
     pipe = ResShiftPipeline(
-        make_unet(channels=(8, 16)),
+        unet,
         ResShiftScheduler(num_train_timesteps=4, min_noise_level=0.2, prediction_type="residual", input_normalization="pixel"),
     )
     pipe.set_progress_bar_config(disable=True)
@@ -265,3 +267,20 @@ def test_cli_upscale_image_folder_and_video(tiny_pipe, tmp_path):
     assert frames.shape == (3, 32, 32, 3)
     assert main(["upscale", str(folder), "-o", str(tmp_path / "x.png"), "--model", str(model)]) == 2
     assert main(["upscale", str(folder / "0.png"), "-o", str(tmp_path / "x.png"), "--model", str(model), "--steps", "9"]) == 2
+
+
+def test_cli_generate_then_upscale(tmp_path):
+    from PIL import Image
+
+    from diffaccel.cli import main
+
+    _shipped("upscale")
+    out = tmp_path / "big.png"
+    stats = tmp_path / "stats.json"
+    assert main(["generate", "a large red circle on the left, on a blue background", "-o", str(out),
+                 "--upscale", "2", "--steps", "4", "--stats-json", str(stats)]) == 0
+    assert Image.open(out).size == (128, 128)
+    import json
+
+    report = json.loads(stats.read_text())
+    assert report["upscale_seconds"] > 0 and report["generate_seconds"] > 0

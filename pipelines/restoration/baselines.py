@@ -32,8 +32,12 @@ def flow_euler_step(x: torch.Tensor, x0_hat: torch.Tensor, s: float, s_next: flo
 
 @torch.no_grad()
 def flow_upscale(unet, lr: torch.Tensor, steps: int, factor: int = 2, generator=None) -> torch.Tensor:
+    """``steps`` Euler steps from pure noise; ``generator``: one, or a list with one per image."""
     y = condition(lr, factor)
-    x = torch.randn(y.shape, generator=generator)
+    if isinstance(generator, (list, tuple)):
+        x = torch.stack([torch.randn(y.shape[1:], generator=g) for g in generator])
+    else:
+        x = torch.randn(y.shape, generator=generator)
     grid = np.linspace(0.0, 1.0, steps + 1)
     for s, s_next in zip(grid[:-1], grid[1:]):
         t = torch.full((y.shape[0],), float(s) * FLOW_TIME_SCALE)

@@ -24,11 +24,13 @@ DEFAULT_CHANNELS = (32, 64, 96)
 
 
 def make_unet(space_to_depth: int = 2, channels: tuple[int, ...] = DEFAULT_CHANNELS, sample_size: int = 64):
-    """A fresh ``UNet2DModel``: (2 * 3 * r^2) channels in, 3 * r^2 out, one ResNet block per level, no attention."""
+    """A fresh ``UNet2DModel``: (2 * 3 * r^2) channels in, 3 * r^2 out, one ResNet block per level, no
+    attention (a global operation that does not carry over from training crops to whole images), and a
+    zero output layer, so that an untrained model returns the bicubic upsample (x0 = y - 0)."""
     from diffusers import UNet2DModel
 
     r2 = space_to_depth**2
-    return UNet2DModel(
+    unet = UNet2DModel(
         sample_size=sample_size,
         in_channels=2 * IMAGE_CHANNELS * r2,
         out_channels=IMAGE_CHANNELS * r2,
@@ -37,7 +39,11 @@ def make_unet(space_to_depth: int = 2, channels: tuple[int, ...] = DEFAULT_CHANN
         down_block_types=("DownBlock2D",) * len(channels),
         up_block_types=("UpBlock2D",) * len(channels),
         norm_num_groups=8,
+        add_attention=False,
     )
+    torch.nn.init.zeros_(unet.conv_out.weight)
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    return unet
 
 
 def space_to_depth_of(unet) -> int:
@@ -102,4 +108,4 @@ def sr_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dic
     """MSE + a weight-free perceptual term (gradient L1 + FFT L1; LPIPS needs downloaded weights), on x0 in [-1, 1]."""
     parts = {"mse": F.mse_loss(pred, target), "gradient": gradient_l1(pred, target), "fft": fft_l1(pred, target)}
     total = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
-    return total, {k: float(v) for k, v in parts.items()}
+    return total, {k: float(v.detach()) for k, v in parts.items()}
