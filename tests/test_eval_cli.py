@@ -81,6 +81,8 @@ def test_bench_command_on_the_reference_model(tmp_path):
     assert off["quality"]["psnr"] == 100.0 and "adherence" in turbo["quality"]
     assert turbo["name"] == "turbo" and off["blocks_skipped"] == 0
     Image.open(tmp_path / "speedup_vs_psnr.png").verify()
+    with np.load(tmp_path / "outputs.npz") as saved:  # the samples are kept, so a failed scoring loses no timed run
+        assert sorted(saved) == ["off", "turbo"] and saved["off"].dtype == np.uint8 and len(saved["off"]) == 2
 
 
 def test_eval_errors_are_clear(tmp_path, capsys):

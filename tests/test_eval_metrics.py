@@ -121,6 +121,9 @@ def test_psnr_ssim_known_values():
     out = fidelity(clips, clips + 0.1, lpips_net=None)
     assert out["psnr"].per_sample.shape == (2,) and out["psnr"].mean == pytest.approx(20.0, abs=1e-3)
     assert out["ssim"].per_sample.shape == (2,) and set(out) == {"psnr", "ssim"}
+    noisy = np.clip(clips + rng.normal(0, 0.05, clips.shape), 0, 1).astype(np.float32)
+    whole, batched = ssim(clips, noisy, batch_size=1000), ssim(clips, noisy, batch_size=3)  # frames in batches of 3
+    assert batched.per_sample == pytest.approx(whole.per_sample, abs=1e-12) and whole.mean < 0.99
     with pytest.raises(ValueError, match="shapes differ"):
         psnr(base, base[:2])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
