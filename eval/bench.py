@@ -102,26 +102,29 @@ def run_bench(
     results = [ConfigResult(name=name, config=cfg.to_dict()) for name, cfg in resolved]
     outputs: dict[str, list[np.ndarray]] = {name: [] for name, _ in resolved}
     bar = tqdm(total=repeats * len(resolved) * len(prompts), disable=not progress, desc="bench", unit="call")
+    for name, cfg in resolved:  # warm-up (allocations, lazy init) once per config
+        diffaccel.accelerate(pipe, cfg)
+        _call(pipe, prompts[0], seed, call_kwargs)
+    # Configs take turns call by call, so a slow spell of a shared machine hits every config alike.
     for repeat in range(repeats):
-        for (name, cfg), result in zip(resolved, results):
-            diffaccel.accelerate(pipe, cfg)
-            _call(pipe, prompts[0], seed, call_kwargs)  # warm-up (allocations, lazy init)
-            with PeakMemory(device) as memory:
-                for i, prompt in enumerate(prompts):
+        for i, prompt in enumerate(prompts):
+            for (name, cfg), result in zip(resolved, results):
+                diffaccel.accelerate(pipe, cfg)
+                with PeakMemory(device) as memory:
                     start = time.perf_counter()
                     sample = _call(pipe, prompt, seed + i, call_kwargs)
                     if device.startswith("cuda"):
                         torch.cuda.synchronize()
                     result.seconds.append(time.perf_counter() - start)
-                    if repeat == 0:
-                        outputs[name].append(sample)
-                        stats = diffaccel.stats(pipe)
-                        result.denoiser_calls += stats["denoiser_calls"] / len(prompts)
-                        result.blocks_computed += stats["blocks_computed"] / len(prompts)
-                        result.blocks_skipped += stats["blocks_skipped"] / len(prompts)
-                    bar.update(1)
-            result.peak_memory_mb = max(result.peak_memory_mb, memory.megabytes)
-            result.memory_kind = memory.kind
+                if repeat == 0:
+                    outputs[name].append(sample)
+                    stats = diffaccel.stats(pipe)
+                    result.denoiser_calls += stats["denoiser_calls"] / len(prompts)
+                    result.blocks_computed += stats["blocks_computed"] / len(prompts)
+                    result.blocks_skipped += stats["blocks_skipped"] / len(prompts)
+                result.peak_memory_mb = max(result.peak_memory_mb, memory.megabytes)
+                result.memory_kind = memory.kind
+                bar.update(1)
     bar.close()
     diffaccel.remove(pipe)
     baseline = statistics.median(results[0].seconds)
