@@ -349,9 +349,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     judge = JudgeFeatures("image")
-    result = {"threads": args.threads, "torch": torch.__version__, "quality": quality_vs_nfe(args.num, judge)}
+    result = {"threads": args.threads, "torch": torch.__version__}
     if not args.skip_cascade:
         result["cascade"] = cascade(args.cascade_num, args.timing_num, judge)
+        log(json.dumps(result["cascade"]))
+    result["quality"] = quality_vs_nfe(args.num, judge)
     training = {}
     for name, folder in [("resshift-4", WEIGHTS / "upscale" / "unet"), ("resshift-15", WEIGHTS / "upscale15" / "unet"),
                          ("flow", WEIGHTS / "upscale_baselines" / "flow"), ("regression", WEIGHTS / "upscale_baselines" / "regression")]:

@@ -228,7 +228,7 @@ def test_shipped_models_load_offline_and_upscale_frames(name, steps):
 
 
 def test_shipped_resshift4_beats_bicubic_on_heldout_scenes():
-    """Measured on 200 held-out images: see docs/resshift_bench.md; the floor here is 1.5 dB on 6 images."""
+    """Measured on 200 held-out images: see docs/resshift_bench.md; the floor here is 3 dB on 6 images."""
     from diffaccel.eval.metrics import psnr
     from diffaccel.pipelines.restoration.baselines import pil_upscale
 
@@ -237,7 +237,7 @@ def test_shipped_resshift4_beats_bicubic_on_heldout_scenes():
     lr = data.degrade(hr)
     sr = pipe(image=lr, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     gain = psnr(hr, sr).mean - psnr(hr, pil_upscale(lr)).mean
-    assert gain > 1.5, f"ResShift-4 is only {gain:.2f} dB above bicubic"
+    assert gain > 3.0, f"ResShift-4 is only {gain:.2f} dB above bicubic"
 
 
 # ------------------------------------------------------------------------------------------ CLI
