@@ -347,11 +347,12 @@ def psnr(baseline, accelerated) -> SampleScores:
     return _scores("psnr", _fold(per_frame, lead), "torchmetrics", data_range=1.0, cap_db=PSNR_CAP_DB)
 
 
-def ssim(baseline, accelerated, batch_size: int = 16) -> SampleScores:
+def ssim(baseline, accelerated, batch_size: int = 16, precision: torch.dtype = torch.float64) -> SampleScores:
     """Per-sample SSIM (torchmetrics: Gaussian 11x11, sigma 1.5, data_range 1; clips: mean over frames).
 
-    Frames go through in batches: torchmetrics stacks five padded float64 copies of its whole input,
-    which for a dozen long clips is tens of GB."""
+    Frames go through in batches: torchmetrics stacks five padded copies of its whole input, which for
+    a dozen long clips is tens of GB. ``precision=torch.float32`` is ~25x faster on a CPU and reads up
+    to ~5e-4 lower on flat-coloured images (cancellation where the variance is ~0)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     a, b, lead = _paired(baseline, accelerated)
@@ -359,11 +360,12 @@ def ssim(baseline, accelerated, batch_size: int = 16) -> SampleScores:
         raise ValueError(f"SSIM's 11x11 window needs frames of at least 11 px, got {tuple(a.shape[-2:])}.")
     per_frame = torch.cat([
         structural_similarity_index_measure(
-            b[i : i + batch_size].double(), a[i : i + batch_size].double(), data_range=1.0, reduction="none"
+            b[i : i + batch_size].to(precision), a[i : i + batch_size].to(precision), data_range=1.0, reduction="none"
         ).reshape(-1)
         for i in range(0, len(a), batch_size)
     ])
-    return _scores("ssim", _fold(per_frame, lead), "torchmetrics", data_range=1.0, kernel=11, sigma=1.5)
+    return _scores("ssim", _fold(per_frame, lead), "torchmetrics", data_range=1.0, kernel=11, sigma=1.5,
+                   precision=str(precision).removeprefix("torch."))
 
 
 def lpips_unavailable_reason(net: str = "alex") -> str | None:

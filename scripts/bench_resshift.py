@@ -42,7 +42,7 @@ ROWS = ROOT / "work" / "resshift_bench"
 WEIGHTS = ROOT / "pipelines" / "reference" / "weights"
 
 from diffaccel.eval.features import JudgeFeatures  # noqa: E402
-from diffaccel.eval.metrics import fid, judge_adherence, psnr  # noqa: E402
+from diffaccel.eval.metrics import fid, judge_adherence, psnr, ssim  # noqa: E402
 from diffaccel.pipelines import reference  # noqa: E402
 from diffaccel.pipelines.reference import scenes  # noqa: E402
 from diffaccel.pipelines.restoration import data  # noqa: E402
@@ -71,20 +71,11 @@ def hf_energy(x: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
     return (spec * mask).sum(dim=(-2, -1))
 
 
-def ssim32(hr: torch.Tensor, sr: torch.Tensor) -> float:
-    """Mean SSIM with eval.metrics.ssim's settings (torchmetrics, Gaussian 11x11, sigma 1.5, data_range 1) in
-    float32: 25x faster than its float64 on one CPU thread; on these flat-coloured images it reads up to
-    ~5e-4 lower (float32 cancellation in E[x^2] - E[x]^2 where the variance is ~0), the same for every row."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    return float(structural_similarity_index_measure(sr.float(), hr.float(), data_range=1.0, reduction="none").mean())
-
-
 def scores(sr: torch.Tensor, hr: torch.Tensor, captions: list[str], judge: JudgeFeatures) -> dict:
     f_sr, f_hr = judge(sr).numpy(), judge(hr).numpy()
     return {
         "psnr": float(psnr(hr, sr).mean),
-        "ssim": ssim32(hr, sr),
+        "ssim": float(ssim(hr, sr, precision=torch.float32).mean),  # float32: see metrics.ssim
         "feat_dist": float(np.linalg.norm(f_sr - f_hr, axis=1).mean()),
         "fid_judge": float(fid(hr, sr, features=judge).value),
         "adherence": float(judge_adherence(sr, captions).mean),
@@ -266,7 +257,7 @@ def write_report(result: dict, out: Path) -> None:
         f"Made by `python scripts/bench_resshift.py` ({result['threads']} CPU thread, torch {result['torch']}). "
         "64 -> 128 px; LR = bicubic (antialiased) downsample of the HR image. Networks: the same 1.7M-parameter "
         "`UNet2DModel` (pixel space, 2x2 space-to-depth) for regression, flow matching and ResShift, trained by "
-        "`scripts/train_resshift.py` (minutes and steps below). PSNR/SSIM against HR (SSIM in float32, `ssim32`); *feat* = mean L2 distance of "
+        "`scripts/train_resshift.py` (minutes and steps below). PSNR/SSIM against HR (SSIM in float32, `metrics.ssim(precision=torch.float32)`); *feat* = mean L2 distance of "
         "judge embeddings (upscaled vs HR, paired); *FID-j* = Fréchet distance in judge features against the HR set; "
         "*adh* = judge adherence of the upscaled image to its caption; *HF* = high-frequency energy (above the LR "
         "Nyquist frequency) of the upscaled set over the HR set's; s/img = CPU seconds per image, one thread.",
