@@ -1,10 +1,10 @@
 """Quick end-to-end probe of sparse-attention configs on the reference video model at a long sequence.
 
-One prompt, one seed, no CFG (guidance 1): wall time of a dense call, then of each config, and the
+One prompt, one seed, guidance 1 unless ``--guidance G`` comes first: wall time of a dense call, then of each config, and the
 PSNR of its decoded clip against the dense one. A tuning aid; ``diffaccel bench`` gives the full
 measurement (CFG, many prompts, adherence).
 
-    python scripts/probe_sparse_e2e.py HEIGHT FRAMES STEPS CONFIG[:JSON_OVERRIDES] ...
+    python scripts/probe_sparse_e2e.py [--guidance G] HEIGHT FRAMES STEPS CONFIG[:JSON_OVERRIDES] ...
     python scripts/probe_sparse_e2e.py 192 33 10 docs/configs/sparse_asa_long.yaml \\
         'docs/configs/sparse_asa_long.yaml:{"block_size":128,"max_density":0.2}'
 """
@@ -22,10 +22,13 @@ from diffaccel.pipelines import reference
 
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
+    guidance = 1.0
+    if argv[0] == "--guidance":
+        guidance, argv = float(argv[1]), argv[2:]
     height, frames, steps = (int(x) for x in argv[:3])
     pipe = reference.load("video")
     kwargs = reference.call_defaults("video")
-    kwargs.update(height=height, width=height, num_frames=frames, num_inference_steps=steps, output_type="np", guidance_scale=1.0)
+    kwargs.update(height=height, width=height, num_frames=frames, num_inference_steps=steps, output_type="np", guidance_scale=guidance)
 
     def run():
         start = time.perf_counter()

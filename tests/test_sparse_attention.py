@@ -217,3 +217,57 @@ def test_adaptive_mask_follows_the_attention_mass():
     clamped = adaptive_block_mask(torch.zeros(1, 1, 64, 16), keys, 16, "mass", 0.9, max_density=0.5)
     assert clamped.sum(-1).eq(2).all()
     torch.testing.assert_close(block_scores(queries, keys, 16).sum(-1), torch.ones(1, 1, 4))
+
+
+def test_doubled_batch_groups_average_scores_into_one_mask():
+    torch.manual_seed(1)
+    q, k = torch.randn(4, 2, 96, 8), torch.randn(4, 2, 96, 8)
+    mask = adaptive_block_mask(q, k, 16, "topk", 0.5, groups=2)
+    assert mask.shape == (4, 2, 6, 6)
+    assert torch.equal(mask[:2], mask[2:])
+    # The shared mask keeps the top blocks of the branches' mean scores.
+    mean_scores = block_scores(q, k, 16).unflatten(0, (2, -1)).mean(0)
+    top = mean_scores.topk(3, -1).indices
+    assert mask[:2].gather(-1, top).all()
+    with pytest.raises(ValueError, match="stacked groups"):
+        adaptive_block_mask(q[:3], k[:3], 16, "topk", 0.5, groups=2)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])  # per-branch calls, doubled batch
+def test_cfg_branches_share_one_mask_per_step(family, monkeypatch):
+    """With share_cfg_mask both CFG branches attend through the same blocks at every step and call."""
+    import diffaccel.attention.sparse as sparse
+
+    case = build(family)
+    seen = []
+    original = sparse.block_sparse_attention
+
+    def recording(q, k, v, mask, *args, **kwargs):
+        ctx = diffaccel_runtime(case).clock.current
+        seen.append((ctx.step_index, ctx.branch, mask.expand(q.shape[0], q.shape[1], -1, -1).clone()))
+        return original(q, k, v, mask, *args, **kwargs)
+
+    monkeypatch.setattr(sparse, "block_sparse_attention", recording)
+    config = dict(block_size=16, keep="topk", ratio_or_threshold=0.3, max_density=0.3, dense_steps=0, dense_blocks=())
+    _, stats = _accelerated(case, SIZES[family], BlockSparseAttentionConfig(**config))
+    assert stats["attention_masks_shared"] > 0
+    if family == "wan":
+        by_step = {}
+        for step, branch, mask in seen:
+            by_step.setdefault((step, branch), []).append(mask)
+        for (step, branch), masks in by_step.items():
+            if branch == "uncond":
+                assert all(torch.equal(a, b) for a, b in zip(masks, by_step[(step, "cond")]))
+        assert stats["attention_masks_shared"] == stats["attention_sparse_calls"] // 2
+    else:
+        for _, branch, mask in seen:
+            assert branch == "cond_uncond" and torch.equal(mask[: len(mask) // 2], mask[len(mask) // 2 :])
+    seen.clear()
+    _, stats = _accelerated(case, SIZES[family], BlockSparseAttentionConfig(**config, share_cfg_mask=False))
+    assert "attention_masks_shared" not in stats and seen
+
+
+def diffaccel_runtime(case):
+    from diffaccel.api import runtime_of
+
+    return runtime_of(case.pipe)

@@ -64,11 +64,21 @@ def adaptive_block_mask(
     min_density: float = 0.0,
     max_density: float = 1.0,
     scale: float | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
     """ASA selection. ``keep="topk"``: the fraction ``ratio_or_threshold`` of key blocks per row;
     ``keep="mass"``: the fewest key blocks whose estimated mass reaches ``ratio_or_threshold``. The
-    count per row is then clamped to ``[min_density, max_density]`` of the key blocks (at least one)."""
+    count per row is then clamped to ``[min_density, max_density]`` of the key blocks (at least one).
+
+    ``groups > 1``: the batch is that many stacked copies of the same samples (the CFG branches of a
+    doubled batch); their scores are averaged and every copy gets the same mask, so the branches drop
+    the same blocks and the guidance difference does not amplify the selection noise.
+    """
     scores = block_scores(q, k, block_size, scale)
+    if groups > 1:
+        if scores.shape[0] % groups:
+            raise ValueError(f"adaptive_block_mask: batch {scores.shape[0]} is not {groups} stacked groups.")
+        scores = scores.unflatten(0, (groups, -1)).mean(0)
     nk = scores.shape[-1]
     if keep == "topk":
         count = torch.full(scores.shape[:-1], math.ceil(ratio_or_threshold * nk), device=scores.device)
@@ -79,7 +89,8 @@ def adaptive_block_mask(
         raise ValueError(f"keep must be 'topk' or 'mass', got {keep!r}.")
     lower = max(1, math.ceil(min_density * nk))
     upper = max(lower, math.floor(max_density * nk))
-    return keep_top(scores, count.clamp(lower, upper))
+    mask = keep_top(scores, count.clamp(lower, upper))
+    return mask.repeat(groups, 1, 1, 1) if groups > 1 else mask
 
 
 def window_mask(nq: int, nk: int, window: int, device=None) -> torch.Tensor:

@@ -138,6 +138,11 @@ class BlockSparseAttentionConfig(SparseAttentionOptions):
         min_density, max_density: the kept fraction of key blocks per query block is clamped to this
             range (BLADE clamps to 0.05-0.17 on Wan, where it also distils the model for sparsity;
             training-free, a wider budget keeps quality).
+        share_cfg_mask: the CFG branches of one step use one mask: a doubled batch averages the
+            branches' block scores; with per-branch calls (Wan) the later branch reuses the mask the
+            first one chose at the same step and attention call. Guidance amplifies the difference of
+            the branches' predictions, so independent selections (which differ where scores are
+            close) turn into visible error; shared ones drop the same blocks in both.
     """
 
     slot = "attention"
@@ -147,10 +152,13 @@ class BlockSparseAttentionConfig(SparseAttentionOptions):
     ratio_or_threshold: float = 0.9
     min_density: float = 0.05
     max_density: float = 0.35
+    share_cfg_mask: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        if not isinstance(self.share_cfg_mask, bool):
+            raise ValueError(f"{name}.share_cfg_mask must be True or False, got {self.share_cfg_mask!r}.")
         check_choice(name, "keep", self.keep, ("topk", "mass"))
         check_float(name, "ratio_or_threshold", self.ratio_or_threshold, minimum=1e-6, maximum=1.0)
         check_float(name, "min_density", self.min_density, minimum=0.0, maximum=1.0)
@@ -247,6 +255,10 @@ class SparseAttentionController:
         self.plan: ForwardPlan | None = None
         self._static_masks: dict[tuple, torch.Tensor] = {}
         self._warned: set[str] = set()
+        # CFG-shared masks of the current step: attention-call ordinal -> (branch that chose it, mask)
+        self._step_masks: dict[int, tuple[str, torch.Tensor]] = {}
+        self._step_key: tuple[int, int] | None = None
+        self._call_ordinal = 0
 
     # -- per forward
 
@@ -254,6 +266,10 @@ class SparseAttentionController:
         ctx = self.runtime.clock.current
         grid = token_grid(self.adapter, self.denoiser, ctx.grid, kwargs)
         self.plan = ForwardPlan(dense=self.config.dense_at(ctx.step_index, ctx.num_steps), grid=grid)
+        if self._step_key != (ctx.call_index, ctx.step_index):
+            self._step_key = (ctx.call_index, ctx.step_index)
+            self._step_masks.clear()
+        self._call_ordinal = 0
 
     def _note_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -328,9 +344,7 @@ class SparseAttentionController:
         bs = config.block_size
         nq = num_blocks(q.shape[2], bs)
         if isinstance(config, BlockSparseAttentionConfig):
-            mask = adaptive_block_mask(
-                q, k, bs, config.keep, config.ratio_or_threshold, config.min_density, config.max_density, scale
-            )
+            mask = self._adaptive_mask(q, k, scale)
         else:
             mask = self._sliding_tile_mask(layout, q.device)[None, None]
         mask = mask | window_mask(nq, nq, config.window, q.device)
@@ -338,6 +352,32 @@ class SparseAttentionController:
             text = layout.text_blocks(bs, q.device)
             mask = force_blocks(mask, text, text)
         return drop_padding_blocks(mask, key_lengths, bs)
+
+    def _adaptive_mask(self, q, k, scale) -> torch.Tensor:
+        """ASA's mask for this call; shared by the step's CFG branches when ``share_cfg_mask``."""
+        config = self.config
+        ctx = self.runtime.clock.current
+        ordinal = self._call_ordinal
+        self._call_ordinal += 1
+        share = config.share_cfg_mask
+        groups = len(ctx.branches_in_batch) if share and len(ctx.branches_in_batch) > 1 else 1
+        if groups > 1 and q.shape[0] % groups:
+            groups = 1
+        if share and groups == 1:
+            chosen = self._step_masks.get(ordinal)
+            if chosen is not None and chosen[0] != ctx.branch and chosen[1].shape[2:] == (num_blocks(q.shape[2], config.block_size),) * 2:
+                if chosen[1].shape[0] in (1, q.shape[0]) and chosen[1].shape[1] in (1, q.shape[1]):
+                    self.runtime.count("attention_masks_shared")
+                    return chosen[1]
+        mask = adaptive_block_mask(
+            q, k, config.block_size, config.keep, config.ratio_or_threshold, config.min_density, config.max_density,
+            scale, groups=groups,
+        )
+        if groups > 1:
+            self.runtime.count("attention_masks_shared")
+        elif share:
+            self._step_masks[ordinal] = (ctx.branch, mask)
+        return mask
 
     def _sliding_tile_mask(self, layout: TokenLayout, device) -> torch.Tensor:
         key = (layout, self.config.block_size)
