@@ -131,18 +131,34 @@ def methods() -> dict:
     }
 
 
-def run_row(name: str, fn, lr: torch.Tensor, tag: str) -> tuple[torch.Tensor, float]:
+TRAINING_STATES = {
+    "regression": WEIGHTS / "upscale_baselines" / "regression" / "training_state.json",
+    "flow": WEIGHTS / "upscale_baselines" / "flow" / "training_state.json",
+    "resshift15": WEIGHTS / "upscale15" / "unet" / "training_state.json",
+    "resshift4": WEIGHTS / "upscale" / "unet" / "training_state.json",
+}
+
+
+def weights_stamp(family: str) -> int | None:
+    """Training steps of the shipped weights a row uses (None: no trained model), so that a row
+    cached from older weights is recomputed after more training."""
+    state = TRAINING_STATES.get(family)
+    return json.loads(state.read_text())["steps"] if state is not None and state.is_file() else None
+
+
+def run_row(name: str, fn, lr: torch.Tensor, tag: str, family: str = "") -> tuple[torch.Tensor, float]:
     """Outputs (N, 3, H, W) in [0, 1] and CPU seconds per image; cached under work/resshift_bench/."""
     path = ROWS / f"{tag}_{name}.pt"
+    stamp = weights_stamp(family)
     if path.is_file():
         saved = torch.load(path)
-        if saved["out"].shape[0] == lr.shape[0]:
+        if saved["out"].shape[0] == lr.shape[0] and saved.get("weights_steps") == stamp:
             return saved["out"].float() / 255, saved["seconds_per_image"]
     start = time.perf_counter()
     out = torch.cat([fn(lr[i : i + SR_BATCH], 1000 + i) for i in range(0, len(lr), SR_BATCH)])
     per = (time.perf_counter() - start) / len(lr)
     ROWS.mkdir(parents=True, exist_ok=True)
-    torch.save({"out": (out * 255).round().to(torch.uint8), "seconds_per_image": per}, path)
+    torch.save({"out": (out * 255).round().to(torch.uint8), "seconds_per_image": per, "weights_steps": stamp}, path)
     return (out * 255).round() / 255, per
 
 
@@ -158,7 +174,7 @@ def quality_vs_nfe(num: int, judge: JudgeFeatures) -> dict:
         hr_q = (hr * 255).round() / 255
         results[set_name] = {"n": len(hr), "hr": {"adherence": float(judge_adherence(hr_q, captions).mean)}}
         for name, (nfe, family, fn) in methods().items():
-            out, per = run_row(name, fn, lr, f"{set_name}{num}")
+            out, per = run_row(name, fn, lr, f"{set_name}{num}", family)
             row = scores(out, hr_q, captions, judge)
             row.update(nfe=nfe, family=family, seconds_per_image=round(per, 4))
             results[set_name][name] = row
