@@ -9,6 +9,7 @@ from tiny_pipelines import build, run
 
 import diffaccel
 from diffaccel import AccelConfig, BlockCacheConfig, BlockSparseAttentionConfig, SlidingTileAttentionConfig
+from diffaccel.api import runtime_of
 from diffaccel.attention import TokenLayout, attention_density, default_tile, sliding_tile_mask
 from diffaccel.attention.masks import adaptive_block_mask, block_scores
 
@@ -243,7 +244,7 @@ def test_cfg_branches_share_one_mask_per_step(family, monkeypatch):
     original = sparse.block_sparse_attention
 
     def recording(q, k, v, mask, *args, **kwargs):
-        ctx = diffaccel_runtime(case).clock.current
+        ctx = runtime_of(case.pipe).clock.current
         seen.append((ctx.step_index, ctx.branch, mask.expand(q.shape[0], q.shape[1], -1, -1).clone()))
         return original(q, k, v, mask, *args, **kwargs)
 
@@ -265,9 +266,3 @@ def test_cfg_branches_share_one_mask_per_step(family, monkeypatch):
     seen.clear()
     _, stats = _accelerated(case, SIZES[family], BlockSparseAttentionConfig(**config, share_cfg_mask=False))
     assert "attention_masks_shared" not in stats and seen
-
-
-def diffaccel_runtime(case):
-    from diffaccel.api import runtime_of
-
-    return runtime_of(case.pipe)

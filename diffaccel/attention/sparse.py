@@ -359,23 +359,22 @@ class SparseAttentionController:
         ctx = self.runtime.clock.current
         ordinal = self._call_ordinal
         self._call_ordinal += 1
-        share = config.share_cfg_mask
-        groups = len(ctx.branches_in_batch) if share and len(ctx.branches_in_batch) > 1 else 1
-        if groups > 1 and q.shape[0] % groups:
-            groups = 1
-        if share and groups == 1:
-            chosen = self._step_masks.get(ordinal)
-            if chosen is not None and chosen[0] != ctx.branch and chosen[1].shape[2:] == (num_blocks(q.shape[2], config.block_size),) * 2:
-                if chosen[1].shape[0] in (1, q.shape[0]) and chosen[1].shape[1] in (1, q.shape[1]):
-                    self.runtime.count("attention_masks_shared")
-                    return chosen[1]
+        branches = len(ctx.branches_in_batch)
+        groups = branches if config.share_cfg_mask and branches > 1 and q.shape[0] % branches == 0 else 1
+        if config.share_cfg_mask and groups == 1:
+            # A per-branch call: reuse what the other branch chose for this step and attention call.
+            chosen_by, chosen = self._step_masks.get(ordinal, (None, None))
+            n = num_blocks(q.shape[2], config.block_size)
+            if chosen is not None and chosen_by != ctx.branch and chosen.shape == (*q.shape[:2], n, n):
+                self.runtime.count("attention_masks_shared")
+                return chosen
         mask = adaptive_block_mask(
             q, k, config.block_size, config.keep, config.ratio_or_threshold, config.min_density, config.max_density,
             scale, groups=groups,
         )
         if groups > 1:
             self.runtime.count("attention_masks_shared")
-        elif share:
+        elif config.share_cfg_mask:
             self._step_masks[ordinal] = (ctx.branch, mask)
         return mask
 
