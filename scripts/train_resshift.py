@@ -119,11 +119,23 @@ def batch(rng: np.random.Generator, n: int, crop: int, ref: torch.Tensor | None,
 # ------------------------------------------------------------------------------------------ losses
 
 
-def training_loss(variant: str, unet, scheduler, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+def sample_indices(n: int, num_timesteps: int, last_step_share: float, gen: torch.Generator) -> torch.Tensor:
+    """Chain indices of a batch: uniform (the paper), with ``last_step_share`` of them pinned to index 0.
+
+    The sampler returns the x0 prediction made at index 0 as the image, so that prediction alone sets
+    the output's error; pinning part of each batch there spends more of the budget where it counts.
+    """
+    t = torch.randint(0, num_timesteps, (n,), generator=gen)
+    pinned = torch.rand(n, generator=gen) < last_step_share
+    return torch.where(pinned, torch.zeros_like(t), t)
+
+
+def training_loss(variant: str, unet, scheduler, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                  last_step_share: float = 0.0):
     n = x0.shape[0]
     noise = torch.randn(x0.shape, generator=gen)
     if variant in SCHEDULERS:
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen)
+        t = sample_indices(n, scheduler.config.num_train_timesteps, last_step_share, gen)
         x_t = scheduler.add_noise(x0, y, noise, t)
         out = sr_forward(unet, scheduler.scale_model_input(x_t, t), y, t)
         pred = y - out  # x0 in the residual form, unclipped so that the gradient flows
@@ -202,6 +214,7 @@ def train(args) -> None:
     def state() -> dict:
         return {
             "variant": variant, "steps": steps, "minutes": round(minutes_before + (time.time() - start) / 60, 2),
+            "last_step_share": args.last_step_share,
             "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr, "ema": args.ema, "ref_share": args.ref_share,
             "params": param_count(unet), "loss_last_200": round(float(np.mean([l[0] for l in losses[-200:]] or [0])), 5),
             "mse_last_200": round(float(np.mean([l[1] for l in losses[-200:]] or [0])), 6),
@@ -221,13 +234,15 @@ def train(args) -> None:
                desc=variant, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{postfix}]")
     unet.train()
     run_steps = 0
-    while time.time() < deadline - 20:  # leave time for the final save
+    while time.time() < deadline - 20 and (args.max_steps is None or steps < args.max_steps):  # final save
         frac = (time.time() - start) / max(deadline - start, 1)
+        if args.max_steps:  # a step budget sets the schedule, so equal-step runs decay alike
+            frac = max(frac, steps / args.max_steps)
         lr = args.lr * min(1.0, (steps + 1) / 100) * (1.0 if frac < 0.7 else max(0.1, 1 - (frac - 0.7) / 0.3))
         for g in opt.param_groups:
             g["lr"] = lr
         x0, y = batch(rng, args.batch_size, args.crop, ref, args.ref_share)
-        loss, parts = training_loss(variant, unet, scheduler, x0, y, gen)
+        loss, parts = training_loss(variant, unet, scheduler, x0, y, gen, args.last_step_share)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -258,6 +273,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--crop", type=int, default=32, help="HR crop size in px (multiple of 8)")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop at this many optimiser steps (equal-budget runs)")
+    parser.add_argument("--last-step-share", type=float, default=0.0,
+                        help="ResShift: share of each batch trained at chain index 0, whose x0 prediction is the output")
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--ref-share", type=float, default=0.5, help="share of each batch from reference-model outputs")
     parser.add_argument("--save-every", type=float, default=3.0, help="minutes between checkpoints")

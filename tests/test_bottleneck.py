@@ -23,8 +23,14 @@ def test_config_validation_and_round_trip():
         BottleneckConfig(strengths=(0.9, 0.8, 0.6))
     with pytest.raises(ValueError, match="resample"):
         BottleneckConfig(resample="lanczos")
+    with pytest.raises(ValueError, match="stage_steps"):
+        BottleneckConfig(stage_steps=(2, 10))
+    with pytest.raises(ValueError, match="stage_steps"):
+        BottleneckConfig(stage_steps=(2, 0, 2))
     config = AccelConfig(sampling=BottleneckConfig(scales=(1.0, 0.75, 1.0)))
     assert AccelConfig.from_dict(config.to_dict()) == config
+    counted = AccelConfig(sampling=BottleneckConfig(stage_steps=(1, 5, 2)))
+    assert AccelConfig.from_dict(counted.to_dict()) == counted
 
 
 def test_schedule_maths():
@@ -79,6 +85,22 @@ def test_stages_run_at_their_sizes_and_levels_and_remove_restores(name):
     del scheduler.set_timesteps
     assert not hasattr(type(case.pipe), "_diffaccel_base_class")
     assert np.array_equal(run(case, seed=0, num_inference_steps=6), baseline)
+
+
+def test_stage_steps_set_the_steps_at_each_token_count():
+    case = build("sd3")
+    tokens = []
+    hook = case.denoiser.register_forward_pre_hook(
+        lambda m, a, k: tokens.append(int(np.prod(k["hidden_states"].shape[-2:]))), with_kwargs=True)
+    diffaccel.accelerate(case.pipe, sampling=BottleneckConfig(stage_steps=(1, 5, 2)))
+    out = run(case, seed=0, num_inference_steps=20)  # replaced by the stage counts
+    hook.remove()
+    assert np.isfinite(out).all()
+    full, low = max(tokens), min(tokens)
+    assert low * 4 == full
+    branches = len(tokens) // 8  # one call per CFG branch, or one batched call per step
+    assert [t for t in tokens[::branches]] == [full] + [low] * 5 + [full] * 2
+    assert diffaccel.stats(case.pipe)["steps"] == 8
 
 
 def test_composes_with_caching_which_resets_at_each_stage():
