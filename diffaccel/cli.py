@@ -192,6 +192,8 @@ def _add_tune_guidance(sub) -> None:
                    help="fraction of denoiser evaluations to save, e.g. 0.3: picks the highest threshold that does")
     q.add_argument("--threshold", type=float, default=None, help="the threshold to keep (without --target-saving)")
     q.add_argument("--min-steps", type=int, default=None)
+    q.add_argument("--final-steps", type=int, default=None,
+                   help="the last N steps evaluate both branches again (guidance restored at the end)")
     q.add_argument("--refresh-every", type=int, default=None)
     q.add_argument("--out", required=True, help="the AccelConfig file to write (.json / .yaml)")
     q.set_defaults(func=tune_guidance_command)

@@ -114,6 +114,8 @@ def test_actions_per_mode():
     assert plan("ag") == [C] * 8
     assert plan("ag", truncated=True) == [D] * 8
     assert plan("ag", truncated=True, min_steps=3) == [C] * 3 + [D] * 5
+    assert plan("ag", truncated=True, min_steps=3, final_steps=2) == [C] * 3 + [D] * 3 + [C] * 2
+    assert uncond_action("ag", 7, None, truncated=True, final_steps=2) == D  # no step count: no tail
     assert plan("linear") == [C, E] * 4
     assert plan("linear", min_steps=3, refresh_every=3) == [C, C, C, C, E, E, C, E]
     assert plan("linear", truncated=True, min_steps=1) == [C] + [D] * 7
@@ -129,6 +131,7 @@ def test_actions_per_mode():
     assert planned_actions("ag", 6, similarities=sims, threshold=0.98, min_steps=5) == [C] * 5 + [D]
     assert planned_actions("ag", 6, similarities=sims, threshold=-1.0, min_steps=2) == [C, C, D, D, D, D]
     assert planned_actions("ag", 6, similarities=sims, threshold=1.5) == [C] * 6
+    assert planned_actions("ag", 6, similarities=sims, threshold=0.98, final_steps=1) == [C, C, C, C, D, C]
     linear = planned_actions("linear", 6, similarities=sims, threshold=0.98, min_steps=1)
     assert linear == [C, E, C, E, C, D]  # step 3 is estimated, so step 4 measures first
     assert saved_fraction(linear) == 3 / 12 and saved_fraction([C] * 4) == 0.0
@@ -423,6 +426,18 @@ def test_skipped_branches_are_not_executed(name):
         assert batches == [2, 1, 1, 1]
     else:  # cond + uncond at step 0, then cond alone
         assert batches == [1] * (STEPS + 1)
+
+
+@pytest.mark.parametrize("name", ["pixart_alpha", "wan"])
+def test_final_steps_guide_again_after_the_truncation(name):
+    case, baseline = case_and_baseline(name)
+    diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig(threshold=-1.0, min_steps=1, final_steps=1))
+    out = run(case, seed=0)
+    stats = diffaccel.stats(case.pipe)
+    assert stats["denoiser_calls_by_branch"] == {"cond": STEPS, "uncond": 2}  # steps 0 and 3
+    assert stats["guidance_skipped_uncond"] == STEPS - 2
+    assert not np.array_equal(out, cond_only_reference(case, from_step=1))  # the last step is guided
+    diffaccel.remove(case.pipe)
 
 
 @pytest.mark.parametrize("name", ["pixart_alpha", "wan"])

@@ -55,6 +55,7 @@ def uncond_action(
     refresh_every: int = 2,
     interval: tuple[float, float] = (0.0, 1.0),
     can_estimate: bool = True,
+    final_steps: int = 0,
 ) -> str:
     """What to do with the unconditional branch at ``step_index``: COMPUTE, DROP or ESTIMATE.
 
@@ -65,6 +66,8 @@ def uncond_action(
       the previous step's predictions exist (``can_estimate``); the first ``min_steps`` always COMPUTE.
     * ``"interval"``: COMPUTE inside the guided interval of the steps, DROP outside it. Without a step
       count (``num_steps`` None) every step COMPUTEs.
+    * ``final_steps`` (AG and LinearAG): the last ``final_steps`` steps of a call COMPUTE whatever came
+      before (needs ``num_steps``).
     """
     if mode == "interval":
         if num_steps is None:
@@ -72,6 +75,8 @@ def uncond_action(
         lo, hi = interval_bounds(num_steps, interval)
         return COMPUTE if lo <= step_index < hi else DROP
     if step_index < min_steps:
+        return COMPUTE
+    if final_steps and num_steps is not None and step_index >= num_steps - final_steps:
         return COMPUTE
     if truncated:
         return DROP
@@ -143,6 +148,7 @@ def planned_actions(
     min_steps: int = 0,
     refresh_every: int = 2,
     interval: tuple[float, float] = (0.0, 1.0),
+    final_steps: int = 0,
 ) -> list[str]:
     """The action of every step of a call, given the similarity each step would measure where it COMPUTEs
     (e.g. recorded on a plain CFG run): what the hook would do, used to pick a threshold offline."""
@@ -158,6 +164,7 @@ def planned_actions(
             refresh_every=refresh_every,
             interval=interval,
             can_estimate=step > 0,
+            final_steps=final_steps,
         )
         actions.append(action)
         if action == COMPUTE and step < len(similarities) and crosses(similarities[step], threshold):

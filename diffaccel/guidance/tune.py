@@ -149,6 +149,7 @@ def pick_threshold(
                 threshold=threshold,
                 min_steps=config.min_steps,
                 refresh_every=config.refresh_every,
+                final_steps=config.final_steps,
             )
             total += saved_fraction(actions)
         return total / len(recording.similarities)
@@ -238,7 +239,8 @@ def tune_guidance_command(args) -> int:
             kwargs[name] = value
     base_cls = LinearGuidanceConfig if args.mode == "linear" else AdaptiveGuidanceConfig
     overrides = {k: v for k, v in (("threshold", args.threshold), ("min_steps", args.min_steps),
-                                   ("refresh_every", args.refresh_every)) if v is not None}
+                                   ("final_steps", args.final_steps), ("refresh_every", args.refresh_every))
+                 if v is not None}
     base = base_cls(**overrides)
     config, report = fit_linear_guidance(
         loaded.pipe, prompts, seeds, kwargs, base=base, target_saving=args.target_saving, return_report=True
