@@ -43,8 +43,10 @@ from diffaccel.pipelines import reference  # noqa: E402
 from diffaccel.pipelines.reference import scenes  # noqa: E402
 
 
-def tuned_configs(pipe, kind: str, call_kwargs: dict, fit_num: int, ag_target: float, linear_target: float):
-    """AG and LinearAG configs tuned on held-out runs (one recording serves both)."""
+def tuned_configs(pipe, kind: str, call_kwargs: dict, fit_num: int, ag_target: float, linear_target: float,
+                  final_steps: int = 0):
+    """AG and LinearAG configs tuned on held-out runs (one recording serves both); with ``final_steps``
+    also both re-tuned to the same savings with that many guided last steps."""
     prompts = scenes.prompt_set(fit_num, seed=TUNE_PROMPT_SEED, clip=kind == "video")
     seeds = [TUNE_SEED + i for i in range(fit_num)]
     recording = record_guidance(pipe, prompts, seeds, call_kwargs)
@@ -56,10 +58,21 @@ def tuned_configs(pipe, kind: str, call_kwargs: dict, fit_num: int, ag_target: f
         "linear": linear.replace(threshold=linear_threshold),
         "carry": LinearGuidanceConfig(threshold=linear_threshold),
     }
+    if final_steps:
+        ag_tail = AdaptiveGuidanceConfig(final_steps=final_steps)
+        tail_threshold, tail_saving = pick_threshold(recording, ag_target, ag_tail)
+        tuned["ag_tail"] = ag_tail.replace(threshold=tail_threshold)
+        linear_tail = linear.replace(final_steps=final_steps)
+        linear_tail_threshold, linear_tail_saving = pick_threshold(recording, linear_target, linear_tail)
+        tuned["linear_tail"] = linear_tail.replace(threshold=linear_tail_threshold)
     notes = {
         "tuning runs": fit_num,
         "AG threshold for a 25% saving": f"{ag_threshold:.6f} (predicted saving {ag_saving:.1%})",
         "LinearAG threshold for a 40% saving": f"{linear_threshold:.6f} (predicted saving {linear_saving:.1%})",
+        **({f"AG threshold for 25% with the last {final_steps} steps guided":
+            f"{tail_threshold:.6f} (predicted saving {tail_saving:.1%})",
+            f"LinearAG threshold for 40% with the last {final_steps} steps guided":
+            f"{linear_tail_threshold:.6f} (predicted saving {linear_tail_saving:.1%})"} if final_steps else {}),
         "mean cosine similarity per step": [round(float(np.mean([r[i] for r in recording.similarities])), 5)
                                             for i in range(recording.num_steps)],
     }
@@ -99,6 +112,10 @@ def main(argv=None) -> int:
     parser.add_argument("--fit-num", type=int, default=16, help="held-out tuning runs for the fitted / tuned rows")
     parser.add_argument("--thresholds", default="0.996,0.998,0.999", help="fixed AG thresholds to show")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--final-steps", type=int, default=0,
+                        help="also AG and LinearAG re-tuned with this many guided last steps (final_steps)")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated substrings: keep only the rows whose name contains one (and the baseline)")
     parser.add_argument("--out", default=None, help="Markdown output (default docs/guidance_bench[_video].md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -107,7 +124,8 @@ def main(argv=None) -> int:
     pipe = reference.load(kind)
     call_kwargs = reference.call_defaults(kind)
     prompts = scenes.prompt_set(args.num, clip=args.video)
-    tuned, notes = tuned_configs(pipe, kind, call_kwargs, args.fit_num, ag_target=0.25, linear_target=0.40)
+    tuned, notes = tuned_configs(pipe, kind, call_kwargs, args.fit_num, ag_target=0.25, linear_target=0.40,
+                                 final_steps=args.final_steps)
     fast = diffaccel.preset("fast")
 
     configs = [("CFG (baseline)", AccelConfig())]
@@ -121,6 +139,17 @@ def main(argv=None) -> int:
         ("fast (block cache)", fast),
         ("fast + AG tuned", fast.with_methods(guidance=tuned["ag"])),
     ]
+    if args.final_steps:
+        k = args.final_steps
+        configs += [
+            (f"AG γ={tuned['ag_tail'].threshold:.5f} (tuned 25%), last {k} guided", AccelConfig(guidance=tuned["ag_tail"])),
+            (f"LinearAG fitted, γ={tuned['linear_tail'].threshold:.5f}, last {k} guided",
+             AccelConfig(guidance=tuned["linear_tail"])),
+            (f"fast + AG tuned, last {k} guided", fast.with_methods(guidance=tuned["ag_tail"])),
+        ]
+    if args.rows:
+        keep = [key for key in args.rows.split(",") if key]
+        configs = configs[:1] + [c for c in configs[1:] if any(key in c[0] for key in keep)]
     start = time.perf_counter()
     results, outputs = run_bench(pipe, configs, prompts, call_kwargs, repeats=args.repeats, seed=0, progress=False)
     add_quality(results, outputs, prompts, judge_kind=kind)
@@ -130,7 +159,8 @@ def main(argv=None) -> int:
         f"# Adaptive guidance on the reference {kind} model",
         "",
         f"`python scripts/bench_guidance.py{' --video' if args.video else ''} --num {args.num} --repeats {args.repeats} "
-        f"--fit-num {args.fit_num} --thresholds {args.thresholds} --threads {args.threads}`; "
+        f"--fit-num {args.fit_num} --thresholds {args.thresholds} --threads {args.threads}"
+        f"{f' --final-steps {args.final_steps}' if args.final_steps else ''}{f' --rows {args.rows}' if args.rows else ''}`; "
         f"{time.strftime('%Y-%m-%d')}, {hardware()}, {seconds:.0f} s.",
         "",
         f"{args.num} prompts (`scenes.prompt_set`), seeds 0-{args.num - 1}, call {json.dumps(call_kwargs)}. "
