@@ -93,18 +93,23 @@ def run_bench(
     device: str = "cpu",
     progress: bool = True,
 ) -> tuple[list[ConfigResult], dict[str, np.ndarray]]:
-    """Run every config on every prompt ``repeats`` times; returns results and each config's outputs."""
+    """Run every config on every prompt ``repeats`` times; returns results and each config's outputs.
+
+    A config entry is ``(name, config)`` or ``(name, config, call_overrides)``; the overrides change that
+    row's call only (e.g. an equal-cost control at fewer steps), and its outputs are still compared with
+    the first row's."""
     from tqdm.auto import tqdm
 
     if len(configs) < 1:
         raise ValueError("bench needs at least one config; the first one is the baseline.")
-    resolved = [(name, diffaccel.resolve_config(cfg)) for name, cfg in configs]
+    calls = {entry[0]: {**call_kwargs, **(entry[2] if len(entry) > 2 else {})} for entry in configs}
+    resolved = [(entry[0], diffaccel.resolve_config(entry[1])) for entry in configs]
     results = [ConfigResult(name=name, config=cfg.to_dict()) for name, cfg in resolved]
     outputs: dict[str, list[np.ndarray]] = {name: [] for name, _ in resolved}
     bar = tqdm(total=repeats * len(resolved) * len(prompts), disable=not progress, desc="bench", unit="call")
     for name, cfg in resolved:  # warm-up (allocations, lazy init) once per config
         diffaccel.accelerate(pipe, cfg)
-        _call(pipe, prompts[0], seed, call_kwargs)
+        _call(pipe, prompts[0], seed, calls[name])
     # Configs take turns call by call, so a slow spell of a shared machine hits every config alike.
     for repeat in range(repeats):
         for i, prompt in enumerate(prompts):
@@ -112,7 +117,7 @@ def run_bench(
                 diffaccel.accelerate(pipe, cfg)
                 with PeakMemory(device) as memory:
                     start = time.perf_counter()
-                    sample = _call(pipe, prompt, seed + i, call_kwargs)
+                    sample = _call(pipe, prompt, seed + i, calls[name])
                     if device.startswith("cuda"):
                         torch.cuda.synchronize()
                     result.seconds.append(time.perf_counter() - start)

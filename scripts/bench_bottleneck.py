@@ -2,10 +2,14 @@
 
     python scripts/bench_bottleneck.py --num 500 --repeats 1          # image model, 128 px
     python scripts/bench_bottleneck.py --video --num 50
+    python scripts/bench_bottleneck.py --num 48 --stage-steps 2,12,2 --combined docs/configs/turbo_cache_ag.yaml \
+        --rows counts --out docs/bottleneck_bench_counts.md   # step counts per stage, equal-step control
 
 Same prompts (``scenes.prompt_set``), seeds and steps for every row: full-resolution sampling (the
 baseline), bottleneck sampling at its defaults and at two other stage splits, and bottleneck + the
-block cache. Per row (``diffaccel.eval.bench``): median seconds per call and speedup (rows interleaved
+block cache. ``--stage-steps N1,N2,N3`` adds a row with those step counts per stage (the paper's form),
+its equal-step control (full resolution at N1+N2+N3 steps) and, with ``--combined CONFIG``, the row
+combined with that config's cache and guidance. Per row (``diffaccel.eval.bench``): median seconds per call and speedup (rows interleaved
 per repeat), denoiser calls, PSNR vs the baseline, judge adherence, and for images judge-feature FID
 against procedural ground truth at the same resolution once there are ``--fid-min`` samples.
 Writes ``docs/bottleneck_bench[_video].md``.
@@ -38,6 +42,12 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="default: the largest training resolution")
     parser.add_argument("--fid-min", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stage-steps", action="append", default=[], help="N1,N2,N3: a row with these step counts")
+    parser.add_argument("--combined", default=None, help="an AccelConfig file whose cache and guidance join each "
+                        "--stage-steps row in one more row")
+    parser.add_argument("--rows", choices=["all", "counts"], default="all",
+                        help="counts: only the baseline and the --stage-steps rows")
+    parser.add_argument("--out", default=None, help="default docs/bottleneck_bench[_video].md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     kind = "video" if args.video else "image"
@@ -53,6 +63,21 @@ def main(argv=None) -> int:
         ("bottleneck 1/0.5/1, 25/45/30%", AccelConfig(sampling=BottleneckConfig(step_fractions=(0.25, 0.45, 0.3)))),
         ("bottleneck + block cache", AccelConfig(sampling=BottleneckConfig(), cache=BlockCacheConfig(threshold=0.15))),
     ]
+    if args.rows == "counts":
+        configs = configs[:1]
+    combined = AccelConfig.from_file(args.combined) if args.combined else None
+    for text in args.stage_steps:
+        counts = tuple(int(n) for n in text.split(","))
+        if len(counts) != 3:
+            parser.error(f"--stage-steps {text!r}: give three counts, N1,N2,N3 (full, half, full resolution)")
+        label = "/".join(map(str, counts))
+        sampling = BottleneckConfig(step_fractions=tuple(n / sum(counts) for n in counts), stage_steps=counts)
+        configs.append((f"bottleneck {label} steps", AccelConfig(sampling=sampling)))
+        configs.append((f"full resolution, {sum(counts)} steps (equal-step control)", AccelConfig(),
+                        {"num_inference_steps": sum(counts)}))
+        if combined is not None:
+            configs.append((f"bottleneck {label} steps + {Path(args.combined).stem}",
+                            combined.with_methods(sampling=sampling)))
     start = time.perf_counter()
     results, outputs = run_bench(pipe, configs, prompts, call, repeats=args.repeats, seed=0, progress=False)
     real = None
@@ -64,7 +89,7 @@ def main(argv=None) -> int:
     lines = [
         f"# Bottleneck sampling on the reference {kind} model at {resolution} px",
         "",
-        f"`python scripts/bench_bottleneck.py{' --video' if args.video else ''} --num {args.num} --repeats {args.repeats}`; "
+        f"`python scripts/bench_bottleneck.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
         f"{time.strftime('%Y-%m-%d')}, {hardware()}, {seconds:.0f} s. Call {json.dumps(call)}; seeds 0-{args.num - 1}.",
         "",
         "| config | median s / call | speedup | denoiser calls | " + " | ".join(keys) + " |",
@@ -75,7 +100,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r.name} | {r.median_seconds:.3f} | {r.speedup:.2f}x | {r.denoiser_calls:.0f} | " + " | ".join(values) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = ROOT / "docs" / f"bottleneck_bench{'_video' if args.video else ''}.md"
+    out = Path(args.out) if args.out else ROOT / "docs" / f"bottleneck_bench{'_video' if args.video else ''}.md"
     out.write_text(text)
     return 0
 

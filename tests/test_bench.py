@@ -31,3 +31,15 @@ def test_bench_writes_report_and_plots(tmp_path):
     assert "| eager |" in files["report.md"].read_text()
     for png in ("speedup_vs_psnr.png", "samples.png"):
         Image.open(files[png]).verify()
+
+
+def test_a_row_can_change_its_call():
+    case = build("flux")
+    kwargs = {k: v for k, v in case.call_kwargs.items() if k not in ("prompt", "output_type")}
+    fewer = kwargs["num_inference_steps"] - 1
+    configs = [("off", "off"), ("off, fewer steps", "off", {"num_inference_steps": fewer})]
+    results, outputs = run_bench(case.pipe, configs, ["a red circle"], kwargs, repeats=1, progress=False)
+    add_quality(results, outputs, ["a red circle"])
+    assert results[0].denoiser_calls == 2 * kwargs["num_inference_steps"]
+    assert results[1].denoiser_calls == 2 * fewer
+    assert results[1].quality["psnr"] < 100.0
