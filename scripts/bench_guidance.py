@@ -79,10 +79,33 @@ def tuned_configs(pipe, kind: str, call_kwargs: dict, fit_num: int, ag_target: f
     return tuned, notes
 
 
-def table(results) -> list[str]:
+def paired_statistics(results, outputs, prompts, kind: str) -> dict[str, dict[str, float]]:
+    """Per row, against the baseline's outputs: the share of outputs left bit-identical, PSNR of the pooled
+    MSE (the per-image mean counts an identical image as 100 dB), and the standard error of the paired
+    change in adherence (per-prompt differences), so that a gap of a point can be read against its noise."""
+    from diffaccel.eval import metrics
+
+    base = outputs[results[0].name].astype(np.float64)
+    base_adherence = metrics.judge_adherence(outputs[results[0].name], list(prompts), kind=kind).per_sample
+    stats = {}
+    for r in results:
+        out = outputs[r.name].astype(np.float64)
+        per_image = ((out - base) ** 2).reshape(len(out), -1).mean(axis=1)
+        pooled = float(per_image.mean())
+        diff = metrics.judge_adherence(outputs[r.name], list(prompts), kind=kind).per_sample - base_adherence
+        stats[r.name] = {
+            "identical": float((per_image == 0).mean()),
+            "pooled_psnr": 100.0 if pooled == 0 else float(-10 * np.log10(pooled)),
+            "adherence_se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan"),
+        }
+    return stats
+
+
+def table(results, paired=None) -> list[str]:
     baseline_calls, baseline_blocks = results[0].denoiser_calls, results[0].blocks_computed
     header = ["config", "denoiser evals / call", "saved", "blocks run", "median s / call", "speedup", "PSNR dB",
-              "adherence", "Δ adherence (points)"]
+              "pooled PSNR dB", "identical outputs", "adherence", "Δ adherence (points) ± SE"]
+    paired = paired or {}
     base_adherence = results[0].quality.get("adherence")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
@@ -90,6 +113,10 @@ def table(results) -> list[str]:
         psnr = r.quality.get("psnr", float("nan"))
         adherence = r.quality.get("adherence")
         delta = "" if adherence is None or base_adherence is None else f"{100 * (adherence - base_adherence):+.1f}"
+        extra = paired.get(r.name, {})
+        if delta and r is not results[0] and "adherence_se" in extra:
+            delta += f" ± {100 * extra['adherence_se']:.1f}"
+        pooled = extra.get("pooled_psnr")
         lines.append("| " + " | ".join([
             r.name,
             f"{r.denoiser_calls:.1f}",
@@ -98,6 +125,8 @@ def table(results) -> list[str]:
             f"{r.median_seconds:.3f}",
             f"{r.speedup:.2f}x",
             "identical" if psnr >= 100 else f"{psnr:.1f}",
+            "" if pooled is None else ("identical" if pooled >= 100 else f"{pooled:.1f}"),
+            f"{extra['identical']:.0%}" if "identical" in extra else "",
             "" if adherence is None else f"{100 * adherence:.1f}%",
             delta,
         ]) + " |")
@@ -153,6 +182,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results, outputs = run_bench(pipe, configs, prompts, call_kwargs, repeats=args.repeats, seed=0, progress=False)
     add_quality(results, outputs, prompts, judge_kind=kind)
+    paired = paired_statistics(results, outputs, prompts, kind)
     seconds = time.perf_counter() - start
 
     lines = [
@@ -167,9 +197,11 @@ def main(argv=None) -> int:
         "Denoiser evaluations count one per CFG branch evaluated; saved = share of the baseline's; blocks run = "
         "transformer blocks computed as a share of the baseline's (guidance and caching compound there). Speedup = "
         "baseline median / row median, wall-clock per call on this machine (rows interleaved per repeat). "
-        "PSNR vs the baseline's outputs (same seeds); adherence = shipped judge, change in points vs the baseline.",
+        "PSNR vs the baseline's outputs (same seeds): mean of per-image PSNR (an identical image counts 100 dB) "
+        "and PSNR of the pooled MSE; identical outputs = share left bit-identical. Adherence = shipped judge, "
+        "change in points vs the baseline ± the standard error of the per-prompt paired differences.",
         "",
-        *table(results),
+        *table(results, paired),
         "",
         "Tuning (held-out prompts and seeds, plain CFG runs):",
         "",
