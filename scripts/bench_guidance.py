@@ -164,6 +164,8 @@ def main(argv=None) -> int:
         (f"AG γ={tuned['ag'].threshold:.5f} (tuned 25%)", AccelConfig(guidance=tuned["ag"])),
         (f"LinearAG fitted, γ={tuned['linear'].threshold:.5f}", AccelConfig(guidance=tuned["linear"])),
         (f"LinearAG carry-over, γ={tuned['carry'].threshold:.5f}", AccelConfig(guidance=tuned["carry"])),
+        ("LinearAG fitted, no truncation (estimates alternate steps)",
+         AccelConfig(guidance=tuned["linear"].replace(threshold=2.0))),
         ("interval [0, 0.5)", AccelConfig(guidance=IntervalGuidanceConfig())),
         ("fast (block cache)", fast),
         ("fast + AG tuned", fast.with_methods(guidance=tuned["ag"])),
