@@ -64,9 +64,11 @@ def ours(name: str, config) -> Row:
     return Row(name, "diffaccel", lambda pipe: diffaccel.accelerate(pipe, cache=config), diffaccel.remove)
 
 
-def diffusers_cache(name: str, make_config: Callable[[], Any]) -> Row:
+def diffusers_cache(name: str, make_config: Callable[[Any], Any]) -> Row:
+    """A diffusers cache hook; ``make_config(pipe)`` so that timestep-gated ones read the pipeline's step."""
+
     def enable(pipe):
-        pipe.transformer.enable_cache(make_config())
+        pipe.transformer.enable_cache(make_config(pipe))
 
     def disable(pipe):
         if getattr(pipe.transformer, "is_cache_enabled", False):
@@ -138,14 +140,15 @@ def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], ro
         for budget in (0.7, 0.55, 0.4):
             rows.append(ours(f"ours learned {budget:.0%} blocks", schedule_for_budget(router, budget)))
     rows += [
-        diffusers_cache("diffusers FBCache 0.05", lambda: FirstBlockCacheConfig(threshold=0.05)),
-        diffusers_cache("diffusers FBCache 0.1", lambda: FirstBlockCacheConfig(threshold=0.1)),
-        diffusers_cache("diffusers TaylorSeer", lambda: TaylorSeerCacheConfig()),
-        diffusers_cache("diffusers MagCache", lambda: MagCacheConfig(num_inference_steps=steps, calibrate=True)),
-        diffusers_cache("diffusers FasterCache", lambda: FasterCacheConfig(
-            spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 0)),
-        diffusers_cache("diffusers PAB", lambda: PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500)),
+        diffusers_cache("diffusers FBCache 0.05", lambda pipe: FirstBlockCacheConfig(threshold=0.05)),
+        diffusers_cache("diffusers FBCache 0.1", lambda pipe: FirstBlockCacheConfig(threshold=0.1)),
+        diffusers_cache("diffusers TaylorSeer", lambda pipe: TaylorSeerCacheConfig()),
+        diffusers_cache("diffusers MagCache", lambda pipe: MagCacheConfig(num_inference_steps=steps, calibrate=True)),
+        diffusers_cache("diffusers FasterCache", lambda pipe: FasterCacheConfig(
+            spatial_attention_block_skip_range=2, current_timestep_callback=lambda: pipe.current_timestep,
+            tensor_format="BFCHW" if kind == "video" else "BCHW")),
+        diffusers_cache("diffusers PAB", lambda pipe: PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, current_timestep_callback=lambda: pipe.current_timestep)),
         cache_dit_row("cache-dit F1B0 0.08", 1, 0, 0.08, 8, False),
         cache_dit_row("cache-dit F1B0 0.2", 1, 0, 0.2, 8, False),
         cache_dit_row("cache-dit F8B0 0.08", 8, 0, 0.08, 8, False),
