@@ -128,6 +128,13 @@ def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], ro
             f"ours block F1B0+Taylor τ{threshold}",
             BlockCacheConfig(threshold=threshold, max_consecutive=None, calibrator="taylorseer"),
         ))
+    # cache-dit's DBCache defaults compute the first 8 steps; these rows warm up alike, with the
+    # second-order calibrator (order 1 equals cache-dit's TaylorSeer setting).
+    for threshold, warmup in ((0.1, 8), (0.15, 6), (0.2, 6), (0.2, 8)):
+        rows.append(ours(f"ours block F1B0+Taylor2 τ{threshold} w{warmup}", BlockCacheConfig(
+            threshold=threshold, warmup_steps=warmup, max_consecutive=None, calibrator="taylorseer", calibrator_order=2)))
+    rows.append(ours("ours block F1B0 τ0.2 w8 (cache-dit's F1B0 0.2 settings)",
+                     BlockCacheConfig(threshold=0.2, warmup_steps=8, max_consecutive=None)))
     for interval in (2, 3):
         rows.append(ours(f"ours Δ-DiT N{interval}", DeltaDiTConfig(cache_interval=interval, cached_blocks=4)))
         rows.append(ours(
@@ -272,6 +279,10 @@ def comparison_lines(rows: list[Row], adherence_slack: float = 0.02) -> list[str
     lines += ["", "| peer row | peer speedup | peer PSNR | our best row at >= that speedup | our PSNR | ours higher |",
               "|---|---|---|---|---|---|"]
     for peer in [r for r in done if r.source not in ("diffaccel", "baseline")]:
+        if peer.quality["psnr"] >= 99.0:
+            lines.append(f"| {peer.name} | {peer.quality['speedup']:.2f}x | 99.0 | outputs identical to the baseline: "
+                         "nothing skipped here | — | — |")
+            continue
         faster = [r for r in mine if r.quality["speedup"] >= peer.quality["speedup"]]
         if not faster:
             lines.append(f"| {peer.name} | {peer.quality['speedup']:.2f}x | {min(peer.quality['psnr'], 99.0):.1f} "
@@ -292,7 +303,7 @@ def write(result: dict, args) -> Path:
     import matplotlib.pyplot as plt
 
     kind, steps, rows = result["kind"], result["steps"], result["rows"]
-    stem = ROOT / "docs" / f"cache_bench_{kind}_{steps}"
+    stem = ROOT / "docs" / f"cache_bench_{kind}_{steps}{args.suffix}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     psnr_cap = lambda v: min(v, 99.0)  # noqa: E731  (identical outputs)
     lines = [
@@ -301,7 +312,9 @@ def write(result: dict, args) -> Path:
         f"{args.num} prompts (`scenes.prompt_set`), seeds 0..{args.num - 1}, {args.repeats} repeats; "
         f"call {json.dumps({k: v for k, v in result['call'].items()})}; {hardware()}; "
         f"{time.strftime('%Y-%m-%d %H:%M')}. Produced by `python scripts/bench_cache.py "
-        f"--model {kind} --steps {steps} --num {args.num} --repeats {args.repeats}`.",
+        f"--model {kind} --steps {steps} --num {args.num} --repeats {args.repeats}"
+        f"{' --only ' + ' '.join(repr(k) for k in args.only) if args.only else ''}"
+        f"{' --suffix ' + args.suffix if args.suffix else ''}`.",
         "",
         "Speedup: median seconds per call, baseline / row, measured in this run. Blocks: fraction of block "
         "feed-forwards that ran. PSNR/SSIM/judge-feature distance: vs the baseline's outputs (same seeds). "
@@ -357,6 +370,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="keep only rows whose name contains one of these")
+    parser.add_argument("--suffix", default="", help="appended to the output name (docs/cache_bench_<model>_<steps><suffix>)")
     parser.add_argument("--learned-iterations", type=int, default=30, help="router training for the learned rows; 0 skips")
     args = parser.parse_args(argv)
     result = run(args)
