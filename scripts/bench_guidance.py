@@ -143,6 +143,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--final-steps", type=int, default=0,
                         help="also AG and LinearAG re-tuned with this many guided last steps (final_steps)")
+    parser.add_argument("--linear-refresh", default="",
+                        help="comma-separated k: LinearAG fitted, never truncated, evaluating the unconditional branch "
+                        "every k-th step and estimating it on the others")
     parser.add_argument("--rows", default=None,
                         help="comma-separated substrings: keep only the rows whose name contains one (and the baseline)")
     parser.add_argument("--out", default=None, help="Markdown output (default docs/guidance_bench[_video].md)")
@@ -178,6 +181,11 @@ def main(argv=None) -> int:
              AccelConfig(guidance=tuned["linear_tail"])),
             (f"fast + AG tuned, last {k} guided", fast.with_methods(guidance=tuned["ag_tail"])),
         ]
+    for k in (int(v) for v in args.linear_refresh.split(",") if v):
+        configs.append((f"LinearAG fitted, no truncation, uncond every {k} steps",
+                        AccelConfig(guidance=tuned["linear"].replace(threshold=2.0, refresh_every=k))))
+        configs.append((f"fast + LinearAG fitted, no truncation, uncond every {k} steps",
+                        fast.with_methods(guidance=tuned["linear"].replace(threshold=2.0, refresh_every=k))))
     if args.rows:
         keep = [key for key in args.rows.split(",") if key]
         configs = configs[:1] + [c for c in configs[1:] if any(key in c[0] for key in keep)]
@@ -192,7 +200,9 @@ def main(argv=None) -> int:
         "",
         f"`python scripts/bench_guidance.py{' --video' if args.video else ''} --num {args.num} --repeats {args.repeats} "
         f"--fit-num {args.fit_num} --thresholds {args.thresholds} --threads {args.threads}"
-        f"{f' --final-steps {args.final_steps}' if args.final_steps else ''}{f' --rows {args.rows}' if args.rows else ''}`; "
+        f"{f' --final-steps {args.final_steps}' if args.final_steps else ''}"
+        f"{f' --linear-refresh {args.linear_refresh}' if args.linear_refresh else ''}"
+        f"{f' --rows {args.rows}' if args.rows else ''}`; "
         f"{time.strftime('%Y-%m-%d')}, {hardware()}, {seconds:.0f} s.",
         "",
         f"{args.num} prompts (`scenes.prompt_set`), seeds 0-{args.num - 1}, call {json.dumps(call_kwargs)}. "
