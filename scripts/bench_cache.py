@@ -333,8 +333,9 @@ def write(result: dict, args) -> Path:
             f"{q['ssim']:.3f} | {q['judge_dist']:.3f} | {q['adherence']:.3f} |"
         )
     lines += [""] + comparison_lines(rows)
-    lines += ["Learned rows: one HarmoniCa-style router trained on the 3 held-out prompts "
-              f"({args.learned_iterations} iterations), re-thresholded to each compute budget."]
+    if args.learned_iterations:
+        lines += ["Learned rows: one HarmoniCa-style router trained on the 3 held-out prompts "
+                  f"({args.learned_iterations} iterations), re-thresholded to each compute budget."]
     lines += ["", f"TeaCache polynomial (fitted on 3 held-out prompts): {[round(c, 4) for c in result['coefficients']]}",
               "", f"![speed vs quality]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
