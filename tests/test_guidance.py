@@ -137,6 +137,21 @@ def test_actions_per_mode():
     assert saved_fraction(linear) == 3 / 12 and saved_fraction([C] * 4) == 0.0
 
 
+def test_pick_refresh_keeps_guidance_and_meets_the_saving():
+    from diffaccel.guidance.tune import GuidanceRecording, pick_refresh
+
+    recording = GuidanceRecording(similarities=[[0.5, 0.999, 0.999, 0.999, 0.999, 0.999, 0.999, 0.999, 0.999, 0.999]],
+                                  num_steps=10)
+    never = LinearGuidanceConfig(threshold=2.0, min_steps=1)
+    # every 2nd step: steps 1, 3, 5, 7, 9 estimated = 5 of 20 evaluations
+    assert pick_refresh(recording, 0.25, never) == (2, 0.25)
+    k, saving = pick_refresh(recording, 0.4, never)
+    assert saving >= 0.4 and k == 5  # steps 0 and 5 computed, the other 8 estimated
+    actions = planned_actions("linear", 10, similarities=recording.similarities[0], threshold=2.0, min_steps=1,
+                              refresh_every=k)
+    assert DROP not in actions  # guidance is never dropped, only estimated
+
+
 def test_similarity_estimate_and_least_squares_exact():
     cond = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     uncond = torch.tensor([[1.0, 0.0], [1.0, 0.0]])

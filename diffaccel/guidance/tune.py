@@ -169,6 +169,30 @@ def pick_threshold(
     return best
 
 
+def pick_refresh(
+    recording: GuidanceRecording, target_saving: float, config: AdaptiveGuidanceConfig
+) -> tuple[int, float]:
+    """LinearAG that keeps guidance to the end (threshold above 1: never truncated): the smallest
+    ``refresh_every`` whose planned estimates save at least ``target_saving`` of the evaluations (mean over
+    the recorded runs); (refresh_every, saving). The longest interval if none reaches it."""
+    if not 0.0 < target_saving < 1.0:
+        raise ValueError(f"target_saving must be a fraction between 0 and 1, got {target_saving!r}.")
+    steps = recording.num_steps or 0
+    best = (1, 0.0)
+    for k in range(2, max(steps, 2) + 1):
+        saving = sum(
+            saved_fraction(planned_actions("linear", len(run), similarities=run, threshold=config.threshold,
+                                           min_steps=config.min_steps, refresh_every=k, final_steps=config.final_steps))
+            for run in recording.similarities
+        ) / max(len(recording.similarities), 1)
+        best = (k, saving)
+        if saving >= target_saving:
+            return best
+    logger.warning("diffaccel: no refresh interval saves %.0f%% of the evaluations; the longest saves %.1f%%",
+                   100 * target_saving, 100 * best[1])
+    return best
+
+
 def fit_linear_guidance(
     pipe: Any,
     prompts: Sequence[str],
@@ -200,7 +224,11 @@ def fit_linear_guidance(
         report["carry_relative_error"] = {
             s: round(recording.relative_error(s, CARRY_GUIDANCE), 5) for s in sorted(recording.gram)
         }
-    if target_saving is not None:
+    if target_saving is not None and base.mode == "linear" and base.threshold > 1.0:
+        refresh, saving = pick_refresh(recording, target_saving, base.replace(**changes))
+        changes["refresh_every"] = refresh
+        report["predicted_saving"] = round(saving, 4)
+    elif target_saving is not None:
         threshold, saving = pick_threshold(recording, target_saving, base.replace(**changes))
         changes["threshold"] = threshold
         report["predicted_saving"] = round(saving, 4)
