@@ -130,7 +130,7 @@ def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], ro
         ))
     # cache-dit's DBCache defaults compute the first 8 steps; these rows warm up alike, with the
     # second-order calibrator (order 1 equals cache-dit's TaylorSeer setting).
-    for threshold, warmup in ((0.1, 8), (0.15, 6), (0.2, 6), (0.2, 8)):
+    for threshold, warmup in ((0.05, 8), (0.08, 8), (0.1, 8), (0.15, 6), (0.2, 6), (0.2, 8)):
         rows.append(ours(f"ours block F1B0+Taylor2 τ{threshold} w{warmup}", BlockCacheConfig(
             threshold=threshold, warmup_steps=warmup, max_consecutive=None, calibrator="taylorseer", calibrator_order=2)))
     rows.append(ours("ours block F1B0 τ0.2 w8 (cache-dit's F1B0 0.2 settings)",
