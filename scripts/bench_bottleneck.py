@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         if len(counts) != 3:
             parser.error(f"--stage-steps {text!r}: give three counts, N1,N2,N3 (full, half, full resolution)")
         label = "/".join(map(str, counts))
-        sampling = BottleneckConfig(step_fractions=tuple(n / sum(counts) for n in counts), stage_steps=counts)
+        sampling = BottleneckConfig(stage_steps=counts)
         configs.append((f"bottleneck {label} steps", AccelConfig(sampling=sampling)))
         configs.append((f"full resolution, {sum(counts)} steps (equal-step control)", AccelConfig(),
                         {"num_inference_steps": sum(counts)}))

@@ -126,6 +126,8 @@ def sample_indices(n: int, num_timesteps: int, last_step_share: float, gen: torc
     the output's error; pinning part of each batch there spends more of the budget where it counts.
     """
     t = torch.randint(0, num_timesteps, (n,), generator=gen)
+    if last_step_share <= 0:  # the paper's sampling, with the generator stream of earlier runs
+        return t
     pinned = torch.rand(n, generator=gen) < last_step_share
     return torch.where(pinned, torch.zeros_like(t), t)
 

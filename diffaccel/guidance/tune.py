@@ -129,6 +129,17 @@ def fit_coefficients(recording: GuidanceRecording) -> tuple[tuple[float, ...], .
     return tuple(rows)
 
 
+def planned_saving(recording: GuidanceRecording, config: AdaptiveGuidanceConfig, **changes: Any) -> float:
+    """Mean share of evaluations ``config`` (with ``changes``) would save on the recorded runs."""
+    config = config.replace(**changes)
+    return sum(
+        saved_fraction(planned_actions(config.mode, len(run), similarities=run, threshold=config.threshold,
+                                       min_steps=config.min_steps, refresh_every=config.refresh_every,
+                                       final_steps=config.final_steps))
+        for run in recording.similarities
+    ) / max(len(recording.similarities), 1)
+
+
 def pick_threshold(
     recording: GuidanceRecording, target_saving: float, config: AdaptiveGuidanceConfig
 ) -> tuple[float, float]:
@@ -138,25 +149,9 @@ def pick_threshold(
     if not 0.0 < target_saving < 1.0:
         raise ValueError(f"target_saving must be a fraction between 0 and 1, got {target_saving!r}.")
     candidates = sorted({s for run in recording.similarities for s in run if s == s}, reverse=True)
-
-    def saving(threshold: float) -> float:
-        total = 0.0
-        for run in recording.similarities:
-            actions = planned_actions(
-                config.mode,
-                len(run),
-                similarities=run,
-                threshold=threshold,
-                min_steps=config.min_steps,
-                refresh_every=config.refresh_every,
-                final_steps=config.final_steps,
-            )
-            total += saved_fraction(actions)
-        return total / len(recording.similarities)
-
-    best = (2.0, saving(2.0))
+    best = (2.0, planned_saving(recording, config, threshold=2.0))
     for threshold in candidates:
-        value = saving(threshold)
+        value = planned_saving(recording, config, threshold=threshold)
         if value >= target_saving:
             return threshold, value
         if value > best[1]:
@@ -180,13 +175,8 @@ def pick_refresh(
     steps = recording.num_steps or 0
     best = (1, 0.0)
     for k in range(2, max(steps, 2) + 1):
-        saving = sum(
-            saved_fraction(planned_actions("linear", len(run), similarities=run, threshold=config.threshold,
-                                           min_steps=config.min_steps, refresh_every=k, final_steps=config.final_steps))
-            for run in recording.similarities
-        ) / max(len(recording.similarities), 1)
-        best = (k, saving)
-        if saving >= target_saving:
+        best = (k, planned_saving(recording, config, refresh_every=k))
+        if best[1] >= target_saving:
             return best
     logger.warning("diffaccel: no refresh interval saves %.0f%% of the evaluations; the longest saves %.1f%%",
                    100 * target_saving, 100 * best[1])
