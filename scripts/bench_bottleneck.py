@@ -47,6 +47,8 @@ def main(argv=None) -> int:
                         "--stage-steps row in one more row")
     parser.add_argument("--rows", choices=["all", "counts"], default="all",
                         help="counts: only the baseline and the --stage-steps rows")
+    parser.add_argument("--no-controls", action="store_true",
+                        help="leave out the equal-step controls of the --stage-steps rows (long FID runs)")
     parser.add_argument("--out", default=None, help="default docs/bottleneck_bench[_video].md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -73,8 +75,9 @@ def main(argv=None) -> int:
         label = "/".join(map(str, counts))
         sampling = BottleneckConfig(stage_steps=counts)
         configs.append((f"bottleneck {label} steps", AccelConfig(sampling=sampling)))
-        configs.append((f"full resolution, {sum(counts)} steps (equal-step control)", AccelConfig(),
-                        {"num_inference_steps": sum(counts)}))
+        if not args.no_controls:
+            configs.append((f"full resolution, {sum(counts)} steps (equal-step control)", AccelConfig(),
+                            {"num_inference_steps": sum(counts)}))
         if combined is not None:
             configs.append((f"bottleneck {label} steps + {Path(args.combined).stem}",
                             combined.with_methods(sampling=sampling)))
