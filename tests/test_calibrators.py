@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import diffaccel
-from diffaccel import AccelConfig, BlockCacheConfig, DeltaDiTConfig
+from diffaccel import AccelConfig, BlockCacheConfig, DeltaDiTConfig, TeaCacheConfig
 from diffaccel.cache.calibrators import TaylorExtrapolator, taylor_forecast, taylor_update
 from tiny_pipelines import FAMILIES, build, run
 from toy_models import run_toy, toy_pipe
@@ -76,7 +76,8 @@ def test_delta_dit_forecast_is_exact_once_two_full_steps_exist():
 @pytest.mark.parametrize("config", [
     BlockCacheConfig(threshold=10.0, warmup_steps=1, max_consecutive=2, calibrator="taylorseer", calibrator_order=2),
     DeltaDiTConfig(cache_interval=2, cached_blocks=2, calibrator="taylorseer"),
-], ids=["block", "delta_dit"])
+    TeaCacheConfig(threshold=10.0, max_consecutive=1, calibrator="taylorseer", calibrator_order=2),
+], ids=["block", "delta_dit", "teacache"])
 @pytest.mark.parametrize("name", ["flux", "sd3", "wan", "qwenimage"])
 def test_calibrated_caches_skip_blocks_and_stay_finite_on_real_families(name, config):
     case = build(name)

@@ -42,6 +42,22 @@ def test_accumulated_change_decides_and_the_stack_residual_is_replayed():
     assert values(run_toy(pipe, 5)) == [811, 811, 411, 411, 11]  # forced compute at step 2, acc restarts
 
 
+def test_calibrator_forecasts_the_stack_residual_exactly_when_it_is_linear():
+    # The toy's stack residual is 11 + 2t, linear in the step index: steps 0 and 1 compute (warm-up),
+    # step 2 skips (accumulated 0.5); plain TeaCache replays step 1's residual, the forecast step 2's.
+    pipe = toy_pipe()
+    common = dict(threshold=0.6, warmup_steps=2)
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(**common))
+    assert values(run_toy(pipe, 5)) == [811, 611, 611, 211, 11]
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(**common, calibrator="taylorseer"))
+    assert values(run_toy(pipe, 5)) == [811, 611, 411, 211, 11]
+    assert diffaccel.stats(pipe)["cache_hits"] == 1
+    with pytest.raises(ValueError, match="calibrator must be None or one of"):
+        TeaCacheConfig(calibrator="magic")
+    with pytest.raises(ValueError, match="calibrator_order must be an integer from 1 to 2"):
+        TeaCacheConfig(calibrator="taylorseer", calibrator_order=0)
+
+
 @pytest.mark.parametrize("name", TRANSFORMER_FAMILIES)
 def test_every_transformer_family_off_is_exact_on_skips_and_remove_restores(name):
     case = build(name)

@@ -9,7 +9,9 @@ The relative L1 change of I since the previous forward of the same CFG branch is
 polynomial fitted per model (``calibrate_teacache``) and accumulated; while the sum stays below
 ``threshold`` the blocks are skipped and the block-stack residual (last block output minus first
 block input, per stream) stored at the last computed step is added to the current input. A compute
-resets the sum. The first ``warmup_steps`` steps and the last step always compute.
+resets the sum. The first ``warmup_steps`` steps and the last step always compute. With a calibrator
+the replayed residual is forecast from the computed ones (TaylorSeer) rather than reused as stored:
+TeaCache skips long runs of steps, where a stale residual is what costs fidelity.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
 
 from .block_cache import relative_l1
+from .calibrators import StreamForecast, check_calibrator
 
 TEACACHE_HOOK = "diffaccel.teacache"
 # Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan: temb; PixArt/Sana: timestep).
@@ -47,6 +50,9 @@ class TeaCacheConfig(MethodConfig):
         warmup_steps: first steps of each call that always compute (official: 1).
         force_last_step: the last step always computes (official: yes).
         max_consecutive: most skips in a row before a forced compute; None for no limit (official).
+        calibrator: None replays the stored block-stack residual; "taylorseer" forecasts it along the
+            step index from the computed steps' residuals.
+        calibrator_order: order of the Taylor expansion, 1 or 2.
     """
 
     slot = "cache"
@@ -57,10 +63,13 @@ class TeaCacheConfig(MethodConfig):
     warmup_steps: int = 1
     force_last_step: bool = True
     max_consecutive: int | None = None
+    calibrator: str | None = None
+    calibrator_order: int = 1
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_float(name, "threshold", self.threshold, minimum=0.0)
+        check_calibrator(name, self.calibrator, self.calibrator_order)
         check_int(name, "warmup_steps", self.warmup_steps, minimum=0)
         if self.max_consecutive is not None:
             check_int(name, "max_consecutive", self.max_consecutive, minimum=1)
@@ -104,7 +113,7 @@ def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tenso
 class TeaCacheState:
     """What one CFG branch remembers between forwards of a call."""
 
-    def __init__(self) -> None:
+    def __init__(self, calibrator: str | None = None, order: int = 1) -> None:
         self.previous_indicator: torch.Tensor | None = None
         self.accumulated = 0.0
         self.skip = False
@@ -114,6 +123,7 @@ class TeaCacheState:
         self.encoder_residual: torch.Tensor | None = None
         self.encoder_output_is_none = False
         self.last_change: float | None = None  # raw relative change of this forward (calibration reads it)
+        self.forecast = StreamForecast(calibrator, order)  # the stack residual, forecast when calibrated
 
 
 class TeaCacheHook(ModelHook):
@@ -176,9 +186,10 @@ class TeaCacheHook(ModelHook):
     def _replay(self, state: TeaCacheState, args: tuple, kwargs: dict):
         hidden, encoder = self.block.stream_inputs(args, kwargs)
         if self.first:
-            hidden = hidden + state.hidden_residual
+            step = self.runtime.clock.current.step_index
+            hidden = hidden + state.forecast.hidden_at(state.hidden_residual, step)
             if encoder is not None and state.encoder_residual is not None:
-                encoder = encoder + state.encoder_residual
+                encoder = encoder + state.forecast.encoder_at(state.encoder_residual, step)
         if self.last and state.encoder_output_is_none:
             encoder = None
         self.runtime.count_skipped_blocks()
@@ -194,6 +205,7 @@ class TeaCacheHook(ModelHook):
             state.encoder_residual = encoder - encoder_in
         else:
             state.encoder_residual = None
+        state.forecast.update(state.hidden_residual, state.encoder_residual, self.runtime.clock.current.step_index)
         state.stack_input = None
 
 
@@ -214,7 +226,7 @@ class TeaCacheHandler:
             )
 
     def apply(self, config: TeaCacheConfig, target: AccelTarget, runtime) -> None:
-        states = runtime.new_branch_states(TeaCacheState)
+        states = runtime.new_branch_states(lambda: TeaCacheState(config.calibrator, config.calibrator_order))
         blocks = target.blocks
         for index, block in enumerate(blocks):
             hook = TeaCacheHook(config, runtime, states, block, first=index == 0, last=index == len(blocks) - 1)
