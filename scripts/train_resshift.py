@@ -72,8 +72,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def make_scheduler(variant: str) -> ResShiftScheduler:
-    return ResShiftScheduler(**SCHEDULERS[variant], prediction_type="residual", input_normalization="pixel")
+def make_scheduler(variant: str, **overrides) -> ResShiftScheduler:
+    """The variant's chain; ``overrides`` (kappa, min_noise_level) for experiments that depart from the paper."""
+    settings = {**SCHEDULERS[variant], **{k: v for k, v in overrides.items() if v is not None}}
+    return ResShiftScheduler(**settings, prediction_type="residual", input_normalization="pixel")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -153,8 +155,8 @@ def training_loss(variant: str, unet, scheduler, x0: torch.Tensor, y: torch.Tens
 # ------------------------------------------------------------------------------------------ export
 
 
-def export(variant: str, unet, state: dict) -> Path:
-    folder = EXPORT[variant]
+def export(variant: str, unet, state: dict, folder: Path | None = None, scheduler=None) -> Path:
+    folder = folder or EXPORT[variant]
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
@@ -166,7 +168,7 @@ def export(variant: str, unet, state: dict) -> Path:
     if variant in SCHEDULERS:
         from diffaccel.pipelines.restoration import ResShiftPipeline
 
-        pipe = ResShiftPipeline(unet=half, scheduler=make_scheduler(variant), scale_factor=FACTOR)
+        pipe = ResShiftPipeline(unet=half, scheduler=scheduler or make_scheduler(variant), scale_factor=FACTOR)
         pipe.save_pretrained(folder)
         state_path = folder / "unet" / "training_state.json"
     else:
@@ -183,14 +185,21 @@ def train(args) -> None:
     from tqdm import tqdm
 
     variant = args.variant
-    work = WORK / variant
+    work = Path(args.out) if args.out else WORK / variant
+    export_folder = work / "export" if args.out else None  # experiments never overwrite the shipped weights
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = work / "checkpoint.pt"
     torch.manual_seed(args.seed)
     unet = make_unet()
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = make_scheduler(variant) if variant in SCHEDULERS else None
+    if (args.kappa or args.min_noise_level) and variant not in SCHEDULERS:
+        raise SystemExit(f"--kappa / --min-noise-level apply to the ResShift variants, not {variant}.")
+    if (args.kappa or args.min_noise_level) and not args.out:
+        raise SystemExit("--kappa / --min-noise-level depart from the paper's settings: give --out DIR so the "
+                         "shipped weights are not overwritten.")
+    scheduler = make_scheduler(variant, kappa=args.kappa, min_noise_level=args.min_noise_level) \
+        if variant in SCHEDULERS else None
     steps, minutes_before, losses = 0, 0.0, []
     if args.resume:
         if not checkpoint.is_file():
@@ -217,6 +226,7 @@ def train(args) -> None:
         return {
             "variant": variant, "steps": steps, "minutes": round(minutes_before + (time.time() - start) / 60, 2),
             "last_step_share": args.last_step_share,
+            **({"scheduler": dict(scheduler.config)} if scheduler is not None else {}),
             "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr, "ema": args.ema, "ref_share": args.ref_share,
             "params": param_count(unet), "loss_last_200": round(float(np.mean([l[0] for l in losses[-200:]] or [0])), 5),
             "mse_last_200": round(float(np.mean([l[1] for l in losses[-200:]] or [0])), 6),
@@ -229,7 +239,7 @@ def train(args) -> None:
         torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "steps": steps,
                     "minutes": s["minutes"], "losses": losses}, tmp)
         tmp.replace(checkpoint)
-        folder = export(variant, ema, s)
+        folder = export(variant, ema, s, export_folder, scheduler)
         log(f"checkpoint at step {steps} ({s['minutes']:.1f} min), loss {s['loss_last_200']:.4f}, exported to {folder}")
 
     bar = tqdm(total=int(args.minutes * 60), unit="s", mininterval=10 if sys.stderr.isatty() else 60,
@@ -278,6 +288,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="stop at this many optimiser steps (equal-budget runs)")
     parser.add_argument("--last-step-share", type=float, default=0.0,
                         help="ResShift: share of each batch trained at chain index 0, whose x0 prediction is the output")
+    parser.add_argument("--kappa", type=float, default=None, help="ResShift: κ instead of the paper's 2.0 (needs --out)")
+    parser.add_argument("--min-noise-level", type=float, default=None,
+                        help="ResShift: the last step's noise std instead of the paper's (needs --out)")
+    parser.add_argument("--out", default=None, help="work and export folder of an experiment (default: "
+                        "work/resshift/<variant>, exported to the shipped weights)")
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--ref-share", type=float, default=0.5, help="share of each batch from reference-model outputs")
     parser.add_argument("--save-every", type=float, default=3.0, help="minutes between checkpoints")
