@@ -144,7 +144,7 @@ def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], ro
     for threshold in (0.1, 0.15, 0.2, 0.3, 0.4):
         rows.append(ours(f"ours TeaCache δ{threshold}", TeaCacheConfig(threshold=threshold, coefficients=teacache_coefficients)))
     # Warm-up 3 and a cap on consecutive skips: on the video model the error of skipping comes mostly
-    # from steps 1-2 (work/ probe: δ0.2 warm-up 1 -> 39 dB, warm-up 3 -> 51 dB for 5% more blocks).
+    # from the first steps (docs/cache_bench_video_20_focus.md: δ0.4 26.9 dB with warm-up 1, 31.4 dB with 3).
     for threshold, cap in ((0.2, 1), (0.25, 1), (0.4, 2), (0.4, 3), (0.4, None), (0.6, None)):
         rows.append(ours(f"ours TeaCache δ{threshold} w3 mc{cap or '∞'}", TeaCacheConfig(
             threshold=threshold, coefficients=teacache_coefficients, warmup_steps=3, max_consecutive=cap)))
