@@ -94,8 +94,12 @@ def load_unet(folder: Path):
     return UNet2DModel.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def methods() -> dict:
-    """name -> (NFE, family, function lr (N,3,h,w) -> hr (N,3,2h,2w), all in [0, 1]); models load lazily."""
+def methods(extra: dict[str, Path] | None = None) -> dict:
+    """name -> (NFE, family, function lr (N,3,h,w) -> hr (N,3,2h,2w), all in [0, 1]); models load lazily.
+
+    ``extra``: name -> folder of an experimental ``ResShiftPipeline`` (``train_resshift.py --out``), scored
+    as one more row at its own T steps.
+    """
     loaded: dict = {}
 
     def resshift(name: str, steps: int):
@@ -128,7 +132,25 @@ def methods() -> dict:
         "resshift15@4": (4, "resshift15", resshift("upscale15", 4)),
         "resshift-15": (15, "resshift15", resshift("upscale15", 15)),
         "resshift-4": (4, "resshift4", resshift("upscale", 4)),
+        **{name: extra_row(name, Path(folder), loaded) for name, folder in (extra or {}).items()},
     }
+
+
+def extra_row(name: str, folder: Path, loaded: dict) -> tuple:
+    from diffaccel.pipelines.restoration import ResShiftPipeline
+
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(f"--extra {name}={folder}: no ResShiftPipeline folder there (train_resshift.py --out DIR "
+                         f"exports to DIR/export).")
+    TRAINING_STATES[f"extra:{name}"] = folder / "unet" / "training_state.json"
+    steps = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
+
+    def run(lr, seed):
+        if name not in loaded:
+            loaded[name] = ResShiftPipeline.from_pretrained(folder)
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(lr))]
+        return loaded[name](image=lr, num_inference_steps=steps, generator=gens, output_type="pt").images
+    return steps, f"extra:{name}", run
 
 
 TRAINING_STATES = {
@@ -162,7 +184,7 @@ def run_row(name: str, fn, lr: torch.Tensor, tag: str, family: str = "") -> tupl
     return (out * 255).round() / 255, per
 
 
-def quality_vs_nfe(num: int, judge: JudgeFeatures) -> dict:
+def quality_vs_nfe(num: int, judge: JudgeFeatures, extra: dict[str, Path] | None = None) -> dict:
     proc_hr, proc_captions = data.heldout_procedural(num)
     ref_hr, ref_captions, _ = data.load_cache(CACHE, "heldout", 128)
     if len(ref_hr) < num:
@@ -173,8 +195,8 @@ def quality_vs_nfe(num: int, judge: JudgeFeatures) -> dict:
         lr = data.degrade(hr)  # bicubic, antialiased, no blur/noise: the evaluation degradation
         hr_q = (hr * 255).round() / 255
         results[set_name] = {"n": len(hr), "hr": {"adherence": float(judge_adherence(hr_q, captions).mean)}}
-        for name, (nfe, family, fn) in methods().items():
-            out, per = run_row(name, fn, lr, f"{set_name}{num}", family)
+        for name, (nfe, family, fn) in methods(extra).items():
+            out, per = run_row(name.replace("/", "_").replace(" ", "_"), fn, lr, f"{set_name}{num}", family)
             row = scores(out, hr_q, captions, judge)
             row.update(nfe=nfe, family=family, seconds_per_image=round(per, 4))
             results[set_name][name] = row
@@ -291,23 +313,25 @@ def write_report(result: dict, out: Path) -> None:
             lines.append(f"| {name} | {r['nfe']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['feat_dist']:.3f} | "
                          f"{r['fid_judge']:.2f} | {r['adherence']:.3f} | {r['hf_ratio']:.2f} | {r['seconds_per_image']:.3f} |")
         lines.append("")
-    c = result["cascade"]
-    t = c["timing"]
-    lines += [
+    c = result.get("cascade")
+    t = c["timing"] if c else None
+    lines += [] if c is None else [
         f"## Cascade: 64 px + ResShift-4 against direct 128 px generation ({c['n']} prompts of `scenes.prompt_set`, seed i)",
         "",
         "| path | adherence | FID-j vs procedural renders ↓ |",
         "|---|---:|---:|",
     ]
-    for name, r in c["rows"].items():
+    for name, r in (c["rows"] if c else {}).items():
         lines.append(f"| {name} | {r['adherence']:.4f} | {r['fid_judge']:.2f} |")
-    lines += [
+    lines += [] if c is None else [
         "",
         f"Wall time, measured in this run on {t['n']} prompts (batches of {t['batch']}, 20 steps, guidance 4, one thread): "
         f"direct 128 px {t['direct_128_s']:.1f} s; cascade {t['cascade_s']:.1f} s = 64 px {t['generate_64_s']:.1f} s + "
         f"ResShift-4 {t['upscale_s']:.1f} s: **{t['ratio']:.2f}x** the time of direct generation. Adherence gap "
         f"(direct − cascade): **{c['adherence_gap_points']:+.2f} points**. The direct row uses the cached 128 px "
         f"outputs; regenerating the timing prompts reproduced them bit-equal: {t['direct_matches_cache']}.",
+    ]
+    lines += [
         "",
         "Training budgets (one CPU thread each):",
         "",
@@ -343,6 +367,10 @@ def plot(result: dict, out: Path) -> None:
                 if family == "interpolation":
                     for x, y, n in items:
                         ax.annotate(n, (x, y), fontsize=7, xytext=(4, 0), textcoords="offset points")
+            for k, r in rows.items():  # --extra rows: experiments, labelled by name
+                if r["family"].startswith("extra:"):
+                    ax.plot([r["nfe"]], [r[metric]], "D", color="tab:purple", markersize=7)
+                    ax.annotate(k, (r["nfe"], r[metric]), fontsize=7, xytext=(4, -8), textcoords="offset points")
             ax.set_xscale("log")
             ax.set_xlabel("NFE (network evaluations per image; 0 plotted at 0.5)")
             ax.set_ylabel({"psnr": "PSNR (dB) ↑", "feat_dist": "judge-feature distance ↓"}[metric])
@@ -362,25 +390,34 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "docs" / "resshift_bench"), help="output path without suffix")
     parser.add_argument("--skip-cascade", action="store_true")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
+                        help="score an experimental ResShiftPipeline folder as one more row (repeatable)")
     args = parser.parse_args(argv)
+    extra = {}
+    for item in args.extra:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            parser.error(f"--extra {item!r}: give NAME=DIR")
+        extra[name] = Path(folder)
     torch.set_num_threads(args.threads)
     judge = JudgeFeatures("image")
     result = {"threads": args.threads, "torch": torch.__version__}
     if not args.skip_cascade:
         result["cascade"] = cascade(args.cascade_num, args.timing_num, judge)
         log(json.dumps(result["cascade"]))
-    result["quality"] = quality_vs_nfe(args.num, judge)
+    result["quality"] = quality_vs_nfe(args.num, judge, extra)
     training = {}
     for name, folder in [("resshift-4", WEIGHTS / "upscale" / "unet"), ("resshift-15", WEIGHTS / "upscale15" / "unet"),
                          ("flow", WEIGHTS / "upscale_baselines" / "flow"), ("regression", WEIGHTS / "upscale_baselines" / "regression")]:
         state = folder / "training_state.json"
         training[name] = json.loads(state.read_text()) if state.is_file() else {}
+    for name, folder in extra.items():
+        training[name] = json.loads((folder / "unet" / "training_state.json").read_text())
     result["training"] = training
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    if "cascade" in result:
-        write_report(result, out)
+    write_report(result, out)
     plot(result, out)
     log(f"wrote {out}.json/.md/.png")
     return 0
