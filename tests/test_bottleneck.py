@@ -8,7 +8,7 @@ import torch
 
 import diffaccel
 from diffaccel import AccelConfig, BlockCacheConfig, BottleneckConfig
-from diffaccel.sampling.bottleneck import renoise, stage_sigmas, stage_steps, unshift
+from diffaccel.sampling.bottleneck import renoise, stage_sigmas, stage_sizes, stage_steps, unshift
 from tiny_pipelines import build, run
 
 
@@ -101,6 +101,29 @@ def test_stage_steps_set_the_steps_at_each_token_count():
     branches = len(tokens) // 8  # one call per CFG branch, or one batched call per step
     assert [t for t in tokens[::branches]] == [full] + [low] * 5 + [full] * 2
     assert diffaccel.stats(case.pipe)["steps"] == 8
+
+
+@pytest.mark.parametrize("name", ["sd3", "wan"])
+def test_one_full_resolution_stage_is_the_plain_pipeline_bit_for_bit(name):
+    case = build(name)
+    baseline = run(case, seed=0, num_inference_steps=5)
+    one_stage = BottleneckConfig(scales=(1.0,), step_fractions=(1.0,), strengths=(1.0,))
+    diffaccel.accelerate(case.pipe, sampling=one_stage)
+    assert np.array_equal(run(case, seed=0, num_inference_steps=5), baseline)
+    stats = diffaccel.stats(case.pipe)
+    assert stats["steps"] == 5 and stats["bottleneck_stages"] == 1
+
+
+def test_a_size_a_stage_cannot_divide_is_a_clear_error():
+    case = build("sd3")
+    diffaccel.accelerate(case.pipe, sampling=BottleneckConfig(scales=(1.0, 0.6, 1.0)))
+    with pytest.raises(ValueError, match=r"height 64 at stage scale 0.6 gives 38.4 px, not a multiple of 16 px"):
+        run(case, seed=0, num_inference_steps=6)
+    diffaccel.accelerate(case.pipe, sampling="bottleneck")
+    with pytest.raises(ValueError, match=r"width 48 at stage scale 0.5 gives 24 px, not a multiple of 16 px.*"
+                                         r"a width that is a multiple of 32 px"):
+        run(case, seed=0, num_inference_steps=6, width=48)
+    assert stage_sizes((1.0, 0.5, 1.0), 128, 64, 16) == [(128, 64), (64, 32), (128, 64)]
 
 
 def test_composes_with_caching_which_resets_at_each_stage():

@@ -69,8 +69,8 @@ class BottleneckConfig(MethodConfig):
     def __post_init__(self) -> None:
         name = type(self).__name__
         lengths = {len(self.scales), len(self.step_fractions), len(self.strengths)}
-        if len(lengths) != 1 or len(self.scales) < 2:
-            raise ValueError(f"{name}: scales, step_fractions and strengths need one entry per stage (at least 2), "
+        if len(lengths) != 1 or len(self.scales) < 1:
+            raise ValueError(f"{name}: scales, step_fractions and strengths need one entry per stage (at least 1), "
                              f"got {len(self.scales)}, {len(self.step_fractions)}, {len(self.strengths)}.")
         if any(not 0.0 < s <= 1.0 for s in self.scales) or self.scales[0] != 1.0 or self.scales[-1] != 1.0:
             raise ValueError(f"{name}.scales must lie in (0, 1] and start and end at 1.0, got {self.scales}.")
@@ -99,6 +99,27 @@ def stage_steps(fractions: tuple[float, ...], num_steps: int) -> list[int]:
     while sum(steps) < num_steps:
         steps[fractions.index(max(fractions))] += 1
     return steps
+
+
+def stage_sizes(scales: tuple[float, ...], height: int, width: int, multiple: int) -> list[tuple[int, int]]:
+    """(height, width) of each stage; a ValueError naming the size when one is not a whole number of
+    ``multiple``-pixel cells (latent cell x patch), rather than a silently changed scale."""
+    sizes = []
+    for scale in scales:
+        size = []
+        for name, full in (("height", height), ("width", width)):
+            exact = full * scale
+            if abs(exact - round(exact)) > 1e-6 or round(exact) % multiple or round(exact) < multiple:
+                steps = [multiple / sc for sc in scales]
+                whole = all(float(st).is_integer() for st in steps)
+                hint = f"; e.g. a {name} that is a multiple of {math.lcm(*map(int, steps))} px" if whole else ""
+                raise ValueError(
+                    f"sampling='bottleneck': {name} {full} at stage scale {scale:g} gives {exact:g} px, not a multiple "
+                    f"of {multiple} px (this pipeline's latent cell times its patch size). Choose a size that every "
+                    f"stage of scales {tuple(scales)} divides{hint}.")
+            size.append(int(round(exact)))
+        sizes.append((size[0], size[1]))
+    return sizes
 
 
 def unshift(level: float, scheduler, mu: float | None) -> float:
@@ -147,7 +168,7 @@ def resize_latents(latents: torch.Tensor, size: tuple[int, int], mode: str) -> t
 @dataclass
 class _Geometry:
     spatial_factor: int  # pixels per latent cell
-    multiple: int  # stage sizes are rounded to multiples of this many pixels
+    multiple: int  # stage sizes must be multiples of this many pixels (latent cell x patch)
 
 
 def _geometry(pipe) -> _Geometry:
@@ -238,10 +259,9 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
     total_stats = None
     latents = kwargs.pop("latents", None)
     output = None
-    for k, (scale, n, strength) in enumerate(zip(config.scales, steps, config.strengths)):
+    sizes = stage_sizes(config.scales, int(height), int(width), geometry.multiple)
+    for k, ((stage_h, stage_w), n, strength) in enumerate(zip(sizes, steps, config.strengths)):
         last = k == len(steps) - 1
-        stage_h = max(geometry.multiple, round(height * scale / geometry.multiple) * geometry.multiple)
-        stage_w = max(geometry.multiple, round(width * scale / geometry.multiple) * geometry.multiple)
         if latents is not None and k > 0:
             size = (stage_h // geometry.spatial_factor, stage_w // geometry.spatial_factor)
             if tuple(latents.shape[-2:]) != size:
@@ -249,7 +269,8 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
             latents = renoise(latents, strength, generator)
         stage = dict(kwargs, height=stage_h, width=stage_w, num_inference_steps=n, latents=latents,
                      output_type=output_type if last else "latent", return_dict=True if not last else return_dict)
-        undo = _set_stage_schedule(pipe.scheduler, strength, n)
+        # One stage has nothing to line up with: it runs the pipeline's own schedule (the plain call).
+        undo = _set_stage_schedule(pipe.scheduler, strength, n) if len(steps) > 1 else (lambda: None)
         try:
             output = original_call(pipe, **stage)
         finally:
