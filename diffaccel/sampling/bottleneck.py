@@ -104,22 +104,21 @@ def stage_steps(fractions: tuple[float, ...], num_steps: int) -> list[int]:
 def stage_sizes(scales: tuple[float, ...], height: int, width: int, multiple: int) -> list[tuple[int, int]]:
     """(height, width) of each stage; a ValueError naming the size when one is not a whole number of
     ``multiple``-pixel cells (latent cell x patch), rather than a silently changed scale."""
-    sizes = []
-    for scale in scales:
-        size = []
-        for name, full in (("height", height), ("width", width)):
-            exact = full * scale
-            if abs(exact - round(exact)) > 1e-6 or round(exact) % multiple or round(exact) < multiple:
-                steps = [multiple / sc for sc in scales]
-                whole = all(float(st).is_integer() for st in steps)
-                hint = f"; e.g. a {name} that is a multiple of {math.lcm(*map(int, steps))} px" if whole else ""
-                raise ValueError(
-                    f"sampling='bottleneck': {name} {full} at stage scale {scale:g} gives {exact:g} px, not a multiple "
-                    f"of {multiple} px (this pipeline's latent cell times its patch size). Choose a size that every "
-                    f"stage of scales {tuple(scales)} divides{hint}.")
-            size.append(int(round(exact)))
-        sizes.append((size[0], size[1]))
-    return sizes
+
+    def side(name: str, full: int, scale: float) -> int:
+        exact = full * scale
+        pixels = round(exact)
+        if abs(exact - pixels) <= 1e-6 and pixels >= multiple and pixels % multiple == 0:
+            return pixels
+        periods = [multiple / sc for sc in scales]  # a full size every stage divides is a multiple of each
+        hint = (f"; e.g. a {name} that is a multiple of {math.lcm(*map(int, periods))} px"
+                if all(float(q).is_integer() for q in periods) else "")
+        raise ValueError(
+            f"sampling='bottleneck': {name} {full} at stage scale {scale:g} gives {exact:g} px, not a multiple "
+            f"of {multiple} px (this pipeline's latent cell times its patch size). Choose a size that every "
+            f"stage of scales {tuple(scales)} divides{hint}.")
+
+    return [(side("height", height, scale), side("width", width, scale)) for scale in scales]
 
 
 def unshift(level: float, scheduler, mu: float | None) -> float:
