@@ -46,6 +46,22 @@ def resolve_config(config: Any = None, unet: bool = False, **slots: Any) -> Acce
     return base.with_methods(**given) if given else base
 
 
+def _validated(resolved: AccelConfig, target: AccelTarget) -> AccelConfig:
+    """Check every method against this pipeline. One in a slot the config marks optional (a preset's) that
+    cannot apply here is left out with a warning naming why; any other raises."""
+    dropped = []
+    for method in resolved.methods():
+        try:
+            handler_for(method).validate(method, target)
+        except ValueError as error:
+            if method.slot not in resolved.optional:
+                raise
+            logger.warning("diffaccel: running without %s=%s (optional in this config) on %s: %s", method.slot,
+                           method.method, type(target.pipe).__name__, error)
+            dropped.append(method.slot)
+    return resolved.without(*dropped) if dropped else resolved
+
+
 def find_denoiser(pipe: Any) -> torch.nn.Module:
     for name in DENOISER_ATTRIBUTES:
         module = getattr(pipe, name, None)
@@ -88,9 +104,8 @@ def accelerate(
         parallel=parallel,
     )
     target = AccelTarget(pipe=pipe, denoiser=denoiser, adapter=adapter)
+    resolved = _validated(resolved, target)
     planned = [(method, handler_for(method)) for method in resolved.methods()]
-    for method, handler in planned:
-        handler.validate(method, target)
 
     remove(pipe)
     registry = getattr(denoiser, "_diffusers_hook", None)

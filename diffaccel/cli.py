@@ -305,7 +305,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = args.config if args.config else (args.preset or "fast")
-    accel_config = diffaccel.resolve_config(config)  # fail on a bad preset/config before loading a model
+    diffaccel.resolve_config(config)  # fail on a bad preset/config before loading a model
 
     reference = reference_name(args)
     if reference is not None:
@@ -316,7 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe, video = loaded.pipe, loaded.is_video
     pipe.set_progress_bar_config(disable=False)
     output_path = check_output_path(args.output, video)
-    diffaccel.accelerate(pipe, accel_config)
+    diffaccel.accelerate(pipe, config)  # by name: a preset's UNet recipe on a UNet
     kwargs = call_arguments(pipe, args, loaded.defaults)
 
     upscaler = load_upscaler("upscale", device) if args.upscale else None

@@ -196,17 +196,29 @@ def coerce_method(slot: str, value: Any) -> MethodConfig | None:
 
 @dataclass(frozen=True)
 class AccelConfig:
-    """The full acceleration recipe: at most one method per slot. ``AccelConfig()`` changes nothing."""
+    """The full acceleration recipe: at most one method per slot. ``AccelConfig()`` changes nothing.
+
+    ``optional`` names slots whose method is left out, with a warning that says why, on a pipeline it
+    cannot apply to (a preset is a recipe for any pipeline, so presets mark all of theirs); a method in
+    any other slot that cannot apply is an error. Replacing a slot (``with_methods``) makes it required.
+    """
 
     cache: MethodConfig | None = None
     guidance: MethodConfig | None = None
     sampling: MethodConfig | None = None
     attention: MethodConfig | None = None
     parallel: MethodConfig | None = None
+    optional: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for slot in SLOTS:
             object.__setattr__(self, slot, coerce_method(slot, getattr(self, slot)))
+        if isinstance(self.optional, str) or not all(isinstance(s, str) for s in self.optional):
+            raise ValueError(f"AccelConfig.optional must be a list of slot names, got {self.optional!r}.")
+        unknown = sorted(set(self.optional) - set(SLOTS))
+        if unknown:
+            raise ValueError(f"AccelConfig.optional names unknown slot(s) {unknown}; the slots are {list(SLOTS)}.")
+        object.__setattr__(self, "optional", tuple(s for s in SLOTS if s in self.optional))
 
     def methods(self) -> list[MethodConfig]:
         """The configured methods in application order (slot order)."""
@@ -217,13 +229,21 @@ class AccelConfig:
         unknown = sorted(set(slots) - set(SLOTS))
         if unknown:
             raise ValueError(f"Unknown config slot(s) {unknown}; the slots are {list(SLOTS)}.")
-        return dataclasses.replace(self, **slots)
+        optional = tuple(s for s in self.optional if s not in slots)
+        return dataclasses.replace(self, optional=optional, **slots)
+
+    def without(self, *slots: str) -> "AccelConfig":
+        """A copy with these slots empty (how an optional method is left out)."""
+        return dataclasses.replace(self, optional=tuple(s for s in self.optional if s not in slots),
+                                   **{slot: None for slot in slots})
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"version": CONFIG_FORMAT_VERSION}
         for slot in SLOTS:
             method = getattr(self, slot)
             data[slot] = None if method is None else method.to_dict()
+        if self.optional:  # absent when empty, so configs written before the field read and hash the same
+            data["optional"] = list(self.optional)
         return data
 
     @classmethod
@@ -236,10 +256,11 @@ class AccelConfig:
             raise ValueError(
                 f"AccelConfig data has version {version!r}; this diffaccel reads versions <= {CONFIG_FORMAT_VERSION}."
             )
-        unknown = sorted(set(data) - set(SLOTS))
+        unknown = sorted(set(data) - set(SLOTS) - {"optional"})
         if unknown:
-            raise ValueError(f"Unknown AccelConfig field(s) {unknown}; allowed fields: {list(SLOTS)} and 'version'.")
-        return cls(**{slot: data.get(slot) for slot in SLOTS})
+            raise ValueError(f"Unknown AccelConfig field(s) {unknown}; allowed fields: {list(SLOTS)}, 'optional' "
+                             f"and 'version'.")
+        return cls(**{slot: data.get(slot) for slot in SLOTS}, optional=tuple(data.get("optional") or ()))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "AccelConfig":

@@ -6,18 +6,39 @@ A preset has one recipe per kind of denoiser: transformers get the block residua
 
 from __future__ import annotations
 
+import dataclasses
+
 from .cache import BlockCacheConfig, DeepCacheConfig
 from .config import AccelConfig
+from .guidance import AdaptiveGuidanceConfig
+from .sampling import BottleneckConfig
 
 # Transformers: the block residual cache with the TaylorSeer calibrator. On the reference image model at
 # 28 steps (docs/cache_bench_image_28.md) τ 0.1 / 0.2 / 0.3 with the calibrator measured 1.4x / 2.1x /
 # 2.9x at 59 / 44 / 32 dB PSNR to the uncached output; the safe recipe also forces a compute every
 # other step.
+# Turbo adds bottleneck sampling and AG where they apply (a pipeline the bottleneck cannot serve, or a
+# call too small for it, runs without it, with a warning). The bottleneck runs 65% of the call's steps as
+# 1/10/2 of 13 at 20 steps: on the reference image model at 128 px, with this cache and AG, 3.9x at +0.9
+# points of adherence (docs/bottleneck_bench_counts.md). Below a 4x4 token grid in the half-size stage it
+# falls back to full resolution (the reference models at their default 64 px).
+TURBO_BOTTLENECK = BottleneckConfig(
+    scales=(1.0, 0.5, 1.0),
+    step_fractions=(1 / 13, 10 / 13, 2 / 13),
+    strengths=(1.0, 0.8, 0.6),
+    steps_ratio=0.65,
+    min_stage_tokens=16,
+)
+
 PRESETS: dict[str, AccelConfig] = {
     "off": AccelConfig(),
     "safe": AccelConfig(cache=BlockCacheConfig(threshold=0.1, warmup_steps=3, max_consecutive=1, calibrator="taylorseer")),
     "fast": AccelConfig(cache=BlockCacheConfig(threshold=0.2, warmup_steps=2, max_consecutive=4, calibrator="taylorseer")),
-    "turbo": AccelConfig(cache=BlockCacheConfig(threshold=0.3, warmup_steps=2, max_consecutive=None, calibrator="taylorseer")),
+    "turbo": AccelConfig(
+        cache=BlockCacheConfig(threshold=0.3, warmup_steps=2, max_consecutive=None, calibrator="taylorseer"),
+        guidance=AdaptiveGuidanceConfig(),  # the paper's middle threshold, 0.994
+        sampling=TURBO_BOTTLENECK,
+    ),
 }
 
 UNET_PRESETS: dict[str, AccelConfig] = {
@@ -28,8 +49,18 @@ UNET_PRESETS: dict[str, AccelConfig] = {
 }
 
 
+def _every_method_optional(table: dict[str, AccelConfig]) -> dict[str, AccelConfig]:
+    return {name: dataclasses.replace(c, optional=tuple(m.slot for m in c.methods())) for name, c in table.items()}
+
+
+PRESETS = _every_method_optional(PRESETS)
+UNET_PRESETS = _every_method_optional(UNET_PRESETS)
+
+
 def preset(name: str, unet: bool = False) -> AccelConfig:
-    """The preset called ``name`` (its UNet recipe with ``unet=True``); a ValueError listing the presets otherwise."""
+    """The preset called ``name`` (its UNet recipe with ``unet=True``); a ValueError listing the presets otherwise.
+
+    Every method of a preset is optional: a pipeline one cannot serve runs without it, with a warning."""
     table = UNET_PRESETS if unet else PRESETS
     try:
         return table[name]

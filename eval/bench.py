@@ -103,13 +103,16 @@ def run_bench(
     if len(configs) < 1:
         raise ValueError("bench needs at least one config; the first one is the baseline.")
     calls = {entry[0]: {**call_kwargs, **(entry[2] if len(entry) > 2 else {})} for entry in configs}
-    resolved = [(entry[0], diffaccel.resolve_config(entry[1])) for entry in configs]
+    for entry in configs:  # a bad preset or config fails before any row runs
+        diffaccel.resolve_config(entry[1])
+    resolved = []
+    for name, spec, *_ in configs:  # warm-up (allocations, lazy init) once per config
+        diffaccel.accelerate(pipe, spec)  # a preset's recipe for this pipeline (its UNet one, its fallbacks)
+        resolved.append((name, diffaccel.config_of(pipe)))  # what ran, as the report records it
+        _call(pipe, prompts[0], seed, calls[name])
     results = [ConfigResult(name=name, config=cfg.to_dict()) for name, cfg in resolved]
     outputs: dict[str, list[np.ndarray]] = {name: [] for name, _ in resolved}
     bar = tqdm(total=repeats * len(resolved) * len(prompts), disable=not progress, desc="bench", unit="call")
-    for name, cfg in resolved:  # warm-up (allocations, lazy init) once per config
-        diffaccel.accelerate(pipe, cfg)
-        _call(pipe, prompts[0], seed, calls[name])
     # Configs take turns call by call, so a slow spell of a shared machine hits every config alike.
     for repeat in range(repeats):
         for i, prompt in enumerate(prompts):

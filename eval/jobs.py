@@ -60,8 +60,11 @@ def _call_kwargs(loaded, args) -> dict:
     return kwargs
 
 
-def _accel_config(args):
-    return diffaccel.resolve_config(args.config or args.preset or "off")
+def _accel_spec(args):
+    """The preset name or config file asked for (checked here, before any model loads)."""
+    spec = args.config or args.preset or "off"
+    diffaccel.resolve_config(spec)
+    return spec
 
 
 def _procedural_real(kind: str, num: int, seed: int, resolution: int) -> np.ndarray:
@@ -101,8 +104,8 @@ def fid_command(args) -> int:
     else:
         loaded = load_model(args.model, args.device, args.dtype)
         prompts = read_prompts(args.prompts, args.prompt_set, args.num)
-        accel = _accel_config(args)
-        diffaccel.accelerate(loaded.pipe, accel)
+        diffaccel.accelerate(loaded.pipe, _accel_spec(args))
+        accel = diffaccel.config_of(loaded.pipe)  # what runs on this pipeline (a preset's UNet recipe, its fallbacks)
         job = SampleJob(model=loaded.name, prompts=tuple(prompts), seeds=tuple(args.seed + i for i in range(len(prompts))),
                         accel_config=accel.to_dict(), call_kwargs=_call_kwargs(loaded, args), is_video=loaded.is_video)
         folder = Path(args.samples or Path(args.out).with_suffix("").as_posix() + "_samples")
@@ -148,7 +151,7 @@ def fidelity_command(args) -> int:
     kwargs = _call_kwargs(loaded, args)
     outputs = {}
     for role, spec in (("baseline", args.baseline), ("accelerated", args.config)):
-        diffaccel.accelerate(loaded.pipe, diffaccel.resolve_config(spec))
+        diffaccel.accelerate(loaded.pipe, spec)
         outputs[role] = _generate_all(loaded.pipe, prompts, seeds, kwargs)
         outputs[role + "_stats"] = diffaccel.stats(loaded.pipe, cumulative=True)
     diffaccel.remove(loaded.pipe)
@@ -202,10 +205,10 @@ def vbench_command(args) -> int:
         if not loaded.is_video:
             raise ValueError(f"{loaded.name} is not a video pipeline.")
         prompts = read_prompts(args.prompts, args.prompt_set or "reference-video", args.num)
-        diffaccel.accelerate(loaded.pipe, _accel_config(args))
+        diffaccel.accelerate(loaded.pipe, _accel_spec(args))
         clips = _generate_all(loaded.pipe, prompts, [args.seed + i for i in range(len(prompts))], _call_kwargs(loaded, args))
         captions = prompts if loaded.reference == "video" else None  # the judge reads our scenes only
-        result = {"model": loaded.name, "config": _accel_config(args).to_dict(), "prompts": prompts}
+        result = {"model": loaded.name, "config": diffaccel.config_of(loaded.pipe).to_dict(), "prompts": prompts}
     if args.backend == "vbench":
         result["backend"] = "vbench (official)"
         result["dimensions"] = run_official_vbench(clips, Path(args.out).parent, args.device or "cuda")

@@ -31,6 +31,13 @@ def test_config_validation_and_round_trip():
     assert AccelConfig.from_dict(config.to_dict()) == config
     counted = AccelConfig(sampling=BottleneckConfig(stage_steps=(1, 5, 2)))
     assert AccelConfig.from_dict(counted.to_dict()) == counted
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="steps_ratio must be"):
+            BottleneckConfig(steps_ratio=bad)
+    with pytest.raises(ValueError, match="steps_ratio does nothing with stage_steps"):
+        BottleneckConfig(stage_steps=(1, 5, 2), steps_ratio=0.5)
+    with pytest.raises(ValueError, match="min_stage_tokens must be >= 0"):
+        BottleneckConfig(min_stage_tokens=-1)
 
 
 def test_schedule_maths():
@@ -101,6 +108,37 @@ def test_stage_steps_set_the_steps_at_each_token_count():
     branches = len(tokens) // 8  # one call per CFG branch, or one batched call per step
     assert [t for t in tokens[::branches]] == [full] + [low] * 5 + [full] * 2
     assert diffaccel.stats(case.pipe)["steps"] == 8
+
+
+def test_steps_ratio_scales_the_stage_counts_to_the_call():
+    case = build("sd3")
+    tokens = []
+    hook = case.denoiser.register_forward_pre_hook(
+        lambda m, a, k: tokens.append(int(np.prod(k["hidden_states"].shape[-2:]))), with_kwargs=True)
+    thirteenths = (1 / 13, 10 / 13, 2 / 13)
+    diffaccel.accelerate(case.pipe, sampling=BottleneckConfig(step_fractions=thirteenths, steps_ratio=0.65))
+    run(case, seed=0, num_inference_steps=20)  # 13 steps: 1 / 10 / 2
+    hook.remove()
+    full, low = max(tokens), min(tokens)
+    branches = len(tokens) // 13
+    assert [t for t in tokens[::branches]] == [full] + [low] * 10 + [full] * 2
+    assert diffaccel.stats(case.pipe)["steps"] == 13
+
+
+def test_a_call_too_small_for_min_stage_tokens_runs_at_full_resolution_with_a_warning(caplog):
+    case = build("sd3")  # 64 px: 4x4 tokens at full size, 2x2 in the half-size stage
+    baseline = run(case, seed=0, num_inference_steps=5)
+    diffaccel.accelerate(case.pipe, sampling=BottleneckConfig(min_stage_tokens=16))
+    with caplog.at_level("WARNING", logger="diffaccel"):
+        out = run(case, seed=0, num_inference_steps=5)
+        run(case, seed=0, num_inference_steps=5)
+    assert np.array_equal(out, baseline)
+    stats = diffaccel.stats(case.pipe)
+    assert stats["steps"] == 5 and stats["bottleneck_full_resolution_calls"] == 1 and "bottleneck_stages" not in stats
+    warnings = [r.getMessage() for r in caplog.records if "min_stage_tokens" in r.getMessage()]
+    assert len(warnings) == 1 and "64x64" in warnings[0] and "4 latent tokens" in warnings[0]
+    run(case, seed=0, num_inference_steps=6, height=128, width=128)  # 4x4 tokens at half size: staged
+    assert diffaccel.stats(case.pipe)["bottleneck_stages"] == 3
 
 
 @pytest.mark.parametrize("name", ["sd3", "wan"])

@@ -47,7 +47,9 @@ def test_generate_writes_a_valid_png_and_reports_stats(saved, tmp_path, capsys):
     image.load()
     assert image.size == (64, 64) and image.mode == "RGB"
     report = json.loads(stats_file.read_text())
-    assert report["stats"]["steps"] == 4 and report["stats"]["denoiser_calls"] == 8
+    stats = report["stats"]  # turbo on PixArt (DDIM): cache and AG; the bottleneck left out, with a warning
+    assert stats["steps"] == 4 and stats["methods"] == ["cache=block", "guidance=adaptive"]
+    assert 4 <= stats["denoiser_calls"] < 8 and stats["guidance_skipped_uncond"] == 8 - stats["denoiser_calls"]
     assert report["wall_seconds"] > 0
     assert "wrote" in capsys.readouterr().out
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from diffaccel.config import MethodConfig, check_choice, register_config
+from diffaccel.config import MethodConfig, check_choice, check_float, check_int, register_config
 from diffaccel.registry import AccelTarget, register_method
 
 logger = logging.getLogger("diffaccel")
@@ -55,6 +55,12 @@ class BottleneckConfig(MethodConfig):
         stage_steps: steps of each stage as counts, the paper's (N1, N2, N3) form (RALU's FLUX re-run:
             4/12/5 against the 50-step baseline). When set it replaces ``step_fractions`` and the call's
             ``num_inference_steps``: the point of the method is a cheaper trajectory, not the same one.
+        steps_ratio: the share of the call's ``num_inference_steps`` the stages run together, split by
+            ``step_fractions`` (the counts form scaled to any call: 0.65 with fractions 1/13, 10/13, 2/13 is
+            1/10/2 steps at 20). 1 keeps the call's count. Not used with ``stage_steps``.
+        min_stage_tokens: latent tokens per frame the smallest stage must keep; a call whose size would go
+            below it runs at full resolution instead, with a warning (a transformer left with a 2x2 token
+            grid has no layout to work on). 0: never fall back.
     """
 
     slot = "sampling"
@@ -65,6 +71,8 @@ class BottleneckConfig(MethodConfig):
     strengths: tuple[float, ...] = DEFAULT_STRENGTHS
     resample: str = "bicubic"
     stage_steps: tuple[int, ...] | None = None
+    steps_ratio: float = 1.0
+    min_stage_tokens: int = 0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -84,6 +92,13 @@ class BottleneckConfig(MethodConfig):
                     isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.stage_steps):
                 raise ValueError(f"{name}.stage_steps needs one whole number >= 1 per stage ({len(self.scales)} "
                                  f"stages), got {self.stage_steps}.")
+        check_float(name, "steps_ratio", self.steps_ratio, minimum=0.0, maximum=1.0)
+        if self.steps_ratio <= 0.0:
+            raise ValueError(f"{name}.steps_ratio must be > 0 (a share of the call's steps), got {self.steps_ratio}.")
+        if self.stage_steps is not None and self.steps_ratio != 1.0:
+            raise ValueError(f"{name}.steps_ratio does nothing with stage_steps (the counts are the steps); "
+                             f"set one of them.")
+        check_int(name, "min_stage_tokens", self.min_stage_tokens, minimum=0)
 
 
 # ------------------------------------------------------------------------------------------ maths
@@ -252,13 +267,21 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
             logger.info("bottleneck: stage_steps %s (%d steps) replace num_inference_steps=%s",
                         steps, sum(steps), num_steps)
     else:
-        steps = stage_steps(config.step_fractions, int(num_steps))
-    kwargs = _encode_once(pipe, dict(kwargs))
+        budget = max(len(config.scales), round(config.steps_ratio * int(num_steps)))
+        steps = stage_steps(config.step_fractions, budget)
     runtime = getattr(pipe, "_diffaccel_runtime", None)
+    sizes = stage_sizes(config.scales, int(height), int(width), geometry.multiple)
+    tokens = min((h // geometry.multiple) * (w // geometry.multiple) for h, w in sizes)
+    if tokens < config.min_stage_tokens:
+        _warn_full_resolution(runtime, int(height), int(width), tokens, config.min_stage_tokens)
+        output = original_call(pipe, **kwargs)
+        if runtime is not None:
+            runtime.count("bottleneck_full_resolution_calls", 1)
+        return output
+    kwargs = _encode_once(pipe, dict(kwargs))
     total_stats = None
     latents = kwargs.pop("latents", None)
     output = None
-    sizes = stage_sizes(config.scales, int(height), int(width), geometry.multiple)
     for k, ((stage_h, stage_w), n, strength) in enumerate(zip(sizes, steps, config.strengths)):
         last = k == len(steps) - 1
         if latents is not None and k > 0:
@@ -286,6 +309,21 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
         runtime.call_stats = total_stats
         runtime.count("bottleneck_stages", len(steps))
     return output
+
+
+def _warn_full_resolution(runtime, height: int, width: int, tokens: int, minimum: int) -> None:
+    """Say once per size and acceleration that calls of this size run without the bottleneck."""
+    warned = getattr(runtime, "_bottleneck_warned_sizes", None)
+    if warned is None:
+        warned = set()
+        if runtime is not None:
+            runtime._bottleneck_warned_sizes = warned
+    if (height, width) in warned:
+        return
+    warned.add((height, width))
+    logger.warning("bottleneck: a %dx%d call's smallest stage would keep %d latent tokens per frame, fewer than "
+                   "min_stage_tokens=%d; calls of this size run at full resolution (caches and guidance still apply)",
+                   height, width, tokens, minimum)
 
 
 _WRAPPED: dict[type, type] = {}
