@@ -1,7 +1,8 @@
 """Named recipes. They grow as methods land; "off" installs the runtime and changes nothing.
 
 A preset has one recipe per kind of denoiser: transformers get the block residual cache, UNets
-(which have no flat block list) get DeepCache at a comparable aggressiveness.
+(which have no flat block list) get DeepCache at a comparable aggressiveness. Every method of a preset is
+optional (``AccelConfig.optional``): a pipeline one cannot serve runs without it, with a warning.
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ from .sampling import BottleneckConfig
 # 28 steps (docs/cache_bench_image_28.md) τ 0.1 / 0.2 / 0.3 with the calibrator measured 1.4x / 2.1x /
 # 2.9x at 59 / 44 / 32 dB PSNR to the uncached output; the safe recipe also forces a compute every
 # other step.
-# Turbo adds bottleneck sampling and AG where they apply (a pipeline the bottleneck cannot serve, or a
-# call too small for it, runs without it, with a warning). The bottleneck runs 65% of the call's steps as
-# 1/10/2 of 13 at 20 steps: on the reference image model at 128 px, with this cache and AG, 3.9x at +0.9
-# points of adherence (docs/bottleneck_bench_counts.md). Below a 4x4 token grid in the half-size stage it
-# falls back to full resolution (the reference models at their default 64 px).
+# Turbo adds bottleneck sampling and AG where they apply: a pipeline the bottleneck cannot serve, or a call
+# too small for it, runs without it, with a warning. The bottleneck runs 65% of the call's steps, 1/10/2 of
+# 13 at 20, and keeps full resolution below an 8x8 token grid in the half-size stage: the reference image
+# model at 64 px would run that stage at 32 px, below both its training sizes, and lost 7.4 points of
+# adherence so (docs/bench_turbo_bottleneck_at_64.md) against 2.4 without it. AG runs at the paper's middle
+# threshold, 0.994: at 64 px it gave 2.81x at -2.4 points, 0.9975 2.48x at -3.1
+# (docs/bench_turbo_threshold_64.md); at 128 px see docs/bench_turbo_128/.
 TURBO_BOTTLENECK = BottleneckConfig(
     scales=(1.0, 0.5, 1.0),
     step_fractions=(1 / 13, 10 / 13, 2 / 13),
     strengths=(1.0, 0.8, 0.6),
     steps_ratio=0.65,
-    min_stage_tokens=16,
+    min_stage_tokens=64,
 )
 
 PRESETS: dict[str, AccelConfig] = {
@@ -36,7 +39,7 @@ PRESETS: dict[str, AccelConfig] = {
     "fast": AccelConfig(cache=BlockCacheConfig(threshold=0.2, warmup_steps=2, max_consecutive=4, calibrator="taylorseer")),
     "turbo": AccelConfig(
         cache=BlockCacheConfig(threshold=0.3, warmup_steps=2, max_consecutive=None, calibrator="taylorseer"),
-        guidance=AdaptiveGuidanceConfig(),  # the paper's middle threshold, 0.994
+        guidance=AdaptiveGuidanceConfig(),
         sampling=TURBO_BOTTLENECK,
     ),
 }

@@ -14,7 +14,7 @@ def test_turbo_composes_all_three_methods_on_a_flow_matching_transformer():
     config = diffaccel.config_of(case.pipe)
     assert config.cache.method == "block" and config.guidance.method == "adaptive"
     assert config.sampling.method == "bottleneck"
-    out = run(case, seed=0, num_inference_steps=20, height=128, width=128)
+    out = run(case, seed=0, num_inference_steps=20, height=256, width=256)  # 8x8 tokens at half size
     stats = diffaccel.stats(case.pipe)
     assert np.isfinite(out).all()
     assert stats["bottleneck_stages"] == 3 and stats["steps"] == 13  # 65% of the call's steps: 1 / 10 / 2
@@ -59,9 +59,9 @@ def test_optional_slots_are_validated_and_cleared_by_an_override():
 
 
 def test_turbo_at_a_size_too_small_for_the_bottleneck_keeps_the_cache_and_guidance():
-    case = build("sd3")  # 64 px: the half-size stage would have 2x2 tokens
+    case = build("sd3")  # 128 px: the half-size stage would have 4x4 tokens
     diffaccel.accelerate(case.pipe, "turbo")
-    run(case, seed=0, num_inference_steps=8)
+    run(case, seed=0, num_inference_steps=8, height=128, width=128)
     stats = diffaccel.stats(case.pipe)
     assert stats["bottleneck_full_resolution_calls"] == 1 and stats["steps"] == 8
     assert stats["blocks_skipped"] > 0

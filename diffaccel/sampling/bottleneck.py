@@ -59,8 +59,9 @@ class BottleneckConfig(MethodConfig):
             ``step_fractions`` (the counts form scaled to any call: 0.65 with fractions 1/13, 10/13, 2/13 is
             1/10/2 steps at 20). 1 keeps the call's count. Not used with ``stage_steps``.
         min_stage_tokens: latent tokens per frame the smallest stage must keep; a call whose size would go
-            below it runs at full resolution instead, with a warning (a transformer left with a 2x2 token
-            grid has no layout to work on). 0: never fall back.
+            below it runs at full resolution instead, with a warning (a stage far below the sizes a model was
+            trained at costs more than it saves: the reference models' 64 px calls would run the middle stage
+            at 32 px, 4x4 tokens). 0: never fall back.
     """
 
     slot = "sampling"
