@@ -376,3 +376,16 @@ def test_ray_engine_with_fractional_cpus(tmp_path):
     check_two_workers(tmp_path, "ray-")
     again = run_farm(job(), prompts, tmp_path, "local", EngineOptions(progress=False))  # nothing left: loads nothing
     assert (again.done, again.skipped) == (0, 40)
+
+
+def test_a_preset_job_gives_a_unet_its_unet_recipe(tmp_path):
+    import diffaccel
+    from diffaccel import DeepCacheConfig
+    from diffaccel.parallel.render import Renderer
+    from tiny_pipelines import build
+
+    case = build("sd15")
+    renderer = Renderer(make_job("image", "fast"), tmp_path, "w0", pipe=case.pipe)
+    assert isinstance(diffaccel.config_of(renderer.pipe).cache, DeepCacheConfig)
+    diffaccel.preset("fast").to_file(tmp_path / "cfg.yaml")
+    assert make_job("image", str(tmp_path / "cfg.yaml")).preset is None  # a config file is applied as written

@@ -20,13 +20,16 @@ HASHED_FILE_LIMIT = 64 << 20  # larger weight files are identified by name and s
 @dataclass(frozen=True)
 class FarmJob:
     """``model``: "image"/"video" (the embedded reference models), a hub id or a local folder;
-    ``config``: an ``AccelConfig.to_dict()``; ``call``: pipeline call arguments shared by all items."""
+    ``config``: an ``AccelConfig.to_dict()``; ``call``: pipeline call arguments shared by all items;
+    ``preset``: the preset name ``config`` came from, so each replica applies the preset's recipe for its
+    pipeline (a UNet's DeepCache rather than the transformers' block cache)."""
 
     model: str
     config: dict
     call: dict = field(default_factory=dict)
     dtype: str = "auto"
     fps: int = 8
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -47,9 +50,10 @@ class FarmJob:
         return f"reference-{self.model}" if _is_embedded(self.model, reference.NAMES) else self.model
 
     def accel_config(self):
+        """What ``accelerate`` takes: the preset's name when the job has one, else the config."""
         from diffaccel.config import AccelConfig
 
-        return AccelConfig.from_dict(self.config)
+        return self.preset or AccelConfig.from_dict(self.config)
 
     def record(self) -> JobRecord:
         """The fingerprint's fields (reads a local model folder to hash it: call once per run)."""
@@ -106,5 +110,7 @@ def make_job(model: str | None, config: Any, overrides: dict[str, Any] | None = 
     call.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if "guidance_scale" in call:
         call["guidance_scale"] = float(call["guidance_scale"])
-    accel = diffaccel.resolve_config(config or "fast")  # a bad preset or config fails here, before any loading
-    return FarmJob(model=model, config=accel.to_dict(), call=call, dtype=dtype, fps=fps)
+    config = config or "fast"
+    accel = diffaccel.resolve_config(config)  # a bad preset or config fails here, before any loading
+    preset = config if isinstance(config, str) and config in diffaccel.PRESETS else None
+    return FarmJob(model=model, config=accel.to_dict(), call=call, dtype=dtype, fps=fps, preset=preset)
