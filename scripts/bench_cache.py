@@ -145,8 +145,8 @@ def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], ro
         rows.append(ours(f"ours TeaCache δ{threshold}", TeaCacheConfig(threshold=threshold, coefficients=teacache_coefficients)))
     # Warm-up 3 and a cap on consecutive skips: on the video model the error of skipping comes mostly
     # from the first steps (docs/cache_bench_video_20_focus.md: δ0.4 26.9 dB with warm-up 1, 31.4 dB with 3).
-    for threshold, cap in ((0.07, None), (0.08, None), (0.1, None), (0.2, 1), (0.25, 1), (0.4, 2), (0.4, 3), (0.4, None),
-                           (0.6, None)):
+    for threshold, cap in ((0.07, None), (0.08, None), (0.1, None), (0.15, None), (0.2, 1), (0.2, 2), (0.22, 1), (0.25, 1),
+                           (0.4, 2), (0.4, 3), (0.4, None), (0.6, None)):
         rows.append(ours(f"ours TeaCache δ{threshold} w3 mc{cap or '∞'}", TeaCacheConfig(
             threshold=threshold, coefficients=teacache_coefficients, warmup_steps=3, max_consecutive=cap)))
     # TeaCache skips long runs of steps; the forecast replaces the stale stack residual there.
