@@ -142,7 +142,6 @@ def extra_row(name: str, folder: Path, loaded: dict) -> tuple:
     if not (folder / "model_index.json").is_file():
         raise SystemExit(f"--extra {name}={folder}: no ResShiftPipeline folder there (train_resshift.py --out DIR "
                          f"exports to DIR/export).")
-    TRAINING_STATES[f"extra:{name}"] = folder / "unet" / "training_state.json"
     steps = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
 
     def run(lr, seed):
@@ -161,17 +160,22 @@ TRAINING_STATES = {
 }
 
 
-def weights_stamp(family: str) -> int | None:
-    """Training steps of the shipped weights a row uses (None: no trained model), so that a row
-    cached from older weights is recomputed after more training."""
-    state = TRAINING_STATES.get(family)
+def training_states(extra: dict[str, Path] | None = None) -> dict[str, Path]:
+    """family -> the training_state.json of the weights its rows use, the ``--extra`` folders included."""
+    return {**TRAINING_STATES, **{f"extra:{name}": Path(folder) / "unet" / "training_state.json"
+                                  for name, folder in (extra or {}).items()}}
+
+
+def weights_stamp(state: Path | None) -> int | None:
+    """Training steps of the weights a row uses (None: no trained model), so that a row cached from
+    older weights is recomputed after more training."""
     return json.loads(state.read_text())["steps"] if state is not None and state.is_file() else None
 
 
-def run_row(name: str, fn, lr: torch.Tensor, tag: str, family: str = "") -> tuple[torch.Tensor, float]:
+def run_row(name: str, fn, lr: torch.Tensor, tag: str, state: Path | None = None) -> tuple[torch.Tensor, float]:
     """Outputs (N, 3, H, W) in [0, 1] and CPU seconds per image; cached under work/resshift_bench/."""
     path = ROWS / f"{tag}_{name}.pt"
-    stamp = weights_stamp(family)
+    stamp = weights_stamp(state)
     if path.is_file():
         saved = torch.load(path)
         if saved["out"].shape[0] == lr.shape[0] and saved.get("weights_steps") == stamp:
@@ -186,6 +190,7 @@ def run_row(name: str, fn, lr: torch.Tensor, tag: str, family: str = "") -> tupl
 
 def quality_vs_nfe(num: int, judge: JudgeFeatures, extra: dict[str, Path] | None = None) -> dict:
     proc_hr, proc_captions = data.heldout_procedural(num)
+    states = training_states(extra)
     ref_hr, ref_captions, _ = data.load_cache(CACHE, "heldout", 128)
     if len(ref_hr) < num:
         raise SystemExit(f"Only {len(ref_hr)} cached reference outputs; run train_resshift.py cache --split heldout --num {num}.")
@@ -196,7 +201,7 @@ def quality_vs_nfe(num: int, judge: JudgeFeatures, extra: dict[str, Path] | None
         hr_q = (hr * 255).round() / 255
         results[set_name] = {"n": len(hr), "hr": {"adherence": float(judge_adherence(hr_q, captions).mean)}}
         for name, (nfe, family, fn) in methods(extra).items():
-            out, per = run_row(name.replace("/", "_").replace(" ", "_"), fn, lr, f"{set_name}{num}", family)
+            out, per = run_row(name.replace("/", "_").replace(" ", "_"), fn, lr, f"{set_name}{num}", states.get(family))
             row = scores(out, hr_q, captions, judge)
             row.update(nfe=nfe, family=family, seconds_per_image=round(per, 4))
             results[set_name][name] = row
@@ -314,23 +319,24 @@ def write_report(result: dict, out: Path) -> None:
                          f"{r['fid_judge']:.2f} | {r['adherence']:.3f} | {r['hf_ratio']:.2f} | {r['seconds_per_image']:.3f} |")
         lines.append("")
     c = result.get("cascade")
-    t = c["timing"] if c else None
-    lines += [] if c is None else [
-        f"## Cascade: 64 px + ResShift-4 against direct 128 px generation ({c['n']} prompts of `scenes.prompt_set`, seed i)",
-        "",
-        "| path | adherence | FID-j vs procedural renders ↓ |",
-        "|---|---:|---:|",
-    ]
-    for name, r in (c["rows"] if c else {}).items():
-        lines.append(f"| {name} | {r['adherence']:.4f} | {r['fid_judge']:.2f} |")
-    lines += [] if c is None else [
-        "",
-        f"Wall time, measured in this run on {t['n']} prompts (batches of {t['batch']}, 20 steps, guidance 4, one thread): "
-        f"direct 128 px {t['direct_128_s']:.1f} s; cascade {t['cascade_s']:.1f} s = 64 px {t['generate_64_s']:.1f} s + "
-        f"ResShift-4 {t['upscale_s']:.1f} s: **{t['ratio']:.2f}x** the time of direct generation. Adherence gap "
-        f"(direct − cascade): **{c['adherence_gap_points']:+.2f} points**. The direct row uses the cached 128 px "
-        f"outputs; regenerating the timing prompts reproduced them bit-equal: {t['direct_matches_cache']}.",
-    ]
+    if c is not None:
+        t = c["timing"]
+        lines += [
+            f"## Cascade: 64 px + ResShift-4 against direct 128 px generation ({c['n']} prompts of `scenes.prompt_set`, seed i)",
+            "",
+            "| path | adherence | FID-j vs procedural renders ↓ |",
+            "|---|---:|---:|",
+        ]
+        for name, r in c["rows"].items():
+            lines.append(f"| {name} | {r['adherence']:.4f} | {r['fid_judge']:.2f} |")
+        lines += [
+            "",
+            f"Wall time, measured in this run on {t['n']} prompts (batches of {t['batch']}, 20 steps, guidance 4, one thread): "
+            f"direct 128 px {t['direct_128_s']:.1f} s; cascade {t['cascade_s']:.1f} s = 64 px {t['generate_64_s']:.1f} s + "
+            f"ResShift-4 {t['upscale_s']:.1f} s: **{t['ratio']:.2f}x** the time of direct generation. Adherence gap "
+            f"(direct − cascade): **{c['adherence_gap_points']:+.2f} points**. The direct row uses the cached 128 px "
+            f"outputs; regenerating the timing prompts reproduced them bit-equal: {t['direct_matches_cache']}.",
+        ]
     lines += [
         "",
         "Training budgets (one CPU thread each):",
@@ -411,8 +417,8 @@ def main(argv=None) -> int:
                          ("flow", WEIGHTS / "upscale_baselines" / "flow"), ("regression", WEIGHTS / "upscale_baselines" / "regression")]:
         state = folder / "training_state.json"
         training[name] = json.loads(state.read_text()) if state.is_file() else {}
-    for name, folder in extra.items():
-        training[name] = json.loads((folder / "unet" / "training_state.json").read_text())
+    for name in extra:
+        training[name] = json.loads(training_states(extra)[f"extra:{name}"].read_text())
     result["training"] = training
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
