@@ -1,0 +1,67 @@
+"""Typed, validated settings of a distillation run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LCDConfig:
+    """Latent consistency distillation of a flow-matching teacher (LCM / LCM-LoRA, Luo et al. 2023).
+
+    ``student_steps``: the student's default number of sampling steps (K). ``solver_steps``: the
+    teacher's ODE grid (LCD's 50 DDIM steps), walked one interval of ``skip`` grid steps per training
+    pair. ``guidance_scale``: the CFG scale baked into the student (None: the teacher's default), so
+    the student runs one evaluation per step. ``lora_rank`` 0 trains every weight with an EMA target
+    (``ema_decay``); a rank > 0 trains LoRA adapters whose target is the student itself without
+    gradient (LCM-LoRA).
+    """
+
+    student_steps: int = 4
+    solver_steps: int = 50
+    skip: int = 1
+    guidance_scale: float | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    ema_decay: float = 0.95
+    huber_c: float = 1e-3
+    learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    batch_size: int = 16
+    grad_clip: float = 1.0
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"LCDConfig.{field}={getattr(self, field)!r}: {why}.")
+
+        need(self.student_steps >= 1, "student_steps", "the student needs at least one step")
+        need(self.solver_steps >= 2, "solver_steps", "the teacher's grid needs at least two steps")
+        need(1 <= self.skip < self.solver_steps, "skip", f"must lie in [1, solver_steps={self.solver_steps})")
+        need(self.guidance_scale is None or self.guidance_scale >= 1.0, "guidance_scale",
+             "a CFG scale below 1 extrapolates away from the prompt")
+        need(self.lora_rank >= 0, "lora_rank", "0 (full student) or a positive rank")
+        need(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "must be positive")
+        need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must lie in [0, 1)")
+        need(self.huber_c > 0, "huber_c", "must be positive")
+        need(self.learning_rate > 0, "learning_rate", "must be positive")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be ≥ 0")
+        need(self.batch_size >= 1, "batch_size", "must be ≥ 1")
+        need(self.grad_clip > 0, "grad_clip", "must be positive")
+        for field in ("height", "width"):
+            need(getattr(self, field) is None or getattr(self, field) > 0, field, "must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LCDConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown LCDConfig fields {unknown}; known: {sorted(known)}.")
+        return cls(**data)

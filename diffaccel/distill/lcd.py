@@ -1,0 +1,190 @@
+"""Latent consistency distillation (LCD) of a flow-matching teacher into a few-step student.
+
+One step (LCM, Luo et al. 2023, ported to flow matching): noise a data latent to σ_n on the teacher's
+``solver_steps`` grid; the teacher, with CFG at the baked scale, takes one Euler step to σ_{n+skip}; the
+student's consistency output at σ_n must match the target's at σ_{n+skip} (pseudo-Huber). The target
+is an EMA copy of the student (full student) or the student itself without gradient (LoRA student,
+whose teacher is the same transformer with its adapters switched off).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .config import LCDConfig
+from .consistency import consistency_function, euler_step, guided_velocity, pseudo_huber
+from .data import ProceduralScenes
+from .teacher import FlowTeacher
+
+ADAPTER_NAME = "lcd"
+# Linear layers a LoRA student adapts (CogView4 names; the modulation and time-embedding layers carry
+# the timestep, which a consistency student must re-read).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear",
+                "timestep_embedder.linear_1", "timestep_embedder.linear_2", "norm_out.linear")
+
+
+def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed: int) -> None:
+    """Attach trainable LoRA adapters (peft) to ``transformer``; the base weights stay frozen."""
+    try:
+        from peft import LoraConfig
+    except ImportError as error:  # pragma: no cover - peft is a dependency
+        raise ImportError("A LoRA student needs peft: pip install peft") from error
+    transformer.requires_grad_(False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)),
+            adapter_name=ADAPTER_NAME,
+        )
+
+
+class LCDTrainer:
+    """Holds the student, its target and optimiser; ``train_step`` makes one update and returns the loss.
+
+    The state (``state_dict``) is everything a resumed run needs to continue bit-for-bit: trainable
+    weights, the EMA target, the optimiser and the step counter (batches and noise derive from
+    (seed, step)).
+    """
+
+    def __init__(self, teacher: FlowTeacher, config: LCDConfig, data: ProceduralScenes | None = None,
+                 accelerator: Any = None) -> None:
+        from accelerate import Accelerator
+
+        self.teacher = teacher
+        self.config = config
+        self.data = data or ProceduralScenes(teacher.height)
+        if config.guidance_scale is None:
+            raise ValueError("LCDTrainer needs the CFG scale to bake in: set LCDConfig.guidance_scale "
+                             "(diffaccel.distill.distill() takes the teacher's default).")
+        self.guidance_scale = float(config.guidance_scale)
+        self.accelerator = accelerator or Accelerator(cpu=teacher.transformer.device.type == "cpu")
+        self.grid = teacher.sigma_grid(config.solver_steps)
+        base = teacher.transformer
+        base.requires_grad_(False).eval()
+        if config.lora_rank:
+            add_lora(base, config.lora_rank, config.lora_alpha, config.seed)
+            self.student = base
+            self.target = None
+            self.frozen_teacher = None
+        else:
+            self.frozen_teacher = base
+            self.student = copy.deepcopy(base).requires_grad_(True)
+            self.target = copy.deepcopy(base).requires_grad_(False)
+        self.student.train()
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+        self.student, self.optimizer = self.accelerator.prepare(self.student, optimizer)
+        self.step = 0
+
+    # -- the pieces of one step -------------------------------------------------------------------
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+
+    def _teacher_velocity(self, sample: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        if self.frozen_teacher is not None:
+            return self.teacher.velocity(self.frozen_teacher, sample, sigma, embeds)
+        model = self.accelerator.unwrap_model(self.student)
+        model.disable_adapters()
+        try:
+            return self.teacher.velocity(model, sample, sigma, embeds)
+        finally:
+            model.enable_adapters()
+
+    def _target_model(self) -> torch.nn.Module:
+        return self.target if self.target is not None else self.accelerator.unwrap_model(self.student)
+
+    def loss_at(self, step: int) -> torch.Tensor:
+        """The LCD loss of batch ``step`` under the current weights (with gradient into the student)."""
+        cfg = self.config
+        pixels, captions = self.data.batch(cfg.seed, step, cfg.batch_size)
+        device = self.teacher.transformer.device
+        latents = self.teacher.encode_images(pixels.to(device))
+        cond, uncond = self.teacher.encode(captions)
+        gen = self._generator(step)
+        n = len(captions)
+        index = torch.randint(0, cfg.solver_steps - cfg.skip + 1, (n,), generator=gen)
+        sigma_from = self.grid[index].to(device)
+        sigma_to = self.grid[(index + cfg.skip).clamp(max=cfg.solver_steps)].to(device)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        s = sigma_from.reshape(-1, *([1] * (latents.ndim - 1)))
+        noisy = (1.0 - s) * latents + s * noise
+
+        velocity = self.teacher.velocity(self.student, noisy, sigma_from, cond)
+        prediction = consistency_function(noisy, sigma_from, velocity)
+        with torch.no_grad():
+            v_cond = self._teacher_velocity(noisy, sigma_from, cond)
+            v_uncond = self._teacher_velocity(noisy, sigma_from, uncond)
+            guided = guided_velocity(v_cond, v_uncond, self.guidance_scale)
+            stepped = euler_step(noisy, guided, sigma_from, sigma_to)
+            target_velocity = self.teacher.velocity(self._target_model(), stepped, sigma_to, cond)
+            target = consistency_function(stepped, sigma_to, target_velocity)
+        return pseudo_huber(prediction, target, cfg.huber_c).mean()
+
+    def _learning_rate(self) -> float:
+        warmup = self.config.warmup_steps
+        return self.config.learning_rate * min(1.0, (self.step + 1) / warmup) if warmup else self.config.learning_rate
+
+    def train_step(self) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._learning_rate()
+        loss = self.loss_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.accelerator.clip_grad_norm_(params, self.config.grad_clip)
+        self.optimizer.step()
+        if self.target is not None:
+            self._update_ema()
+        self.step += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.config.ema_decay
+        student = self.accelerator.unwrap_model(self.student)
+        for target, online in zip(self.target.parameters(), student.parameters()):
+            target.lerp_(online.detach(), 1.0 - decay)
+
+    # -- what a checkpoint holds --------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        student = self.accelerator.unwrap_model(self.student)
+        if self.config.lora_rank:
+            from peft.utils import get_peft_model_state_dict
+
+            return {k: v.detach().clone() for k, v in get_peft_model_state_dict(student, adapter_name=ADAPTER_NAME).items()}
+        return {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+    def student_for_export(self) -> dict[str, torch.Tensor]:
+        """LoRA: the adapter weights (peft names). Full: the EMA target's weights, the smoother of the two."""
+        if self.target is not None:
+            return {k: v.detach().clone() for k, v in self.target.state_dict().items()}
+        return self.trainable_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "trainable": self.trainable_state(),
+            "target": None if self.target is None else self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = LCDConfig.from_dict(state["config"])
+        if saved != self.config:
+            raise ValueError(f"The checkpoint was made with another LCD config ({saved}), not {self.config}.")
+        student = self.accelerator.unwrap_model(self.student)
+        if self.config.lora_rank:
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(student, state["trainable"], adapter_name=ADAPTER_NAME)
+        else:
+            student.load_state_dict(state["trainable"])
+            self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])

@@ -1,0 +1,144 @@
+"""One distillation run: resolve the teacher, train with checkpoints, export the student.
+
+    diffaccel.distill.distill("reference:image", "students/lcd", LCDConfig(lora_rank=16), max_minutes=80)
+
+A run is resumable: ``checkpoint.pt`` in the output folder is rewritten every ``save_every`` minutes
+(atomically), together with an exported student, so a killed run loses at most that much work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import LCDConfig
+from .student import StudentCard, save_student
+
+logger = logging.getLogger("diffaccel")
+
+CHECKPOINT = "checkpoint.pt"
+METHODS = ("lcd",)
+
+
+def load_teacher(spec: str) -> tuple[Any, str, dict[str, Any]]:
+    """``reference:image`` (the embedded model) -> (pipeline, name, facts). Other teachers need a data
+    source of their own, which diffaccel does not ship yet."""
+    if spec.startswith("reference:"):
+        from diffaccel.pipelines import reference
+
+        name = spec.split(":", 1)[1]
+        if name not in reference.NAMES:
+            raise ValueError(f"Unknown reference teacher {spec!r}; choose from {[f'reference:{n}' for n in reference.NAMES]}.")
+        facts = reference.info(name)
+        if facts["is_video"]:
+            raise ValueError(f"Distilling the video model ({spec}) is not supported yet: LCD here handles text-to-image "
+                             f"flow-matching teachers (reference:image).")
+        return reference.load(name), spec, facts
+    raise ValueError(
+        f"Cannot distill {spec!r} yet: LCD needs training images with captions, and diffaccel ships them only for "
+        f"the reference teachers (reference:image, procedural scenes)."
+    )
+
+
+def _check_folder(out: Path, resume: bool, teacher: str, method: str, config: LCDConfig) -> dict[str, Any] | None:
+    checkpoint = out / CHECKPOINT
+    if not checkpoint.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"Output folder {out} is not empty and holds no distillation checkpoint; choose an empty "
+                             f"or new folder.")
+        if resume:
+            raise ValueError(f"--resume: {out} holds no {CHECKPOINT} to resume from.")
+        return None
+    if not resume:
+        raise ValueError(f"{out} already holds a distillation run; pass --resume to continue it, or choose another folder.")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    theirs = (state["teacher"], state["method"], LCDConfig.from_dict(state["config"]))
+    if theirs != (teacher, method, config):
+        raise ValueError(f"{out} holds another run (teacher {theirs[0]}, method {theirs[1]}, {theirs[2]}); "
+                         f"this one is teacher {teacher}, method {method}, {config}.")
+    return state
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def distill(teacher: str, out: str | Path, config: LCDConfig | None = None, *, method: str = "lcd",
+            max_minutes: float | None = None, max_steps: int | None = None, resume: bool = False,
+            save_every: float = 3.0, progress: bool = True) -> Path:
+    """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student)."""
+    from tqdm.auto import tqdm
+
+    from .lcd import LCDTrainer
+    from .teacher import teacher_for
+
+    if method not in METHODS:
+        raise ValueError(f"Unknown distillation method {method!r}; available: {list(METHODS)} (rg-lcd and tdm are not "
+                         f"implemented yet).")
+    if max_minutes is None and max_steps is None:
+        raise ValueError("Give a budget: max_minutes or max_steps.")
+    pipe, name, facts = load_teacher(teacher)
+    config = config or LCDConfig()
+    resolved = dataclasses.replace(
+        config,
+        guidance_scale=config.guidance_scale if config.guidance_scale is not None else float(facts["default_guidance"]),
+        height=config.height or facts["default_resolution"],
+        width=config.width or facts["default_resolution"],
+    )
+    if resolved.student_steps > facts["default_steps"]:
+        raise ValueError(f"student_steps={resolved.student_steps} is more than the teacher's own {facts['default_steps']} "
+                         f"steps: nothing to distill.")
+    out = Path(out)
+    saved = _check_folder(out, resume, name, method, resolved)
+    out.mkdir(parents=True, exist_ok=True)
+
+    trainer = LCDTrainer(teacher_for(pipe, resolved.height, resolved.width), resolved)
+    minutes_before, losses = 0.0, []
+    if saved is not None:
+        trainer.load_state_dict(saved["trainer"])
+        minutes_before, losses = float(saved["minutes"]), list(saved["losses"])
+        logger.info("diffaccel distill: resumed %s at step %d (%.1f min so far)", out, trainer.step, minutes_before)
+
+    start = last_save = time.monotonic()
+
+    def minutes() -> float:
+        return minutes_before + (time.monotonic() - start) / 60.0
+
+    def save() -> None:
+        _atomic_save({"teacher": name, "method": method, "config": resolved.to_dict(), "trainer": trainer.state_dict(),
+                      "minutes": minutes(), "losses": losses}, out / CHECKPOINT)
+        card = StudentCard(
+            method=method, teacher=name, pipeline=type(pipe).__name__, default_steps=resolved.student_steps,
+            guidance_scale=resolved.guidance_scale, lora_rank=resolved.lora_rank,
+            scheduler="FlowMatchLCMScheduler", height=resolved.height, width=resolved.width,
+            training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
+                      "final_loss": float(np.mean(losses[-100:])) if losses else None, "config": resolved.to_dict()},
+        )
+        save_student(out, card, trainer.student_for_export(), type(pipe), trainer.frozen_teacher)
+
+    def done() -> bool:
+        return ((max_steps is not None and trainer.step >= max_steps)
+                or (max_minutes is not None and time.monotonic() - start >= max_minutes * 60.0))
+
+    bar = tqdm(total=max_steps, initial=trainer.step, disable=not progress, desc=f"distill {method}")
+    while not done():
+        losses.append(trainer.train_step())
+        bar.update(1)
+        bar.set_postfix_str(f"step {trainer.step} loss {np.mean(losses[-50:]):.4f}", refresh=False)
+        if time.monotonic() - last_save >= save_every * 60.0:
+            save()
+            last_save = time.monotonic()
+    bar.close()
+    save()
+    (out / "losses.json").write_text(json.dumps([round(x, 6) for x in losses]))
+    return out

@@ -1,0 +1,95 @@
+"""What a distillation trainer needs from a flow-matching teacher pipeline, per family: the noise
+levels it samples on, its text conditioning, and one velocity evaluation of a transformer.
+
+Only families listed in ``FAMILIES`` are supported; any other pipeline gets an error naming them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class FlowTeacher:
+    """A flow-matching text-to-image teacher (CogView4 family) at one resolution.
+
+    ``velocity`` calls any transformer of the teacher's class (the teacher, the student or the
+    target), exactly as the pipeline calls it while sampling.
+    """
+
+    pipe: Any
+    height: int
+    width: int
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        factor = self.pipe.vae_scale_factor
+        return self.transformer.config.in_channels, self.height // factor, self.width // factor
+
+    def sigma_grid(self, num_steps: int) -> torch.Tensor:
+        """The noise levels the pipeline samples on with ``num_steps`` steps (terminal 0 included)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
+
+        config = self.pipe.scheduler.config
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        timesteps = np.linspace(config.num_train_timesteps, 1.0, num_steps).astype(np.int64).astype(np.float32)
+        channels, h, w = self.latent_shape
+        seq_len = (h * w) // self.transformer.config.patch_size**2
+        mu = calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("base_shift", 0.25),
+                             config.get("max_shift", 0.75))
+        scheduler.set_timesteps(num_steps, sigmas=timesteps / config.num_train_timesteps, mu=mu)
+        return scheduler.sigmas.float().clone()
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings and the empty-prompt embeddings CFG pairs them with."""
+        cond, uncond = self.pipe.encode_prompt(captions, do_classifier_free_guidance=True,
+                                               device=self.transformer.device)
+        return cond, uncond
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) in [-1, 1] -> latents as the transformer sees them (VAE posterior mean × scale)."""
+        vae = self.pipe.vae
+        return vae.encode(pixels.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+
+    def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
+                 embeds: torch.Tensor) -> torch.Tensor:
+        n = sample.shape[0]
+        size = torch.tensor([[self.height, self.width]], dtype=embeds.dtype, device=sample.device).repeat(n, 1)
+        return transformer(
+            hidden_states=sample, encoder_hidden_states=embeds, timestep=sigma.to(sample.dtype) * 1000.0,
+            original_size=size, target_size=size, crop_coords=torch.zeros_like(size), return_dict=False,
+        )[0]
+
+
+FAMILIES = {"CogView4Pipeline": FlowTeacher}
+
+
+def teacher_for(pipe: Any, height: int, width: int) -> FlowTeacher:
+    """The teacher adapter of this pipeline, or an error naming the families that can be distilled."""
+    name = type(pipe).__name__
+    if name not in FAMILIES:
+        raise ValueError(
+            f"diffaccel distill cannot use a {name} teacher: it needs a flow-matching text-to-image pipeline of "
+            f"a family it knows ({', '.join(FAMILIES)}); WanPipeline (video) is not supported yet."
+        )
+    scheduler = type(pipe.scheduler).__name__
+    if "FlowMatch" not in scheduler:
+        raise ValueError(
+            f"diffaccel distill needs a flow-matching teacher (velocity prediction); this {name} samples with "
+            f"{scheduler}."
+        )
+    factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    if height % factor or width % factor:
+        raise ValueError(f"Distillation size {height}x{width} must be a multiple of {factor} for this {name}.")
+    return FAMILIES[name](pipe, height, width)
