@@ -23,8 +23,9 @@ def _add_generate(subparsers) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="a diffusers model id or local folder (DiffusionPipeline.from_pretrained); default: the embedded "
-        "reference model (image, or video with --video or an .mp4/.gif output)",
+        help="a diffusers model id or local folder (DiffusionPipeline.from_pretrained), or an embedded model: image, "
+        "video, image-lcd (the image model's 4-step student); default: the embedded reference model (image, or video "
+        "with --video or an .mp4/.gif output)",
     )
     p.add_argument("--video", action="store_true", help="use the embedded reference video model")
     p.add_argument("--preset", default=None, help="acceleration preset: off, safe, fast, turbo (default: fast)")
@@ -44,6 +45,8 @@ def _add_generate(subparsers) -> None:
                    help="generate at the model's size, then upscale x2 with the embedded ResShift model "
                    "(4 steps): the cascade, a fraction of the time of generating at twice the size")
     p.add_argument("--upscale-steps", type=int, default=None, help="steps of the upscaler (default: its T, 4)")
+    p.add_argument("--distilled", default=None, metavar="DIR",
+                   help="a student made by `diffaccel distill` from this model: generate with it (its steps, CFG baked in)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -362,10 +365,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_output_path(args.output, embedded.info(reference)["is_video"])  # before loading anything
     loaded = load_model(reference or args.model, device, args.dtype)
     pipe, video = loaded.pipe, loaded.is_video
+    defaults = loaded.defaults
+    if args.distilled:
+        from diffaccel.distill import load_student, student_call_defaults
+
+        load_student(pipe, args.distilled)
+        defaults = {**defaults, **student_call_defaults(pipe)}
     pipe.set_progress_bar_config(disable=False)
     output_path = check_output_path(args.output, video)
     diffaccel.accelerate(pipe, config)  # by name: a preset's UNet recipe on a UNet
-    kwargs = call_arguments(pipe, args, loaded.defaults)
+    kwargs = call_arguments(pipe, args, defaults)
+    # Schedulers that draw fresh noise between steps (a student's FlowMatchLCMScheduler) get no generator
+    # from the pipeline: seeding the global one too makes the output repeatable.
+    torch.manual_seed(args.seed)
 
     upscaler = load_upscaler("upscale", device) if args.upscale else None
 

@@ -13,7 +13,7 @@ class LoadedModel:
     pipe: Any
     name: str
     is_video: bool
-    reference: str | None = None  # "image" / "video" for the embedded models (their judge applies)
+    reference: str | None = None  # "image" / "video" for the embedded models and their students (the judge applies)
     defaults: dict = field(default_factory=dict)  # call arguments that run the model as trained
 
 
@@ -44,17 +44,18 @@ def is_video_pipeline(pipe: Any) -> bool:
 
 
 def load_model(spec: str | None, device: str | None = None, dtype: str = "auto", video: bool = False) -> LoadedModel:
-    """``spec`` None -> the embedded image (or, with ``video``, video) model; "image"/"video" -> that
-    embedded model; anything else -> ``DiffusionPipeline.from_pretrained(spec)``."""
+    """``spec`` None -> the embedded image (or, with ``video``, video) model; "image"/"video" (or a student
+    such as "image-lcd") -> that embedded model; anything else -> ``DiffusionPipeline.from_pretrained(spec)``."""
     from diffaccel.pipelines import reference
 
     device = device or default_device()
     if spec is None:
         spec = "video" if video else "image"
-    if spec in reference.NAMES and not Path(spec).exists():
+    if spec in reference.GENERATORS and not Path(spec).exists():
         pipe = reference.load(spec, device=device, dtype=torch_dtype(dtype, device))
         facts = reference.info(spec)
-        return LoadedModel(pipe, f"reference-{spec}", facts["is_video"], spec, reference.call_defaults(spec))
+        judged_as = reference.STUDENTS.get(spec, spec)  # a student makes the teacher's scenes: the same judge
+        return LoadedModel(pipe, f"reference-{spec}", facts["is_video"], judged_as, reference.call_defaults(spec))
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype(dtype, device)).to(device)

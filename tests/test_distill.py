@@ -221,3 +221,27 @@ def test_loaded_student_is_the_trained_one(tmp_path, lora_rank):
         loaded = student.transformer.state_dict()
         assert all(torch.equal(loaded[k], v.half().float()) for k, v in trained.state_dict().items())
         assert not torch.equal(got, base)
+
+
+def test_cli_distills_resumes_and_generates_with_the_student(tmp_path, capsys):
+    from PIL import Image
+
+    from diffaccel.cli import main
+
+    out = tmp_path / "student"
+    base = ["distill", "--lora-rank", "4", "--batch-size", "2", "--solver-steps", "10", "--out", str(out),
+            "--no-progress", "--threads", "1"]
+    assert main(base + ["--max-steps", "1"]) == 0
+    assert main(base + ["--max-steps", "1"]) == 2  # the folder holds a run: refused without --resume
+    assert "already holds a distillation run" in capsys.readouterr().err
+    assert main(base + ["--max-steps", "2", "--resume"]) == 0
+    assert StudentCard.load(out).training["steps"] == 2
+    assert main(["distill", "--steps", "30", "--out", str(tmp_path / "k"), "--max-steps", "1"]) == 2
+    assert "more than the teacher's own 20 steps" in capsys.readouterr().err
+
+    stats = tmp_path / "stats.json"
+    image = tmp_path / "a.png"
+    assert main(["generate", "a red circle on a blue background", "-o", str(image), "--distilled", str(out),
+                 "--preset", "off", "--stats-json", str(stats)]) == 0
+    assert Image.open(image).size == (64, 64)
+    assert json.loads(stats.read_text())["stats"]["denoiser_calls"] == 4  # 4 steps, no CFG branch

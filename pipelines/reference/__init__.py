@@ -3,6 +3,7 @@
     pipe = diffaccel.pipelines.reference.load("image")   # a CogView4Pipeline trained here
     pipe = diffaccel.pipelines.reference.load("video")   # a WanPipeline trained here
     pipe = diffaccel.pipelines.reference.load("upscale")   # x2 super-resolution, ResShift T=4 ("upscale15": T=15)
+    pipe = diffaccel.pipelines.reference.load("image-lcd") # the image model's 4-step LCD student (LoRA)
     diffaccel.pipelines.reference.info("image")          # resolutions, default steps/guidance, ...
 
 They are ordinary diffusers pipelines (``DiffusionPipeline.from_pretrained(path("image"))`` works
@@ -62,15 +63,26 @@ UPSCALERS: dict[str, dict[str, Any]] = {
 }
 
 
+# Few-step students of the generative models (``diffaccel distill``; a student folder holds student.json
+# and its weights). Their facts are the teacher's, with the student's steps and guidance 1 (CFG baked in).
+STUDENTS: dict[str, str] = {"image-lcd": "image"}
+GENERATORS = NAMES + tuple(STUDENTS)  # what `diffaccel generate --model NAME` can run
+
+
 def _check(name: str) -> None:
-    if name not in INFO and name not in UPSCALERS:
-        raise ValueError(f"Unknown reference model {name!r}; choose from {list(NAMES) + list(UPSCALERS)}.")
+    if name not in INFO and name not in UPSCALERS and name not in STUDENTS:
+        raise ValueError(f"Unknown reference model {name!r}; choose from {list(GENERATORS) + list(UPSCALERS)}.")
 
 
 def path(name: str) -> Path:
     """Folder of the shipped pipeline (loadable with ``DiffusionPipeline.from_pretrained``)."""
     _check(name)
     folder = WEIGHTS / name
+    if name in STUDENTS:
+        if not (folder / "student.json").is_file():
+            raise ValueError(f"The reference student {name} is not in this checkout ({folder}); train it with: "
+                             f"python scripts/train_distill.py {name}")
+        return folder
     if not (folder / "model_index.json").is_file():
         script = (f"scripts/train_resshift.py {'resshift4' if name == 'upscale' else 'resshift15'}"
                   if name in UPSCALERS else f"scripts/train_reference.py {name}")
@@ -81,6 +93,14 @@ def path(name: str) -> Path:
 def info(name: str) -> dict[str, Any]:
     """The model's facts: train_resolutions, default_steps, default_guidance, frames (video), training record."""
     _check(name)
+    if name in STUDENTS:
+        from diffaccel.distill.student import StudentCard
+
+        card = StudentCard.load(path(name))
+        facts = dict(INFO[STUDENTS[name]])
+        facts.update(default_steps=card.default_steps, default_guidance=1.0, teacher=STUDENTS[name],
+                     method=card.method, guidance_baked=card.guidance_scale, training=card.training)
+        return facts
     facts = dict(INFO[name] if name in INFO else UPSCALERS[name])
     state = WEIGHTS / name / ("unet" if name in UPSCALERS else "transformer") / "training_state.json"
     if state.is_file():
@@ -116,6 +136,11 @@ def load(name: str = "image", device: str = "cpu", dtype=None):
         pipe = ResShiftPipeline.from_pretrained(path(name), dtype=dtype or torch.float32)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
+
+    if name in STUDENTS:
+        from diffaccel.distill.student import load_student
+
+        return load_student(load(STUDENTS[name], device=device, dtype=dtype), path(name))
 
     from diffusers.utils import logging as diffusers_logging
 

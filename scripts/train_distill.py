@@ -1,0 +1,55 @@
+"""Reproduce the shipped students of the reference models, resumably, on a CPU.
+
+    python scripts/train_distill.py image-lcd            # ~45 min, one thread
+    python scripts/train_distill.py image-lcd --resume   # after a kill: continue from the last checkpoint
+
+Trains in work/distill/<name> (a checkpoint every 3 minutes) with the settings below, then copies the
+student (student.json + LoRA weights, float16) into pipelines/reference/weights/<name>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The shipped students: the teacher and the LCDConfig fields of each.
+RECIPES = {
+    "image-lcd": {"teacher": "reference:image", "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4}},
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", choices=sorted(RECIPES))
+    parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget of this run")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", default=None, help="training folder (default work/distill/<name>)")
+    parser.add_argument("--no-ship", action="store_true", help="leave pipelines/reference/weights untouched")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from diffaccel.distill import LCDConfig, distill
+    from diffaccel.pipelines.reference import WEIGHTS
+
+    recipe = RECIPES[args.name]
+    work = Path(args.work or ROOT / "work" / "distill" / args.name)
+    distill(recipe["teacher"], work, LCDConfig(**recipe["config"]), max_minutes=args.minutes, resume=args.resume)
+    if not args.no_ship:
+        target = WEIGHTS / args.name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in ("student.json", "pytorch_lora_weights.safetensors"):
+            shutil.copy2(work / file, target / file)
+        print(f"shipped {args.name} to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
