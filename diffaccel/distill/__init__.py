@@ -5,13 +5,13 @@
     pipe = load_student(diffaccel.pipelines.reference.load("image"), "students/lcd")
 """
 
-from .config import LCDConfig
+from .config import LCDConfig, RewardConfig
 from .consistency import boundary_scalings, consistency_function, euler_step, guided_velocity, pseudo_huber
 from .run import distill, load_teacher
 from .student import StudentCard, load_student, save_student, student_call_defaults, student_of
 
 __all__ = [
-    "LCDConfig", "StudentCard", "boundary_scalings", "consistency_function", "distill", "euler_step",
+    "LCDConfig", "RewardConfig", "StudentCard", "boundary_scalings", "consistency_function", "distill", "euler_step",
     "guided_velocity", "load_student", "load_teacher", "pseudo_huber", "save_student", "student_call_defaults",
     "student_of",
 ]

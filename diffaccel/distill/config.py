@@ -65,3 +65,36 @@ class LCDConfig:
         if unknown:
             raise ValueError(f"Unknown LCDConfig fields {unknown}; known: {sorted(known)}.")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The reward term of RG-LCD (Li et al. 2024): loss = LCD − β·R(student's one-step prediction).
+
+    ``mode`` "lrm" (the paper's default) optimises a latent proxy reward model trained online to match
+    the expert judge's pairwise preferences among the student's prediction, the LCD target and the data
+    latent (``proxy_lr``, ``proxy_batch`` prompts per update, expert scores softened by
+    ``temperature``); "direct" decodes the prediction and optimises the expert itself. The reward term
+    starts after ``reward_warmup`` steps, so the proxy has learned something first.
+    """
+
+    reward_scale: float = 1.0
+    mode: str = "lrm"
+    proxy_lr: float = 1e-3
+    proxy_batch: int = 8
+    temperature: float = 0.1
+    reward_warmup: int = 50
+
+    def __post_init__(self) -> None:
+        if self.reward_scale < 0:
+            raise ValueError(f"RewardConfig.reward_scale={self.reward_scale}: must be ≥ 0 (β of −β·R).")
+        if self.mode not in ("lrm", "direct"):
+            raise ValueError(f"RewardConfig.mode={self.mode!r}: choose 'lrm' (latent proxy) or 'direct' (the judge).")
+        for name in ("proxy_lr", "temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RewardConfig.{name}={getattr(self, name)}: must be positive.")
+        if self.proxy_batch < 1 or self.reward_warmup < 0:
+            raise ValueError("RewardConfig.proxy_batch must be ≥ 1 and reward_warmup ≥ 0.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

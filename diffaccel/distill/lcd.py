@@ -10,6 +10,7 @@ whose teacher is the same transformer with its adapters switched off).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +25,16 @@ ADAPTER_NAME = "lcd"
 # the timestep, which a consistency student must re-read).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear",
                 "timestep_embedder.linear_1", "timestep_embedder.linear_2", "norm_out.linear")
+
+
+@dataclass
+class LCDBatch:
+    latents: torch.Tensor  # the data latents z0
+    captions: list[str]
+    prompt_embeds: torch.Tensor
+    prediction: torch.Tensor  # the student's consistency output at σ_n (its one-step x0 estimate), with gradient
+    target: torch.Tensor  # the target's output at σ_{n+skip} after the teacher's step
+    distill_loss: torch.Tensor
 
 
 def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed: int) -> None:
@@ -97,8 +108,9 @@ class LCDTrainer:
     def _target_model(self) -> torch.nn.Module:
         return self.target if self.target is not None else self.accelerator.unwrap_model(self.student)
 
-    def loss_at(self, step: int) -> torch.Tensor:
-        """The LCD loss of batch ``step`` under the current weights (with gradient into the student)."""
+    def forward_batch(self, step: int) -> "LCDBatch":
+        """Batch ``step`` through teacher, student and target: the student's consistency output (with
+        gradient), its target, and what a reward term needs (the data latents, captions, embeddings)."""
         cfg = self.config
         pixels, captions = self.data.batch(cfg.seed, step, cfg.batch_size)
         device = self.teacher.transformer.device
@@ -122,7 +134,17 @@ class LCDTrainer:
             stepped = euler_step(noisy, guided, sigma_from, sigma_to)
             target_velocity = self.teacher.velocity(self._target_model(), stepped, sigma_to, cond)
             target = consistency_function(stepped, sigma_to, target_velocity)
-        return pseudo_huber(prediction, target, cfg.huber_c).mean()
+        return LCDBatch(latents, captions, cond, prediction, target, pseudo_huber(prediction, target, cfg.huber_c).mean())
+
+    def loss_at(self, step: int) -> torch.Tensor:
+        """The training loss of batch ``step`` under the current weights (with gradient into the student)."""
+        return self.objective(self.forward_batch(step))
+
+    def objective(self, batch: "LCDBatch") -> torch.Tensor:
+        return batch.distill_loss
+
+    def after_update(self, batch: "LCDBatch") -> None:
+        """Called after each optimiser step (RG-LCD trains its reward proxy here)."""
 
     def _learning_rate(self) -> float:
         warmup = self.config.warmup_steps
@@ -131,7 +153,8 @@ class LCDTrainer:
     def train_step(self) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = self._learning_rate()
-        loss = self.loss_at(self.step)
+        batch = self.forward_batch(self.step)
+        loss = self.objective(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -139,6 +162,7 @@ class LCDTrainer:
         self.optimizer.step()
         if self.target is not None:
             self._update_ema()
+        self.after_update(batch)
         self.step += 1
         return float(loss.detach())
 
@@ -172,7 +196,15 @@ class LCDTrainer:
             "trainable": self.trainable_state(),
             "target": None if self.target is None else self.target.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "extra": self.extra_state(),
         }
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a subclass adds to checkpoints (RG-LCD: its reward proxy)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = LCDConfig.from_dict(state["config"])
@@ -187,4 +219,5 @@ class LCDTrainer:
             student.load_state_dict(state["trainable"])
             self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra_state(state.get("extra", {}))
         self.step = int(state["step"])

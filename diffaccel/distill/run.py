@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import LCDConfig
+from .config import LCDConfig, RewardConfig
 from .student import StudentCard, save_student
 
 logger = logging.getLogger("diffaccel")
 
 CHECKPOINT = "checkpoint.pt"
-METHODS = ("lcd",)
+METHODS = ("lcd", "rg-lcd")
 
 
 def load_teacher(spec: str) -> tuple[Any, str, dict[str, Any]]:
@@ -74,17 +74,22 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def distill(teacher: str, out: str | Path, config: LCDConfig | None = None, *, method: str = "lcd",
-            max_minutes: float | None = None, max_steps: int | None = None, resume: bool = False,
+            reward: RewardConfig | None = None, max_minutes: float | None = None, max_steps: int | None = None, resume: bool = False,
             save_every: float = 3.0, progress: bool = True) -> Path:
-    """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student)."""
+    """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student).
+
+    ``method`` "lcd", or "rg-lcd" with ``reward`` (default ``RewardConfig()``: β = 1, latent proxy), whose
+    expert is the reference judge of the teacher's scenes."""
     from tqdm.auto import tqdm
 
     from .lcd import LCDTrainer
     from .teacher import teacher_for
 
     if method not in METHODS:
-        raise ValueError(f"Unknown distillation method {method!r}; available: {list(METHODS)} (rg-lcd and tdm are not "
+        raise ValueError(f"Unknown distillation method {method!r}; available: {list(METHODS)} (tdm is not "
                          f"implemented yet).")
+    if reward is not None and method != "rg-lcd":
+        raise ValueError(f"A reward config is for method 'rg-lcd', not {method!r}.")
     if max_minutes is None and max_steps is None:
         raise ValueError("Give a budget: max_minutes or max_steps.")
     pipe, name, facts = load_teacher(teacher)
@@ -102,7 +107,15 @@ def distill(teacher: str, out: str | Path, config: LCDConfig | None = None, *, m
     saved = _check_folder(out, resume, name, method, resolved)
     out.mkdir(parents=True, exist_ok=True)
 
-    trainer = LCDTrainer(teacher_for(pipe, resolved.height, resolved.width), resolved)
+    adapter = teacher_for(pipe, resolved.height, resolved.width)
+    if method == "rg-lcd":
+        from diffaccel.pipelines.reference import judge as judges
+
+        from .rglcd import RGLCDTrainer
+
+        trainer = RGLCDTrainer(adapter, resolved, reward or RewardConfig(), judges.load_judge("image"))
+    else:
+        trainer = LCDTrainer(adapter, resolved)
     minutes_before, losses = 0.0, []
     if saved is not None:
         trainer.load_state_dict(saved["trainer"])
@@ -122,7 +135,8 @@ def distill(teacher: str, out: str | Path, config: LCDConfig | None = None, *, m
             guidance_scale=resolved.guidance_scale, lora_rank=resolved.lora_rank,
             scheduler="FlowMatchLCMScheduler", height=resolved.height, width=resolved.width,
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
-                      "final_loss": float(np.mean(losses[-100:])) if losses else None, "config": resolved.to_dict()},
+                      "final_loss": float(np.mean(losses[-100:])) if losses else None, "config": resolved.to_dict(),
+                      **({"reward": trainer.reward.to_dict()} if method == "rg-lcd" else {})},
         )
         save_student(out, card, trainer.student_for_export(), type(pipe), trainer.frozen_teacher)
 
@@ -134,7 +148,8 @@ def distill(teacher: str, out: str | Path, config: LCDConfig | None = None, *, m
     while not done():
         losses.append(trainer.train_step())
         bar.update(1)
-        bar.set_postfix_str(f"step {trainer.step} loss {np.mean(losses[-50:]):.4f}", refresh=False)
+        extra = "".join(f" {k} {v:.3f}" for k, v in getattr(trainer, "last_rewards", {}).items())
+        bar.set_postfix_str(f"step {trainer.step} loss {np.mean(losses[-50:]):.4f}{extra}", refresh=False)
         if time.monotonic() - last_save >= save_every * 60.0:
             save()
             last_save = time.monotonic()
