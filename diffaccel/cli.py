@@ -253,7 +253,12 @@ def _add_distill(subparsers) -> None:
         "every few minutes and a loadable student (student.json + weights): generate with it through "
         "`diffaccel generate --distilled OUT` or diffaccel.distill.load_student(pipe, OUT).",
     )
-    p.add_argument("--method", choices=["lcd"], default="lcd", help="lcd: latent consistency distillation (LCM)")
+    p.add_argument("--method", choices=["lcd", "rg-lcd"], default="lcd",
+                   help="lcd: latent consistency distillation (LCM); rg-lcd: LCD guided by the judge's prompt-adherence "
+                   "reward through a latent proxy reward model (RG-LCD)")
+    p.add_argument("--reward-scale", type=float, default=None, help="rg-lcd: β of the −β·R term (default 1)")
+    p.add_argument("--reward-mode", choices=["lrm", "direct"], default=None,
+                   help="rg-lcd: optimise the latent proxy (lrm, default) or the judge itself (direct)")
     p.add_argument("--teacher", default="reference:image", help="reference:image (default; the embedded model, trained "
                    "on procedural scenes, which are also the distillation data)")
     p.add_argument("--steps", type=int, default=4, help="the student's default sampling steps K (default 4)")
@@ -276,15 +281,21 @@ def _add_distill(subparsers) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
-    from diffaccel.distill import LCDConfig, distill
+    from diffaccel.distill import LCDConfig, RewardConfig, distill
 
     if args.threads:
         torch.set_num_threads(args.threads)
     lr = args.lr if args.lr is not None else (5e-4 if args.lora_rank else 1e-5)
     config = LCDConfig(student_steps=args.steps, solver_steps=args.solver_steps, guidance_scale=args.guidance,
                        lora_rank=args.lora_rank, learning_rate=lr, batch_size=args.batch_size, seed=args.seed)
+    reward = None
+    if args.method == "rg-lcd":
+        reward = RewardConfig(**{k: v for k, v in (("reward_scale", args.reward_scale), ("mode", args.reward_mode))
+                                 if v is not None})
+    elif args.reward_scale is not None or args.reward_mode is not None:
+        raise ValueError("--reward-scale and --reward-mode are options of --method rg-lcd.")
     start = time.perf_counter()
-    out = distill(args.teacher, args.out, config, method=args.method, max_minutes=args.max_minutes,
+    out = distill(args.teacher, args.out, config, method=args.method, reward=reward, max_minutes=args.max_minutes,
                   max_steps=args.max_steps, resume=args.resume, save_every=args.save_every,
                   progress=not args.no_progress)
     print(f"wrote the student to {out} in {(time.perf_counter() - start) / 60:.1f} min")

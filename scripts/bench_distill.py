@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--timing-prompts", type=int, default=16, help="prompts of the timing pass (rows interleaved)")
     parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--heldout-judge", default=None,
+                        help="a second image judge (scripts/train_judge.py --seed 1 --out-dir DIR; DIR/image.safetensors) "
+                        "that no student trained against: its adherence column checks for reward hacking")
     parser.add_argument("--samples-only", action="store_true", help="fill the sample cache, no timing or report")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/distill_bench")
@@ -112,6 +115,7 @@ def main(argv=None) -> int:
     div_prompts = [p for p in prompts[: args.diversity_prompts] for _ in range(args.diversity_seeds)]
     div_seeds = [10_000 + i for i in range(len(div_prompts))]
     judge = judges.load_judge("image")
+    heldout = judges.load_judge("image", path=args.heldout_judge) if args.heldout_judge else None
 
     plan = [("teacher", int(k)) for k in args.teacher_steps.split(",")]
     plan += [(s, int(k)) for s in args.students.split(",") if s for k in args.student_steps.split(",")]
@@ -132,6 +136,7 @@ def main(argv=None) -> int:
             "row": name, "model": "teacher" if model == "teacher" else model, "steps": steps,
             "evaluations": steps * (2 if model == "teacher" else 1),
             "adherence": float(per_prompt.mean()), "adherence_se": float(per_prompt.std(ddof=1) / np.sqrt(len(prompts))),
+            "heldout_adherence": float(judges.adherence(heldout, images, prompts).mean()) if heldout else None,
             "fid_truth": fid(truth, images).value,
             "diversity": diversity(judge, div, args.diversity_prompts, args.diversity_seeds),
             "images": images,
@@ -157,6 +162,7 @@ def report(rows: list[dict], reference_row: dict, args, out: Path, seconds: floa
     import matplotlib.pyplot as plt
 
     default = next((r for r in rows if r["model"] == "teacher" and r["steps"] == 20), reference_row)
+    heldout = rows[0]["heldout_adherence"] is not None
     lines = [
         "# Few-step students of the reference image model",
         "",
@@ -170,16 +176,19 @@ def report(rows: list[dict], reference_row: dict, args, out: Path, seconds: floa
         f"procedural renders of the same captions (ground truth). Diversity = mean pairwise judge-feature distance "
         f"among {args.diversity_seeds} seeds of each of {args.diversity_prompts} prompts. s/img = wall time per "
         f"image in batches of {args.batch} (the first {args.timing_prompts} prompts, rows taking turns, median of "
-        f"{args.timing_repeats}); speedup against the teacher at 20 steps.",
+        f"{args.timing_repeats}); speedup against the teacher at 20 steps."
+        + (f" Held-out judge = adherence under a second judge (`{args.heldout_judge}`, trained from another seed) "
+           f"that no student was trained against." if heldout else ""),
         "",
-        "| row | evaluations | adherence | Δ points | FID-j vs teacher-" + str(reference_row["steps"]) +
-        " | FID-j vs truth | diversity | s/img | speedup |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | evaluations | adherence | Δ points |" + (" held-out judge |" if heldout else "") +
+        " FID-j vs teacher-" + str(reference_row["steps"]) + " | FID-j vs truth | diversity | s/img | speedup |",
+        "|---|---:|---:|---:|" + ("---:|" if heldout else "") + "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['row']} | {r['evaluations']} | {r['adherence']:.1%} ± {r['adherence_se']:.1%} | "
-            f"{100 * (r['adherence'] - default['adherence']):+.1f} | {r['fid_teacher']:.2f} | {r['fid_truth']:.2f} | "
+            f"{100 * (r['adherence'] - default['adherence']):+.1f} | "
+            + (f"{r['heldout_adherence']:.1%} | " if heldout else "") + f"{r['fid_teacher']:.2f} | {r['fid_truth']:.2f} | "
             f"{r['diversity']:.3f} | {r['seconds_per_image']:.3f} | {default['seconds_per_image'] / r['seconds_per_image']:.1f}x |"
         )
     lines += ["", "![adherence vs evaluations](quality_vs_evaluations.png)", ""]

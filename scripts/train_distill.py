@@ -1,6 +1,7 @@
 """Reproduce the shipped students of the reference models, resumably, on a CPU.
 
     python scripts/train_distill.py image-lcd            # ~45 min, one thread
+    python scripts/train_distill.py image-rglcd          # RG-LCD (judge reward, latent proxy, β = 1)
     python scripts/train_distill.py image-lcd --resume   # after a kill: continue from the last checkpoint
 
 Trains in work/distill/<name> (a checkpoint every 3 minutes) with the settings below, then copies the
@@ -21,7 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 # The shipped students: the teacher and the LCDConfig fields of each.
 RECIPES = {
-    "image-lcd": {"teacher": "reference:image", "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4}},
+    "image-lcd": {"teacher": "reference:image", "method": "lcd",
+                  "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4}},
+    "image-rglcd": {"teacher": "reference:image", "method": "rg-lcd", "reward": {},
+                    "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4}},
 }
 
 
@@ -36,12 +40,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from diffaccel.distill import LCDConfig, distill
+    from diffaccel.distill import LCDConfig, RewardConfig, distill
     from diffaccel.pipelines.reference import WEIGHTS
 
     recipe = RECIPES[args.name]
     work = Path(args.work or ROOT / "work" / "distill" / args.name)
-    distill(recipe["teacher"], work, LCDConfig(**recipe["config"]), max_minutes=args.minutes, resume=args.resume)
+    reward = RewardConfig(**recipe["reward"]) if "reward" in recipe else None
+    distill(recipe["teacher"], work, LCDConfig(**recipe["config"]), method=recipe["method"], reward=reward,
+            max_minutes=args.minutes, resume=args.resume)
     if not args.no_ship:
         target = WEIGHTS / args.name
         target.mkdir(parents=True, exist_ok=True)
