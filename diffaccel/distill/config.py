@@ -72,18 +72,21 @@ class RewardConfig:
     """The reward term of RG-LCD (Li et al. 2024): loss = LCD − β·R(student's one-step prediction).
 
     ``mode`` "lrm" (the paper's default) optimises a latent proxy reward model trained online to match
-    the expert judge's pairwise preferences among the student's prediction, the LCD target and the data
-    latent (``proxy_lr``, ``proxy_batch`` prompts per update, expert scores softened by
-    ``temperature``); "direct" decodes the prediction and optimises the expert itself. The reward term
-    starts after ``reward_warmup`` steps, so the proxy has learned something first.
+    the expert judge's pairwise preferences softmax([R_i, R_j] / ``temperature``) among the student's
+    prediction, the LCD target and the data latent (``proxy_batch`` prompts per update, ``proxy_lr``);
+    "direct" decodes the prediction and optimises the expert itself. Temperature 1 is the paper's (raw
+    expert scores): the proxy's score differences then stay on the expert's scale, so β keeps its
+    meaning; a smaller temperature magnifies them (τ = 0.1 made the proxy term swamp the LCD loss here).
+    The reward term starts after ``reward_warmup`` steps, so the proxy, trained from scratch, has
+    learned the expert's preferences before the student follows it.
     """
 
     reward_scale: float = 1.0
     mode: str = "lrm"
     proxy_lr: float = 1e-3
-    proxy_batch: int = 8
-    temperature: float = 0.1
-    reward_warmup: int = 50
+    proxy_batch: int = 4
+    temperature: float = 1.0
+    reward_warmup: int = 200
 
     def __post_init__(self) -> None:
         if self.reward_scale < 0:
