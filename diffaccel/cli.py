@@ -249,9 +249,9 @@ def _add_distill(subparsers) -> None:
         "distill",
         help="train a few-step student of a model (latent consistency distillation), resumably",
         description="Distil a flow-matching text-to-image teacher into a student that samples in --steps evaluations "
-        "with CFG baked in (LCD; LoRA with --lora-rank, else every weight with an EMA target). OUT gets a checkpoint "
+        "with CFG baked in (LCD; LoRA with --lora-rank, else every weight with an EMA target). --out DIR gets a checkpoint "
         "every few minutes and a loadable student (student.json + weights): generate with it through "
-        "`diffaccel generate --distilled OUT` or diffaccel.distill.load_student(pipe, OUT).",
+        "`diffaccel generate --distilled DIR` or diffaccel.distill.load_student(pipe, DIR).",
     )
     p.add_argument("--method", choices=["lcd", "rg-lcd"], default="lcd",
                    help="lcd: latent consistency distillation (LCM); rg-lcd: LCD guided by the judge's prompt-adherence "
