@@ -8,7 +8,8 @@ Rows: the teacher with CFG at --teacher-steps (two evaluations per step) and eac
 against the teacher's samples at its largest step count and against procedural renders of the same
 captions (ground truth), diversity (mean pairwise judge-feature distance among --diversity-seeds
 samples of each of --diversity-prompts prompts: mode collapse shows as a drop), and seconds per image
-(one thread, batches of --batch). Samples are cached in OUT/samples/ so a rerun only adds rows.
+(one thread, batches of --batch). Samples are cached in --cache (default work/distill_bench_samples/, not
+in docs: 124 MB at 200 prompts) so a rerun only adds rows.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples-only", action="store_true", help="fill the sample cache, no timing or report")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/distill_bench")
+    parser.add_argument("--cache", default="work/distill_bench_samples", help="folder of cached samples per row")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
     from diffaccel.pipelines.reference import scenes
 
     out = Path(args.out)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
     prompts = scenes.prompt_set(args.num)
     seeds = list(range(args.num))
     rng = np.random.default_rng(1234)  # the same stream as prompt_set: the scenes its captions state
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
     rows, started = [], time.time()
     for model, steps in plan:
         name = _row_name("teacher" if model == "teacher" else Path(model).name, steps)
-        cache = out / "samples" / f"{name}.npz"
+        cache = Path(args.cache) / f"{name}.npz"
         if cache.is_file():
             saved = np.load(cache)
             images, div = saved["images"], saved["diversity"]
