@@ -15,6 +15,7 @@ in docs: 124 MB at 200 prompts) so a rerun only adds rows.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import platform
@@ -32,18 +33,20 @@ def _row_name(model: str, steps: int) -> str:
     return f"{model}-{steps}"
 
 
+@functools.lru_cache(maxsize=None)
 def load(model: str):
-    """'teacher' -> the reference image model; anything else -> a student (a reference name or a folder)."""
+    """'teacher' -> the reference image model; anything else -> a student (a reference name or a folder).
+    Each is loaded once: the sampling rows and the timing pass share it."""
     from diffaccel.distill import load_student, student_of
     from diffaccel.pipelines import reference
 
     if model == "teacher":
-        return reference.load("image"), 4.0
+        return reference.load("image"), float(reference.info("image")["default_guidance"])
     if model in reference.STUDENTS:
         pipe = reference.load(model)
     else:
         pipe = load_student(reference.load("image"), model)
-    return pipe, 1.0 if student_of(pipe) else 4.0
+    return pipe, 1.0 if student_of(pipe) else float(reference.info("image")["default_guidance"])
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int) -> tuple[np.ndarray, float]:

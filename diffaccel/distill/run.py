@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import LCDConfig, RewardConfig
-from .student import StudentCard, save_student
+from .student import STUDENT_SCHEDULER, StudentCard, save_student
 
 logger = logging.getLogger("diffaccel")
 
@@ -133,7 +133,7 @@ def distill(teacher: str, out: str | Path, config: LCDConfig | None = None, *, m
         card = StudentCard(
             method=method, teacher=name, pipeline=type(pipe).__name__, default_steps=resolved.student_steps,
             guidance_scale=resolved.guidance_scale, lora_rank=resolved.lora_rank,
-            scheduler="FlowMatchLCMScheduler", height=resolved.height, width=resolved.width,
+            scheduler=STUDENT_SCHEDULER, height=resolved.height, width=resolved.width,
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
                       "final_loss": float(np.mean(losses[-100:])) if losses else None, "config": resolved.to_dict(),
                       **({"reward": trainer.reward.to_dict()} if method == "rg-lcd" else {})},

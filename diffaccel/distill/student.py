@@ -20,7 +20,7 @@ logger = logging.getLogger("diffaccel")
 CARD_NAME = "student.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 STUDENT_ATTRIBUTE = "_diffaccel_student"
-SCHEDULERS = {"lcd": "FlowMatchLCMScheduler"}
+STUDENT_SCHEDULER = "FlowMatchLCMScheduler"  # multistep consistency sampling for flow models (diffusers)
 
 
 @dataclass
