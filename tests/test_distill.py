@@ -342,3 +342,36 @@ def test_shipped_lcd_student_beats_the_teacher_at_equal_steps():
     assert len(calls) == 4
     teacher = adherence(reference.load("image"), **{**reference.call_defaults("image"), "num_inference_steps": 4})
     assert learned >= 0.8 and learned >= teacher + 0.05, (learned, teacher)
+
+
+def test_student_steps_spread_over_the_whole_trajectory(tmp_path):
+    """A student's K evaluations sit at T(1 − i/K) (the last ends at 0), not at CogView4's linspace(T, 1, K),
+    whose last evaluation at σ ≈ 0 makes 2 student steps sample like 1; a schedule the caller passes is kept,
+    and a card with spacing 'pipeline' keeps the pipeline's own."""
+    import dataclasses
+
+    from diffaccel.distill.student import CARD_NAME
+
+    def timesteps(pipe, **call) -> list[float]:
+        seen = []
+        handle = pipe.transformer.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(float(kw["timestep"][0])), with_kwargs=True)
+        torch.manual_seed(0)
+        pipe(["a red circle"], height=64, width=64, guidance_scale=1.0, output_type="latent", **call)
+        handle.remove()
+        return seen
+
+    student = reference.load("image-lcd")
+    assert timesteps(student, num_inference_steps=2) == [1000.0, 500.0]
+    assert timesteps(student, num_inference_steps=4) == [1000.0, 750.0, 500.0, 250.0]
+    assert timesteps(student, num_inference_steps=2, timesteps=[1000, 300]) == [1000.0, 300.0]
+    assert timesteps(reference.load("image"), num_inference_steps=2) == [1000.0, 1.0]  # the teacher is untouched
+
+    with pytest.raises(ValueError, match="spacing"):
+        dataclasses.replace(StudentCard.load(reference.path("image-lcd")), spacing="leading")
+    import shutil
+
+    folder = shutil.copytree(reference.path("image-lcd"), tmp_path / "s")
+    card = json.loads((folder / CARD_NAME).read_text())
+    (folder / CARD_NAME).write_text(json.dumps({**card, "spacing": "pipeline"}))
+    assert timesteps(load_student(reference.load("image"), folder), num_inference_steps=2) == [1000.0, 1.0]

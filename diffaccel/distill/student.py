@@ -7,12 +7,14 @@ the pipeline's own ``load_lora_weights``) or ``transformer/`` (a full ``save_pre
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger("diffaccel")
@@ -21,6 +23,7 @@ CARD_NAME = "student.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 STUDENT_ATTRIBUTE = "_diffaccel_student"
 STUDENT_SCHEDULER = "FlowMatchLCMScheduler"  # multistep consistency sampling for flow models (diffusers)
+SPACINGS = ("trailing", "pipeline")
 
 
 @dataclass
@@ -38,6 +41,11 @@ class StudentCard:
     height: int
     width: int
     training: dict[str, Any] = field(default_factory=dict)
+    spacing: str = "trailing"  # where the K evaluations sit: see ``trailing_timesteps``
+
+    def __post_init__(self) -> None:
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"StudentCard.spacing={self.spacing!r}: choose from {SPACINGS}.")
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / CARD_NAME
@@ -77,7 +85,8 @@ def save_student(folder: str | Path, card: StudentCard, weights: dict[str, torch
 
 def load_student(pipe: Any, folder: str | Path) -> Any:
     """Turn ``pipe`` (the teacher's pipeline) into the student in place and return it: weights, scheduler,
-    and the card on ``pipe._diffaccel_student``. Call it with ``num_inference_steps=card.default_steps``
+    and the card on ``pipe._diffaccel_student``. The scheduler spreads the student's steps over the whole
+    trajectory (``trailing_timesteps``) unless the caller passes a schedule. Call it with ``num_inference_steps=card.default_steps``
     and ``guidance_scale=1`` (``student_call_defaults``); the student's CFG is baked in.
 
     Sampling re-noises between steps with the global torch generator (diffusers pipelines do not pass
@@ -100,10 +109,49 @@ def load_student(pipe: Any, folder: str | Path) -> Any:
         pipe.transformer.load_state_dict(full.state_dict())
     scheduler_class = getattr(diffusers, card.scheduler)
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if card.spacing == "trailing":
+        use_trailing_spacing(pipe.scheduler)
     setattr(pipe, STUDENT_ATTRIBUTE, card)
     logger.info("diffaccel: loaded a %s student of %s from %s (%d steps, CFG %.1f baked in)", card.method,
                 card.teacher, folder, card.default_steps, card.guidance_scale)
     return pipe
+
+
+def trailing_timesteps(num_steps: int, train_timesteps: int = 1000) -> list[float]:
+    """t_i = T·(1 − i/K) for i < K: K evaluations spread over the whole trajectory, the last one ending
+    at 0 (Flux spaces its steps this way). CogView4's own spacing, linspace(T, 1, K), puts the last
+    evaluation at σ ≈ 0, where a few-step student has nothing left to do: its 2 steps sample like 1."""
+    return [float(train_timesteps * (1.0 - i / num_steps)) for i in range(num_steps)]
+
+
+def _is_pipeline_default(timesteps: Any, sigmas: Any, num_steps: int, train_timesteps: int) -> bool:
+    """Whether the pipeline passed its own default spacing (CogView4: linspace(T, 1, K) as integers), not
+    a schedule the caller chose."""
+    if timesteps is None and sigmas is None:
+        return True
+    if timesteps is None:
+        return False
+    default = np.linspace(train_timesteps, 1.0, num_steps).astype(np.int64).astype(np.float32)
+    given = np.asarray([float(t) for t in timesteps], dtype=np.float32)
+    return given.shape == default.shape and np.allclose(given, default)
+
+
+def use_trailing_spacing(scheduler: Any) -> Any:
+    """Make ``scheduler`` sample a student on ``trailing_timesteps`` whenever the pipeline asks for its
+    default schedule (a schedule the caller passes is kept). Returns the scheduler."""
+    current = scheduler.set_timesteps
+    train_timesteps = int(scheduler.config.num_train_timesteps)
+
+    def set_timesteps(num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None, **extra):
+        steps = num_inference_steps or len(timesteps if timesteps is not None else sigmas or [])
+        if steps and _is_pipeline_default(timesteps, sigmas, steps, train_timesteps):
+            timesteps = trailing_timesteps(steps, train_timesteps)
+            sigmas = [t / train_timesteps for t in timesteps]
+        return current(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu,
+                       timesteps=timesteps, **extra)
+
+    scheduler.set_timesteps = functools.update_wrapper(set_timesteps, current)
+    return scheduler
 
 
 def student_of(pipe: Any) -> StudentCard | None:
