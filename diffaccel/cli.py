@@ -247,15 +247,16 @@ def _add_farm(subparsers) -> None:
 def _add_distill(subparsers) -> None:
     p = subparsers.add_parser(
         "distill",
-        help="train a few-step student of a model (latent consistency distillation), resumably",
+        help="train a few-step student of a model (consistency or trajectory distribution matching), resumably",
         description="Distil a flow-matching text-to-image teacher into a student that samples in --steps evaluations "
-        "with CFG baked in (LCD; LoRA with --lora-rank, else every weight with an EMA target). --out DIR gets a checkpoint "
+        "with CFG baked in (LCD: LoRA with --lora-rank, else every weight with an EMA target; TDM: data-free, LoRA "
+        "student and fake score). --out DIR gets a checkpoint "
         "every few minutes and a loadable student (student.json + weights): generate with it through "
         "`diffaccel generate --distilled DIR` or diffaccel.distill.load_student(pipe, DIR).",
     )
-    p.add_argument("--method", choices=["lcd", "rg-lcd"], default="lcd",
+    p.add_argument("--method", choices=["lcd", "rg-lcd", "tdm"], default="lcd",
                    help="lcd: latent consistency distillation (LCM); rg-lcd: LCD guided by the judge's prompt-adherence "
-                   "reward through a latent proxy reward model (RG-LCD)")
+                   "reward through a latent proxy reward model (RG-LCD); tdm: trajectory distribution matching (data-free)")
     p.add_argument("--reward-scale", type=float, default=None, help="rg-lcd: β of the −β·R term (default 1)")
     p.add_argument("--reward-mode", choices=["lrm", "direct"], default=None,
                    help="rg-lcd: optimise the latent proxy (lrm, default) or the judge itself (direct)")
@@ -263,11 +264,16 @@ def _add_distill(subparsers) -> None:
                    "on procedural scenes, which are also the distillation data)")
     p.add_argument("--steps", type=int, default=4, help="the student's default sampling steps K (default 4)")
     p.add_argument("--out", required=True, help="output folder: a new or empty one, or a run's to --resume")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA student of this rank (default 0: full student)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="LoRA student of this rank (lcd default 0: full student; tdm default 16)")
+    p.add_argument("--eta", type=float, default=None, choices=[0.0, 1.0],
+                   help="tdm: re-noise between stages with the student's own noise estimate (1, default: Euler "
+                   "sampling) or fresh noise (0: LCM-style sampling)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale baked in (default: the teacher's)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-4 for a LoRA student, 1e-5 for a full one)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--solver-steps", type=int, default=50, help="the teacher's ODE grid (default 50, as LCD)")
+    p.add_argument("--lr", type=float, default=None, help="the student's learning rate (lcd: 5e-4 for a LoRA student, "
+                   "1e-5 for a full one; tdm: 1e-4, the fake score 5e-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 16 (lcd), 8 (tdm)")
+    p.add_argument("--solver-steps", type=int, default=None, help="lcd: the teacher's ODE grid (default 50, as LCD)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of this run")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this many optimiser steps in total")
     p.add_argument("--save-every", type=float, default=3.0, help="minutes between checkpoints (default 3)")
@@ -281,13 +287,23 @@ def _add_distill(subparsers) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
-    from diffaccel.distill import LCDConfig, RewardConfig, distill
+    from diffaccel.distill import LCDConfig, RewardConfig, TDMConfig, distill
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lr = args.lr if args.lr is not None else (5e-4 if args.lora_rank else 1e-5)
-    config = LCDConfig(student_steps=args.steps, solver_steps=args.solver_steps, guidance_scale=args.guidance,
-                       lora_rank=args.lora_rank, learning_rate=lr, batch_size=args.batch_size, seed=args.seed)
+    given = {k: v for k, v in (("lora_rank", args.lora_rank), ("learning_rate", args.lr),
+                               ("batch_size", args.batch_size)) if v is not None}
+    if args.method == "tdm":
+        if args.solver_steps is not None:
+            raise ValueError("--solver-steps is an option of the consistency methods (lcd, rg-lcd), not tdm.")
+        config = TDMConfig(student_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                           **({"eta": args.eta} if args.eta is not None else {}), **given)
+    else:
+        if args.eta is not None:
+            raise ValueError("--eta is an option of --method tdm.")
+        rank = given.get("lora_rank", 0)
+        config = LCDConfig(**{"learning_rate": 5e-4 if rank else 1e-5, **given}, student_steps=args.steps,
+                           solver_steps=args.solver_steps or 50, guidance_scale=args.guidance, seed=args.seed)
     reward = None
     if args.method == "rg-lcd":
         reward = RewardConfig(**{k: v for k, v in (("reward_scale", args.reward_scale), ("mode", args.reward_mode))

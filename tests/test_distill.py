@@ -128,7 +128,7 @@ def test_bad_runs_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not supported yet"):
         distill("reference:video", tmp_path / "video", config, max_steps=1)
     with pytest.raises(ValueError, match="Unknown distillation method"):
-        distill("reference:image", tmp_path / "m", config, method="tdm", max_steps=1)
+        distill("reference:image", tmp_path / "m", config, method="dmd", max_steps=1)
 
 
 def test_teacher_that_is_not_flow_matching_is_refused():

@@ -1,11 +1,12 @@
-"""Step distillation: few-step students of flow-matching teachers (latent consistency distillation).
+"""Step distillation: few-step students of flow-matching teachers (latent consistency distillation, RG-LCD,
+trajectory distribution matching).
 
     from diffaccel.distill import LCDConfig, distill, load_student
     distill("reference:image", "students/lcd", LCDConfig(lora_rank=16), max_minutes=60)
     pipe = load_student(diffaccel.pipelines.reference.load("image"), "students/lcd")
 """
 
-from .config import LCDConfig, RewardConfig
+from .config import LCDConfig, RewardConfig, TDMConfig
 from .consistency import boundary_scalings, consistency_function, euler_step, guided_velocity, pseudo_huber
 from .run import distill, load_teacher
 from .student import StudentCard, load_student, save_student, student_call_defaults, student_of
@@ -13,5 +14,5 @@ from .student import StudentCard, load_student, save_student, student_call_defau
 __all__ = [
     "LCDConfig", "RewardConfig", "StudentCard", "boundary_scalings", "consistency_function", "distill", "euler_step",
     "guided_velocity", "load_student", "load_teacher", "pseudo_huber", "save_student", "student_call_defaults",
-    "student_of",
+    "student_of", "TDMConfig",
 ]

@@ -6,8 +6,24 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
+class _Serialisable:
+    """A dataclass config that round-trips through a dict (checkpoints, student cards), refusing
+    unknown fields by name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} fields {unknown}; known: {sorted(known)}.")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class LCDConfig:
+class LCDConfig(_Serialisable):
     """Latent consistency distillation of a flow-matching teacher (LCM / LCM-LoRA, Luo et al. 2023).
 
     ``student_steps``: the student's default number of sampling steps (K). ``solver_steps``: the
@@ -55,20 +71,9 @@ class LCDConfig:
         for field in ("height", "width"):
             need(getattr(self, field) is None or getattr(self, field) > 0, field, "must be positive")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LCDConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown LCDConfig fields {unknown}; known: {sorted(known)}.")
-        return cls(**data)
-
 
 @dataclass(frozen=True)
-class RewardConfig:
+class RewardConfig(_Serialisable):
     """The reward term of RG-LCD (Li et al. 2024): loss = LCD − β·R(student's one-step prediction).
 
     ``mode`` "lrm" (the paper's default) optimises a latent proxy reward model trained online to match
@@ -99,5 +104,60 @@ class RewardConfig:
         if self.proxy_batch < 1 or self.reward_warmup < 0:
             raise ValueError("RewardConfig.proxy_batch must be ≥ 1 and reward_warmup ≥ 0.")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TDMConfig(_Serialisable):
+    """Trajectory distribution matching (TDM, Luo et al. 2025): a data-free few-step student.
+
+    The student samples in ``student_steps`` stages on trailing timesteps (T·(1 − i/K)); between stages
+    it re-noises its x0 estimate with ``eta`` of its own noise estimate and √(1 − η²) fresh noise (η = 1:
+    deterministic, the flow's Euler step; η = 0: fresh noise, LCM-style). Each student stage is matched
+    to the teacher (with CFG at ``guidance_scale``, None: the teacher's default) only at noise levels from
+    the stage's end up to ``max_sigma``. The student and the fake score (which tracks the student's
+    trajectory distribution) are LoRA adapters of the teacher (``lora_rank``, ``fake_rank``: None = the
+    same), trained with their own learning rates; ``fake_updates`` fake-score steps per student step.
+    """
+
+    student_steps: int = 4
+    guidance_scale: float | None = None
+    eta: float = 1.0
+    lora_rank: int = 16
+    fake_rank: int | None = None
+    lora_alpha: float | None = None
+    learning_rate: float = 1e-4
+    fake_learning_rate: float = 5e-4
+    fake_updates: int = 1
+    max_sigma: float = 0.98
+    huber_c: float = 1e-3
+    batch_size: int = 8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"TDMConfig.{field}={getattr(self, field)!r}: {why}.")
+
+        need(self.student_steps >= 1, "student_steps", "the student needs at least one step")
+        need(self.guidance_scale is None or self.guidance_scale >= 1.0, "guidance_scale",
+             "a CFG scale below 1 extrapolates away from the prompt")
+        need(self.eta in (0.0, 1.0), "eta", "students sample with a diffusers scheduler: 1 re-noises with the "
+             "student's own noise estimate (FlowMatchEulerDiscreteScheduler), 0 with fresh noise "
+             "(FlowMatchLCMScheduler); none mixes the two")
+        need(self.lora_rank > 0, "lora_rank", "TDM trains LoRA adapters (student and fake score share the teacher)")
+        need(self.fake_rank is None or self.fake_rank > 0, "fake_rank", "must be positive")
+        need(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "must be positive")
+        need(self.learning_rate > 0, "learning_rate", "must be positive")
+        need(self.fake_learning_rate > 0, "fake_learning_rate", "must be positive")
+        need(self.fake_updates >= 1, "fake_updates", "the fake score must follow the student")
+        need(0.0 < self.max_sigma <= 1.0, "max_sigma", "must lie in (0, 1]")
+        need(self.huber_c > 0, "huber_c", "must be positive")
+        need(self.batch_size >= 1, "batch_size", "must be ≥ 1")
+        need(self.grad_clip > 0, "grad_clip", "must be positive")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be ≥ 0")
+        for field in ("height", "width"):
+            need(getattr(self, field) is None or getattr(self, field) > 0, field, "must be positive")

@@ -19,13 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import LCDConfig, RewardConfig
+from .config import LCDConfig, RewardConfig, TDMConfig
 from .student import STUDENT_SCHEDULER, StudentCard, save_student
 
 logger = logging.getLogger("diffaccel")
 
 CHECKPOINT = "checkpoint.pt"
-METHODS = ("lcd", "rg-lcd")
+# Each method and the config type it trains with.
+METHODS: dict[str, type] = {"lcd": LCDConfig, "rg-lcd": LCDConfig, "tdm": TDMConfig}
+Config = LCDConfig | TDMConfig
 
 
 def load_teacher(spec: str) -> tuple[Any, str, dict[str, Any]]:
@@ -39,16 +41,17 @@ def load_teacher(spec: str) -> tuple[Any, str, dict[str, Any]]:
             raise ValueError(f"Unknown reference teacher {spec!r}; choose from {[f'reference:{n}' for n in reference.NAMES]}.")
         facts = reference.info(name)
         if facts["is_video"]:
-            raise ValueError(f"Distilling the video model ({spec}) is not supported yet: LCD here handles text-to-image "
-                             f"flow-matching teachers (reference:image).")
+            raise ValueError(f"Distilling the video model ({spec}) is not supported yet: the distillers here handle "
+                             f"text-to-image flow-matching teachers (reference:image).")
         return reference.load(name), spec, facts
     raise ValueError(
-        f"Cannot distill {spec!r} yet: LCD needs training images with captions, and diffaccel ships them only for "
-        f"the reference teachers (reference:image, procedural scenes)."
+        f"Cannot distill {spec!r} yet: LCD and RG-LCD need training images with captions, TDM captions of the "
+        f"teacher's domain, and diffaccel ships them only for the reference teachers (reference:image, procedural "
+        f"scenes)."
     )
 
 
-def _check_folder(out: Path, resume: bool, teacher: str, method: str, config: LCDConfig) -> dict[str, Any] | None:
+def _check_folder(out: Path, resume: bool, teacher: str, method: str, config: Config) -> dict[str, Any] | None:
     checkpoint = out / CHECKPOINT
     if not checkpoint.is_file():
         if out.is_dir() and any(out.iterdir()):
@@ -60,7 +63,10 @@ def _check_folder(out: Path, resume: bool, teacher: str, method: str, config: LC
     if not resume:
         raise ValueError(f"{out} already holds a distillation run; pass --resume to continue it, or choose another folder.")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    theirs = (state["teacher"], state["method"], LCDConfig.from_dict(state["config"]))
+    if (state["teacher"], state["method"]) != (teacher, method):
+        raise ValueError(f"{out} holds another run (teacher {state['teacher']}, method {state['method']}); this one is "
+                         f"teacher {teacher}, method {method}.")
+    theirs = (state["teacher"], state["method"], type(config).from_dict(state["config"]))
     if theirs != (teacher, method, config):
         raise ValueError(f"{out} holds another run (teacher {theirs[0]}, method {theirs[1]}, {theirs[2]}); "
                          f"this one is teacher {teacher}, method {method}, {config}.")
@@ -73,27 +79,37 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def distill(teacher: str, out: str | Path, config: LCDConfig | None = None, *, method: str = "lcd",
+def _scheduler_of(method: str, config: Config) -> str:
+    """The diffusers scheduler a student samples with: LCM-style re-noising for consistency students; for
+    TDM the one its training rollouts re-noise like (η = 1: the flow's Euler step)."""
+    if method == "tdm" and config.eta == 1.0:
+        return "FlowMatchEulerDiscreteScheduler"
+    return STUDENT_SCHEDULER
+
+
+def distill(teacher: str, out: str | Path, config: Config | None = None, *, method: str = "lcd",
             reward: RewardConfig | None = None, max_minutes: float | None = None, max_steps: int | None = None, resume: bool = False,
             save_every: float = 3.0, progress: bool = True) -> Path:
     """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student).
 
     ``method`` "lcd", or "rg-lcd" with ``reward`` (default ``RewardConfig()``: β = 1, latent proxy), whose
-    expert is the reference judge of the teacher's scenes."""
+    expert is the reference judge of the teacher's scenes (both with an ``LCDConfig``); or "tdm" with a
+    ``TDMConfig`` (data-free: it reads only the captions)."""
     from tqdm.auto import tqdm
 
     from .lcd import LCDTrainer
     from .teacher import teacher_for
 
     if method not in METHODS:
-        raise ValueError(f"Unknown distillation method {method!r}; available: {list(METHODS)} (tdm is not "
-                         f"implemented yet).")
+        raise ValueError(f"Unknown distillation method {method!r}; available: {list(METHODS)}.")
+    config = config if config is not None else METHODS[method]()
+    if not isinstance(config, METHODS[method]):
+        raise ValueError(f"Method {method!r} trains with a {METHODS[method].__name__}, not a {type(config).__name__}.")
     if reward is not None and method != "rg-lcd":
         raise ValueError(f"A reward config is for method 'rg-lcd', not {method!r}.")
     if max_minutes is None and max_steps is None:
         raise ValueError("Give a budget: max_minutes or max_steps.")
     pipe, name, facts = load_teacher(teacher)
-    config = config or LCDConfig()
     resolved = dataclasses.replace(
         config,
         guidance_scale=config.guidance_scale if config.guidance_scale is not None else float(facts["default_guidance"]),
@@ -114,6 +130,10 @@ def distill(teacher: str, out: str | Path, config: LCDConfig | None = None, *, m
         from .rglcd import RGLCDTrainer
 
         trainer = RGLCDTrainer(adapter, resolved, reward or RewardConfig(), judges.load_judge("image"))
+    elif method == "tdm":
+        from .tdm import TDMTrainer
+
+        trainer = TDMTrainer(adapter, resolved)
     else:
         trainer = LCDTrainer(adapter, resolved)
     minutes_before, losses = 0.0, []
@@ -133,7 +153,7 @@ def distill(teacher: str, out: str | Path, config: LCDConfig | None = None, *, m
         card = StudentCard(
             method=method, teacher=name, pipeline=type(pipe).__name__, default_steps=resolved.student_steps,
             guidance_scale=resolved.guidance_scale, lora_rank=resolved.lora_rank,
-            scheduler=STUDENT_SCHEDULER, height=resolved.height, width=resolved.width,
+            scheduler=_scheduler_of(method, resolved), height=resolved.height, width=resolved.width,
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
                       "final_loss": float(np.mean(losses[-100:])) if losses else None, "config": resolved.to_dict(),
                       **({"reward": trainer.reward.to_dict()} if method == "rg-lcd" else {})},

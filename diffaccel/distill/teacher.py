@@ -34,20 +34,32 @@ class FlowTeacher:
         factor = self.pipe.vae_scale_factor
         return self.transformer.config.in_channels, self.height // factor, self.width // factor
 
-    def sigma_grid(self, num_steps: int) -> torch.Tensor:
-        """The noise levels the pipeline samples on with ``num_steps`` steps (terminal 0 included)."""
+    def sigma_grid(self, num_steps: int, timesteps: list[float] | None = None) -> torch.Tensor:
+        """The noise levels the pipeline samples on with ``num_steps`` steps (terminal 0 included); with
+        ``timesteps``, those it samples on when given them (a student's trailing spacing)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
 
         config = self.pipe.scheduler.config
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        timesteps = np.linspace(config.num_train_timesteps, 1.0, num_steps).astype(np.int64).astype(np.float32)
+        if timesteps is None:
+            timesteps = np.linspace(config.num_train_timesteps, 1.0, num_steps)
+        timesteps = np.asarray(timesteps).astype(np.int64).astype(np.float32)
         channels, h, w = self.latent_shape
         seq_len = (h * w) // self.transformer.config.patch_size**2
         mu = calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("base_shift", 0.25),
                              config.get("max_shift", 0.75))
         scheduler.set_timesteps(num_steps, sigmas=timesteps / config.num_train_timesteps, mu=mu)
         return scheduler.sigmas.float().clone()
+
+    def student_grid(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A student's stages as the pipeline runs them (``student.trailing_timesteps``): the timesteps its
+        transformer is told and the noise levels it samples on (terminal 0 included). CogView4 tells the
+        model the unshifted timestep, not 1000·σ; a student trained on its own stages learns that."""
+        from .student import trailing_timesteps
+
+        timesteps = trailing_timesteps(num_steps, int(self.pipe.scheduler.config.num_train_timesteps))
+        return torch.tensor(timesteps), self.sigma_grid(num_steps, timesteps)
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,11 +75,13 @@ class FlowTeacher:
         return vae.encode(pixels.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
 
     def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
-                 embeds: torch.Tensor) -> torch.Tensor:
+                 embeds: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """v at noise level ``sigma``; the transformer is told ``timestep`` (default 1000·σ, as the
+        reference models were trained)."""
         n = sample.shape[0]
         size = torch.tensor([[self.height, self.width]], dtype=embeds.dtype, device=sample.device).repeat(n, 1)
         return transformer(
-            hidden_states=sample, encoder_hidden_states=embeds, timestep=sigma.to(sample.dtype) * 1000.0,
+            hidden_states=sample, encoder_hidden_states=embeds, timestep=(sigma * 1000.0 if timestep is None else timestep).to(sample.dtype),
             original_size=size, target_size=size, crop_coords=torch.zeros_like(size), return_dict=False,
         )[0]
 

@@ -1,0 +1,291 @@
+"""Trajectory distribution matching (TDM, Luo et al. 2025): a data-free few-step student of a flow teacher.
+
+Three roles share one transformer through LoRA adapters (peft): the student, the "fake score" that tracks
+the distribution of the student's trajectory, and the teacher (adapters off) with CFG. No images are
+used, only captions. One iteration:
+
+1. roll the student out from pure noise to a random stage k (no gradient);
+2. the student's x0 estimate at stage k, re-noised to the next stage and diffused further to a level t
+   in [σ_{k+1}, max_sigma], trains the fake score (flow matching towards that estimate);
+3. on another such noisy point the teacher's CFG x0 and the fake score's x0 disagree by the score
+   difference of the two distributions; the student's estimate is pulled along x0_real − x0_fake
+   (reverse-KL / distribution-matching gradient, pseudo-Huber normalised per sample).
+
+Matching each stage only at levels from its own end upwards is TDM's sampling-steps-aware decoupling:
+the student's stage k only answers for the noise it leaves behind.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import TDMConfig
+from .consistency import guided_velocity, x0_from_velocity
+from .data import ProceduralScenes
+from .lcd import LORA_TARGETS
+from .teacher import FlowTeacher
+
+STUDENT = "tdm_student"
+FAKE = "tdm_fake"
+
+
+def _expand(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return value.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def renoise(x0: torch.Tensor, noise_estimate: torch.Tensor, fresh: torch.Tensor, sigma: torch.Tensor,
+            eta: float) -> torch.Tensor:
+    """The next stage's point: (1 − σ)·x̂0 + σ·(η·ε̂ + √(1 − η²)·z). η = 1 is the flow's Euler step (DDIM);
+    η = 0 draws fresh noise as LCM sampling does."""
+    noise = eta * noise_estimate + (1.0 - eta**2) ** 0.5 * fresh
+    s = _expand(sigma, x0)
+    return (1.0 - s) * x0 + s * noise
+
+
+def noise_estimate(sample: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """ε̂ = (x_σ − (1 − σ)·x̂0) / σ, the noise the sample holds given an x0 estimate."""
+    s = _expand(sigma, sample)
+    return (sample - (1.0 - s) * x0) / s
+
+
+def diffuse(sample: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Forward-noise x at level a to level b ≥ a exactly: x_b = (1 − b)/(1 − a)·x_a + √(b² − ((1 − b)·a/(1 − a))²)·z,
+    so that x_a = (1 − a)·x0 + a·ε becomes (1 − b)·x0 + b·ε' with ε' standard normal."""
+    a, b = _expand(sigma_from, sample), _expand(sigma_to, sample)
+    scale = (1.0 - b) / (1.0 - a)
+    std = (b**2 - (scale * a) ** 2).clamp(min=0.0).sqrt()
+    return scale * sample + std * noise
+
+
+def normalised_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """Per-sample sqrt(‖a − b‖² + c'²) − c' with c' = c·√(dim / (64·64·4)) (TDM's scaling of c to the latent
+    size): its gradient has unit norm per sample, so the step size does not depend on how far apart the
+    teacher and the fake score are."""
+    diff = (a.float() - b.float()).flatten(1)
+    scaled = c * (diff.shape[1] / (64 * 64 * 4)) ** 0.5
+    return torch.sqrt(diff.pow(2).sum(dim=1) + scaled**2) - scaled
+
+
+def _add_adapter(transformer: torch.nn.Module, name: str, rank: int, alpha: float | None, seed: int) -> None:
+    from peft import LoraConfig
+
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # the second adapter, on purpose
+        torch.manual_seed(seed)
+        transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)),
+            adapter_name=name,
+        )
+
+
+@dataclass
+class TDMBatch:
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    stages: torch.Tensor  # the student stage k of each sample
+    sample: torch.Tensor  # the student's trajectory point at σ_k (no gradient)
+    generator: torch.Generator  # the iteration's noise source (continues after the rollout)
+
+
+class TDMTrainer:
+    """Holds the shared transformer with its two adapters and their optimisers; ``train_step`` makes one
+    iteration (``fake_updates`` fake-score steps, one student step) and returns the student's loss.
+    Statistics of the last step are in ``last_rewards`` (shown next to the loss)."""
+
+    def __init__(self, teacher: FlowTeacher, config: TDMConfig, data: ProceduralScenes | None = None,
+                 accelerator: Any = None) -> None:
+        from accelerate import Accelerator
+
+        self.teacher = teacher
+        self.config = config
+        self.data = data or ProceduralScenes(teacher.height)
+        if config.guidance_scale is None:
+            raise ValueError("TDMTrainer needs the teacher's CFG scale: set TDMConfig.guidance_scale "
+                             "(diffaccel.distill.distill() takes the teacher's default).")
+        self.guidance_scale = float(config.guidance_scale)
+        self.accelerator = accelerator or Accelerator(cpu=teacher.transformer.device.type == "cpu")
+        self.timesteps, self.sigmas = teacher.student_grid(config.student_steps)
+        model = teacher.transformer
+        model.requires_grad_(False).eval()
+        _add_adapter(model, STUDENT, config.lora_rank, config.lora_alpha, config.seed)
+        _add_adapter(model, FAKE, config.fake_rank or config.lora_rank, config.lora_alpha, config.seed + 1)
+        self.model = model
+        self._params: dict[str, list[torch.nn.Parameter]] = {}
+        self.frozen_teacher = None  # the base weights stay in ``model``; nothing else to export
+        betas = (0.0, 0.95)  # TDM / DMD: no first moment, the matching direction changes every step
+        self.optimizer = torch.optim.AdamW(self._params_of(STUDENT), lr=config.learning_rate, betas=betas,
+                                           weight_decay=1e-2)
+        self.fake_optimizer = torch.optim.AdamW(self._params_of(FAKE), lr=config.fake_learning_rate,
+                                                betas=betas, weight_decay=1e-2)
+        self.model.set_adapter(STUDENT)
+        self.step = 0
+        self.last_rewards: dict[str, float] = {}
+
+    # -- the three roles --------------------------------------------------------------------------
+
+    def _use(self, adapter: str | None) -> None:
+        """Route the shared transformer: an adapter name, or None for the teacher (adapters off)."""
+        if adapter is None:
+            self.model.disable_adapters()
+            return
+        self.model.enable_adapters()
+        self.model.set_adapter(adapter)
+        for name in (STUDENT, FAKE):  # peft freezes inactive adapters; both stay trainable by their optimisers
+            for p in self._params_of(name):
+                p.requires_grad_(True)
+
+    def _params_of(self, name: str) -> list[torch.nn.Parameter]:
+        """The LoRA weights of adapter ``name`` (trainable)."""
+        if name not in self._params:
+            params = [p for key, p in self.model.named_parameters() if f".{name}." in key]
+            if not params:
+                raise RuntimeError(f"No LoRA weights of adapter {name!r} on {type(self.model).__name__}.")
+            self._params[name] = [p.requires_grad_(True) for p in params]
+        return self._params[name]
+
+    def student_x0(self, sample: torch.Tensor, stage: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The student's x0 estimate at its stage ``stage`` (per sample), called as the pipeline calls it."""
+        self._use(STUDENT)
+        sigma = self.sigmas[stage].to(sample.device)
+        velocity = self.teacher.velocity(self.model, sample, sigma, embeds, timestep=self.timesteps[stage].to(sample.device))
+        return x0_from_velocity(sample, sigma, velocity)
+
+    @torch.no_grad()
+    def real_x0(self, sample: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        self._use(None)
+        try:
+            v = guided_velocity(self.teacher.velocity(self.model, sample, sigma, cond),
+                                self.teacher.velocity(self.model, sample, sigma, uncond), self.guidance_scale)
+        finally:
+            self.model.enable_adapters()
+        return x0_from_velocity(sample, sigma, v)
+
+    def fake_velocity(self, sample: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        self._use(FAKE)
+        return self.teacher.velocity(self.model, sample, sigma, cond)
+
+    # -- one iteration ------------------------------------------------------------------------------
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+
+    @torch.no_grad()
+    def rollout(self, noise: torch.Tensor, stages: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Run the student from pure noise (σ_0 = 1) until each sample reaches its stage."""
+        x = noise.clone()
+        for k in range(int(stages.max())):
+            x0 = self.student_x0(x, torch.full_like(stages, k), cond)
+            fresh = torch.randn(x.shape, generator=gen).to(x.device)
+            moved = renoise(x0, noise_estimate(x, self.sigmas[k].expand(len(x)).to(x.device), x0), fresh,
+                            self.sigmas[k + 1].expand(len(x)).to(x.device), self.config.eta)
+            active = _expand((stages > k).to(x.dtype), x)
+            x = active * moved + (1.0 - active) * x
+        return x
+
+    def _noisy_view(self, x0: torch.Tensor, sample: torch.Tensor, stages: torch.Tensor,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """x̂0 → the next stage's point (η re-noise) → a level t uniform in [σ_{k+1}, max_sigma]; returns
+        (x_t, t). Gradient reaches x_t only through x̂0."""
+        device = sample.device
+        here, after = self.sigmas[stages].to(device), self.sigmas[stages + 1].to(device)
+        fresh = torch.randn(sample.shape, generator=gen).to(device)
+        nxt = renoise(x0, noise_estimate(sample, here, x0.detach()), fresh, after, self.config.eta)
+        u = torch.rand(len(stages), generator=gen).to(device)
+        t = (after + u * (self.config.max_sigma - after).clamp(min=0.0)).clamp(min=1e-3)
+        return diffuse(nxt, after, t, torch.randn(sample.shape, generator=gen).to(device)), t
+
+    def _learning_rate(self, base: float) -> float:
+        warmup = self.config.warmup_steps
+        return base * min(1.0, (self.step + 1) / warmup) if warmup else base
+
+    def prepare(self, step: int) -> TDMBatch:
+        """Iteration ``step``'s captions and the student's rollout to a random stage per sample."""
+        cfg = self.config
+        _, captions = self.data.batch(cfg.seed, step, cfg.batch_size)
+        cond, uncond = self.teacher.encode(captions)
+        gen = self._generator(step)
+        n = len(captions)
+        noise = torch.randn((n, *self.teacher.latent_shape), generator=gen).to(self.model.device)
+        stages = torch.randint(0, cfg.student_steps, (n,), generator=gen)
+        return TDMBatch(cond, uncond, stages, self.rollout(noise, stages, cond, gen), gen)
+
+    def fake_update(self, batch: TDMBatch, x0: torch.Tensor) -> float:
+        """One flow-matching step of the fake score towards the student's estimates ``x0``."""
+        noisy, t = self._noisy_view(x0, batch.sample, batch.stages, batch.generator)
+        loss = self.fake_loss(noisy, t, x0, batch.cond)
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self._params_of(FAKE), self.config.grad_clip)
+        self.fake_optimizer.step()
+        return float(loss.detach())
+
+    def fake_loss(self, noisy: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        target = (noisy - x0) / _expand(t, noisy)  # v = (x_t − x0)/t on the flow's straight path
+        return torch.nn.functional.mse_loss(self.fake_velocity(noisy, t, cond).float(), target.float())
+
+    def student_target(self, batch: TDMBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the student's x0 estimate with gradient, where it should move: x̂0 + x0_real − x0_fake)."""
+        x0 = self.student_x0(batch.sample, batch.stages, batch.cond)
+        noisy, t = self._noisy_view(x0.detach(), batch.sample, batch.stages, batch.generator)
+        with torch.no_grad():
+            real = self.real_x0(noisy, t, batch.cond, batch.uncond)
+            fake = x0_from_velocity(noisy, t, self.fake_velocity(noisy, t, batch.cond))
+        self._use(STUDENT)
+        return x0, x0.detach() + (real - fake)
+
+    def student_update(self, x0: torch.Tensor, target: torch.Tensor) -> float:
+        loss = normalised_huber(x0, target, self.config.huber_c).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self._params_of(STUDENT), self.config.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def train_step(self) -> float:
+        """One iteration: ``fake_updates`` fake-score steps, then one student step; returns the student's
+        loss (the per-sample teacher-minus-fake gap it moved along)."""
+        batch = self.prepare(self.step)
+        for group in self.fake_optimizer.param_groups:
+            group["lr"] = self._learning_rate(self.config.fake_learning_rate)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._learning_rate(self.config.learning_rate)
+        with torch.no_grad():
+            x0 = self.student_x0(batch.sample, batch.stages, batch.cond)
+        fake_losses = [self.fake_update(batch, x0) for _ in range(self.config.fake_updates)]
+        loss = self.student_update(*self.student_target(batch))
+        self.step += 1
+        self.last_rewards = {"fake_loss": sum(fake_losses) / len(fake_losses)}
+        return loss
+
+    # -- what a checkpoint holds --------------------------------------------------------------------
+
+    def _adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+
+    def student_for_export(self) -> dict[str, torch.Tensor]:
+        """The student adapter's weights (peft names)."""
+        return self._adapter_state(STUDENT)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "config": self.config.to_dict(), "trainable": self._adapter_state(STUDENT),
+                "fake": self._adapter_state(FAKE), "optimizer": self.optimizer.state_dict(),
+                "fake_optimizer": self.fake_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        saved = TDMConfig.from_dict(state["config"])
+        if saved != self.config:
+            raise ValueError(f"The checkpoint was made with another TDM config ({saved}), not {self.config}.")
+        set_peft_model_state_dict(self.model, state["trainable"], adapter_name=STUDENT)
+        set_peft_model_state_dict(self.model, state["fake"], adapter_name=FAKE)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.fake_optimizer.load_state_dict(state["fake_optimizer"])
+        self.step = int(state["step"])
+        self._use(STUDENT)

@@ -1,0 +1,169 @@
+"""Trajectory distribution matching: the formulas, both updates, resuming, a student that loads and runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import diffaccel
+from diffaccel.distill import StudentCard, TDMConfig, distill, load_student, student_call_defaults
+from diffaccel.distill.tdm import FAKE, STUDENT, TDMTrainer, diffuse, noise_estimate, normalised_huber, renoise
+from diffaccel.distill.teacher import teacher_for
+from diffaccel.pipelines import reference
+
+TINY = dict(batch_size=2, guidance_scale=4.0, lora_rank=4)
+
+
+def test_diffuse_keeps_the_flow_marginal_and_renoise_with_eta_one_is_the_euler_step():
+    torch.manual_seed(0)
+    x0 = torch.randn(1, 4, 8, 8).expand(20000, -1, -1, -1)
+    a, b = torch.full((20000,), 0.3), torch.full((20000,), 0.8)
+    x_a = (1 - 0.3) * x0 + 0.3 * torch.randn_like(x0)
+    x_b = diffuse(x_a, a, b, torch.randn_like(x0))
+    noise = (x_b - (1 - 0.8) * x0) / 0.8  # must be standard normal
+    assert abs(float(noise.mean())) < 0.01 and abs(float(noise.std()) - 1.0) < 0.01
+
+    x, v = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    sigma, nxt = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.6, 0.3, 0.0])
+    x0_hat = x - sigma.view(-1, 1, 1, 1) * v
+    moved = renoise(x0_hat, noise_estimate(x, sigma, x0_hat), torch.randn_like(x), nxt, eta=1.0)
+    assert torch.allclose(moved, x + (nxt - sigma).view(-1, 1, 1, 1) * v, atol=1e-5)
+    fresh = torch.randn_like(x)
+    lcm = renoise(x0_hat, noise_estimate(x, sigma, x0_hat), fresh, nxt, eta=0.0)
+    assert torch.allclose(lcm, (1 - nxt.view(-1, 1, 1, 1)) * x0_hat + nxt.view(-1, 1, 1, 1) * fresh, atol=1e-6)
+
+
+def test_normalised_huber_moves_each_sample_by_a_unit_step():
+    a = torch.randn(3, 1024, requires_grad=True)
+    b = a.detach() + torch.randn(3, 1024) * torch.tensor([[0.1], [1.0], [10.0]])
+    normalised_huber(a, b, 1e-3).sum().backward()
+    assert torch.allclose(a.grad.norm(dim=1), torch.ones(3), atol=1e-4)
+
+
+def test_config_rejects_bad_values():
+    for bad in (dict(eta=0.5), dict(lora_rank=0), dict(fake_updates=0), dict(max_sigma=0.0), dict(student_steps=0),
+                dict(guidance_scale=0.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TDMConfig(**bad)
+    with pytest.raises(ValueError, match="Unknown TDMConfig fields"):
+        TDMConfig.from_dict({"etaa": 1.0})
+
+
+def _trainer(**changes) -> TDMTrainer:
+    torch.manual_seed(0)
+    return TDMTrainer(teacher_for(reference.load("image"), 64, 64), TDMConfig(**{**TINY, **changes}))
+
+
+def test_stages_rollout_and_roles():
+    trainer = _trainer()
+    assert trainer.timesteps.tolist() == [1000.0, 750.0, 500.0, 250.0]  # trailing, as the pipeline samples it
+    assert trainer.sigmas[0] == 1.0 and trainer.sigmas[-1] == 0.0 and bool((trainer.sigmas.diff() < 0).all())
+    batch = trainer.prepare(0)
+    cond = batch.cond
+    noise = torch.randn(2, *trainer.teacher.latent_shape)
+    gen = torch.Generator().manual_seed(0)
+    start = trainer.rollout(noise, torch.tensor([0, 0]), cond, gen)
+    assert torch.equal(start, noise)  # stage 0 is pure noise
+    later = trainer.rollout(noise, torch.tensor([0, 2]), cond, gen)
+    assert torch.equal(later[0], noise[0]) and not torch.equal(later[1], noise[1])
+
+    # the adapters start at zero: student and fake are the teacher until trained
+    x, sigma = torch.randn(2, *trainer.teacher.latent_shape), torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        fake = trainer.fake_velocity(x, sigma, cond)
+        trainer._use(None)
+        base = trainer.teacher.velocity(trainer.model, x, sigma, cond)
+        trainer._use(STUDENT)
+        student = trainer.teacher.velocity(trainer.model, x, sigma, cond)
+    assert torch.equal(fake, base) and torch.equal(student, base)
+
+
+def test_each_update_lowers_its_own_loss_on_a_fixed_batch():
+    trainer = _trainer(learning_rate=1e-3, fake_learning_rate=1e-3)
+    batch = trainer.prepare(0)
+    with torch.no_grad():
+        x0 = trainer.student_x0(batch.sample, batch.stages, batch.cond)
+        noisy, t = trainer._noisy_view(x0, batch.sample, batch.stages, torch.Generator().manual_seed(1))
+        fake_before = trainer.fake_loss(noisy, t, x0, batch.cond)
+    trainer.fake_update(batch, x0)
+    with torch.no_grad():
+        fake_after = trainer.fake_loss(noisy, t, x0, batch.cond)
+    assert fake_after < fake_before
+
+    student = {k: v.clone() for k, v in trainer.model.named_parameters() if f".{STUDENT}." in k}
+    estimate, target = trainer.student_target(batch)
+    before = normalised_huber(estimate, target, 1e-3).mean()
+    trainer.student_update(estimate, target)
+    with torch.no_grad():
+        after = normalised_huber(trainer.student_x0(batch.sample, batch.stages, batch.cond), target, 1e-3).mean()
+    assert after < before
+    changed = {k for k, v in trainer.model.named_parameters() if f".{STUDENT}." in k and not torch.equal(v, student[k])}
+    assert changed  # the student's own adapter moved ...
+    assert all(f".{FAKE}." not in k for k in changed)
+
+
+def test_resume_gives_the_same_next_loss_as_not_stopping(tmp_path):
+    config = TDMConfig(**TINY)
+    straight = distill("reference:image", tmp_path / "a", config, method="tdm", max_steps=2, progress=False)
+    distill("reference:image", tmp_path / "b", config, method="tdm", max_steps=1, progress=False)
+    resumed = distill("reference:image", tmp_path / "b", config, method="tdm", max_steps=2, resume=True, progress=False)
+    a = json.loads((straight / "losses.json").read_text())
+    b = json.loads((resumed / "losses.json").read_text())
+    assert len(a) == len(b) == 2 and a == b
+
+
+def test_bad_runs_get_clear_errors(tmp_path):
+    from diffaccel.distill import LCDConfig
+
+    with pytest.raises(ValueError, match="trains with a TDMConfig, not a LCDConfig"):
+        distill("reference:image", tmp_path / "x", LCDConfig(), method="tdm", max_steps=1)
+    distill("reference:image", tmp_path / "a", TDMConfig(**TINY), method="tdm", max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="holds another run .*method tdm"):
+        distill("reference:image", tmp_path / "a", LCDConfig(batch_size=2, solver_steps=10), max_steps=1, resume=True)
+    with pytest.raises(ValueError, match="more than the teacher's own 20 steps"):
+        distill("reference:image", tmp_path / "k", TDMConfig(student_steps=30), method="tdm", max_steps=1)
+
+
+def test_student_loads_offline_generates_and_composes_with_accelerate(tmp_path):
+    folder = distill("reference:image", tmp_path / "s", TDMConfig(**TINY, learning_rate=1e-2), method="tdm",
+                     max_steps=1, progress=False)
+    card = StudentCard.load(folder)
+    assert card.method == "tdm" and card.scheduler == "FlowMatchEulerDiscreteScheduler" and card.spacing == "trailing"
+    teacher = reference.load("image")
+    before = {k: v.clone() for k, v in teacher.transformer.state_dict().items()}
+    pipe = load_student(teacher, folder)
+    assert any(not torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
+    call = student_call_defaults(pipe)
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(float(kw["timestep"][0])),
+                                                        with_kwargs=True)
+    plain = pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0), output_type="np",
+                 **call).images
+    handle.remove()
+    assert seen == [1000.0, 750.0, 500.0, 250.0]  # the stages it was trained on, one evaluation each
+    assert plain.shape == (1, 64, 64, 3) and np.isfinite(plain).all()
+    diffaccel.accelerate(pipe, cache="block", attention="sliding_tile")
+    accelerated = pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0),
+                       output_type="np", **call).images
+    assert np.isfinite(accelerated).all()
+    diffaccel.remove(pipe)
+    again = pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0), output_type="np",
+                 **call).images
+    assert np.array_equal(again, plain)  # deterministic (η = 1): no global generator needed
+
+
+def test_cli_distills_with_tdm_and_refuses_options_of_other_methods(tmp_path, capsys):
+    from diffaccel.cli import main
+
+    out = tmp_path / "student"
+    base = ["distill", "--method", "tdm", "--lora-rank", "4", "--batch-size", "2", "--out", str(out), "--no-progress",
+            "--threads", "1"]
+    assert main(base + ["--max-steps", "1"]) == 0
+    assert StudentCard.load(out).training["config"]["lora_rank"] == 4
+    assert main(base + ["--max-steps", "1", "--solver-steps", "10"]) == 2
+    assert "--solver-steps is an option of the consistency methods" in capsys.readouterr().err
+    assert main(["distill", "--eta", "0", "--out", str(tmp_path / "l"), "--max-steps", "1"]) == 2
+    assert "--eta is an option of --method tdm" in capsys.readouterr().err
