@@ -33,15 +33,21 @@ def _row_name(model: str, steps: int) -> str:
     return f"{model}-{steps}"
 
 
+PLAIN_TEACHER = "teacher-g1"  # the teacher without CFG, on the students' trailing steps
+
+
 @functools.lru_cache(maxsize=None)
 def load(model: str):
-    """'teacher' -> the reference image model; anything else -> a student (a reference name or a folder).
-    Each is loaded once: the sampling rows and the timing pass share it."""
+    """'teacher' -> the reference image model; 'teacher-g1' -> the same without CFG; anything else -> a
+    student (a reference name or a folder). Each is loaded once: the sampling rows and the timing pass
+    share it."""
     from diffaccel.distill import load_student, student_of
     from diffaccel.pipelines import reference
 
     if model == "teacher":
         return reference.load("image"), float(reference.info("image")["default_guidance"])
+    if model == PLAIN_TEACHER:
+        return reference.load("image"), 1.0
     if model in reference.STUDENTS:
         pipe = reference.load(model)
     else:
@@ -49,17 +55,25 @@ def load(model: str):
     return pipe, 1.0 if student_of(pipe) else float(reference.info("image")["default_guidance"])
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int) -> tuple[np.ndarray, float]:
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int,
+             **call) -> tuple[np.ndarray, float]:
     images, seconds = [], 0.0
     for i in range(0, len(prompts), batch):
         part, part_seeds = prompts[i : i + batch], seeds[i : i + batch]
         torch.manual_seed(part_seeds[0])  # students re-noise with the global generator between steps
         start = time.perf_counter()
         out = pipe(part, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=[torch.Generator().manual_seed(s) for s in part_seeds], output_type="np").images
+                   generator=[torch.Generator().manual_seed(s) for s in part_seeds], output_type="np", **call).images
         seconds += time.perf_counter() - start
         images.append(out)
     return np.concatenate(images), seconds / len(prompts)
+
+
+def row_call(model: str, steps: int) -> dict:
+    """Extra call arguments of a row: the plain teacher samples on the students' trailing timesteps."""
+    from diffaccel.distill.student import trailing_timesteps
+
+    return {"timesteps": trailing_timesteps(steps)} if model == PLAIN_TEACHER else {}
 
 
 def diversity(judge, samples: np.ndarray, groups: int, per_group: int) -> float:
@@ -78,11 +92,13 @@ def time_rows(plan: list[tuple[str, int]], prompts: list[str], args) -> dict[tup
     seeds = list(range(len(prompts)))
     times: dict[tuple[str, int], list[float]] = {key: [] for key in plan}
     for model, steps in plan:  # warm-up
-        generate(pipes[model][0], prompts[: args.batch], seeds[: args.batch], steps, pipes[model][1], args.batch)
+        generate(pipes[model][0], prompts[: args.batch], seeds[: args.batch], steps, pipes[model][1], args.batch,
+                 **row_call(model, steps))
     for _ in range(args.timing_repeats):
         for model, steps in plan:
             pipe, guidance = pipes[model]
-            times[(model, steps)].append(generate(pipe, prompts, seeds, steps, guidance, args.batch)[1])
+            times[(model, steps)].append(generate(pipe, prompts, seeds, steps, guidance, args.batch,
+                                                  **row_call(model, steps))[1])
     return {key: float(np.median(value)) for key, value in times.items()}
 
 
@@ -92,6 +108,9 @@ def main(argv=None) -> int:
     parser.add_argument("--students", default="image-lcd", help="comma-separated: reference student names or folders")
     parser.add_argument("--student-steps", default="1,2,4,8")
     parser.add_argument("--teacher-steps", default="4,8,20,50", help="the last is the FID reference")
+    parser.add_argument("--plain-teacher-steps", default="2,4",
+                        help="rows of the teacher without CFG (guidance 1) on trailing timesteps, as students sample: "
+                        "the baseline a student must beat at equal evaluations")
     parser.add_argument("--diversity-prompts", type=int, default=16)
     parser.add_argument("--diversity-seeds", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
@@ -124,22 +143,23 @@ def main(argv=None) -> int:
     heldout = judges.load_judge("image", path=args.heldout_judge) if args.heldout_judge else None
 
     plan = [("teacher", int(k)) for k in args.teacher_steps.split(",")]
+    plan += [(PLAIN_TEACHER, int(k)) for k in args.plain_teacher_steps.split(",") if k]
     plan += [(s, int(k)) for s in args.students.split(",") if s for k in args.student_steps.split(",")]
     rows, started = [], time.time()
     for model, steps in plan:
-        name = _row_name("teacher" if model == "teacher" else Path(model).name, steps)
+        name = _row_name(model if model in ("teacher", PLAIN_TEACHER) else Path(model).name, steps)
         cache = Path(args.cache) / f"{name}.npz"
         if cache.is_file():
             saved = np.load(cache)
             images, div = saved["images"], saved["diversity"]
         else:
             pipe, guidance = load(model)
-            images, _ = generate(pipe, prompts, seeds, steps, guidance, args.batch)
-            div, _ = generate(pipe, div_prompts, div_seeds, steps, guidance, args.batch)
+            images, _ = generate(pipe, prompts, seeds, steps, guidance, args.batch, **row_call(model, steps))
+            div, _ = generate(pipe, div_prompts, div_seeds, steps, guidance, args.batch, **row_call(model, steps))
             np.savez_compressed(cache, images=images, diversity=div)
         per_prompt = judges.adherence(judge, images, prompts)
         rows.append({
-            "row": name, "model": "teacher" if model == "teacher" else model, "steps": steps,
+            "row": name, "model": model, "steps": steps,
             "evaluations": steps * (2 if model == "teacher" else 1),
             "adherence": float(per_prompt.mean()), "adherence_se": float(per_prompt.std(ddof=1) / np.sqrt(len(prompts))),
             "heldout_adherence": float(judges.adherence(heldout, images, prompts).mean()) if heldout else None,
@@ -182,7 +202,9 @@ def report(rows: list[dict], reference_row: dict, args, out: Path, seconds: floa
         f"procedural renders of the same captions (ground truth). Diversity = mean pairwise judge-feature distance "
         f"among {args.diversity_seeds} seeds of each of {args.diversity_prompts} prompts. s/img = wall time per "
         f"image in batches of {args.batch} (the first {args.timing_prompts} prompts, rows taking turns, median of "
-        f"{args.timing_repeats}); speedup against the teacher at 20 steps."
+        f"{args.timing_repeats}); speedup against the teacher at 20 steps. {PLAIN_TEACHER}-K = the teacher without "
+        f"CFG (guidance 1) on the students' trailing timesteps T(1 − i/K): what a student must beat at equal "
+        f"evaluations."
         + (f" Held-out judge = adherence under a second judge (`{args.heldout_judge}`, trained from another seed) "
            f"that no student was trained against." if heldout else ""),
         "",
@@ -204,7 +226,7 @@ def report(rows: list[dict], reference_row: dict, args, out: Path, seconds: floa
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        label = "teacher (CFG)" if model == "teacher" else Path(model).name
+        label = {"teacher": "teacher (CFG)", PLAIN_TEACHER: "teacher without CFG"}.get(model, Path(model).name)
         axes[0].plot([r["evaluations"] for r in mine], [100 * r["adherence"] for r in mine], "o-", label=label)
         axes[1].plot([r["evaluations"] for r in mine], [r["fid_truth"] for r in mine], "o-", label=label)
     for ax, what in zip(axes, ("judge adherence (%)", "FID-j vs ground truth")):

@@ -2,6 +2,7 @@
 
     python scripts/train_distill.py image-lcd            # ~45 min, one thread
     python scripts/train_distill.py image-rglcd          # RG-LCD (judge reward, latent proxy, β = 1)
+    python scripts/train_distill.py image-tdm            # TDM (data-free trajectory distribution matching)
     python scripts/train_distill.py image-lcd --resume   # after a kill: continue from the last checkpoint
 
 Trains in work/distill/<name> (a checkpoint every 3 minutes) with the settings below, then copies the
@@ -26,6 +27,8 @@ RECIPES = {
                   "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4}},
     "image-rglcd": {"teacher": "reference:image", "method": "rg-lcd", "reward": {},
                     "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4}},
+    "image-tdm": {"teacher": "reference:image", "method": "tdm",
+                  "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4, "fake_learning_rate": 1e-3}},
 }
 
 
@@ -40,13 +43,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from diffaccel.distill import LCDConfig, RewardConfig, distill
+    from diffaccel.distill import LCDConfig, RewardConfig, TDMConfig, distill
     from diffaccel.pipelines.reference import WEIGHTS
 
     recipe = RECIPES[args.name]
     work = Path(args.work or ROOT / "work" / "distill" / args.name)
     reward = RewardConfig(**recipe["reward"]) if "reward" in recipe else None
-    distill(recipe["teacher"], work, LCDConfig(**recipe["config"]), method=recipe["method"], reward=reward,
+    config = (TDMConfig if recipe["method"] == "tdm" else LCDConfig)(**recipe["config"])
+    distill(recipe["teacher"], work, config, method=recipe["method"], reward=reward,
             max_minutes=args.minutes, resume=args.resume)
     if not args.no_ship:
         target = WEIGHTS / args.name

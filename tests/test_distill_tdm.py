@@ -10,7 +10,7 @@ import torch
 
 import diffaccel
 from diffaccel.distill import StudentCard, TDMConfig, distill, load_student, student_call_defaults
-from diffaccel.distill.tdm import FAKE, STUDENT, TDMTrainer, diffuse, noise_estimate, normalised_huber, renoise
+from diffaccel.distill.tdm import FAKE, STUDENT, TDMTrainer, diffuse, matching_loss, noise_estimate, renoise
 from diffaccel.distill.teacher import teacher_for
 from diffaccel.pipelines import reference
 
@@ -36,11 +36,28 @@ def test_diffuse_keeps_the_flow_marginal_and_renoise_with_eta_one_is_the_euler_s
     assert torch.allclose(lcm, (1 - nxt.view(-1, 1, 1, 1)) * x0_hat + nxt.view(-1, 1, 1, 1) * fresh, atol=1e-6)
 
 
-def test_normalised_huber_moves_each_sample_by_a_unit_step():
-    a = torch.randn(3, 1024, requires_grad=True)
-    b = a.detach() + torch.randn(3, 1024) * torch.tensor([[0.1], [1.0], [10.0]])
-    normalised_huber(a, b, 1e-3).sum().backward()
-    assert torch.allclose(a.grad.norm(dim=1), torch.ones(3), atol=1e-4)
+def test_matching_loss_is_huber_over_the_distance_to_the_teacher():
+    x0 = torch.zeros(2, 4, 16, 16, requires_grad=True)
+    gap = torch.tensor([0.5, 2.0]).view(2, 1, 1, 1).expand(2, 4, 16, 16)
+    real = torch.full((2, 4, 16, 16), 0.25)  # w = mean|x̂0 − x0_real| = 0.25
+    loss = matching_loss(x0, x0.detach() + gap, real, 1e-3)
+    c = 1e-3 * (1024 / (64 * 64 * 4)) ** 0.5
+    want = (torch.sqrt(torch.tensor([0.25, 4.0]) + c * c) - c) / 0.25
+    assert torch.allclose(loss, want, atol=1e-5)
+    loss.sum().backward()
+    assert bool((x0.grad < 0).all())  # every element moves towards the target
+
+
+def test_each_stage_is_matched_inside_its_own_interval():
+    trainer = _trainer()
+    sigmas = trainer.sigmas
+    stages = torch.arange(4).repeat_interleave(500)
+    after, t = trainer.matching_levels(stages, torch.rand(len(stages)))
+    assert torch.equal(after, sigmas[stages + 1])
+    assert bool((t >= after.clamp(min=0.02)).all()) and bool((t < sigmas[stages]).all())
+    wide = _trainer(separate=False)
+    _, t = wide.matching_levels(stages, torch.rand(len(stages)))
+    assert float(t[stages == 3].max()) > float(sigmas[1])  # Video-BLADE's range: up to max_sigma
 
 
 def test_config_rejects_bad_values():
@@ -94,11 +111,11 @@ def test_each_update_lowers_its_own_loss_on_a_fixed_batch():
     assert fake_after < fake_before
 
     student = {k: v.clone() for k, v in trainer.model.named_parameters() if f".{STUDENT}." in k}
-    estimate, target = trainer.student_target(batch)
-    before = normalised_huber(estimate, target, 1e-3).mean()
-    trainer.student_update(estimate, target)
+    estimate, target, real = trainer.student_target(batch)
+    before = (estimate - target).abs().mean()
+    trainer.student_update(estimate, target, real)
     with torch.no_grad():
-        after = normalised_huber(trainer.student_x0(batch.sample, batch.stages, batch.cond), target, 1e-3).mean()
+        after = (trainer.student_x0(batch.sample, batch.stages, batch.cond) - target).abs().mean()
     assert after < before
     changed = {k for k, v in trainer.model.named_parameters() if f".{STUDENT}." in k and not torch.equal(v, student[k])}
     assert changed  # the student's own adapter moved ...

@@ -7,8 +7,8 @@ from typing import Any
 
 
 class _Serialisable:
-    """A dataclass config that round-trips through a dict (checkpoints, student cards), refusing
-    unknown fields by name."""
+    """A dataclass config that round-trips through a dict (checkpoints, student cards), refusing unknown
+    fields by name, and whose checks raise errors naming the field and why."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -20,6 +20,24 @@ class _Serialisable:
         if unknown:
             raise ValueError(f"Unknown {cls.__name__} fields {unknown}; known: {sorted(known)}.")
         return cls(**data)
+
+    def _need(self, ok: bool, field: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{field}={getattr(self, field)!r}: {why}.")
+
+    def _check_common(self) -> None:
+        """The fields every student config shares."""
+        need = self._need
+        need(self.student_steps >= 1, "student_steps", "the student needs at least one step")
+        need(self.guidance_scale is None or self.guidance_scale >= 1.0, "guidance_scale",
+             "a CFG scale below 1 extrapolates away from the prompt")
+        need(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "must be positive")
+        for field in ("huber_c", "learning_rate", "grad_clip"):
+            need(getattr(self, field) > 0, field, "must be positive")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be ≥ 0")
+        need(self.batch_size >= 1, "batch_size", "must be ≥ 1")
+        for field in ("height", "width"):
+            need(getattr(self, field) is None or getattr(self, field) > 0, field, "must be positive")
 
 
 @dataclass(frozen=True)
@@ -51,25 +69,12 @@ class LCDConfig(_Serialisable):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def need(ok: bool, field: str, why: str) -> None:
-            if not ok:
-                raise ValueError(f"LCDConfig.{field}={getattr(self, field)!r}: {why}.")
-
-        need(self.student_steps >= 1, "student_steps", "the student needs at least one step")
+        self._check_common()
+        need = self._need
         need(self.solver_steps >= 2, "solver_steps", "the teacher's grid needs at least two steps")
         need(1 <= self.skip < self.solver_steps, "skip", f"must lie in [1, solver_steps={self.solver_steps})")
-        need(self.guidance_scale is None or self.guidance_scale >= 1.0, "guidance_scale",
-             "a CFG scale below 1 extrapolates away from the prompt")
         need(self.lora_rank >= 0, "lora_rank", "0 (full student) or a positive rank")
-        need(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "must be positive")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must lie in [0, 1)")
-        need(self.huber_c > 0, "huber_c", "must be positive")
-        need(self.learning_rate > 0, "learning_rate", "must be positive")
-        need(self.warmup_steps >= 0, "warmup_steps", "must be ≥ 0")
-        need(self.batch_size >= 1, "batch_size", "must be ≥ 1")
-        need(self.grad_clip > 0, "grad_clip", "must be positive")
-        for field in ("height", "width"):
-            need(getattr(self, field) is None or getattr(self, field) > 0, field, "must be positive")
 
 
 @dataclass(frozen=True)
@@ -112,9 +117,10 @@ class TDMConfig(_Serialisable):
 
     The student samples in ``student_steps`` stages on trailing timesteps (T·(1 − i/K)); between stages
     it re-noises its x0 estimate with ``eta`` of its own noise estimate and √(1 − η²) fresh noise (η = 1:
-    deterministic, the flow's Euler step; η = 0: fresh noise, LCM-style). Each student stage is matched
-    to the teacher (with CFG at ``guidance_scale``, None: the teacher's default) only at noise levels from
-    the stage's end up to ``max_sigma``. The student and the fake score (which tracks the student's
+    deterministic, the flow's Euler step, as the official TDM rollout; η = 0: fresh noise, LCM-style).
+    Each student stage is matched to the teacher (with CFG at ``guidance_scale``, None: the teacher's
+    default) only at noise levels inside its own interval [σ_{k+1}, σ_k) with ``separate`` (the official
+    TDM run), or from σ_{k+1} up to ``max_sigma`` without (Video-BLADE). The student and the fake score (which tracks the student's
     trajectory distribution) are LoRA adapters of the teacher (``lora_rank``, ``fake_rank``: None = the
     same), trained with their own learning rates; ``fake_updates`` fake-score steps per student step.
     """
@@ -128,6 +134,7 @@ class TDMConfig(_Serialisable):
     learning_rate: float = 1e-4
     fake_learning_rate: float = 5e-4
     fake_updates: int = 1
+    separate: bool = True
     max_sigma: float = 0.98
     huber_c: float = 1e-3
     batch_size: int = 8
@@ -138,26 +145,13 @@ class TDMConfig(_Serialisable):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def need(ok: bool, field: str, why: str) -> None:
-            if not ok:
-                raise ValueError(f"TDMConfig.{field}={getattr(self, field)!r}: {why}.")
-
-        need(self.student_steps >= 1, "student_steps", "the student needs at least one step")
-        need(self.guidance_scale is None or self.guidance_scale >= 1.0, "guidance_scale",
-             "a CFG scale below 1 extrapolates away from the prompt")
+        self._check_common()
+        need = self._need
         need(self.eta in (0.0, 1.0), "eta", "students sample with a diffusers scheduler: 1 re-noises with the "
              "student's own noise estimate (FlowMatchEulerDiscreteScheduler), 0 with fresh noise "
              "(FlowMatchLCMScheduler); none mixes the two")
         need(self.lora_rank > 0, "lora_rank", "TDM trains LoRA adapters (student and fake score share the teacher)")
         need(self.fake_rank is None or self.fake_rank > 0, "fake_rank", "must be positive")
-        need(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "must be positive")
-        need(self.learning_rate > 0, "learning_rate", "must be positive")
         need(self.fake_learning_rate > 0, "fake_learning_rate", "must be positive")
         need(self.fake_updates >= 1, "fake_updates", "the fake score must follow the student")
         need(0.0 < self.max_sigma <= 1.0, "max_sigma", "must lie in (0, 1]")
-        need(self.huber_c > 0, "huber_c", "must be positive")
-        need(self.batch_size >= 1, "batch_size", "must be ≥ 1")
-        need(self.grad_clip > 0, "grad_clip", "must be positive")
-        need(self.warmup_steps >= 0, "warmup_steps", "must be ≥ 0")
-        for field in ("height", "width"):
-            need(getattr(self, field) is None or getattr(self, field) > 0, field, "must be positive")

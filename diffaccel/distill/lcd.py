@@ -10,6 +10,7 @@ whose teacher is the same transformer with its adapters switched off).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,18 +38,21 @@ class LCDBatch:
     distill_loss: torch.Tensor
 
 
-def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed: int) -> None:
-    """Attach trainable LoRA adapters (peft) to ``transformer``; the base weights stay frozen."""
+def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed: int,
+             adapter_name: str = ADAPTER_NAME) -> None:
+    """Attach trainable LoRA adapters (peft) to ``transformer`` on ``LORA_TARGETS``; the base weights stay
+    frozen. B starts at zero, so the adapted model starts as the base model."""
     try:
         from peft import LoraConfig
     except ImportError as error:  # pragma: no cover - peft is a dependency
         raise ImportError("A LoRA student needs peft: pip install peft") from error
     transformer.requires_grad_(False)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter, on purpose
         torch.manual_seed(seed)
         transformer.add_adapter(
             LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)),
-            adapter_name=ADAPTER_NAME,
+            adapter_name=adapter_name,
         )
 
 

@@ -6,18 +6,17 @@ used, only captions. One iteration:
 
 1. roll the student out from pure noise to a random stage k (no gradient);
 2. the student's x0 estimate at stage k, re-noised to the next stage and diffused further to a level t
-   in [σ_{k+1}, max_sigma], trains the fake score (flow matching towards that estimate);
+   in the stage's interval [σ_{k+1}, σ_k), trains the fake score (flow matching towards that estimate);
 3. on another such noisy point the teacher's CFG x0 and the fake score's x0 disagree by the score
    difference of the two distributions; the student's estimate is pulled along x0_real − x0_fake
-   (reverse-KL / distribution-matching gradient, pseudo-Huber normalised per sample).
+   (reverse-KL / distribution-matching gradient; pseudo-Huber divided by the distance to the teacher).
 
-Matching each stage only at levels from its own end upwards is TDM's sampling-steps-aware decoupling:
-the student's stage k only answers for the noise it leaves behind.
+Matching each stage only at levels inside its own interval is TDM's sampling-steps-aware decoupling:
+the student's stage k answers only for the noise levels it is responsible for.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from .config import TDMConfig
 from .consistency import guided_velocity, x0_from_velocity
 from .data import ProceduralScenes
-from .lcd import LORA_TARGETS
+from .lcd import add_lora
 from .teacher import FlowTeacher
 
 STUDENT = "tdm_student"
@@ -61,25 +60,14 @@ def diffuse(sample: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tens
     return scale * sample + std * noise
 
 
-def normalised_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """Per-sample sqrt(‖a − b‖² + c'²) − c' with c' = c·√(dim / (64·64·4)) (TDM's scaling of c to the latent
-    size): its gradient has unit norm per sample, so the step size does not depend on how far apart the
-    teacher and the fake score are."""
-    diff = (a.float() - b.float()).flatten(1)
+def matching_loss(x0: torch.Tensor, target: torch.Tensor, real_x0: torch.Tensor, c: float) -> torch.Tensor:
+    """Per sample: mean over elements of (sqrt((x̂0 − target)² + c'²) − c') / w, w = mean|x̂0 − x0_real| (no
+    gradient), as the official TDM code; c' = c·√(dim / (64·64·4)) scales c to the latent size (Video-BLADE).
+    Dividing by w keeps the step size independent of how far the student is from the teacher (DMD)."""
+    diff = (x0.float() - target.float()).flatten(1)
     scaled = c * (diff.shape[1] / (64 * 64 * 4)) ** 0.5
-    return torch.sqrt(diff.pow(2).sum(dim=1) + scaled**2) - scaled
-
-
-def _add_adapter(transformer: torch.nn.Module, name: str, rank: int, alpha: float | None, seed: int) -> None:
-    from peft import LoraConfig
-
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # the second adapter, on purpose
-        torch.manual_seed(seed)
-        transformer.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)),
-            adapter_name=name,
-        )
+    weight = (x0.float() - real_x0.float()).abs().flatten(1).mean(dim=1).detach().clamp(min=1e-6)
+    return (torch.sqrt(diff.pow(2) + scaled**2) - scaled).mean(dim=1) / weight
 
 
 @dataclass
@@ -108,11 +96,14 @@ class TDMTrainer:
                              "(diffaccel.distill.distill() takes the teacher's default).")
         self.guidance_scale = float(config.guidance_scale)
         self.accelerator = accelerator or Accelerator(cpu=teacher.transformer.device.type == "cpu")
+        if self.accelerator.num_processes > 1:
+            raise NotImplementedError("TDM trains in one process so far: its three roles share one transformer "
+                                      "through adapter switching, which a DDP wrapper does not expose.")
         self.timesteps, self.sigmas = teacher.student_grid(config.student_steps)
         model = teacher.transformer
         model.requires_grad_(False).eval()
-        _add_adapter(model, STUDENT, config.lora_rank, config.lora_alpha, config.seed)
-        _add_adapter(model, FAKE, config.fake_rank or config.lora_rank, config.lora_alpha, config.seed + 1)
+        add_lora(model, config.lora_rank, config.lora_alpha, config.seed, adapter_name=STUDENT)
+        add_lora(model, config.fake_rank or config.lora_rank, config.lora_alpha, config.seed + 1, adapter_name=FAKE)
         self.model = model
         self._params: dict[str, list[torch.nn.Parameter]] = {}
         self.frozen_teacher = None  # the base weights stay in ``model``; nothing else to export
@@ -186,16 +177,25 @@ class TDMTrainer:
             x = active * moved + (1.0 - active) * x
         return x
 
+    def matching_levels(self, stages: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(σ_{k+1}, t): each sample's next stage and the level it is matched at, uniform (by ``u``) in
+        [max(σ_{k+1}, 0.02), σ_k − 0.01) with ``separate`` (the official TDM run, --use_separate) or up to
+        ``max_sigma`` (Video-BLADE); the margins are the official code's 20 and 10 of 1000 timesteps."""
+        after = self.sigmas[stages + 1]
+        low = after.clamp(min=0.02)
+        high = self.sigmas[stages] - 0.01 if self.config.separate else torch.full_like(after, self.config.max_sigma)
+        return after, low + u * (high - low).clamp(min=0.0)
+
     def _noisy_view(self, x0: torch.Tensor, sample: torch.Tensor, stages: torch.Tensor,
                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """x̂0 → the next stage's point (η re-noise) → a level t uniform in [σ_{k+1}, max_sigma]; returns
-        (x_t, t). Gradient reaches x_t only through x̂0."""
+        """x̂0 → the next stage's point (η re-noise) → diffused to its matching level t; returns (x_t, t).
+        Gradient reaches x_t only through x̂0."""
         device = sample.device
-        here, after = self.sigmas[stages].to(device), self.sigmas[stages + 1].to(device)
+        here = self.sigmas[stages].to(device)
         fresh = torch.randn(sample.shape, generator=gen).to(device)
+        after, t = self.matching_levels(stages, torch.rand(len(stages), generator=gen))
+        after, t = after.to(device), t.to(device)
         nxt = renoise(x0, noise_estimate(sample, here, x0.detach()), fresh, after, self.config.eta)
-        u = torch.rand(len(stages), generator=gen).to(device)
-        t = (after + u * (self.config.max_sigma - after).clamp(min=0.0)).clamp(min=1e-3)
         return diffuse(nxt, after, t, torch.randn(sample.shape, generator=gen).to(device)), t
 
     def _learning_rate(self, base: float) -> float:
@@ -227,18 +227,19 @@ class TDMTrainer:
         target = (noisy - x0) / _expand(t, noisy)  # v = (x_t − x0)/t on the flow's straight path
         return torch.nn.functional.mse_loss(self.fake_velocity(noisy, t, cond).float(), target.float())
 
-    def student_target(self, batch: TDMBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the student's x0 estimate with gradient, where it should move: x̂0 + x0_real − x0_fake)."""
+    def student_target(self, batch: TDMBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the student's x0 estimate with gradient, where it should move: x̂0 + x0_real − x0_fake, and the
+        teacher's x0_real, which scales the step)."""
         x0 = self.student_x0(batch.sample, batch.stages, batch.cond)
         noisy, t = self._noisy_view(x0.detach(), batch.sample, batch.stages, batch.generator)
         with torch.no_grad():
             real = self.real_x0(noisy, t, batch.cond, batch.uncond)
             fake = x0_from_velocity(noisy, t, self.fake_velocity(noisy, t, batch.cond))
         self._use(STUDENT)
-        return x0, x0.detach() + (real - fake)
+        return x0, x0.detach() + (real - fake), real
 
-    def student_update(self, x0: torch.Tensor, target: torch.Tensor) -> float:
-        loss = normalised_huber(x0, target, self.config.huber_c).mean()
+    def student_update(self, x0: torch.Tensor, target: torch.Tensor, real: torch.Tensor) -> float:
+        loss = matching_loss(x0, target, real, self.config.huber_c).mean()
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.accelerator.clip_grad_norm_(self._params_of(STUDENT), self.config.grad_clip)
@@ -247,7 +248,7 @@ class TDMTrainer:
 
     def train_step(self) -> float:
         """One iteration: ``fake_updates`` fake-score steps, then one student step; returns the student's
-        loss (the per-sample teacher-minus-fake gap it moved along)."""
+        loss."""
         batch = self.prepare(self.step)
         for group in self.fake_optimizer.param_groups:
             group["lr"] = self._learning_rate(self.config.fake_learning_rate)

@@ -79,9 +79,10 @@ class FlowTeacher:
         """v at noise level ``sigma``; the transformer is told ``timestep`` (default 1000·σ, as the
         reference models were trained)."""
         n = sample.shape[0]
+        timestep = sigma * 1000.0 if timestep is None else timestep
         size = torch.tensor([[self.height, self.width]], dtype=embeds.dtype, device=sample.device).repeat(n, 1)
         return transformer(
-            hidden_states=sample, encoder_hidden_states=embeds, timestep=(sigma * 1000.0 if timestep is None else timestep).to(sample.dtype),
+            hidden_states=sample, encoder_hidden_states=embeds, timestep=timestep.to(sample.dtype),
             original_size=size, target_size=size, crop_coords=torch.zeros_like(size), return_dict=False,
         )[0]
 
