@@ -135,6 +135,8 @@ def test_resume_gives_the_same_next_loss_as_not_stopping(tmp_path):
 def test_bad_runs_get_clear_errors(tmp_path):
     from diffaccel.distill import LCDConfig
 
+    with pytest.raises(ValueError, match="TDMTrainer needs the teacher's CFG scale"):
+        TDMTrainer(teacher_for(reference.load("image"), 64, 64), TDMConfig(lora_rank=4))
     with pytest.raises(ValueError, match="trains with a TDMConfig, not a LCDConfig"):
         distill("reference:image", tmp_path / "x", LCDConfig(), method="tdm", max_steps=1)
     distill("reference:image", tmp_path / "a", TDMConfig(**TINY), method="tdm", max_steps=1, progress=False)

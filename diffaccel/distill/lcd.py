@@ -56,6 +56,21 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed:
         )
 
 
+def bind_trainer(trainer: Any, teacher: FlowTeacher, config: Any, data: ProceduralScenes | None,
+                 accelerator: Any) -> None:
+    """What every trainer holds: the teacher, its config, the caption/image source, the CFG scale it
+    distils (required: ``distill()`` fills in the teacher's default) and the ``Accelerator``."""
+    from accelerate import Accelerator
+
+    if config.guidance_scale is None:
+        raise ValueError(f"{type(trainer).__name__} needs the teacher's CFG scale: set "
+                         f"{type(config).__name__}.guidance_scale (diffaccel.distill.distill() takes the teacher's default).")
+    trainer.teacher, trainer.config = teacher, config
+    trainer.data = data or ProceduralScenes(teacher.height)
+    trainer.guidance_scale = float(config.guidance_scale)
+    trainer.accelerator = accelerator or Accelerator(cpu=teacher.transformer.device.type == "cpu")
+
+
 class LCDTrainer:
     """Holds the student, its target and optimiser; ``train_step`` makes one update and returns the loss.
 
@@ -66,16 +81,7 @@ class LCDTrainer:
 
     def __init__(self, teacher: FlowTeacher, config: LCDConfig, data: ProceduralScenes | None = None,
                  accelerator: Any = None) -> None:
-        from accelerate import Accelerator
-
-        self.teacher = teacher
-        self.config = config
-        self.data = data or ProceduralScenes(teacher.height)
-        if config.guidance_scale is None:
-            raise ValueError("LCDTrainer needs the CFG scale to bake in: set LCDConfig.guidance_scale "
-                             "(diffaccel.distill.distill() takes the teacher's default).")
-        self.guidance_scale = float(config.guidance_scale)
-        self.accelerator = accelerator or Accelerator(cpu=teacher.transformer.device.type == "cpu")
+        bind_trainer(self, teacher, config, data, accelerator)
         self.grid = teacher.sigma_grid(config.solver_steps)
         base = teacher.transformer
         base.requires_grad_(False).eval()

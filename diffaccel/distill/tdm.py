@@ -25,7 +25,7 @@ import torch
 from .config import TDMConfig
 from .consistency import guided_velocity, x0_from_velocity
 from .data import ProceduralScenes
-from .lcd import add_lora
+from .lcd import add_lora, bind_trainer
 from .teacher import FlowTeacher
 
 STUDENT = "tdm_student"
@@ -86,16 +86,7 @@ class TDMTrainer:
 
     def __init__(self, teacher: FlowTeacher, config: TDMConfig, data: ProceduralScenes | None = None,
                  accelerator: Any = None) -> None:
-        from accelerate import Accelerator
-
-        self.teacher = teacher
-        self.config = config
-        self.data = data or ProceduralScenes(teacher.height)
-        if config.guidance_scale is None:
-            raise ValueError("TDMTrainer needs the teacher's CFG scale: set TDMConfig.guidance_scale "
-                             "(diffaccel.distill.distill() takes the teacher's default).")
-        self.guidance_scale = float(config.guidance_scale)
-        self.accelerator = accelerator or Accelerator(cpu=teacher.transformer.device.type == "cpu")
+        bind_trainer(self, teacher, config, data, accelerator)
         if self.accelerator.num_processes > 1:
             raise NotImplementedError("TDM trains in one process so far: its three roles share one transformer "
                                       "through adapter switching, which a DDP wrapper does not expose.")
