@@ -2,7 +2,8 @@
 
     python scripts/train_distill.py image-lcd            # ~45 min, one thread
     python scripts/train_distill.py image-rglcd          # RG-LCD (judge reward, latent proxy, β = 1)
-    python scripts/train_distill.py image-tdm            # TDM (data-free trajectory distribution matching)
+    python scripts/train_distill.py image-tdm-lr1e-4     # TDM (data-free), its default learning rates
+    python scripts/train_distill.py image-tdm            # TDM at lr 5e-4 / 1e-3: best at 2 steps, less diverse
     python scripts/train_distill.py image-lcd --resume   # after a kill: continue from the last checkpoint
 
 Trains in work/distill/<name> (a checkpoint every 3 minutes) with the settings below, then copies the
@@ -27,6 +28,7 @@ RECIPES = {
                   "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4}},
     "image-rglcd": {"teacher": "reference:image", "method": "rg-lcd", "reward": {},
                     "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4}},
+    "image-tdm-lr1e-4": {"teacher": "reference:image", "method": "tdm", "config": {"student_steps": 4, "lora_rank": 16}},
     "image-tdm": {"teacher": "reference:image", "method": "tdm",
                   "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4, "fake_learning_rate": 1e-3}},
 }
