@@ -22,25 +22,26 @@ def boundary_scalings(timestep: torch.Tensor, sigma_data: float = SIGMA_DATA,
     return c_skip, c_out
 
 
-def _expand(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def expand_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample value (n,) shaped to broadcast over ``like`` (n, ...)."""
     return value.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 def x0_from_velocity(sample: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
     """x0 = x_σ − σ·v (the flow-matching interpolation solved for the data end)."""
-    return sample - _expand(sigma, sample) * velocity
+    return sample - expand_like(sigma, sample) * velocity
 
 
 def consistency_function(sample: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
     """f(x_σ, σ) = c_skip(t)·x_σ + c_out(t)·x̂0 with t = 1000·σ: the student's (and target's) output."""
     c_skip, c_out = boundary_scalings(sigma * 1000.0)
-    return _expand(c_skip, sample) * sample + _expand(c_out, sample) * x0_from_velocity(sample, sigma, velocity)
+    return expand_like(c_skip, sample) * sample + expand_like(c_out, sample) * x0_from_velocity(sample, sigma, velocity)
 
 
 def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float | torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance as the diffusers flow pipelines write it: v_∅ + g·(v_c − v_∅)."""
     if isinstance(guidance_scale, torch.Tensor):
-        guidance_scale = _expand(guidance_scale, cond)
+        guidance_scale = expand_like(guidance_scale, cond)
     return uncond + guidance_scale * (cond - uncond)
 
 
@@ -48,7 +49,7 @@ def euler_step(sample: torch.Tensor, velocity: torch.Tensor, sigma_from: torch.T
                sigma_to: torch.Tensor) -> torch.Tensor:
     """One Euler step of the probability-flow ODE dx/dσ = v from σ_from to σ_to (the teacher's solver;
     LCD's DDIM step, for flow models)."""
-    return sample + _expand(sigma_to - sigma_from, sample) * velocity
+    return sample + expand_like(sigma_to - sigma_from, sample) * velocity
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float = 1e-3) -> torch.Tensor:

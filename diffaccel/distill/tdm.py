@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .config import TDMConfig
-from .consistency import guided_velocity, x0_from_velocity
+from .consistency import expand_like, guided_velocity, x0_from_velocity
 from .data import ProceduralScenes
 from .lcd import add_lora, bind_trainer
 from .teacher import FlowTeacher
@@ -32,29 +32,25 @@ STUDENT = "tdm_student"
 FAKE = "tdm_fake"
 
 
-def _expand(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return value.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
-
-
 def renoise(x0: torch.Tensor, noise_estimate: torch.Tensor, fresh: torch.Tensor, sigma: torch.Tensor,
             eta: float) -> torch.Tensor:
     """The next stage's point: (1 − σ)·x̂0 + σ·(η·ε̂ + √(1 − η²)·z). η = 1 is the flow's Euler step (DDIM);
     η = 0 draws fresh noise as LCM sampling does."""
     noise = eta * noise_estimate + (1.0 - eta**2) ** 0.5 * fresh
-    s = _expand(sigma, x0)
+    s = expand_like(sigma, x0)
     return (1.0 - s) * x0 + s * noise
 
 
 def noise_estimate(sample: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """ε̂ = (x_σ − (1 − σ)·x̂0) / σ, the noise the sample holds given an x0 estimate."""
-    s = _expand(sigma, sample)
+    s = expand_like(sigma, sample)
     return (sample - (1.0 - s) * x0) / s
 
 
 def diffuse(sample: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Forward-noise x at level a to level b ≥ a exactly: x_b = (1 − b)/(1 − a)·x_a + √(b² − ((1 − b)·a/(1 − a))²)·z,
     so that x_a = (1 − a)·x0 + a·ε becomes (1 − b)·x0 + b·ε' with ε' standard normal."""
-    a, b = _expand(sigma_from, sample), _expand(sigma_to, sample)
+    a, b = expand_like(sigma_from, sample), expand_like(sigma_to, sample)
     scale = (1.0 - b) / (1.0 - a)
     std = (b**2 - (scale * a) ** 2).clamp(min=0.0).sqrt()
     return scale * sample + std * noise
@@ -104,6 +100,7 @@ class TDMTrainer:
         self.fake_optimizer = torch.optim.AdamW(self._params_of(FAKE), lr=config.fake_learning_rate,
                                                 betas=betas, weight_decay=1e-2)
         self.model.set_adapter(STUDENT)
+        self._route: str | None = STUDENT
         self.step = 0
         self.last_rewards: dict[str, float] = {}
 
@@ -111,14 +108,17 @@ class TDMTrainer:
 
     def _use(self, adapter: str | None) -> None:
         """Route the shared transformer: an adapter name, or None for the teacher (adapters off)."""
+        if adapter == self._route:
+            return
         if adapter is None:
             self.model.disable_adapters()
-            return
-        self.model.enable_adapters()
-        self.model.set_adapter(adapter)
-        for name in (STUDENT, FAKE):  # peft freezes inactive adapters; both stay trainable by their optimisers
-            for p in self._params_of(name):
-                p.requires_grad_(True)
+        else:
+            self.model.enable_adapters()
+            self.model.set_adapter(adapter)
+            for name in (STUDENT, FAKE):  # peft freezes inactive adapters; both stay trainable by their optimisers
+                for p in self._params_of(name):
+                    p.requires_grad_(True)
+        self._route = adapter
 
     def _params_of(self, name: str) -> list[torch.nn.Parameter]:
         """The LoRA weights of adapter ``name`` (trainable)."""
@@ -139,11 +139,8 @@ class TDMTrainer:
     @torch.no_grad()
     def real_x0(self, sample: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         self._use(None)
-        try:
-            v = guided_velocity(self.teacher.velocity(self.model, sample, sigma, cond),
-                                self.teacher.velocity(self.model, sample, sigma, uncond), self.guidance_scale)
-        finally:
-            self.model.enable_adapters()
+        v = guided_velocity(self.teacher.velocity(self.model, sample, sigma, cond),
+                            self.teacher.velocity(self.model, sample, sigma, uncond), self.guidance_scale)
         return x0_from_velocity(sample, sigma, v)
 
     def fake_velocity(self, sample: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -160,12 +157,13 @@ class TDMTrainer:
         """Run the student from pure noise (σ_0 = 1) until each sample reaches its stage."""
         x = noise.clone()
         for k in range(int(stages.max())):
-            x0 = self.student_x0(x, torch.full_like(stages, k), cond)
             fresh = torch.randn(x.shape, generator=gen).to(x.device)
-            moved = renoise(x0, noise_estimate(x, self.sigmas[k].expand(len(x)).to(x.device), x0), fresh,
-                            self.sigmas[k + 1].expand(len(x)).to(x.device), self.config.eta)
-            active = _expand((stages > k).to(x.dtype), x)
-            x = active * moved + (1.0 - active) * x
+            moving = (stages > k).nonzero().squeeze(1)  # the samples whose stage lies further on
+            here = x[moving]
+            x0 = self.student_x0(here, torch.full_like(moving, k), cond[moving])
+            n = len(moving)
+            x[moving] = renoise(x0, noise_estimate(here, self.sigmas[k].expand(n).to(x.device), x0), fresh[moving],
+                                self.sigmas[k + 1].expand(n).to(x.device), self.config.eta)
         return x
 
     def matching_levels(self, stages: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,13 +213,15 @@ class TDMTrainer:
         return float(loss.detach())
 
     def fake_loss(self, noisy: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        target = (noisy - x0) / _expand(t, noisy)  # v = (x_t − x0)/t on the flow's straight path
+        target = (noisy - x0) / expand_like(t, noisy)  # v = (x_t − x0)/t on the flow's straight path
         return torch.nn.functional.mse_loss(self.fake_velocity(noisy, t, cond).float(), target.float())
 
-    def student_target(self, batch: TDMBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the student's x0 estimate with gradient, where it should move: x̂0 + x0_real − x0_fake, and the
-        teacher's x0_real, which scales the step)."""
-        x0 = self.student_x0(batch.sample, batch.stages, batch.cond)
+    def student_target(self, batch: TDMBatch, x0: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the student's x0 estimate with gradient (``x0`` if already computed), where it should move:
+        x̂0 + x0_real − x0_fake, and the teacher's x0_real, which scales the step)."""
+        if x0 is None:
+            x0 = self.student_x0(batch.sample, batch.stages, batch.cond)
         noisy, t = self._noisy_view(x0.detach(), batch.sample, batch.stages, batch.generator)
         with torch.no_grad():
             real = self.real_x0(noisy, t, batch.cond, batch.uncond)
@@ -245,10 +245,9 @@ class TDMTrainer:
             group["lr"] = self._learning_rate(self.config.fake_learning_rate)
         for group in self.optimizer.param_groups:
             group["lr"] = self._learning_rate(self.config.learning_rate)
-        with torch.no_grad():
-            x0 = self.student_x0(batch.sample, batch.stages, batch.cond)
-        fake_losses = [self.fake_update(batch, x0) for _ in range(self.config.fake_updates)]
-        loss = self.student_update(*self.student_target(batch))
+        x0 = self.student_x0(batch.sample, batch.stages, batch.cond)  # with gradient, for the student's step
+        fake_losses = [self.fake_update(batch, x0.detach()) for _ in range(self.config.fake_updates)]
+        loss = self.student_update(*self.student_target(batch, x0))
         self.step += 1
         self.last_rewards = {"fake_loss": sum(fake_losses) / len(fake_losses)}
         return loss
