@@ -5,6 +5,7 @@
     python scripts/train_distill.py image-tdm-lr1e-4     # TDM (data-free), its default learning rates
     python scripts/train_distill.py image-tdm            # TDM at lr 5e-4 / 1e-3: best at 2 steps, less diverse
     python scripts/train_distill.py image-lcd --resume   # after a kill: continue from the last checkpoint
+    python scripts/train_distill.py image-rglcd --reward-scale 0.25 --max-steps 1027 --no-ship  # a β sweep point
 
 Trains in work/distill/<name> (a checkpoint every 3 minutes) with the settings below, then copies the
 student (student.json + LoRA weights, float16) into pipelines/reference/weights/<name>/.
@@ -40,6 +41,10 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget of this run")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many optimiser steps (equal-budget comparisons; the shipped LCD took 1027)")
+    parser.add_argument("--reward-scale", type=float, default=None,
+                        help="RG-LCD: β of −β·R instead of the recipe's (trains in work/distill/<name>-b<β>)")
     parser.add_argument("--work", default=None, help="training folder (default work/distill/<name>)")
     parser.add_argument("--no-ship", action="store_true", help="leave pipelines/reference/weights untouched")
     args = parser.parse_args(argv)
@@ -49,11 +54,16 @@ def main(argv=None) -> int:
     from diffaccel.pipelines.reference import WEIGHTS
 
     recipe = RECIPES[args.name]
-    work = Path(args.work or ROOT / "work" / "distill" / args.name)
-    reward = RewardConfig(**recipe["reward"]) if "reward" in recipe else None
+    if args.reward_scale is not None and "reward" not in recipe:
+        parser.error(f"--reward-scale is RG-LCD's β; recipe {args.name} has no reward term.")
+    reward_fields = {**recipe.get("reward", {}),
+                     **({"reward_scale": args.reward_scale} if args.reward_scale is not None else {})}
+    suffix = f"-b{args.reward_scale:g}" if args.reward_scale is not None else ""
+    work = Path(args.work or ROOT / "work" / "distill" / f"{args.name}{suffix}")
+    reward = RewardConfig(**reward_fields) if "reward" in recipe else None
     config = (TDMConfig if recipe["method"] == "tdm" else LCDConfig)(**recipe["config"])
     distill(recipe["teacher"], work, config, method=recipe["method"], reward=reward,
-            max_minutes=args.minutes, resume=args.resume)
+            max_minutes=args.minutes, max_steps=args.max_steps, resume=args.resume)
     if not args.no_ship:
         target = WEIGHTS / args.name
         target.mkdir(parents=True, exist_ok=True)
