@@ -18,7 +18,7 @@ from .config import AccelConfig, MethodConfig, available_methods
 from .parallel.config import ParallelConfig
 from .guidance import AdaptiveGuidanceConfig, IntervalGuidanceConfig, LinearGuidanceConfig, fit_linear_guidance
 from .presets import PRESETS, preset
-from .sampling import BottleneckConfig
+from .sampling import BottleneckConfig, DistilledConfig
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "BlockCacheConfig",
     "BlockSparseAttentionConfig",
     "BottleneckConfig",
+    "DistilledConfig",
     "DeepCacheConfig",
     "DeltaDiTConfig",
     "IntervalGuidanceConfig",

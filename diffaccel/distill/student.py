@@ -91,30 +91,78 @@ def load_student(pipe: Any, folder: str | Path) -> Any:
 
     Sampling re-noises between steps with the global torch generator (diffusers pipelines do not pass
     theirs to ``scheduler.step``): seed ``torch.manual_seed`` too for repeatable outputs.
+    (``diffaccel.accelerate(pipe, sampling=DistilledConfig(student=folder))`` does the same, removably.)
     """
-    import diffusers
-
-    card = StudentCard.load(folder)
-    if type(pipe).__name__ != card.pipeline:
-        raise ValueError(f"The student in {folder} was distilled from a {card.pipeline}; this is a {type(pipe).__name__}.")
-    if getattr(pipe, STUDENT_ATTRIBUTE, None) is not None:
-        raise ValueError("This pipeline already holds a student; load the teacher again to swap students.")
-    folder = Path(folder)
-    if card.lora_rank:
-        pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS, adapter_name="student")
-        pipe.fuse_lora(lora_scale=1.0, components=["transformer"])
-        pipe.unload_lora_weights()  # the fused weights stay; the transformer is plain again
-    else:
-        full = type(pipe.transformer).from_pretrained(folder / "transformer", torch_dtype=pipe.transformer.dtype)
-        pipe.transformer.load_state_dict(full.state_dict())
-    scheduler_class = getattr(diffusers, card.scheduler)
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    if card.spacing == "trailing":
-        use_trailing_spacing(pipe.scheduler)
+    card = check_student(pipe, folder)
+    install_student_weights(pipe, folder, card)
+    pipe.scheduler = student_scheduler(pipe.scheduler, card)
     setattr(pipe, STUDENT_ATTRIBUTE, card)
     logger.info("diffaccel: loaded a %s student of %s from %s (%d steps, CFG %.1f baked in)", card.method,
                 card.teacher, folder, card.default_steps, card.guidance_scale)
     return pipe
+
+
+def check_student(pipe: Any, folder: str | Path, pipeline_name: str | None = None) -> StudentCard:
+    """The card of the student in ``folder``, after checking that it fits ``pipe`` (its class, no student
+    loaded yet); a ValueError that says why otherwise."""
+    card = StudentCard.load(folder)
+    name = pipeline_name or type(pipe).__name__
+    if name != card.pipeline:
+        raise ValueError(f"The student in {folder} was distilled from a {card.pipeline}; this is a {name}.")
+    if getattr(pipe, STUDENT_ATTRIBUTE, None) is not None:
+        raise ValueError("This pipeline already holds a student; load the teacher again to swap students.")
+    if not card.lora_rank and not (Path(folder) / "transformer").is_dir():
+        raise ValueError(f"The student in {folder} has no weights: neither {LORA_WEIGHTS} nor transformer/.")
+    return card
+
+
+def install_student_weights(pipe: Any, folder: str | Path, card: StudentCard, keep_original: bool = False):
+    """Put the student's weights into ``pipe.transformer`` (a LoRA fused, or a full state dict).
+
+    With ``keep_original`` the parameters it overwrites are first copied to the CPU, and the function
+    returns a ``restore()`` that copies them back (the teacher again, bit for bit); otherwise None."""
+    folder = Path(folder)
+    transformer = pipe.transformer
+    saved: dict[str, torch.Tensor] = {}
+    if card.lora_rank:
+        pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS, adapter_name="diffaccel_student")
+        if keep_original:  # the layers the LoRA wraps: their base weights are what fusing changes
+            for name, module in transformer.named_modules():
+                base = getattr(module, "base_layer", None)
+                if base is not None and hasattr(module, "lora_A"):
+                    for param_name, param in base.named_parameters(recurse=False):
+                        saved[f"{name}.{param_name}"] = param.detach().to("cpu", copy=True)
+        pipe.fuse_lora(lora_scale=1.0, components=["transformer"])
+        pipe.unload_lora_weights()  # the fused weights stay; the transformer is plain again
+    else:
+        full = type(transformer).from_pretrained(folder / "transformer", torch_dtype=transformer.dtype)
+        if keep_original:
+            saved = {k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()}
+        transformer.load_state_dict(full.state_dict())
+    if not keep_original:
+        return None
+
+    def restore() -> None:
+        live = {**dict(transformer.named_parameters()), **dict(transformer.named_buffers())}
+        with torch.no_grad():
+            for name, value in saved.items():
+                live[name].copy_(value)
+
+    return restore
+
+
+def student_scheduler(scheduler: Any, card: StudentCard) -> Any:
+    """The scheduler the student samples with, made from the teacher's ``scheduler`` config (its shift
+    and timestep count), on trailing timesteps unless the card says otherwise."""
+    import diffusers
+
+    scheduler_class = getattr(diffusers, card.scheduler, None)
+    if scheduler_class is None:
+        raise ValueError(f"The student's card names scheduler {card.scheduler!r}, which this diffusers does not have.")
+    student = scheduler_class.from_config(scheduler.config)
+    if card.spacing == "trailing":
+        use_trailing_spacing(student)
+    return student
 
 
 def trailing_timesteps(num_steps: int, train_timesteps: int = 1000) -> list[float]:

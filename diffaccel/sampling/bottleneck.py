@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from diffaccel.config import MethodConfig, check_choice, check_float, check_int, register_config
 from diffaccel.registry import AccelTarget, register_method
 
+from .wrapper import call_kwargs, wrap_pipeline_call
+
 logger = logging.getLogger("diffaccel")
 
 # Steps per stage follow RALU's re-run of the paper's settings (SD3: 6/18/7 of 31, FLUX: 4/12/5 of 21),
@@ -251,8 +253,7 @@ def _latents_of(output) -> torch.Tensor:
 
 def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, kwargs: dict):
     """One accelerated pipeline call: the stages, each an ordinary call of the pipeline."""
-    if args:
-        kwargs = dict(zip(list(inspect.signature(original_call).parameters)[1:], args), **kwargs)
+    kwargs = call_kwargs(original_call, args, kwargs)
     call_params = inspect.signature(original_call).parameters
     defaults = {name: p.default for name, p in call_params.items() if p.default is not inspect.Parameter.empty}
     num_steps = kwargs.get("num_inference_steps", defaults.get("num_inference_steps"))
@@ -327,28 +328,6 @@ def _warn_full_resolution(runtime, height: int, width: int, tokens: int, minimum
                    height, width, tokens, minimum)
 
 
-_WRAPPED: dict[type, type] = {}
-
-
-def _wrapped_class(cls: type) -> type:
-    """A subclass of the pipeline's class whose ``__call__`` runs the stages (the class itself is untouched)."""
-    if cls not in _WRAPPED:
-        original_call = cls.__call__
-
-        def __call__(self, *args, **kwargs):
-            runtime = getattr(self, "_diffaccel_runtime", None)
-            config = getattr(getattr(runtime, "config", None), "sampling", None)
-            if not isinstance(config, BottleneckConfig):
-                return original_call(self, *args, **kwargs)
-            return bottleneck_call(self, original_call, config, args, kwargs)
-
-        __call__.__signature__ = inspect.signature(original_call)
-        __call__.__doc__ = original_call.__doc__
-        _WRAPPED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                                  "_diffaccel_base_class": cls})
-    return _WRAPPED[cls]
-
-
 @register_method(BottleneckConfig)
 class BottleneckHandler:
     def validate(self, config: BottleneckConfig, target: AccelTarget) -> None:
@@ -378,11 +357,7 @@ class BottleneckHandler:
             raise ValueError(f"sampling='bottleneck' cannot serve {name}: its __call__ takes no {missing}.")
 
     def apply(self, config: BottleneckConfig, target: AccelTarget, runtime) -> None:
-        pipe = target.pipe
-        base = getattr(type(pipe), "_diffaccel_base_class", type(pipe))
-        pipe.__class__ = _wrapped_class(base)
+        wrap_pipeline_call(target.pipe, runtime.add_cleanup)
 
-        def restore() -> None:
-            pipe.__class__ = base
-
-        runtime.add_cleanup(restore)
+    def call(self, pipe, original_call, config: BottleneckConfig, args: tuple, kwargs: dict):
+        return bottleneck_call(pipe, original_call, config, args, kwargs)

@@ -1,0 +1,154 @@
+"""Few-step distilled sampling: a student made by ``diffaccel distill`` run through ``accelerate``.
+
+``accelerate(pipe, sampling=DistilledConfig(student=DIR))`` puts the student into the teacher's
+pipeline (a LoRA student is fused; the layers it overwrites are kept on the CPU), swaps in the student's
+scheduler on its trailing timesteps, and runs every call in the student's steps at guidance 1, its CFG
+being baked in. ``remove`` restores the teacher bit for bit. The "turbo" preset uses this on a reference
+model that ships a student.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffaccel.config import MethodConfig, check_int, register_config
+from diffaccel.registry import AccelTarget, register_method
+
+from .wrapper import base_class, call_kwargs, wrap_pipeline_call
+
+logger = logging.getLogger("diffaccel")
+
+CARD_ATTRIBUTE = "_diffaccel_distilled_card"  # on the runtime: the card of the student it runs
+GENERATOR_ATTRIBUTE = "_diffaccel_distilled_generator"  # on the runtime: the running call's generator
+
+
+def _feed_call_generator(scheduler: Any) -> dict:
+    """Make ``scheduler.step`` draw its re-noising from the running call's generator (diffusers pipelines
+    pass theirs only to the initial latents, so a student's fresh noise would come from the global RNG and
+    a seeded call would not repeat). Returns the holder the call fills in."""
+    import functools
+    import inspect
+
+    feed: dict = {"generator": None}
+    step = scheduler.step
+    if "generator" not in inspect.signature(step).parameters:
+        return feed
+
+    def step_with_generator(*args, **kwargs):
+        if kwargs.get("generator") is None and feed["generator"] is not None:
+            kwargs["generator"] = feed["generator"]
+        return step(*args, **kwargs)
+
+    scheduler.step = functools.update_wrapper(step_with_generator, step)
+    return feed
+
+
+@register_config
+@dataclass(frozen=True)
+class DistilledConfig(MethodConfig):
+    """Sample with a distilled student of the pipeline's model.
+
+    Args:
+        student: a folder written by ``diffaccel distill`` (student.json + weights), or the name of a
+            shipped reference student ("image-lcd").
+        steps: evaluations per call; None: the student's own default. Either way it replaces the call's
+            ``num_inference_steps``: a student is made for few steps, and 20 steps of it cost 20 evaluations.
+    """
+
+    slot = "sampling"
+    method = "distilled"
+
+    student: str = ""
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not isinstance(self.student, (str, Path)) or not str(self.student):
+            raise ValueError(f"{name}.student is empty: give the folder of a student made by `diffaccel distill`, "
+                             f"or a shipped reference student's name (e.g. 'image-lcd').")
+        object.__setattr__(self, "student", str(self.student))
+        if self.steps is not None:
+            check_int(name, "steps", self.steps, minimum=1)
+
+
+def student_folder(student: str) -> Path:
+    """The folder of ``student``: a shipped reference student's name, or a path."""
+    from diffaccel.pipelines import reference
+
+    if student in reference.STUDENTS:
+        return reference.path(student)
+    folder = Path(student)
+    if not folder.is_dir():
+        raise ValueError(f"sampling='distilled': {student!r} is neither a student folder nor a reference student "
+                         f"({', '.join(reference.STUDENTS)}).")
+    return folder
+
+
+@register_method(DistilledConfig)
+class DistilledHandler:
+    def validate(self, config: DistilledConfig, target: AccelTarget) -> None:
+        from diffaccel.distill.student import check_student
+
+        pipe = target.pipe
+        name = base_class(pipe).__name__
+        if not hasattr(pipe, "transformer") or not hasattr(pipe, "load_lora_weights"):
+            raise ValueError(f"sampling='distilled' cannot serve {name}: students are distilled transformers loaded "
+                             f"through the pipeline's LoRA loader, and this pipeline has neither.")
+        check_student(pipe, student_folder(config.student), pipeline_name=name)
+        if getattr(pipe.transformer, "peft_config", None):
+            raise ValueError(f"sampling='distilled': {name}'s transformer already holds LoRA adapters "
+                             f"({', '.join(pipe.transformer.peft_config)}); fuse or unload them before adding a student.")
+
+    def apply(self, config: DistilledConfig, target: AccelTarget, runtime) -> None:
+        from diffaccel.distill.student import check_student, install_student_weights, student_scheduler
+
+        guidance = runtime.config.guidance
+        if guidance is not None:
+            raise ValueError(f"guidance={guidance.method!r} has nothing to act on with sampling='distilled': a student "
+                             f"runs at guidance 1, its CFG baked in. Drop one of the two.")
+        pipe = target.pipe
+        folder = student_folder(config.student)
+        card = check_student(pipe, folder, pipeline_name=base_class(pipe).__name__)
+        teacher_scheduler = pipe.scheduler
+        pipe.scheduler = student_scheduler(teacher_scheduler, card)
+        setattr(runtime, GENERATOR_ATTRIBUTE, _feed_call_generator(pipe.scheduler))
+
+        def restore_scheduler() -> None:
+            pipe.scheduler = teacher_scheduler
+
+        runtime.add_cleanup(restore_scheduler)
+        runtime.add_cleanup(install_student_weights(pipe, folder, card, keep_original=True))
+        setattr(runtime, CARD_ATTRIBUTE, card)
+        wrap_pipeline_call(pipe, runtime.add_cleanup)
+        logger.info("diffaccel: sampling with the %s student in %s: %d steps per call at guidance 1 (CFG %.1f baked in)",
+                    card.method, folder, config.steps or card.default_steps, card.guidance_scale)
+
+    def call(self, pipe, original_call, config: DistilledConfig, args: tuple, kwargs: dict):
+        runtime = pipe._diffaccel_runtime
+        card = getattr(runtime, CARD_ATTRIBUTE)
+        kwargs = call_kwargs(original_call, args, kwargs)
+        steps = config.steps or card.default_steps
+        asked = (kwargs.get("num_inference_steps"), kwargs.get("guidance_scale"))
+        kwargs["num_inference_steps"] = steps
+        kwargs["guidance_scale"] = 1.0
+        told = getattr(runtime, "_distilled_told", set())
+        if asked not in told:
+            told.add(asked)
+            runtime._distilled_told = told
+            if asked[1] is not None and asked[1] not in (1.0, card.guidance_scale):
+                logger.warning("diffaccel: the student bakes in CFG %.1f; guidance_scale=%s cannot be honoured",
+                               card.guidance_scale, asked[1])
+            if asked[0] is not None and asked[0] != steps:
+                logger.info("diffaccel: the student runs %d steps at guidance 1 in place of num_inference_steps=%s",
+                            steps, asked[0])
+        feed = getattr(runtime, GENERATOR_ATTRIBUTE)
+        feed["generator"] = kwargs.get("generator")
+        try:
+            output = original_call(pipe, **kwargs)
+        finally:
+            feed["generator"] = None
+        runtime.count("distilled_calls", 1)  # after the call: its start resets the call's counters
+        return output
