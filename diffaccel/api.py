@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from diffaccel.pipelines import reference
 from diffaccel.pipelines.adapters import adapter_for, unwrap_denoiser
 
 from .config import AccelConfig
@@ -21,12 +20,12 @@ logger = logging.getLogger("diffaccel")
 DENOISER_ATTRIBUTES = ("transformer", "unet")
 
 
-def resolve_config(config: Any = None, unet: bool = False, student: str | None = None, **slots: Any) -> AccelConfig:
+def resolve_config(config: Any = None, unet: bool = False, **slots: Any) -> AccelConfig:
     """Turn what ``accelerate`` accepts into an ``AccelConfig``.
 
     ``config`` may be None, a preset name, an ``AccelConfig``, a dict (``AccelConfig.to_dict`` form)
     or a path to a .json/.yaml file; ``slots`` (cache=, guidance=, ...) override it slot by slot.
-    ``unet`` picks a preset's UNet recipe; ``student`` is the shipped student a preset may run instead.
+    ``unet`` picks a preset's UNet recipe.
     """
     if config is None:
         base = AccelConfig()
@@ -37,7 +36,7 @@ def resolve_config(config: Any = None, unet: bool = False, student: str | None =
     elif isinstance(config, Path) or (isinstance(config, str) and config.endswith((".json", ".yaml", ".yml"))):
         base = AccelConfig.from_file(config)
     elif isinstance(config, str):
-        base = preset(config, unet=unet, student=student)
+        base = preset(config, unet=unet)
     else:
         raise ValueError(
             f"accelerate() takes a preset name, an AccelConfig, a dict or a config file path, "
@@ -98,7 +97,6 @@ def accelerate(
     resolved = resolve_config(
         config,
         unet=not adapter.block_cache,
-        student=reference.turbo_student(pipe) if isinstance(config, str) else None,
         cache=cache,
         guidance=guidance,
         sampling=sampling,

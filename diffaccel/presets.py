@@ -12,7 +12,7 @@ import dataclasses
 from .cache import BlockCacheConfig, DeepCacheConfig
 from .config import AccelConfig
 from .guidance import AdaptiveGuidanceConfig
-from .sampling import BottleneckConfig, DistilledConfig
+from .sampling import BottleneckConfig
 
 # Transformers: the block residual cache with the TaylorSeer calibrator. On the reference image model at
 # 28 steps (docs/cache_bench_image_28.md) τ 0.1 / 0.2 / 0.3 with the calibrator measured 1.4x / 2.1x /
@@ -60,21 +60,10 @@ PRESETS = _every_method_optional(PRESETS)
 UNET_PRESETS = _every_method_optional(UNET_PRESETS)
 
 
-# Presets that run a distilled student where the pipeline's model has one (a reference teacher with a
-# shipped student): "turbo" is then the student alone, at its own steps with CFG baked in. On the
-# reference image model at 64 px the 4-step LCD student measured 7.5x at -2.9 points of adherence
-# (docs/distill_bench/report.md), where the cache + AG recipe measured 2.72x at -3.4 (docs/bench_image).
-STUDENT_PRESETS = ("turbo",)
-
-
-def preset(name: str, unet: bool = False, student: str | None = None) -> AccelConfig:
+def preset(name: str, unet: bool = False) -> AccelConfig:
     """The preset called ``name`` (its UNet recipe with ``unet=True``); a ValueError listing the presets otherwise.
 
-    ``student`` (a student folder or shipped student name, from ``reference.turbo_student``) makes the
-    presets of ``STUDENT_PRESETS`` sample with that student instead of their recipe. Every method of a
-    recipe is optional: a pipeline one cannot serve runs without it, with a warning."""
-    if student is not None and name in STUDENT_PRESETS:
-        return AccelConfig(sampling=DistilledConfig(student=student))
+    Every method of a preset is optional: a pipeline one cannot serve runs without it, with a warning."""
     table = UNET_PRESETS if unet else PRESETS
     try:
         return table[name]

@@ -1,4 +1,4 @@
-"""Distilled sampling through ``accelerate``: a student runs removably, and "turbo" uses the shipped one."""
+"""Distilled sampling through ``accelerate``: a student runs removably, on the call's generator."""
 
 from __future__ import annotations
 
@@ -58,13 +58,16 @@ def test_distilled_runs_the_student_and_remove_restores_the_teacher_bit_for_bit(
     assert (run(pipe) == teacher).all()
 
 
-def test_steps_override_and_composition_with_the_cache():
+def test_steps_override_and_composition_with_the_cache(caplog):
     pipe = reference.load("image")
     diffaccel.accelerate(pipe, sampling=DistilledConfig(student="image-lcd", steps=2),
                          cache=diffaccel.BlockCacheConfig(threshold=1e9, warmup_steps=1))
     assert timesteps_of(pipe) == [1000.0, 500.0]
     stats = diffaccel.stats(pipe)
     assert stats["denoiser_calls"] == 2 and stats["blocks_skipped"] > 0
+    with caplog.at_level(logging.WARNING, logger="diffaccel"):
+        run(pipe, height=128, width=128)
+    assert "distilled at 64x64; this 128x128 call runs it outside its training size" in caplog.text
 
 
 def test_a_full_student_is_restored_too(tmp_path):
@@ -84,23 +87,6 @@ def test_a_full_student_is_restored_too(tmp_path):
                        changed.state_dict()["proj_out.weight"].float())
     diffaccel.remove(pipe)
     assert (run(pipe, num_inference_steps=4) == teacher).all()
-
-
-def test_turbo_samples_a_reference_teacher_with_its_shipped_student(caplog):
-    pipe = reference.load("image")
-    assert reference.turbo_student(pipe) == "image-lcd"
-    with caplog.at_level(logging.INFO, logger="diffaccel"):
-        diffaccel.accelerate(pipe, "turbo")
-        run(pipe)
-    assert diffaccel.config_of(pipe).sampling == DistilledConfig(student="image-lcd")
-    assert diffaccel.stats(pipe)["denoiser_calls"] == 4
-    assert "runs 4 steps at guidance 1 in place of num_inference_steps=20" in caplog.text
-    # A pipeline that is a student already, and any other pipeline, get turbo's recipe.
-    student = reference.load("image-lcd")
-    assert reference.turbo_student(student) is None
-    assert reference.turbo_student(reference.load("video")) is None
-    recipe = diffaccel.resolve_config("turbo", student=reference.turbo_student(student))
-    assert recipe == diffaccel.preset("turbo") and recipe.sampling.method == "bottleneck"
 
 
 def test_bad_input_gets_clear_errors(tmp_path):
