@@ -24,7 +24,7 @@ def _add_generate(subparsers) -> None:
         "--model",
         default=None,
         help="a diffusers model id or local folder (DiffusionPipeline.from_pretrained), or an embedded model: image, "
-        "video, image-lcd (the image model's 4-step student); default: the embedded reference model (image, or video "
+        "video, image-lcd / image-rglcd / image-tdm (the image model's 4-, 2- and 4-step students); default: the embedded reference model (image, or video "
         "with --video or an .mp4/.gif output)",
     )
     p.add_argument("--video", action="store_true", help="use the embedded reference video model")

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "work" / "resshift_cache"
 ROWS = ROOT / "work" / "resshift_bench"
 WEIGHTS = ROOT / "pipelines" / "reference" / "weights"
+BASELINE_WEIGHTS = ROOT / "scripts" / "weights" / "upscale_baselines"  # the SR baselines (bench only)
 
 from diffaccel.eval.features import JudgeFeatures  # noqa: E402
 from diffaccel.eval.metrics import fid, judge_adherence, psnr, ssim  # noqa: E402
@@ -113,7 +114,7 @@ def methods(extra: dict[str, Path] | None = None) -> dict:
 
     def unet(kind: str):
         if kind not in loaded:
-            loaded[kind] = load_unet(WEIGHTS / "upscale_baselines" / kind)
+            loaded[kind] = load_unet(BASELINE_WEIGHTS / kind)
         return loaded[kind]
 
     def flow(steps: int):
@@ -153,8 +154,8 @@ def extra_row(name: str, folder: Path, loaded: dict) -> tuple:
 
 
 TRAINING_STATES = {
-    "regression": WEIGHTS / "upscale_baselines" / "regression" / "training_state.json",
-    "flow": WEIGHTS / "upscale_baselines" / "flow" / "training_state.json",
+    "regression": BASELINE_WEIGHTS / "regression" / "training_state.json",
+    "flow": BASELINE_WEIGHTS / "flow" / "training_state.json",
     "resshift15": WEIGHTS / "upscale15" / "unet" / "training_state.json",
     "resshift4": WEIGHTS / "upscale" / "unet" / "training_state.json",
 }
@@ -414,7 +415,7 @@ def main(argv=None) -> int:
     result["quality"] = quality_vs_nfe(args.num, judge, extra)
     training = {}
     for name, folder in [("resshift-4", WEIGHTS / "upscale" / "unet"), ("resshift-15", WEIGHTS / "upscale15" / "unet"),
-                         ("flow", WEIGHTS / "upscale_baselines" / "flow"), ("regression", WEIGHTS / "upscale_baselines" / "regression")]:
+                         ("flow", BASELINE_WEIGHTS / "flow"), ("regression", BASELINE_WEIGHTS / "regression")]:
         state = folder / "training_state.json"
         training[name] = json.loads(state.read_text()) if state.is_file() else {}
     for name in extra:

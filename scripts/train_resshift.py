@@ -16,9 +16,9 @@ every step) and, for ``--ref-share`` of each batch, of the reference image model
 by ``data.degrade`` (bicubic down x2, noise with p=0.3; ``DEGRADATION``).
 
 Checkpoints (full state) go to ``work/resshift/<variant>/checkpoint.pt`` every ``--save-every``
-minutes; the EMA weights are exported (float16 safetensors) to ``pipelines/reference/weights/``:
-``upscale`` (resshift4) and ``upscale15`` (resshift15) as ``ResShiftPipeline`` folders,
-``upscale_baselines/{flow,regression}`` as ``UNet2DModel`` folders. One thread by default (``--threads``).
+minutes; the EMA weights are exported (float16 safetensors): ``upscale`` (resshift4) and ``upscale15`` (resshift15) as
+``ResShiftPipeline`` folders in ``pipelines/reference/weights/``; the bench baselines as ``UNet2DModel``
+folders in ``scripts/weights/upscale_baselines/{flow,regression}`` (used by the bench only, so not installed). One thread by default (``--threads``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "work" / "resshift"
 CACHE = ROOT / "work" / "resshift_cache"
 WEIGHTS = ROOT / "pipelines" / "reference" / "weights"
+BASELINE_WEIGHTS = ROOT / "scripts" / "weights" / "upscale_baselines"  # bench baselines: not installed, not shipped
 
 from diffaccel.pipelines.restoration import data  # noqa: E402
 from diffaccel.pipelines.restoration.baselines import FLOW_TIME_SCALE, flow_interpolate  # noqa: E402
@@ -56,8 +57,8 @@ VARIANTS = ("resshift4", "resshift15", "flow", "regression")
 EXPORT = {
     "resshift4": WEIGHTS / "upscale",
     "resshift15": WEIGHTS / "upscale15",
-    "flow": WEIGHTS / "upscale_baselines" / "flow",
-    "regression": WEIGHTS / "upscale_baselines" / "regression",
+    "flow": BASELINE_WEIGHTS / "flow",
+    "regression": BASELINE_WEIGHTS / "regression",
 }
 FACTOR = 2
 HR_SIZE = 128

@@ -317,14 +317,15 @@ def _lcd_losses(folder, config):
     return folder / "losses.json"
 
 
-def test_shipped_lcd_student_beats_the_teacher_at_equal_steps():
-    """reference.load("image-lcd"): 4 evaluations per image, and on 16 held-out prompts its adherence is
-    well above the teacher's at the same 4 steps with CFG (8 evaluations)."""
+@pytest.mark.parametrize("name, steps", [("image-lcd", 4), ("image-rglcd", 2), ("image-tdm", 4)])
+def test_shipped_student_beats_the_teacher_at_equal_steps(name, steps):
+    """reference.load(name): ``steps`` evaluations per image, and on 16 held-out prompts its adherence is
+    well above the teacher's at the same steps with CFG (twice the evaluations)."""
     from diffaccel.pipelines.reference import judge as judges
     from diffaccel.pipelines.reference import scenes
 
-    facts = reference.info("image-lcd")
-    assert facts["teacher"] == "image" and facts["default_steps"] == 4 and facts["default_guidance"] == 1.0
+    facts = reference.info(name)
+    assert facts["teacher"] == "image" and facts["default_steps"] == steps and facts["default_guidance"] == 1.0
     prompts = scenes.prompt_set(16)
     judge = judges.load_judge("image")
 
@@ -334,13 +335,13 @@ def test_shipped_lcd_student_beats_the_teacher_at_equal_steps():
                       **call).images
         return float(judges.adherence(judge, images, prompts).mean())
 
-    student = reference.load("image-lcd")
+    student = reference.load(name)
     calls = []
     handle = student.transformer.register_forward_hook(lambda *a: calls.append(1))
-    learned = adherence(student, **reference.call_defaults("image-lcd"))
+    learned = adherence(student, **reference.call_defaults(name))
     handle.remove()
-    assert len(calls) == 4
-    teacher = adherence(reference.load("image"), **{**reference.call_defaults("image"), "num_inference_steps": 4})
+    assert len(calls) == steps
+    teacher = adherence(reference.load("image"), **{**reference.call_defaults("image"), "num_inference_steps": steps})
     assert learned >= 0.8 and learned >= teacher + 0.05, (learned, teacher)
 
 

@@ -4,6 +4,8 @@
     pipe = diffaccel.pipelines.reference.load("video")   # a WanPipeline trained here
     pipe = diffaccel.pipelines.reference.load("upscale")   # x2 super-resolution, ResShift T=4 ("upscale15": T=15)
     pipe = diffaccel.pipelines.reference.load("image-lcd") # the image model's 4-step LCD student (LoRA)
+    pipe = diffaccel.pipelines.reference.load("image-rglcd")  # its 2-step reward-guided (RG-LCD) student
+    pipe = diffaccel.pipelines.reference.load("image-tdm")  # its 4-step TDM student (deterministic sampling)
     diffaccel.pipelines.reference.info("image")          # resolutions, default steps/guidance, ...
 
 They are ordinary diffusers pipelines (``DiffusionPipeline.from_pretrained(path("image"))`` works
@@ -65,9 +67,7 @@ UPSCALERS: dict[str, dict[str, Any]] = {
 
 # Few-step students of the generative models (``diffaccel distill``; a student folder holds student.json
 # and its weights). Their facts are the teacher's, with the student's steps and guidance 1 (CFG baked in).
-STUDENTS: dict[str, str] = {"image-lcd": "image"}
-# The student the "turbo" preset runs on each teacher (accelerate(pipe, "turbo") with pipe loaded from it).
-TURBO_STUDENTS: dict[str, str] = {"image": "image-lcd"}
+STUDENTS: dict[str, str] = {"image-lcd": "image", "image-rglcd": "image", "image-tdm": "image"}
 GENERATORS = NAMES + tuple(STUDENTS)  # what `diffaccel generate --model NAME` can run
 
 
@@ -108,33 +108,6 @@ def info(name: str) -> dict[str, Any]:
     if state.is_file():
         facts["training"] = json.loads(state.read_text())
     return facts
-
-
-def model_name(pipe: Any) -> str | None:
-    """Which reference generator ``pipe`` was loaded from (by its folder), or None for any other pipeline."""
-    source = getattr(getattr(pipe, "config", None), "_name_or_path", None) or getattr(pipe, "_name_or_path", None)
-    if not source:
-        return None
-    try:
-        source_path = Path(source).resolve()
-    except (OSError, TypeError):
-        return None
-    for name in NAMES:
-        if source_path == (WEIGHTS / name).resolve():
-            return name
-    return None
-
-
-def turbo_student(pipe: Any) -> str | None:
-    """The shipped student "turbo" samples ``pipe`` with: only for a reference teacher that has one in this
-    checkout and holds no student yet (a pipeline from ``load("image-lcd")`` is a student already)."""
-    from diffaccel.distill.student import student_of
-
-    name = model_name(pipe)
-    student = TURBO_STUDENTS.get(name) if name else None
-    if student is None or student_of(pipe) is not None or not (WEIGHTS / student / "student.json").is_file():
-        return None
-    return student
 
 
 def call_defaults(name: str) -> dict[str, Any]:
