@@ -136,16 +136,15 @@ class DistilledHandler:
         asked = (kwargs.get("num_inference_steps"), kwargs.get("guidance_scale"))
         kwargs["num_inference_steps"] = steps
         kwargs["guidance_scale"] = 1.0
-        told = getattr(runtime, "_distilled_told", set())
+        told = getattr(runtime, "_distilled_told", set())  # what this acceleration has said already
+        runtime._distilled_told = told
         size = (kwargs.get("height"), kwargs.get("width"))
-        if None not in size and size != (card.height, card.width) and size not in told:
-            told.add(size)
-            runtime._distilled_told = told
+        if None not in size and size != (card.height, card.width) and ("size", *size) not in told:
+            told.add(("size", *size))
             logger.warning("diffaccel: the student was distilled at %dx%d; this %dx%d call runs it outside its "
                            "training size (expect lower quality)", card.height, card.width, *size)
-        if asked not in told:
-            told.add(asked)
-            runtime._distilled_told = told
+        if ("call", *asked) not in told:
+            told.add(("call", *asked))
             if asked[1] is not None and asked[1] not in (1.0, card.guidance_scale):
                 logger.warning("diffaccel: the student bakes in CFG %.1f; guidance_scale=%s cannot be honoured",
                                card.guidance_scale, asked[1])
