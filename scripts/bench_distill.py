@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--heldout-judge", default=None,
                         help="a second image judge (scripts/train_judge.py --seed 1 --out-dir DIR; DIR/image.safetensors) "
                         "that no student trained against: its adherence column checks for reward hacking")
+    parser.add_argument("--paired-base", default="image-lcd",
+                        help="a student whose rows the other students' rows are compared with prompt by prompt (same "
+                        "prompt, seed and step count): the mean paired difference ± its standard error, under both judges")
     parser.add_argument("--samples-only", action="store_true", help="fill the sample cache, no timing or report")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/distill_bench")
@@ -166,6 +169,8 @@ def main(argv=None) -> int:
             "fid_truth": fid(truth, images).value,
             "diversity": diversity(judge, div, args.diversity_prompts, args.diversity_seeds),
             "images": images,
+            "per_prompt": per_prompt,
+            "per_prompt_heldout": judges.adherence(heldout, images, prompts) if heldout else None,
         })
         print(f"{name}: adherence {rows[-1]['adherence']:.4f} ({time.time() - started:.0f} s)", flush=True)
     if args.samples_only:
@@ -177,11 +182,33 @@ def main(argv=None) -> int:
     reference_images = reference_row["images"]
     for row in rows:
         row["fid_teacher"] = fid(reference_images, row.pop("images")).value
-    report(rows, reference_row, args, out, time.time() - started)
+    paired = paired_differences(rows, Path(args.paired_base).name)
+    report(rows, reference_row, args, out, time.time() - started, paired)
     return 0
 
 
-def report(rows: list[dict], reference_row: dict, args, out: Path, seconds: float) -> None:
+def paired_differences(rows: list[dict], base: str) -> list[dict]:
+    """Each student row against ``base``'s row at the same step count, prompt by prompt: the mean difference
+    of adherence (points) and its standard error, under the shipped and the held-out judge. Removes the
+    per-prompt arrays from ``rows``."""
+    per_prompt = {r["row"]: (r.pop("per_prompt"), r.pop("per_prompt_heldout")) for r in rows}
+    out = []
+    for r in rows:
+        name = Path(r["model"]).name
+        base_row = f"{base}-{r['steps']}"
+        if r["model"] in ("teacher", PLAIN_TEACHER) or name == base or base_row not in per_prompt:
+            continue
+        entry = {"row": r["row"], "base": base_row}
+        for key, index in (("judge", 0), ("heldout", 1)):
+            if per_prompt[r["row"]][index] is None:
+                continue
+            d = 100.0 * (np.asarray(per_prompt[r["row"]][index], dtype=float) - np.asarray(per_prompt[base_row][index], dtype=float))
+            entry[key] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))))
+        out.append(entry)
+    return out
+
+
+def report(rows: list[dict], reference_row: dict, args, out: Path, seconds: float, paired: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,9 +246,16 @@ def report(rows: list[dict], reference_row: dict, args, out: Path, seconds: floa
             + (f"{r['heldout_adherence']:.1%} | " if heldout else "") + f"{r['fid_teacher']:.2f} | {r['fid_truth']:.2f} | "
             f"{r['diversity']:.3f} | {r['seconds_per_image']:.3f} | {default['seconds_per_image'] / r['seconds_per_image']:.1f}x |"
         )
+    if paired:
+        lines += ["", f"Paired against `{args.paired_base}` at the same step count (same prompts and seeds): mean "
+                  f"difference of adherence in points ± its standard error.", "",
+                  "| row | against | Δ shipped judge | Δ held-out judge |", "|---|---|---:|---:|"]
+        for e in paired:
+            cells = [f"{e[k][0]:+.2f} ± {e[k][1]:.2f}" if k in e else "—" for k in ("judge", "heldout")]
+            lines.append(f"| {e['row']} | {e['base']} | {cells[0]} | {cells[1]} |")
     lines += ["", "![adherence vs evaluations](quality_vs_evaluations.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    (out / "report.json").write_text(json.dumps({"args": vars(args), "rows": rows, "paired": paired}, indent=2))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for model in dict.fromkeys(r["model"] for r in rows):
