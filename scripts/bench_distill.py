@@ -161,16 +161,17 @@ def main(argv=None) -> int:
             div, _ = generate(pipe, div_prompts, div_seeds, steps, guidance, args.batch, **row_call(model, steps))
             np.savez_compressed(cache, images=images, diversity=div)
         per_prompt = judges.adherence(judge, images, prompts)
+        per_prompt_heldout = judges.adherence(heldout, images, prompts) if heldout else None
         rows.append({
             "row": name, "model": model, "steps": steps,
             "evaluations": steps * (2 if model == "teacher" else 1),
             "adherence": float(per_prompt.mean()), "adherence_se": float(per_prompt.std(ddof=1) / np.sqrt(len(prompts))),
-            "heldout_adherence": float(judges.adherence(heldout, images, prompts).mean()) if heldout else None,
+            "heldout_adherence": float(per_prompt_heldout.mean()) if heldout else None,
             "fid_truth": fid(truth, images).value,
             "diversity": diversity(judge, div, args.diversity_prompts, args.diversity_seeds),
             "images": images,
             "per_prompt": per_prompt,
-            "per_prompt_heldout": judges.adherence(heldout, images, prompts) if heldout else None,
+            "per_prompt_heldout": per_prompt_heldout,
         })
         print(f"{name}: adherence {rows[-1]['adherence']:.4f} ({time.time() - started:.0f} s)", flush=True)
     if args.samples_only:

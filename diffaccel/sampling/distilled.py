@@ -12,7 +12,7 @@ why the "turbo" preset does not switch to it yet.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,17 @@ from .wrapper import base_class, call_kwargs, wrap_pipeline_call
 
 logger = logging.getLogger("diffaccel")
 
-CARD_ATTRIBUTE = "_diffaccel_distilled_card"  # on the runtime: the card of the student it runs
-GENERATOR_ATTRIBUTE = "_diffaccel_distilled_generator"  # on the runtime: the running call's generator
+STATE_ATTRIBUTE = "_diffaccel_distilled"  # on the runtime: the ``DistilledState`` of this acceleration
+
+
+@dataclass
+class DistilledState:
+    """What one acceleration with a student keeps: its card, the holder of the running call's generator
+    (read by the student scheduler's ``step``), and the notices already logged."""
+
+    card: Any
+    feed: dict
+    told: set = field(default_factory=set)
 
 
 def _feed_call_generator(scheduler: Any) -> dict:
@@ -116,28 +125,26 @@ class DistilledHandler:
         card = check_student(pipe, folder, pipeline_name=base_class(pipe).__name__)
         teacher_scheduler = pipe.scheduler
         pipe.scheduler = student_scheduler(teacher_scheduler, card)
-        setattr(runtime, GENERATOR_ATTRIBUTE, _feed_call_generator(pipe.scheduler))
+        setattr(runtime, STATE_ATTRIBUTE, DistilledState(card, _feed_call_generator(pipe.scheduler)))
 
         def restore_scheduler() -> None:
             pipe.scheduler = teacher_scheduler
 
         runtime.add_cleanup(restore_scheduler)
         runtime.add_cleanup(install_student_weights(pipe, folder, card, keep_original=True))
-        setattr(runtime, CARD_ATTRIBUTE, card)
         wrap_pipeline_call(pipe, runtime.add_cleanup)
         logger.info("diffaccel: sampling with the %s student in %s: %d steps per call at guidance 1 (CFG %.1f baked in)",
                     card.method, folder, config.steps or card.default_steps, card.guidance_scale)
 
     def call(self, pipe, original_call, config: DistilledConfig, args: tuple, kwargs: dict):
         runtime = pipe._diffaccel_runtime
-        card = getattr(runtime, CARD_ATTRIBUTE)
+        state: DistilledState = getattr(runtime, STATE_ATTRIBUTE)
+        card, told = state.card, state.told
         kwargs = call_kwargs(original_call, args, kwargs)
         steps = config.steps or card.default_steps
         asked = (kwargs.get("num_inference_steps"), kwargs.get("guidance_scale"))
         kwargs["num_inference_steps"] = steps
         kwargs["guidance_scale"] = 1.0
-        told = getattr(runtime, "_distilled_told", set())  # what this acceleration has said already
-        runtime._distilled_told = told
         size = (kwargs.get("height"), kwargs.get("width"))
         if None not in size and size != (card.height, card.width) and ("size", *size) not in told:
             told.add(("size", *size))
@@ -151,7 +158,7 @@ class DistilledHandler:
             if asked[0] is not None and asked[0] != steps:
                 logger.info("diffaccel: the student runs %d steps at guidance 1 in place of num_inference_steps=%s",
                             steps, asked[0])
-        feed = getattr(runtime, GENERATOR_ATTRIBUTE)
+        feed = state.feed
         feed["generator"] = kwargs.get("generator")
         try:
             output = original_call(pipe, **kwargs)
