@@ -3,6 +3,7 @@
     python scripts/train_distill.py image-lcd --max-steps 1027     # ~45 min, one thread
     python scripts/train_distill.py image-rglcd --max-steps 1027   # RG-LCD (judge via latent proxy, β 0.25), ~47 min
     python scripts/train_distill.py image-tdm                      # TDM (data-free), its default learning rates, 45 min
+    python scripts/train_distill.py image-tdm-ms                   # image-tdm taught 128 px too (turbo's), 45 min
     python scripts/train_distill.py image-tdm-lr5e-4 --no-ship     # TDM at lr 5e-4 / 1e-3: best at 2 steps, less diverse
     python scripts/train_distill.py image-lcd --resume   # after a kill: continue from the last checkpoint
     python scripts/train_distill.py image-rglcd --reward-scale 0.5 --max-steps 1027 --no-ship   # a β sweep point
@@ -32,6 +33,10 @@ RECIPES = {
     "image-rglcd": {"teacher": "reference:image", "method": "rg-lcd", "reward": {"reward_scale": 0.25},
                     "config": {"student_steps": 2, "lora_rank": 16, "learning_rate": 5e-4}},
     "image-tdm": {"teacher": "reference:image", "method": "tdm", "config": {"student_steps": 4, "lora_rank": 16}},
+    # The turbo preset's student: image-tdm taught the teacher's other training size, iterations alternating
+    # between 64 and 128 px (45 min on top of image-tdm's 45).
+    "image-tdm-ms": {"teacher": "reference:image", "method": "tdm",
+                     "config": {"student_steps": 4, "lora_rank": 16, "sizes": (64, 128), "init_student": "image-tdm"}},
     "image-tdm-lr5e-4": {"teacher": "reference:image", "method": "tdm",
                   "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4, "fake_learning_rate": 1e-3}},
 }

@@ -38,6 +38,15 @@ class _Serialisable:
         need(self.batch_size >= 1, "batch_size", "must be ≥ 1")
         for field in ("height", "width"):
             need(getattr(self, field) is None or getattr(self, field) > 0, field, "must be positive")
+        if self.sizes is not None:  # JSON gives lists; configs compare equal only as tuples
+            object.__setattr__(self, "sizes", tuple(int(s) for s in self.sizes))
+            need(len(self.sizes) >= 1 and all(s > 0 for s in self.sizes), "sizes",
+                 "give positive square sizes in pixels, the student's default size first")
+            need(len(set(self.sizes)) == len(self.sizes), "sizes", "each size once")
+            need(self.height in (None, self.sizes[0]) and self.width in (None, self.sizes[0]), "sizes",
+                 f"the first size is the student's default, so height and width must be None or {self.sizes[0]}")
+        need(self.init_student is None or bool(str(self.init_student)), "init_student",
+             "give a student folder or a shipped student's name, or None")
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,10 @@ class LCDConfig(_Serialisable):
     the student runs one evaluation per step. ``lora_rank`` 0 trains every weight with an EMA target
     (``ema_decay``); a rank > 0 trains LoRA adapters whose target is the student itself without
     gradient (LCM-LoRA).
+    ``sizes``: square sizes trained in turn, one per iteration (iteration i at ``sizes[i % n]``), the
+    first being the student's default; None trains at ``height`` × ``width`` alone. ``init_student``
+    starts the student from another student's LoRA (a folder or a shipped name such as "image-tdm", of
+    the same method family, teacher and rank), e.g. to teach a 64 px student a second size.
     """
 
     student_steps: int = 4
@@ -66,6 +79,8 @@ class LCDConfig(_Serialisable):
     grad_clip: float = 1.0
     height: int | None = None
     width: int | None = None
+    sizes: tuple[int, ...] | None = None
+    init_student: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +90,8 @@ class LCDConfig(_Serialisable):
         need(1 <= self.skip < self.solver_steps, "skip", f"must lie in [1, solver_steps={self.solver_steps})")
         need(self.lora_rank >= 0, "lora_rank", "0 (full student) or a positive rank")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must lie in [0, 1)")
+        need(self.init_student is None or self.lora_rank > 0, "init_student",
+             "students start from a LoRA; a full student (lora_rank 0) has none to load")
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,10 @@ class TDMConfig(_Serialisable):
     TDM run), or from σ_{k+1} up to ``max_sigma`` without (Video-BLADE). The student and the fake score (which tracks the student's
     trajectory distribution) are LoRA adapters of the teacher (``lora_rank``, ``fake_rank``: None = the
     same), trained with their own learning rates; ``fake_updates`` fake-score steps per student step.
+    ``sizes``: square sizes trained in turn, one per iteration (iteration i at ``sizes[i % n]``), the
+    first being the student's default; None trains at ``height`` × ``width`` alone. ``init_student``
+    starts the student from another student's LoRA (a folder or a shipped name such as "image-tdm", of
+    the same method family, teacher and rank), e.g. to teach a 64 px student a second size.
     """
 
     student_steps: int = 4
@@ -142,6 +163,8 @@ class TDMConfig(_Serialisable):
     warmup_steps: int = 0
     height: int | None = None
     width: int | None = None
+    sizes: tuple[int, ...] | None = None
+    init_student: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -65,10 +65,20 @@ def bind_trainer(trainer: Any, teacher: FlowTeacher, config: Any, data: Procedur
     if config.guidance_scale is None:
         raise ValueError(f"{type(trainer).__name__} needs the teacher's CFG scale: set "
                          f"{type(config).__name__}.guidance_scale (diffaccel.distill.distill() takes the teacher's default).")
+    from .sizes import SizeCycle
+
     trainer.teacher, trainer.config = teacher, config
-    trainer.data = data or ProceduralScenes(teacher.height)
+    trainer.sizes = SizeCycle(teacher, config, data)
+    trainer.data = trainer.sizes.data[trainer.sizes.sizes[0]]
     trainer.guidance_scale = float(config.guidance_scale)
     trainer.accelerator = accelerator or Accelerator(cpu=teacher.transformer.device.type == "cpu")
+
+
+def use_size(trainer: Any, step: int) -> tuple[int, int]:
+    """Point ``trainer.teacher`` and ``trainer.data`` at iteration ``step``'s size; returns it."""
+    size = trainer.sizes.size_at(step)
+    trainer.teacher, trainer.data = trainer.sizes.teachers[size], trainer.sizes.data[size]
+    return size
 
 
 class LCDTrainer:
@@ -82,11 +92,15 @@ class LCDTrainer:
     def __init__(self, teacher: FlowTeacher, config: LCDConfig, data: ProceduralScenes | None = None,
                  accelerator: Any = None) -> None:
         bind_trainer(self, teacher, config, data, accelerator)
-        self.grid = teacher.sigma_grid(config.solver_steps)
+        self.grids = {size: view.sigma_grid(config.solver_steps) for size, view in self.sizes.teachers.items()}
         base = teacher.transformer
         base.requires_grad_(False).eval()
         if config.lora_rank:
             add_lora(base, config.lora_rank, config.lora_alpha, config.seed)
+            if config.init_student:
+                from .sizes import warm_start
+
+                warm_start(base, ADAPTER_NAME, config, "lcd", type(teacher.pipe).__name__)
             self.student = base
             self.target = None
             self.frozen_teacher = None
@@ -122,6 +136,7 @@ class LCDTrainer:
         """Batch ``step`` through teacher, student and target: the student's consistency output (with
         gradient), its target, and what a reward term needs (the data latents, captions, embeddings)."""
         cfg = self.config
+        grid = self.grids[use_size(self, step)]
         pixels, captions = self.data.batch(cfg.seed, step, cfg.batch_size)
         device = self.teacher.transformer.device
         latents = self.teacher.encode_images(pixels.to(device))
@@ -129,8 +144,8 @@ class LCDTrainer:
         gen = self._generator(step)
         n = len(captions)
         index = torch.randint(0, cfg.solver_steps - cfg.skip + 1, (n,), generator=gen)
-        sigma_from = self.grid[index].to(device)
-        sigma_to = self.grid[(index + cfg.skip).clamp(max=cfg.solver_steps)].to(device)
+        sigma_from = grid[index].to(device)
+        sigma_to = grid[(index + cfg.skip).clamp(max=cfg.solver_steps)].to(device)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         s = sigma_from.reshape(-1, *([1] * (latents.ndim - 1)))
         noisy = (1.0 - s) * latents + s * noise

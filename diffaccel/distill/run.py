@@ -113,8 +113,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     resolved = dataclasses.replace(
         config,
         guidance_scale=config.guidance_scale if config.guidance_scale is not None else float(facts["default_guidance"]),
-        height=config.height or facts["default_resolution"],
-        width=config.width or facts["default_resolution"],
+        height=config.height or (config.sizes[0] if config.sizes else facts["default_resolution"]),
+        width=config.width or (config.sizes[0] if config.sizes else facts["default_resolution"]),
     )
     if resolved.student_steps > facts["default_steps"]:
         raise ValueError(f"student_steps={resolved.student_steps} is more than the teacher's own {facts['default_steps']} "
@@ -154,6 +154,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             method=method, teacher=name, pipeline=type(pipe).__name__, default_steps=resolved.student_steps,
             guidance_scale=resolved.guidance_scale, lora_rank=resolved.lora_rank,
             scheduler=_scheduler_of(method, resolved), height=resolved.height, width=resolved.width,
+            sizes=list(resolved.sizes) if resolved.sizes else None,
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
                       "final_loss": float(np.mean(losses[-100:])) if losses else None, "config": resolved.to_dict(),
                       **({"reward": trainer.reward.to_dict()} if method == "rg-lcd" else {})},

@@ -42,6 +42,13 @@ class StudentCard:
     width: int
     training: dict[str, Any] = field(default_factory=dict)
     spacing: str = "trailing"  # where the K evaluations sit: see ``trailing_timesteps``
+    sizes: list[int] | None = None  # square sizes it was distilled at (None: height × width alone)
+
+    def trained_at(self, height: int, width: int) -> bool:
+        """Whether a call at height × width is at a size the student was distilled at."""
+        if self.sizes:
+            return height == width and height in self.sizes
+        return (height, width) == (self.height, self.width)
 
     def __post_init__(self) -> None:
         if self.spacing not in SPACINGS:

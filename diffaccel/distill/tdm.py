@@ -25,7 +25,7 @@ import torch
 from .config import TDMConfig
 from .consistency import expand_like, guided_velocity, x0_from_velocity
 from .data import ProceduralScenes
-from .lcd import add_lora, bind_trainer
+from .lcd import add_lora, bind_trainer, use_size
 from .teacher import FlowTeacher
 
 STUDENT = "tdm_student"
@@ -86,10 +86,16 @@ class TDMTrainer:
         if self.accelerator.num_processes > 1:
             raise NotImplementedError("TDM trains in one process so far: its three roles share one transformer "
                                       "through adapter switching, which a DDP wrapper does not expose.")
-        self.timesteps, self.sigmas = teacher.student_grid(config.student_steps)
+        # each size's stages: CogView4 shifts the noise levels by the token count
+        self.grids = {size: view.student_grid(config.student_steps) for size, view in self.sizes.teachers.items()}
+        self.timesteps, self.sigmas = self.grids[self.sizes.sizes[0]]
         model = teacher.transformer
         model.requires_grad_(False).eval()
         add_lora(model, config.lora_rank, config.lora_alpha, config.seed, adapter_name=STUDENT)
+        if config.init_student:
+            from .sizes import warm_start
+
+            warm_start(model, STUDENT, config, "tdm", type(teacher.pipe).__name__)
         add_lora(model, config.fake_rank or config.lora_rank, config.lora_alpha, config.seed + 1, adapter_name=FAKE)
         self.model = model
         self._params: dict[str, list[torch.nn.Parameter]] = {}
@@ -194,6 +200,7 @@ class TDMTrainer:
     def prepare(self, step: int) -> TDMBatch:
         """Iteration ``step``'s captions and the student's rollout to a random stage per sample."""
         cfg = self.config
+        self.timesteps, self.sigmas = self.grids[use_size(self, step)]
         _, captions = self.data.batch(cfg.seed, step, cfg.batch_size)
         cond, uncond = self.teacher.encode(captions)
         gen = self._generator(step)
