@@ -11,7 +11,7 @@ import torch
 from diffaccel.pipelines.adapters import adapter_for, unwrap_denoiser
 
 from .config import AccelConfig
-from .presets import preset
+from .presets import preset, preset_for
 from .registry import AccelTarget, handler_for
 from .runtime import PIPE_ATTRIBUTE, RUNTIME_HOOK, Runtime
 
@@ -20,13 +20,14 @@ logger = logging.getLogger("diffaccel")
 DENOISER_ATTRIBUTES = ("transformer", "unet")
 
 
-def resolve_config(config: Any = None, unet: bool = False, **slots: Any) -> AccelConfig:
+def resolve_config(config: Any = None, unet: bool = False, pipe: Any = None, **slots: Any) -> AccelConfig:
     """Turn what ``accelerate`` accepts into an ``AccelConfig``.
 
     ``config`` may be None, a preset name, an ``AccelConfig``, a dict (``AccelConfig.to_dict`` form)
     or a path to a .json/.yaml file; ``slots`` (cache=, guidance=, ...) override it slot by slot.
-    ``unet`` picks a preset's UNet recipe.
+    ``unet`` picks a preset's UNet recipe; with ``pipe``, a preset is this pipeline's (``preset_for``).
     """
+    given = {slot: value for slot, value in slots.items() if value is not None}
     if config is None:
         base = AccelConfig()
     elif isinstance(config, AccelConfig):
@@ -36,13 +37,12 @@ def resolve_config(config: Any = None, unet: bool = False, **slots: Any) -> Acce
     elif isinstance(config, Path) or (isinstance(config, str) and config.endswith((".json", ".yaml", ".yml"))):
         base = AccelConfig.from_file(config)
     elif isinstance(config, str):
-        base = preset(config, unet=unet)
+        base = preset(config, unet=unet) if pipe is None else preset_for(config, pipe, unet=unet, overridden=tuple(given))
     else:
         raise ValueError(
             f"accelerate() takes a preset name, an AccelConfig, a dict or a config file path, "
             f"got {type(config).__name__}."
         )
-    given = {slot: value for slot, value in slots.items() if value is not None}
     return base.with_methods(**given) if given else base
 
 
@@ -89,25 +89,43 @@ def accelerate(
     >>> pipe = diffaccel.accelerate(pipe, cache="block")
     >>> pipe = diffaccel.accelerate(pipe, cache=diffaccel.BlockCacheConfig(threshold=0.1))
 
-    Calling it again replaces the previous configuration. Everything is validated before any hook
-    is installed, and a failure while installing leaves the pipeline as it was.
+    Calling it again replaces the previous configuration, and is validated against the pipeline without
+    it. Everything is validated before any hook is installed, and a failure (a bad config, or while
+    installing) leaves the pipeline as it was, previous acceleration included.
     """
     denoiser = find_denoiser(pipe)
     adapter = adapter_for(denoiser)
-    resolved = resolve_config(
-        config,
-        unet=not adapter.block_cache,
-        cache=cache,
-        guidance=guidance,
-        sampling=sampling,
-        attention=attention,
-        parallel=parallel,
-    )
-    target = AccelTarget(pipe=pipe, denoiser=denoiser, adapter=adapter)
-    resolved = _validated(resolved, target)
-    planned = [(method, handler_for(method)) for method in resolved.methods()]
-
+    # The pipeline is judged as it is without diffaccel: what a previous acceleration changed (a student's
+    # scheduler, say) must not decide what this one can do. If this one fails, the previous one is put back.
+    previous = getattr(pipe, PIPE_ATTRIBUTE, None)
     remove(pipe)
+    try:
+        resolved = resolve_config(
+            config,
+            unet=not adapter.block_cache,
+            pipe=pipe,
+            cache=cache,
+            guidance=guidance,
+            sampling=sampling,
+            attention=attention,
+            parallel=parallel,
+        )
+        _install(pipe, denoiser, adapter, resolved)
+    except BaseException:
+        if previous is not None:
+            try:
+                _install(pipe, denoiser, adapter, previous.config)
+            except Exception as error:  # pragma: no cover - it was installed before
+                logger.warning("diffaccel: could not put the previous acceleration back: %s", error)
+        raise
+    return pipe
+
+
+def _install(pipe: Any, denoiser: torch.nn.Module, adapter: Any, config: AccelConfig) -> None:
+    """Validate ``config`` on the plain pipeline and install it; on failure nothing stays installed."""
+    target = AccelTarget(pipe=pipe, denoiser=denoiser, adapter=adapter)
+    resolved = _validated(config, target)
+    planned = [(method, handler_for(method)) for method in resolved.methods()]
     registry = getattr(denoiser, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(RUNTIME_HOOK) is not None:
         raise ValueError(
@@ -133,7 +151,6 @@ def accelerate(
         target.adapter.name,
         ", ".join(f"{m.slot}={m.method}" for m in resolved.methods()) or "no method (off)",
     )
-    return pipe
 
 
 def remove(pipe: Any) -> Any:

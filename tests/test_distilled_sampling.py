@@ -67,7 +67,7 @@ def test_steps_override_and_composition_with_the_cache(caplog):
     assert stats["denoiser_calls"] == 2 and stats["blocks_skipped"] > 0
     with caplog.at_level(logging.WARNING, logger="diffaccel"):
         run(pipe, height=128, width=128)
-    assert "distilled at 64x64; this 128x128 call runs it outside its training size" in caplog.text
+    assert "distilled at 64x64; this 128x128 call runs it outside its training sizes" in caplog.text
 
 
 def test_a_full_student_is_restored_too(tmp_path):
@@ -115,3 +115,19 @@ def test_bad_input_gets_clear_errors(tmp_path):
     (folder / "student.json").write_text(json.dumps({**card, "scheduler": "NoSuchScheduler"}))
     with pytest.raises(ValueError, match="NoSuchScheduler"):
         diffaccel.accelerate(pipe, sampling=DistilledConfig(student=str(folder)))
+
+
+def test_a_new_acceleration_is_judged_on_the_teacher_and_a_failed_one_keeps_the_previous():
+    """After a student whose scheduler is FlowMatchLCMScheduler, the bottleneck (flow-matching Euler only)
+    still applies: the next acceleration is validated without the previous one's changes."""
+    pipe = reference.load("image")
+    diffaccel.accelerate(pipe, sampling=DistilledConfig(student="image-rglcd"))
+    assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
+    diffaccel.accelerate(pipe, diffaccel.preset("turbo"))  # the recipe, by config
+    assert diffaccel.config_of(pipe).sampling.method == "bottleneck"
+    with pytest.raises(ValueError, match="guidance='adaptive' has nothing to act on"):
+        diffaccel.accelerate(pipe, sampling=DistilledConfig(student="image-lcd"), guidance="adaptive")
+    config = diffaccel.config_of(pipe)  # the failed call put the previous acceleration back
+    assert config.sampling.method == "bottleneck" and config.cache.method == "block"
+    run(pipe, height=128, width=128)
+    assert diffaccel.stats(pipe)["bottleneck_stages"] == 3
