@@ -7,7 +7,7 @@
 # STAGE is image or video; MINUTES bounds train_reference.py from start-up to its final save (keep it
 # at 8 or less inside the device tool's 10 minutes). Needs the diffusers wheel in .whl/ (carried:
 # carry=[".whl"]); installs it into $SITE (/tmp/site), makes diffaccel importable there the way
-# `pip install -e .` maps it (diffaccel.pipelines -> pipelines/, .kernels -> kernels/, .eval -> eval/),
+# `pip install -e .` maps it (diffaccel.pipelines -> pipelines/, .eval -> eval/),
 # trains with --device cuda (DEVICE=cpu to try this script without a GPU) and writes to $OUT:
 #
 #     train.log                                         everything printed
@@ -40,7 +40,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 # diffaccel as installed: a package folder of links (PYTHONPATH=$PWD alone would give no diffaccel.pipelines).
 for f in "$root"/diffaccel/*; do ln -sfn "$f" "$site/diffaccel/"; done
-for p in pipelines kernels eval; do ln -sfn "$root/$p" "$site/diffaccel/$p"; done
+for p in pipelines eval; do ln -sfn "$root/$p" "$site/diffaccel/$p"; done
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 # (From /: in the repo root python would find the bare diffaccel/ folder first, '' leading sys.path.)
 (cd / && python3 - "$site" <<'EOF') || exit 1
