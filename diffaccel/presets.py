@@ -8,11 +8,15 @@ optional (``AccelConfig.optional``): a pipeline one cannot serve runs without it
 from __future__ import annotations
 
 import dataclasses
+import logging
+from typing import Any
 
 from .cache import BlockCacheConfig, DeepCacheConfig
 from .config import AccelConfig
 from .guidance import AdaptiveGuidanceConfig
-from .sampling import BottleneckConfig
+from .sampling import BottleneckConfig, DistilledConfig
+
+logger = logging.getLogger("diffaccel")
 
 # Transformers: the block residual cache with the TaylorSeer calibrator. On the reference image model at
 # 28 steps (docs/cache_bench_image_28.md) τ 0.1 / 0.2 / 0.3 with the calibrator measured 1.4x / 2.1x /
@@ -58,6 +62,43 @@ def _every_method_optional(table: dict[str, AccelConfig]) -> dict[str, AccelConf
 
 PRESETS = _every_method_optional(PRESETS)
 UNET_PRESETS = _every_method_optional(UNET_PRESETS)
+
+
+# The shipped student "turbo" runs on the reference model it was distilled from, in place of the recipe
+# above: distilled at both of the teacher's training sizes (64 and 128 px), 4 calls where the recipe makes
+# about 20 (README, "Step distillation").
+TURBO_STUDENTS: dict[str, str] = {"image": "image-tdm-ms"}
+
+
+def turbo_student(pipe: Any) -> str | None:
+    """The shipped student "turbo" runs on ``pipe``: the pipeline was loaded from a reference model that has
+    one, holds no student or LoRA yet, and the student is in this checkout; None otherwise (the recipe)."""
+    from diffaccel.distill.student import student_of
+    from diffaccel.pipelines import reference
+
+    student = TURBO_STUDENTS.get(reference.name_of(pipe) or "")
+    transformer = getattr(pipe, "transformer", None)
+    if student is None or student_of(pipe) is not None or getattr(transformer, "peft_config", None):
+        return None
+    try:
+        reference.path(student)
+    except ValueError as error:
+        logger.warning("diffaccel: turbo runs its recipe, not the %s student: %s", student, error)
+        return None
+    return student
+
+
+def preset_for(name: str, pipe: Any, unet: bool = False, overridden: tuple[str, ...] = ()) -> AccelConfig:
+    """``preset(name, unet)`` for this pipeline: "turbo" on a reference model with a shipped student
+    (``TURBO_STUDENTS``) samples with that student, unless the caller sets the ``overridden`` slot
+    "sampling" or "guidance" (a student has no CFG to guide): then it is the recipe, as everywhere."""
+    config = preset(name, unet=unet)
+    wants_recipe = bool({"sampling", "guidance"} & set(overridden))
+    student = turbo_student(pipe) if name == "turbo" and not wants_recipe else None
+    if student is None:
+        return config
+    logger.info("diffaccel: turbo on this reference model samples with its distilled student %s", student)
+    return AccelConfig(sampling=DistilledConfig(student=student), optional=("sampling",))
 
 
 def preset(name: str, unet: bool = False) -> AccelConfig:

@@ -317,10 +317,12 @@ def _lcd_losses(folder, config):
     return folder / "losses.json"
 
 
-@pytest.mark.parametrize("name, steps", [("image-lcd", 4), ("image-rglcd", 2), ("image-tdm", 4)])
-def test_shipped_student_beats_the_teacher_at_equal_steps(name, steps):
+@pytest.mark.parametrize("name, steps, size", [("image-lcd", 4, 64), ("image-rglcd", 2, 64), ("image-tdm", 4, 64),
+                                              ("image-tdm-ms", 4, 64), ("image-tdm-ms", 4, 128)])
+def test_shipped_student_beats_the_teacher_at_equal_steps(name, steps, size):
     """reference.load(name): ``steps`` evaluations per image, and on 16 held-out prompts its adherence is
-    well above the teacher's at the same steps with CFG (twice the evaluations)."""
+    well above the teacher's at the same steps with CFG (twice the evaluations), at each size it was
+    distilled at."""
     from diffaccel.pipelines.reference import judge as judges
     from diffaccel.pipelines.reference import scenes
 
@@ -338,10 +340,11 @@ def test_shipped_student_beats_the_teacher_at_equal_steps(name, steps):
     student = reference.load(name)
     calls = []
     handle = student.transformer.register_forward_hook(lambda *a: calls.append(1))
-    learned = adherence(student, **reference.call_defaults(name))
+    learned = adherence(student, **{**reference.call_defaults(name), "height": size, "width": size})
     handle.remove()
     assert len(calls) == steps
-    teacher = adherence(reference.load("image"), **{**reference.call_defaults("image"), "num_inference_steps": steps})
+    teacher = adherence(reference.load("image"), **{**reference.call_defaults("image"), "num_inference_steps": steps,
+                                                    "height": size, "width": size})
     assert learned >= 0.8 and learned >= teacher + 0.05, (learned, teacher)
 
 

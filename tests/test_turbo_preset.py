@@ -2,6 +2,7 @@
 explicit logged fallback (never a silent no-op, never an error) where one of them cannot."""
 
 import numpy as np
+import torch
 import pytest
 
 import diffaccel
@@ -65,3 +66,60 @@ def test_turbo_at_a_size_too_small_for_the_bottleneck_keeps_the_cache_and_guidan
     stats = diffaccel.stats(case.pipe)
     assert stats["bottleneck_full_resolution_calls"] == 1 and stats["steps"] == 8
     assert stats["blocks_skipped"] > 0
+
+
+def _timesteps(pipe, **call):
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(float(kw["timestep"][0])),
+                                                        with_kwargs=True)
+    try:
+        out = pipe("a small red circle on the left, on a blue background", generator=torch.Generator().manual_seed(0),
+                   output_type="np", **call).images
+    finally:
+        handle.remove()
+    return seen, out
+
+
+def test_turbo_on_a_reference_model_with_a_student_samples_with_the_student(monkeypatch, caplog):
+    from diffaccel import presets
+    from diffaccel.pipelines import reference
+
+    monkeypatch.setitem(presets.TURBO_STUDENTS, "image", "image-tdm")  # the mechanism, whichever student ships
+    pipe = reference.load("image")
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    _, teacher = _timesteps(pipe, height=64, width=64, num_inference_steps=4, guidance_scale=4.0)
+    with caplog.at_level("INFO", logger="diffaccel"):
+        diffaccel.accelerate(pipe, "turbo")
+    assert "turbo on this reference model samples with its distilled student image-tdm" in caplog.text
+    config = diffaccel.config_of(pipe)
+    assert config.sampling == diffaccel.DistilledConfig(student="image-tdm") and config.cache is None
+    seen, _ = _timesteps(pipe, height=64, width=64, num_inference_steps=20, guidance_scale=4.0)
+    assert seen == [1000.0, 750.0, 500.0, 250.0]  # the student's 4 calls, not 20 CFG steps
+    # a slot given by the caller replaces the student, as it replaces any preset's method
+    diffaccel.accelerate(pipe, "turbo", sampling="bottleneck")
+    assert diffaccel.config_of(pipe).sampling.method == "bottleneck" and diffaccel.config_of(pipe).cache is not None
+    diffaccel.remove(pipe)
+    assert all(torch.equal(v, weights[k]) for k, v in pipe.transformer.state_dict().items())
+    _, again = _timesteps(pipe, height=64, width=64, num_inference_steps=4, guidance_scale=4.0)
+    assert np.array_equal(again, teacher)
+
+    # a pipeline that already is a student, or not a reference model, gets the recipe
+    student = reference.load("image-tdm")
+    diffaccel.accelerate(student, "turbo")
+    assert diffaccel.config_of(student).cache.method == "block"
+    other = reference.load("image")
+    other.register_to_config(_name_or_path="someone/cogview4-model")  # the same class, not the reference model
+    diffaccel.accelerate(other, "turbo")
+    assert diffaccel.config_of(other).sampling.method == "bottleneck"
+    assert diffaccel.preset("turbo").cache.method == "block"  # by name alone: the recipe
+
+
+def test_the_shipped_turbo_student_was_distilled_at_both_training_sizes_of_its_teacher():
+    from diffaccel.distill import StudentCard
+    from diffaccel.pipelines import reference
+    from diffaccel.presets import TURBO_STUDENTS
+
+    for model, student in TURBO_STUDENTS.items():
+        card = StudentCard.load(reference.path(student))
+        assert set(reference.info(model)["train_resolutions"]) <= set(card.sizes or [card.height])
+        assert reference.STUDENTS[student] == model

@@ -6,6 +6,7 @@
     pipe = diffaccel.pipelines.reference.load("image-lcd") # the image model's 4-step LCD student (LoRA)
     pipe = diffaccel.pipelines.reference.load("image-rglcd")  # its 2-step reward-guided (RG-LCD) student
     pipe = diffaccel.pipelines.reference.load("image-tdm")  # its 4-step TDM student (deterministic sampling)
+    pipe = diffaccel.pipelines.reference.load("image-tdm-ms")  # the same, taught 128 px too: what "turbo" runs
     diffaccel.pipelines.reference.info("image")          # resolutions, default steps/guidance, ...
 
 They are ordinary diffusers pipelines (``DiffusionPipeline.from_pretrained(path("image"))`` works
@@ -67,7 +68,7 @@ UPSCALERS: dict[str, dict[str, Any]] = {
 
 # Few-step students of the generative models (``diffaccel distill``; a student folder holds student.json
 # and its weights). Their facts are the teacher's, with the student's steps and guidance 1 (CFG baked in).
-STUDENTS: dict[str, str] = {"image-lcd": "image", "image-rglcd": "image", "image-tdm": "image"}
+STUDENTS: dict[str, str] = {"image-lcd": "image", "image-rglcd": "image", "image-tdm": "image", "image-tdm-ms": "image"}
 GENERATORS = NAMES + tuple(STUDENTS)  # what `diffaccel generate --model NAME` can run
 
 
@@ -90,6 +91,19 @@ def path(name: str) -> Path:
                   if name in UPSCALERS else f"scripts/train_reference.py {name}")
         raise ValueError(f"The reference {name} model is not in this checkout ({folder}); train it with: python {script}")
     return folder
+
+
+def name_of(pipe: Any) -> str | None:
+    """The embedded generative model ``pipe`` was loaded from ("image", "video"; also through
+    ``DiffusionPipeline.from_pretrained(path(name))``), or None for any other pipeline."""
+    source = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not isinstance(source, (str, Path)) or not str(source):
+        return None
+    try:
+        resolved = Path(source).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return next((name for name in NAMES if resolved == (WEIGHTS / name).resolve()), None)
 
 
 def info(name: str) -> dict[str, Any]:
