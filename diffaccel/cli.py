@@ -269,7 +269,11 @@ def _add_distill(subparsers) -> None:
     p.add_argument("--eta", type=float, default=None, choices=[0.0, 1.0],
                    help="tdm: re-noise between stages with the student's own noise estimate (1, default: Euler "
                    "sampling) or fresh noise (0: LCM-style sampling)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale baked in (default: the teacher's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale baked in (default: the teacher's); with "
+                   "--guidance-range, the student's default scale")
+    p.add_argument("--guidance-range", default=None, metavar="LOW,HIGH",
+                   help="lcd, rg-lcd: give the student LCM's guidance-scale embedding, trained on CFG scales drawn "
+                   "uniformly from LOW..HIGH, so it samples at any of them (generate --guidance) in one evaluation a step")
     p.add_argument("--lr", type=float, default=None, help="the student's learning rate (lcd: 5e-4 for a LoRA student, "
                    "1e-5 for a full one; tdm: 1e-4, the fake score 5e-4)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (lcd), 8 (tdm)")
@@ -293,6 +297,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     given = {k: v for k, v in (("lora_rank", args.lora_rank), ("learning_rate", args.lr),
                                ("batch_size", args.batch_size)) if v is not None}
+    if args.guidance_range is not None:
+        if args.method == "tdm":
+            raise ValueError("--guidance-range is an option of the consistency methods (lcd, rg-lcd), not tdm.")
+        try:
+            low, high = (float(x) for x in args.guidance_range.split(","))
+        except ValueError:
+            raise ValueError(f"--guidance-range {args.guidance_range!r}: give two CFG scales, LOW,HIGH (e.g. 2,8).") from None
+        given["guidance_range"] = (low, high)
     if args.method == "tdm":
         if args.solver_steps is not None:
             raise ValueError("--solver-steps is an option of the consistency methods (lcd, rg-lcd), not tdm.")
@@ -394,10 +406,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe, video = loaded.pipe, loaded.is_video
     defaults = loaded.defaults
     if args.distilled:
-        from diffaccel.distill import load_student, student_call_defaults
+        from diffaccel.distill import load_student, set_student_guidance, student_call_defaults, student_of
 
         load_student(pipe, args.distilled)
         defaults = {**defaults, **student_call_defaults(pipe)}
+        if args.guidance is not None and student_of(pipe).guidance_embedding:
+            set_student_guidance(pipe, args.guidance)  # the scale it embeds; the call itself stays at guidance 1
+            args = argparse.Namespace(**{**vars(args), "guidance": None})
     pipe.set_progress_bar_config(disable=False)
     output_path = check_output_path(args.output, video)
     diffaccel.accelerate(pipe, config)  # by name: a preset's UNet recipe on a UNet

@@ -5,6 +5,7 @@
     python scripts/train_distill.py image-tdm                      # TDM (data-free), its default learning rates, 45 min
     python scripts/train_distill.py image-tdm-ms                   # image-tdm taught 128 px too (turbo's), 45 min
     python scripts/train_distill.py image-tdm-lr5e-4 --no-ship     # TDM at lr 5e-4 / 1e-3: best at 2 steps, less diverse
+    python scripts/train_distill.py image-lcd-w --no-ship --max-steps 1027   # LCD + guidance-scale embedding (CFG 1..8)
     python scripts/train_distill.py image-lcd --resume   # after a kill: continue from the last checkpoint
     python scripts/train_distill.py image-rglcd --reward-scale 0.5 --max-steps 1027 --no-ship   # a β sweep point
 
@@ -37,6 +38,9 @@ RECIPES = {
     # between 64 and 128 px (45 min on top of image-tdm's 45).
     "image-tdm-ms": {"teacher": "reference:image", "method": "tdm",
                      "config": {"student_steps": 4, "lora_rank": 16, "sizes": (64, 128), "init_student": "image-tdm"}},
+    # LCD with LCM's guidance-scale embedding: one student for CFG scales 1..8 (not shipped: the weights budget).
+    "image-lcd-w": {"teacher": "reference:image", "method": "lcd",
+                    "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4, "guidance_range": (1.0, 8.0)}},
     "image-tdm-lr5e-4": {"teacher": "reference:image", "method": "tdm",
                   "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4, "fake_learning_rate": 1e-3}},
 }
@@ -74,8 +78,9 @@ def main(argv=None) -> int:
     if not args.no_ship:
         target = WEIGHTS / args.name
         target.mkdir(parents=True, exist_ok=True)
-        for file in ("student.json", "pytorch_lora_weights.safetensors"):
-            shutil.copy2(work / file, target / file)
+        for file in ("student.json", "pytorch_lora_weights.safetensors", "guidance_embedding.safetensors"):
+            if (work / file).is_file():
+                shutil.copy2(work / file, target / file)
         print(f"shipped {args.name} to {target}")
     return 0
 

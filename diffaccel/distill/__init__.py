@@ -9,10 +9,11 @@ trajectory distribution matching).
 from .config import LCDConfig, RewardConfig, TDMConfig
 from .consistency import boundary_scalings, consistency_function, euler_step, guided_velocity, pseudo_huber
 from .run import distill, load_teacher
-from .student import StudentCard, load_student, save_student, student_call_defaults, student_of
+from .student import StudentCard, load_student, save_student, set_student_guidance, student_call_defaults, student_of
 
 __all__ = [
     "LCDConfig", "RewardConfig", "StudentCard", "boundary_scalings", "consistency_function", "distill", "euler_step",
-    "guided_velocity", "load_student", "load_teacher", "pseudo_huber", "save_student", "student_call_defaults",
+    "guided_velocity", "load_student", "load_teacher", "pseudo_huber", "save_student", "set_student_guidance",
+    "student_call_defaults",
     "student_of", "TDMConfig",
 ]

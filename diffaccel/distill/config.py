@@ -63,6 +63,10 @@ class LCDConfig(_Serialisable):
     first being the student's default; None trains at ``height`` × ``width`` alone. ``init_student``
     starts the student from another student's LoRA (a folder or a shipped name such as "image-tdm", of
     the same method family, teacher and rank), e.g. to teach a 64 px student a second size.
+    ``guidance_range`` (low, high): the student gets LCM's guidance-scale embedding (a zero-initialised
+    projection of ``guidance_embedding_dim`` sinusoidal features, into the timestep embedder) and each
+    training example draws its CFG scale uniformly from the range, so one student samples at any scale
+    in it; ``guidance_scale`` is then its default scale. None: the one scale is baked in.
     """
 
     student_steps: int = 4
@@ -81,11 +85,21 @@ class LCDConfig(_Serialisable):
     width: int | None = None
     sizes: tuple[int, ...] | None = None
     init_student: str | None = None
+    guidance_range: tuple[float, float] | None = None
+    guidance_embedding_dim: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
         self._check_common()
         need = self._need
+        if self.guidance_range is not None:  # JSON gives a list
+            object.__setattr__(self, "guidance_range", tuple(float(g) for g in self.guidance_range))
+            need(len(self.guidance_range) == 2 and 1.0 <= self.guidance_range[0] < self.guidance_range[1],
+                 "guidance_range", "give (low, high) CFG scales with 1 ≤ low < high")
+            need(self.guidance_scale is None or self.guidance_range[0] <= self.guidance_scale <= self.guidance_range[1],
+                 "guidance_scale", f"the default scale must lie in guidance_range {self.guidance_range}")
+        need(self.guidance_embedding_dim >= 2 and self.guidance_embedding_dim % 2 == 0, "guidance_embedding_dim",
+             "sinusoidal features come in sine/cosine pairs: a positive even number")
         need(self.solver_steps >= 2, "solver_steps", "the teacher's grid needs at least two steps")
         need(1 <= self.skip < self.solver_steps, "skip", f"must lie in [1, solver_steps={self.solver_steps})")
         need(self.lora_rank >= 0, "lora_rank", "0 (full student) or a positive rank")

@@ -9,6 +9,7 @@ whose teacher is the same transformer with its adapters switched off).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass
@@ -108,6 +109,18 @@ class LCDTrainer:
             self.frozen_teacher = base
             self.student = copy.deepcopy(base).requires_grad_(True)
             self.target = copy.deepcopy(base).requires_grad_(False)
+        # The guidance embedding (LCM's w-embedding): the student's and the target's own hook, each on its
+        # own transformer; a LoRA student's is switched off (scale None) whenever the base plays teacher.
+        self.guidance_hooks: list = []
+        if config.guidance_range is not None:
+            from .guidance_embedding import add_guidance_embedding, guidance_projection
+
+            for model in (self.student, self.target):
+                if model is not None:
+                    self.guidance_hooks.append(add_guidance_embedding(model, config.guidance_embedding_dim))
+            guidance_projection(self.student).requires_grad_(True)
+            if self.target is not None:
+                guidance_projection(self.target).requires_grad_(False)
         self.student.train()
         params = [p for p in self.student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
@@ -124,10 +137,31 @@ class LCDTrainer:
             return self.teacher.velocity(self.frozen_teacher, sample, sigma, embeds)
         model = self.accelerator.unwrap_model(self.student)
         model.disable_adapters()
+        with self._guidance_scales(None):
+            try:
+                return self.teacher.velocity(model, sample, sigma, embeds)
+            finally:
+                model.enable_adapters()
+
+    @contextlib.contextmanager
+    def _guidance_scales(self, scales: torch.Tensor | None):
+        """The CFG scales the student and target embed while inside (None: no embedding, the teacher)."""
+        before = [hook.scale for hook in self.guidance_hooks]
+        for hook in self.guidance_hooks:
+            hook.scale = scales
         try:
-            return self.teacher.velocity(model, sample, sigma, embeds)
+            yield
         finally:
-            model.enable_adapters()
+            for hook, scale in zip(self.guidance_hooks, before):
+                hook.scale = scale
+
+    def _draw_scales(self, gen: torch.Generator, n: int) -> torch.Tensor | None:
+        """Per-example CFG scales, uniform in ``guidance_range`` (LCM's w ~ U[w_min, w_max]); None: the
+        baked scale. Drawn after the noise, so runs without the embedding keep their random stream."""
+        if self.config.guidance_range is None:
+            return None
+        low, high = self.config.guidance_range
+        return low + (high - low) * torch.rand(n, generator=gen)
 
     def _target_model(self) -> torch.nn.Module:
         return self.target if self.target is not None else self.accelerator.unwrap_model(self.student)
@@ -147,18 +181,21 @@ class LCDTrainer:
         sigma_from = grid[index].to(device)
         sigma_to = grid[(index + cfg.skip).clamp(max=cfg.solver_steps)].to(device)
         noise = torch.randn(latents.shape, generator=gen).to(device)
+        scales = self._draw_scales(gen, n)
         s = sigma_from.reshape(-1, *([1] * (latents.ndim - 1)))
         noisy = (1.0 - s) * latents + s * noise
 
-        velocity = self.teacher.velocity(self.student, noisy, sigma_from, cond)
-        prediction = consistency_function(noisy, sigma_from, velocity)
-        with torch.no_grad():
-            v_cond = self._teacher_velocity(noisy, sigma_from, cond)
-            v_uncond = self._teacher_velocity(noisy, sigma_from, uncond)
-            guided = guided_velocity(v_cond, v_uncond, self.guidance_scale)
-            stepped = euler_step(noisy, guided, sigma_from, sigma_to)
-            target_velocity = self.teacher.velocity(self._target_model(), stepped, sigma_to, cond)
-            target = consistency_function(stepped, sigma_to, target_velocity)
+        with self._guidance_scales(scales):
+            velocity = self.teacher.velocity(self.student, noisy, sigma_from, cond)
+            prediction = consistency_function(noisy, sigma_from, velocity)
+            with torch.no_grad():
+                v_cond = self._teacher_velocity(noisy, sigma_from, cond)
+                v_uncond = self._teacher_velocity(noisy, sigma_from, uncond)
+                scale = self.guidance_scale if scales is None else scales.to(device)
+                guided = guided_velocity(v_cond, v_uncond, scale)
+                stepped = euler_step(noisy, guided, sigma_from, sigma_to)
+                target_velocity = self.teacher.velocity(self._target_model(), stepped, sigma_to, cond)
+                target = consistency_function(stepped, sigma_to, target_velocity)
         return LCDBatch(latents, captions, cond, prediction, target, pseudo_huber(prediction, target, cfg.huber_c).mean())
 
     def loss_at(self, step: int) -> torch.Tensor:
@@ -201,6 +238,7 @@ class LCDTrainer:
     # -- what a checkpoint holds --------------------------------------------------------------------
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """LoRA: the adapter weights (peft names). Full: every weight, the guidance projection included."""
         student = self.accelerator.unwrap_model(self.student)
         if self.config.lora_rank:
             from peft.utils import get_peft_model_state_dict
@@ -208,11 +246,29 @@ class LCDTrainer:
             return {k: v.detach().clone() for k, v in get_peft_model_state_dict(student, adapter_name=ADAPTER_NAME).items()}
         return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
+    def _exported_model(self) -> torch.nn.Module:
+        return self.target if self.target is not None else self.accelerator.unwrap_model(self.student)
+
     def student_for_export(self) -> dict[str, torch.Tensor]:
-        """LoRA: the adapter weights (peft names). Full: the EMA target's weights, the smoother of the two."""
-        if self.target is not None:
-            return {k: v.detach().clone() for k, v in self.target.state_dict().items()}
-        return self.trainable_state()
+        """LoRA: the adapter weights (peft names). Full: the EMA target's weights, the smoother of the two,
+        without the guidance projection (``guidance_embedding_for_export``), so they load into the teacher's
+        class as it is."""
+        if self.target is None:
+            return self.trainable_state()
+        weights = {k: v.detach().clone() for k, v in self.target.state_dict().items()}
+        if self.guidance_hooks:
+            from .guidance_embedding import projection_key
+
+            weights.pop(projection_key(self.target))
+        return weights
+
+    def guidance_embedding_for_export(self) -> dict[str, torch.Tensor] | None:
+        """The guidance projection's weight (of the EMA target for a full student), or None without one."""
+        if not self.guidance_hooks:
+            return None
+        from .guidance_embedding import guidance_projection
+
+        return {"weight": guidance_projection(self._exported_model()).weight.detach().clone()}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -222,6 +278,8 @@ class LCDTrainer:
             "target": None if self.target is None else self.target.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "extra": self.extra_state(),
+            # a LoRA student's projection is not in the peft state (a full student's is in "trainable")
+            "guidance_embedding": self.guidance_embedding_for_export() if self.config.lora_rank else None,
         }
 
     def extra_state(self) -> dict[str, Any]:
@@ -240,6 +298,11 @@ class LCDTrainer:
             from peft.utils import set_peft_model_state_dict
 
             set_peft_model_state_dict(student, state["trainable"], adapter_name=ADAPTER_NAME)
+            if self.guidance_hooks:
+                from .guidance_embedding import guidance_projection
+
+                with torch.no_grad():
+                    guidance_projection(student).weight.copy_(state["guidance_embedding"]["weight"])
         else:
             student.load_state_dict(state["trainable"])
             self.target.load_state_dict(state["target"])

@@ -87,6 +87,12 @@ def _scheduler_of(method: str, config: Config) -> str:
     return STUDENT_SCHEDULER
 
 
+def _guidance_embedding_of(config: Config) -> dict[str, Any] | None:
+    """The card's description of the student's guidance-scale embedding (LCD with ``guidance_range``)."""
+    scale_range = getattr(config, "guidance_range", None)
+    return None if scale_range is None else {"dim": config.guidance_embedding_dim, "range": list(scale_range)}
+
+
 def distill(teacher: str, out: str | Path, config: Config | None = None, *, method: str = "lcd",
             reward: RewardConfig | None = None, max_minutes: float | None = None, max_steps: int | None = None, resume: bool = False,
             save_every: float = 3.0, progress: bool = True) -> Path:
@@ -155,11 +161,13 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             guidance_scale=resolved.guidance_scale, lora_rank=resolved.lora_rank,
             scheduler=_scheduler_of(method, resolved), height=resolved.height, width=resolved.width,
             sizes=list(resolved.sizes) if resolved.sizes else None,
+            guidance_embedding=_guidance_embedding_of(resolved),
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
                       "final_loss": float(np.mean(losses[-100:])) if losses else None, "config": resolved.to_dict(),
                       **({"reward": trainer.reward.to_dict()} if method == "rg-lcd" else {})},
         )
-        save_student(out, card, trainer.student_for_export(), type(pipe), trainer.frozen_teacher)
+        save_student(out, card, trainer.student_for_export(), type(pipe), trainer.frozen_teacher,
+                     getattr(trainer, "guidance_embedding_for_export", lambda: None)())
 
     def done() -> bool:
         return ((max_steps is not None and trainer.step >= max_steps)

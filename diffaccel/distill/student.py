@@ -43,6 +43,12 @@ class StudentCard:
     training: dict[str, Any] = field(default_factory=dict)
     spacing: str = "trailing"  # where the K evaluations sit: see ``trailing_timesteps``
     sizes: list[int] | None = None  # square sizes it was distilled at (None: height × width alone)
+    # LCM's guidance-scale embedding, {"dim": D, "range": [low, high]}: the student samples at any CFG scale
+    # in the range (``guidance_scale`` is its default); None: ``guidance_scale`` alone is baked in.
+    guidance_embedding: dict[str, Any] | None = None
+
+    def guidance_range(self) -> tuple[float, float] | None:
+        return None if not self.guidance_embedding else tuple(self.guidance_embedding["range"])
 
     def trained_at(self, height: int, width: int) -> bool:
         """Whether a call at height × width is at a size the student was distilled at."""
@@ -70,11 +76,22 @@ class StudentCard:
 
 
 def save_student(folder: str | Path, card: StudentCard, weights: dict[str, torch.Tensor], pipeline_class: Any,
-                 transformer: torch.nn.Module | None = None) -> Path:
+                 transformer: torch.nn.Module | None = None,
+                 guidance_embedding: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the card and the weights (LoRA through the pipeline class's ``save_lora_weights``, in
-    float16; a full student as a float16 ``transformer/`` folder)."""
+    float16; a full student as a float16 ``transformer/`` folder; the guidance projection, when the card
+    has one, as float16 ``guidance_embedding.safetensors``)."""
+    from .guidance_embedding import WEIGHTS as GUIDANCE_WEIGHTS
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if (card.guidance_embedding is None) != (guidance_embedding is None):
+        raise ValueError("A student card with a guidance embedding needs its weights, and only such a card takes them.")
+    if guidance_embedding is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in guidance_embedding.items()},
+                  str(folder / GUIDANCE_WEIGHTS))
     if card.lora_rank:
         # peft names (lora_A / lora_B), as diffusers' own LoRA training scripts save them: the loader maps
         # them back onto every targeted layer (the older lora.down / lora.up names lose the attention ones).
@@ -97,11 +114,14 @@ def load_student(pipe: Any, folder: str | Path) -> Any:
     and ``guidance_scale=1`` (``student_call_defaults``); the student's CFG is baked in.
 
     Sampling re-noises between steps with the global torch generator (diffusers pipelines do not pass
-    theirs to ``scheduler.step``): seed ``torch.manual_seed`` too for repeatable outputs.
+    theirs to ``scheduler.step``): seed ``torch.manual_seed`` too for repeatable outputs. A student with a
+    guidance-scale embedding samples at ``card.guidance_scale`` until ``set_student_guidance`` changes it.
     (``diffaccel.accelerate(pipe, sampling=DistilledConfig(student=folder))`` does the same, removably.)
     """
     card = check_student(pipe, folder)
     install_student_weights(pipe, folder, card)
+    if card.guidance_embedding:
+        set_student_guidance(pipe, card.guidance_scale, card)
     pipe.scheduler = student_scheduler(pipe.scheduler, card)
     setattr(pipe, STUDENT_ATTRIBUTE, card)
     logger.info("diffaccel: loaded a %s student of %s from %s (%d steps, CFG %.1f baked in)", card.method,
@@ -120,6 +140,12 @@ def check_student(pipe: Any, folder: str | Path, pipeline_name: str | None = Non
         raise ValueError("This pipeline already holds a student; load the teacher again to swap students.")
     if not card.lora_rank and not (Path(folder) / "transformer").is_dir():
         raise ValueError(f"The student in {folder} has no weights: neither {LORA_WEIGHTS} nor transformer/.")
+    if card.guidance_embedding:
+        from .guidance_embedding import WEIGHTS as GUIDANCE_WEIGHTS
+
+        if not (Path(folder) / GUIDANCE_WEIGHTS).is_file():
+            raise ValueError(f"The student in {folder} samples with a guidance-scale embedding, and its weights "
+                             f"({GUIDANCE_WEIGHTS}) are missing.")
     return card
 
 
@@ -146,16 +172,44 @@ def install_student_weights(pipe: Any, folder: str | Path, card: StudentCard, ke
         if keep_original:
             saved = {k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()}
         transformer.load_state_dict(full.state_dict())
+    if card.guidance_embedding:
+        from safetensors.torch import load_file
+
+        from .guidance_embedding import WEIGHTS as GUIDANCE_WEIGHTS
+        from .guidance_embedding import add_guidance_embedding
+
+        weight = load_file(str(folder / GUIDANCE_WEIGHTS))["weight"]
+        add_guidance_embedding(transformer, int(card.guidance_embedding["dim"]), weight).scale = card.guidance_scale
     if not keep_original:
         return None
 
     def restore() -> None:
+        if card.guidance_embedding:
+            from .guidance_embedding import remove_guidance_embedding
+
+            remove_guidance_embedding(transformer)
         live = {**dict(transformer.named_parameters()), **dict(transformer.named_buffers())}
         with torch.no_grad():
             for name, value in saved.items():
                 live[name].copy_(value)
 
     return restore
+
+
+def set_student_guidance(pipe: Any, scale: float, card: StudentCard | None = None) -> None:
+    """Sample a student with a guidance-scale embedding at CFG ``scale`` (in its training range), still one
+    evaluation per step: call the pipeline with ``guidance_scale=1`` as always. Students without the
+    embedding bake one scale in and get an error that says so."""
+    from .guidance_embedding import check_scale, guidance_hook
+
+    card = card or student_of(pipe)
+    if card is None:
+        raise ValueError("This pipeline holds no student (diffaccel.distill.load_student puts one in).")
+    hook = guidance_hook(pipe.transformer)
+    if not card.guidance_embedding or hook is None:
+        raise ValueError(f"This student bakes in CFG {card.guidance_scale:g} and has no guidance-scale embedding; "
+                         f"distil one with LCDConfig(guidance_range=(low, high)) to choose the scale at sampling time.")
+    hook.scale = check_scale(scale, card.guidance_range())
 
 
 def student_scheduler(scheduler: Any, card: StudentCard) -> Any:
