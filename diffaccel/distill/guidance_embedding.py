@@ -13,9 +13,9 @@ no condition at all.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+from diffusers.hooks.hooks import HookRegistry, ModelHook
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 
 HOOK_NAME = "diffaccel_guidance_embedding"
 WEIGHTS = "guidance_embedding.safetensors"
@@ -26,16 +26,12 @@ EMBEDDER_NAMES = ("timestep_embedder", "time_embedder", "time_embedding")
 def guidance_features(scale: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of 1000·(g − 1), g the pipelines' CFG scale: LCM embeds w = g − 1 (its CFG is
     written x_c + w(x_c − x_∅)), with the frequencies of its ``get_guidance_scale_embedding``."""
-    from diffusers.models.embeddings import get_timestep_embedding
-
     return get_timestep_embedding(1000.0 * (scale.float() - 1.0), dim, flip_sin_to_cos=False, downscale_freq_shift=1)
 
 
 def timestep_embedder(transformer: torch.nn.Module) -> tuple[str, torch.nn.Module]:
     """The transformer's timestep embedder (a diffusers ``TimestepEmbedding``) and its name; an error that
     says why when there is none, or several that could be it."""
-    from diffusers.models.embeddings import TimestepEmbedding
-
     found = [(name, module) for name, module in transformer.named_modules() if isinstance(module, TimestepEmbedding)]
     named = [(name, module) for name, module in found if name.rsplit(".", 1)[-1] in EMBEDDER_NAMES]
     candidates = named or found
@@ -46,13 +42,7 @@ def timestep_embedder(transformer: torch.nn.Module) -> tuple[str, torch.nn.Modul
     return candidates[0]
 
 
-def _registry_hooks() -> tuple[Any, Any]:
-    from diffusers.hooks.hooks import HookRegistry, ModelHook
-
-    return HookRegistry, ModelHook
-
-
-class GuidanceEmbeddingHook(_registry_hooks()[1]):
+class GuidanceEmbeddingHook(ModelHook):
     """Feeds the embedded guidance scale to the timestep embedder as its ``condition``.
 
     ``scale``: None (no condition: the model without the embedding), a number (every sample), or one
@@ -80,7 +70,6 @@ def add_guidance_embedding(transformer: torch.nn.Module, dim: int = DEFAULT_DIM,
                            weight: torch.Tensor | None = None) -> GuidanceEmbeddingHook:
     """Give ``transformer``'s timestep embedder a guidance projection (zero, or ``weight``) and the hook
     that feeds it; returns the hook, whose ``scale`` starts as None (no effect)."""
-    HookRegistry, _ = _registry_hooks()
     _, embedder = timestep_embedder(transformer)
     if getattr(embedder, "cond_proj", None) is not None:
         raise ValueError(f"The timestep embedder of {type(transformer).__name__} already has a condition projection "

@@ -20,6 +20,7 @@ import torch
 from .config import LCDConfig
 from .consistency import consistency_function, euler_step, guided_velocity, pseudo_huber
 from .data import ProceduralScenes
+from .guidance_embedding import add_guidance_embedding, guidance_projection, projection_key
 from .teacher import FlowTeacher
 
 ADAPTER_NAME = "lcd"
@@ -113,8 +114,6 @@ class LCDTrainer:
         # own transformer; a LoRA student's is switched off (scale None) whenever the base plays teacher.
         self.guidance_hooks: list = []
         if config.guidance_range is not None:
-            from .guidance_embedding import add_guidance_embedding, guidance_projection
-
             for model in (self.student, self.target):
                 if model is not None:
                     self.guidance_hooks.append(add_guidance_embedding(model, config.guidance_embedding_dim))
@@ -257,8 +256,6 @@ class LCDTrainer:
             return self.trainable_state()
         weights = {k: v.detach().clone() for k, v in self.target.state_dict().items()}
         if self.guidance_hooks:
-            from .guidance_embedding import projection_key
-
             weights.pop(projection_key(self.target))
         return weights
 
@@ -266,8 +263,6 @@ class LCDTrainer:
         """The guidance projection's weight (of the EMA target for a full student), or None without one."""
         if not self.guidance_hooks:
             return None
-        from .guidance_embedding import guidance_projection
-
         return {"weight": guidance_projection(self._exported_model()).weight.detach().clone()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -299,8 +294,6 @@ class LCDTrainer:
 
             set_peft_model_state_dict(student, state["trainable"], adapter_name=ADAPTER_NAME)
             if self.guidance_hooks:
-                from .guidance_embedding import guidance_projection
-
                 with torch.no_grad():
                     guidance_projection(student).weight.copy_(state["guidance_embedding"]["weight"])
         else:

@@ -16,6 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+from .guidance_embedding import WEIGHTS as GUIDANCE_WEIGHTS
+from .guidance_embedding import add_guidance_embedding, check_scale, guidance_hook, remove_guidance_embedding
 
 logger = logging.getLogger("diffaccel")
 
@@ -81,15 +85,11 @@ def save_student(folder: str | Path, card: StudentCard, weights: dict[str, torch
     """Write the card and the weights (LoRA through the pipeline class's ``save_lora_weights``, in
     float16; a full student as a float16 ``transformer/`` folder; the guidance projection, when the card
     has one, as float16 ``guidance_embedding.safetensors``)."""
-    from .guidance_embedding import WEIGHTS as GUIDANCE_WEIGHTS
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if (card.guidance_embedding is None) != (guidance_embedding is None):
         raise ValueError("A student card with a guidance embedding needs its weights, and only such a card takes them.")
     if guidance_embedding is not None:
-        from safetensors.torch import save_file
-
         save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in guidance_embedding.items()},
                   str(folder / GUIDANCE_WEIGHTS))
     if card.lora_rank:
@@ -141,8 +141,6 @@ def check_student(pipe: Any, folder: str | Path, pipeline_name: str | None = Non
     if not card.lora_rank and not (Path(folder) / "transformer").is_dir():
         raise ValueError(f"The student in {folder} has no weights: neither {LORA_WEIGHTS} nor transformer/.")
     if card.guidance_embedding:
-        from .guidance_embedding import WEIGHTS as GUIDANCE_WEIGHTS
-
         if not (Path(folder) / GUIDANCE_WEIGHTS).is_file():
             raise ValueError(f"The student in {folder} samples with a guidance-scale embedding, and its weights "
                              f"({GUIDANCE_WEIGHTS}) are missing.")
@@ -173,11 +171,6 @@ def install_student_weights(pipe: Any, folder: str | Path, card: StudentCard, ke
             saved = {k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()}
         transformer.load_state_dict(full.state_dict())
     if card.guidance_embedding:
-        from safetensors.torch import load_file
-
-        from .guidance_embedding import WEIGHTS as GUIDANCE_WEIGHTS
-        from .guidance_embedding import add_guidance_embedding
-
         weight = load_file(str(folder / GUIDANCE_WEIGHTS))["weight"]
         add_guidance_embedding(transformer, int(card.guidance_embedding["dim"]), weight).scale = card.guidance_scale
     if not keep_original:
@@ -185,8 +178,6 @@ def install_student_weights(pipe: Any, folder: str | Path, card: StudentCard, ke
 
     def restore() -> None:
         if card.guidance_embedding:
-            from .guidance_embedding import remove_guidance_embedding
-
             remove_guidance_embedding(transformer)
         live = {**dict(transformer.named_parameters()), **dict(transformer.named_buffers())}
         with torch.no_grad():
@@ -200,8 +191,6 @@ def set_student_guidance(pipe: Any, scale: float, card: StudentCard | None = Non
     """Sample a student with a guidance-scale embedding at CFG ``scale`` (in its training range), still one
     evaluation per step: call the pipeline with ``guidance_scale=1`` as always. Students without the
     embedding bake one scale in and get an error that says so."""
-    from .guidance_embedding import check_scale, guidance_hook
-
     card = card or student_of(pipe)
     if card is None:
         raise ValueError("This pipeline holds no student (diffaccel.distill.load_student puts one in).")
