@@ -261,7 +261,15 @@ def _add_distill(subparsers) -> None:
     p.add_argument("--reward-mode", choices=["lrm", "direct"], default=None,
                    help="rg-lcd: optimise the latent proxy (lrm, default) or the judge itself (direct)")
     p.add_argument("--teacher", default="reference:image", help="reference:image (default; the embedded model, trained "
-                   "on procedural scenes, which are also the distillation data)")
+                   "on procedural scenes, which are also its distillation data), or a hub id or local folder of a "
+                   "CogView4-family pipeline (with --data, or --prompts for tdm)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="training images with captions (metadata.jsonl with file_name and text, as Hugging Face "
+                   "imagefolder datasets, or NAME.txt beside each image); needed for a teacher of your own")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="tdm: captions alone, one per line (data-free); default: the captions of --data")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="square training and sampling size in pixels (default: the teacher's)")
     p.add_argument("--steps", type=int, default=4, help="the student's default sampling steps K (default 4)")
     p.add_argument("--out", required=True, help="output folder: a new or empty one, or a run's to --resume")
     p.add_argument("--lora-rank", type=int, default=None,
@@ -296,7 +304,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     given = {k: v for k, v in (("lora_rank", args.lora_rank), ("learning_rate", args.lr),
-                               ("batch_size", args.batch_size)) if v is not None}
+                               ("batch_size", args.batch_size), ("height", args.resolution),
+                               ("width", args.resolution)) if v is not None}
     if args.guidance_range is not None:
         if args.method == "tdm":
             raise ValueError("--guidance-range is an option of the consistency methods (lcd, rg-lcd), not tdm.")
@@ -322,8 +331,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                  if v is not None})
     elif args.reward_scale is not None or args.reward_mode is not None:
         raise ValueError("--reward-scale and --reward-mode are options of --method rg-lcd.")
+    if args.prompts is not None and args.method != "tdm":
+        raise ValueError(f"--prompts is for --method tdm (data-free); {args.method} needs training images (--data DIR).")
+    if args.prompts is not None and args.data is not None:
+        raise ValueError("Give --data DIR or --prompts FILE, not both (tdm reads only the captions of --data).")
+    data = args.prompts if args.prompts is not None else args.data
     start = time.perf_counter()
-    out = distill(args.teacher, args.out, config, method=args.method, reward=reward, max_minutes=args.max_minutes,
+    out = distill(args.teacher, args.out, config, method=args.method, reward=reward, data=data, max_minutes=args.max_minutes,
                   max_steps=args.max_steps, resume=args.resume, save_every=args.save_every,
                   progress=not args.no_progress)
     print(f"wrote the student to {out} in {(time.perf_counter() - start) / 60:.1f} min")

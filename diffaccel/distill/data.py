@@ -1,12 +1,38 @@
-"""Training images for distillation: a deterministic stream, batch ``step`` drawn from (seed, step), so a
-resumed run sees exactly the batches an uninterrupted one would."""
+"""Training data for distillation: deterministic streams, batch ``step`` drawn from (seed, step), so a
+resumed run sees exactly the batches an uninterrupted one would.
+
+Three sources, each a frozen dataclass with a ``resolution`` (``dataclasses.replace`` gives the same source
+at another size) and ``batch(seed, step, size) -> (pixels or None, captions)``:
+
+- ``ProceduralScenes``: the reference models' own training distribution (rendered shape scenes);
+- ``CaptionedImages``: a user's folder of images with captions, for a teacher of their own (LCD, RG-LCD);
+- ``PromptList``: captions alone, which is all a data-free method (TDM) reads.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA = "metadata.jsonl"
+CAPTION_KEYS = ("text", "caption", "prompt")  # the column names diffusers' training scripts look for
+
+
+def epoch_indices(seed: int, step: int, size: int, count: int) -> np.ndarray:
+    """Which of ``count`` items batch ``step`` takes: every item once per epoch, in an order drawn from
+    (seed, epoch), so any batch is found from its number alone."""
+    positions = np.arange(step * size, (step + 1) * size)
+    out = np.empty(size, dtype=np.int64)
+    for epoch in np.unique(positions // count):
+        order = np.random.default_rng([seed, 104729, int(epoch)]).permutation(count)
+        here = positions // count == epoch
+        out[here] = order[positions[here] % count]
+    return out
 
 
 @dataclass(frozen=True)
@@ -23,3 +49,142 @@ class ProceduralScenes:
         pixels, captions, _ = scenes.sample_batch(rng, size, self.resolution)
         x = torch.from_numpy(pixels).float().permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
         return x, captions
+
+
+def read_captioned_folder(root: Path) -> tuple[tuple[str, str], ...]:
+    """(file name, caption) of every image in ``root``: from ``metadata.jsonl`` when there is one (the
+    imagefolder layout of Hugging Face ``datasets`` and diffusers' training scripts: one JSON object per
+    line with ``file_name`` and ``text``, ``caption`` or ``prompt``), else from a ``NAME.txt`` beside
+    each image. Errors name the file at fault."""
+    if not root.is_dir():
+        raise ValueError(f"Training images: {root} is not a folder.")
+    metadata = root / METADATA
+    entries: list[tuple[str, str]] = []
+    if metadata.is_file():
+        for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{metadata}, line {number}: not JSON ({error.msg}).") from None
+            key = next((k for k in CAPTION_KEYS if k in row), None)
+            if "file_name" not in row or key is None:
+                raise ValueError(f"{metadata}, line {number}: needs 'file_name' and a caption "
+                                 f"({' or '.join(repr(k) for k in CAPTION_KEYS)}); it has {sorted(row)}.")
+            if not (root / row["file_name"]).is_file():
+                raise ValueError(f"{metadata}, line {number}: image {row['file_name']!r} is not in {root}.")
+            entries.append((str(row["file_name"]), str(row[key])))
+    else:
+        for image in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            caption = image.with_suffix(".txt")
+            if not caption.is_file():
+                raise ValueError(f"Training image {image} has no caption: put one in {caption.name}, or list every "
+                                 f"image with its caption in {root / METADATA}.")
+            entries.append((image.name, caption.read_text().strip()))
+    if not entries:
+        raise ValueError(f"{root} holds no captioned images ({', '.join(IMAGE_SUFFIXES)} with {METADATA} or .txt "
+                         f"captions).")
+    empty = [name for name, caption in entries if not caption.strip()]
+    if empty:
+        raise ValueError(f"{len(empty)} training image(s) in {root} have an empty caption, e.g. {empty[0]}.")
+    return tuple(entries)
+
+
+def load_square(path: Path, resolution: int) -> torch.Tensor:
+    """One image as (3, R, R) in [-1, 1]: the shorter side resized to R (bicubic), then a centre crop, as
+    diffusers' text-to-image training scripts prepare theirs."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"Cannot read training image {path}: {error}") from None
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return pixels.permute(2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class CaptionedImages:
+    """A folder of training images with captions (see ``read_captioned_folder``), served square at
+    ``resolution``. Each epoch visits every image once."""
+
+    root: str
+    resolution: int = 64
+    entries: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0:
+            raise ValueError(f"CaptionedImages.resolution={self.resolution}: must be positive.")
+        if not self.entries:
+            object.__setattr__(self, "entries", read_captioned_folder(Path(self.root)))
+
+    def batch(self, seed: int, step: int, size: int) -> tuple[torch.Tensor, list[str]]:
+        chosen = [self.entries[i] for i in epoch_indices(seed, step, size, len(self.entries))]
+        pixels = torch.stack([load_square(Path(self.root) / name, self.resolution) for name, _ in chosen])
+        return pixels, [caption for _, caption in chosen]
+
+    def describe(self) -> str:
+        return f"images:{Path(self.root).resolve()} ({len(self.entries)})"
+
+
+@dataclass(frozen=True)
+class PromptList:
+    """Captions alone, for data-free distillation (TDM): ``batch`` returns no pixels."""
+
+    prompts: tuple[str, ...]
+    resolution: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompts", tuple(str(p) for p in self.prompts))
+        if not self.prompts or not all(p.strip() for p in self.prompts):
+            raise ValueError("PromptList needs at least one prompt, none of them empty.")
+
+    @classmethod
+    def from_file(cls, path: str | Path, resolution: int = 64) -> "PromptList":
+        """One prompt per line; blank lines are skipped."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"Prompt file {path} does not exist.")
+        prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        if not prompts:
+            raise ValueError(f"Prompt file {path} holds no prompts.")
+        return cls(prompts, resolution)
+
+    def batch(self, seed: int, step: int, size: int) -> tuple[None, list[str]]:
+        return None, [self.prompts[i] for i in epoch_indices(seed, step, size, len(self.prompts))]
+
+    def describe(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:12]
+        return f"prompts:{len(self.prompts)}:{digest}"
+
+
+DataSource = ProceduralScenes | CaptionedImages | PromptList
+
+
+def data_source(spec: "str | Path | DataSource | None", resolution: int) -> DataSource | None:
+    """What ``distill(data=...)`` takes: a folder of captioned images, a text file of prompts (one per
+    line), a source object, or None (the teacher's own, where it has one)."""
+    if spec is None or isinstance(spec, (ProceduralScenes, CaptionedImages, PromptList)):
+        return spec
+    path = Path(spec)
+    if path.is_dir():
+        return CaptionedImages(str(path), resolution)
+    if path.is_file():
+        return PromptList.from_file(path, resolution)
+    raise ValueError(f"Distillation data {str(spec)!r} is neither a folder of captioned images nor a prompt file.")
+
+
+def describe(data: DataSource | None) -> str:
+    """A stable description of a source, recorded in checkpoints so a resumed run uses the same data."""
+    if data is None or isinstance(data, ProceduralScenes):
+        return "procedural-scenes"
+    return data.describe()

@@ -19,7 +19,7 @@ import torch
 
 from .config import LCDConfig
 from .consistency import consistency_function, euler_step, guided_velocity, pseudo_huber
-from .data import ProceduralScenes
+from .data import DataSource, PromptList
 from .guidance_embedding import add_guidance_embedding, guidance_projection, projection_key
 from .teacher import FlowTeacher
 
@@ -58,7 +58,7 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed:
         )
 
 
-def bind_trainer(trainer: Any, teacher: FlowTeacher, config: Any, data: ProceduralScenes | None,
+def bind_trainer(trainer: Any, teacher: FlowTeacher, config: Any, data: DataSource | None,
                  accelerator: Any) -> None:
     """What every trainer holds: the teacher, its config, the caption/image source, the CFG scale it
     distils (required: ``distill()`` fills in the teacher's default) and the ``Accelerator``."""
@@ -91,8 +91,11 @@ class LCDTrainer:
     (seed, step)).
     """
 
-    def __init__(self, teacher: FlowTeacher, config: LCDConfig, data: ProceduralScenes | None = None,
+    def __init__(self, teacher: FlowTeacher, config: LCDConfig, data: DataSource | None = None,
                  accelerator: Any = None) -> None:
+        if isinstance(data, PromptList):
+            raise ValueError("Consistency distillation (lcd, rg-lcd) noises training images: give a folder of captioned "
+                             "images, not prompts alone (TDM is the data-free method).")
         bind_trainer(self, teacher, config, data, accelerator)
         self.grids = {size: view.sigma_grid(config.solver_steps) for size, view in self.sizes.teachers.items()}
         base = teacher.transformer

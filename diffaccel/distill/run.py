@@ -9,6 +9,7 @@ A run is resumable: ``checkpoint.pt`` in the output folder is rewritten every ``
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from .config import LCDConfig, RewardConfig, TDMConfig
+from .data import CaptionedImages, DataSource, PromptList, data_source, describe
 from .student import STUDENT_SCHEDULER, StudentCard, save_student
 
 logger = logging.getLogger("diffaccel")
@@ -30,9 +32,10 @@ METHODS: dict[str, type] = {"lcd": LCDConfig, "rg-lcd": LCDConfig, "tdm": TDMCon
 Config = LCDConfig | TDMConfig
 
 
-def load_teacher(spec: str) -> tuple[Any, str, dict[str, Any]]:
-    """``reference:image`` (the embedded model) -> (pipeline, name, facts). Other teachers need a data
-    source of their own, which diffaccel does not ship yet."""
+def load_teacher(spec: str, device: str | None = None) -> tuple[Any, str, dict[str, Any]]:
+    """``reference:image`` (the embedded model) or a hub id / local folder (``DiffusionPipeline.from_pretrained``,
+    float32 for training, on the GPU when there is one) -> (pipeline, name, facts: the teacher's default steps,
+    CFG scale and resolution, from the pipeline's own call defaults for a model of the user's)."""
     if spec.startswith("reference:"):
         from diffaccel.pipelines import reference
 
@@ -44,14 +47,37 @@ def load_teacher(spec: str) -> tuple[Any, str, dict[str, Any]]:
             raise ValueError(f"Distilling the video model ({spec}) is not supported yet: the distillers here handle "
                              f"text-to-image flow-matching teachers (reference:image).")
         return reference.load(name), spec, facts
-    raise ValueError(
-        f"Cannot distill {spec!r} yet: LCD and RG-LCD need training images with captions, TDM captions of the "
-        f"teacher's domain, and diffaccel ships them only for the reference teachers (reference:image, procedural "
-        f"scenes)."
-    )
+    from diffaccel.loading import load_model
+
+    loaded = load_model(spec, device=device, dtype="float32")
+    if loaded.is_video:
+        raise ValueError(f"Distilling a video pipeline ({type(loaded.pipe).__name__} from {spec}) is not supported yet: "
+                         f"the distillers here handle text-to-image flow-matching teachers.")
+    return loaded.pipe, spec, pipeline_facts(loaded.pipe)
 
 
-def _check_folder(out: Path, resume: bool, teacher: str, method: str, config: Config) -> dict[str, Any] | None:
+def pipeline_facts(pipe: Any) -> dict[str, Any]:
+    """A user's teacher's defaults, as its pipeline runs when called without arguments: steps and CFG scale
+    from ``__call__``'s signature, resolution from the pipeline's ``default_sample_size`` or the
+    transformer's ``sample_size`` (CogView4) × the VAE's scale factor."""
+    parameters = inspect.signature(pipe.__call__).parameters
+
+    def default(name: str) -> Any:
+        value = parameters[name].default if name in parameters else inspect.Parameter.empty
+        return None if value is inspect.Parameter.empty else value
+
+    sample_size = getattr(pipe, "default_sample_size", None) or getattr(pipe.transformer.config, "sample_size", None)
+    factor = getattr(pipe, "vae_scale_factor", None)
+    facts = {"default_steps": default("num_inference_steps"), "default_guidance": default("guidance_scale"),
+             "default_resolution": sample_size * factor if sample_size and factor else None, "is_video": False}
+    missing = [k for k, v in facts.items() if v is None]
+    if missing:
+        raise ValueError(f"Cannot tell {type(pipe).__name__}'s default {', '.join(missing)} from the pipeline; this "
+                         f"teacher is not one diffaccel distill knows.")
+    return facts
+
+
+def _check_folder(out: Path, resume: bool, teacher: str, method: str, config: Config, data: str) -> dict[str, Any] | None:
     checkpoint = out / CHECKPOINT
     if not checkpoint.is_file():
         if out.is_dir() and any(out.iterdir()):
@@ -70,6 +96,8 @@ def _check_folder(out: Path, resume: bool, teacher: str, method: str, config: Co
     if theirs != (teacher, method, config):
         raise ValueError(f"{out} holds another run (teacher {theirs[0]}, method {theirs[1]}, {theirs[2]}); "
                          f"this one is teacher {teacher}, method {method}, {config}.")
+    if state.get("data", "procedural-scenes") != data:
+        raise ValueError(f"{out} holds a run on other data ({state.get('data', 'procedural-scenes')}); this one reads {data}.")
     return state
 
 
@@ -94,13 +122,18 @@ def _guidance_embedding_of(config: Config) -> dict[str, Any] | None:
 
 
 def distill(teacher: str, out: str | Path, config: Config | None = None, *, method: str = "lcd",
-            reward: RewardConfig | None = None, max_minutes: float | None = None, max_steps: int | None = None, resume: bool = False,
+            reward: RewardConfig | None = None, data: str | Path | DataSource | None = None,
+            max_minutes: float | None = None, max_steps: int | None = None, resume: bool = False,
             save_every: float = 3.0, progress: bool = True) -> Path:
     """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student).
 
+    ``teacher``: "reference:image", or a hub id or local folder of a supported pipeline (CogView4 family).
     ``method`` "lcd", or "rg-lcd" with ``reward`` (default ``RewardConfig()``: β = 1, latent proxy), whose
     expert is the reference judge of the teacher's scenes (both with an ``LCDConfig``); or "tdm" with a
-    ``TDMConfig`` (data-free: it reads only the captions)."""
+    ``TDMConfig`` (data-free: it reads only the captions).
+    ``data``: a folder of captioned images (``CaptionedImages``: ``metadata.jsonl`` or ``.txt`` captions), a
+    prompt file (TDM), or a source object. The reference teacher defaults to its procedural scenes; a
+    teacher of the user's needs data of its domain."""
     from tqdm.auto import tqdm
 
     from .lcd import LCDTrainer
@@ -115,6 +148,14 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         raise ValueError(f"A reward config is for method 'rg-lcd', not {method!r}.")
     if max_minutes is None and max_steps is None:
         raise ValueError("Give a budget: max_minutes or max_steps.")
+    if method == "rg-lcd" and teacher != "reference:image":
+        raise ValueError(f"rg-lcd's expert reward is diffaccel's reference judge, which scores the procedural scenes of "
+                         f"reference:image; it cannot reward {teacher}'s images. Use lcd or tdm for this teacher.")
+    is_reference = teacher.startswith("reference:")
+    if data is None and not is_reference:
+        wanted = "a prompt file or a folder of captioned images" if method == "tdm" else "a folder of captioned images"
+        raise ValueError(f"Distilling {teacher} needs training data of its domain: give {wanted} (data=..., "
+                         f"`diffaccel distill --data`). Only the reference teachers bring their own (procedural scenes).")
     pipe, name, facts = load_teacher(teacher)
     resolved = dataclasses.replace(
         config,
@@ -125,23 +166,30 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     if resolved.student_steps > facts["default_steps"]:
         raise ValueError(f"student_steps={resolved.student_steps} is more than the teacher's own {facts['default_steps']} "
                          f"steps: nothing to distill.")
+    source = data_source(data, resolved.height)
+    if method == "tdm" and isinstance(source, CaptionedImages):  # data-free: the captions are all it reads
+        source = PromptList(tuple(caption for _, caption in source.entries), source.resolution)
+    if method != "tdm" and isinstance(source, PromptList):
+        raise ValueError(f"{method} noises training images: give a folder of captioned images, not prompts alone "
+                         f"(tdm is the data-free method).")
     out = Path(out)
-    saved = _check_folder(out, resume, name, method, resolved)
+    saved = _check_folder(out, resume, name, method, resolved, describe(source))
     out.mkdir(parents=True, exist_ok=True)
 
-    adapter = teacher_for(pipe, resolved.height, resolved.width)
+    # the reference models were trained told 1000·σ; a teacher of the user's is told what its pipeline tells it
+    adapter = teacher_for(pipe, resolved.height, resolved.width, "sigma" if is_reference else "pipeline")
     if method == "rg-lcd":
         from diffaccel.pipelines.reference import judge as judges
 
         from .rglcd import RGLCDTrainer
 
-        trainer = RGLCDTrainer(adapter, resolved, reward or RewardConfig(), judges.load_judge("image"))
+        trainer = RGLCDTrainer(adapter, resolved, reward or RewardConfig(), judges.load_judge("image"), data=source)
     elif method == "tdm":
         from .tdm import TDMTrainer
 
-        trainer = TDMTrainer(adapter, resolved)
+        trainer = TDMTrainer(adapter, resolved, source)
     else:
-        trainer = LCDTrainer(adapter, resolved)
+        trainer = LCDTrainer(adapter, resolved, source)
     minutes_before, losses = 0.0, []
     if saved is not None:
         trainer.load_state_dict(saved["trainer"])
@@ -154,8 +202,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         return minutes_before + (time.monotonic() - start) / 60.0
 
     def save() -> None:
-        _atomic_save({"teacher": name, "method": method, "config": resolved.to_dict(), "trainer": trainer.state_dict(),
-                      "minutes": minutes(), "losses": losses}, out / CHECKPOINT)
+        _atomic_save({"teacher": name, "method": method, "config": resolved.to_dict(), "data": describe(source),
+                      "trainer": trainer.state_dict(), "minutes": minutes(), "losses": losses}, out / CHECKPOINT)
         card = StudentCard(
             method=method, teacher=name, pipeline=type(pipe).__name__, default_steps=resolved.student_steps,
             guidance_scale=resolved.guidance_scale, lora_rank=resolved.lora_rank,
@@ -163,6 +211,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             sizes=list(resolved.sizes) if resolved.sizes else None,
             guidance_embedding=_guidance_embedding_of(resolved),
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
+                      "data": describe(source),
                       "final_loss": float(np.mean(losses[-100:])) if losses else None, "config": resolved.to_dict(),
                       **({"reward": trainer.reward.to_dict()} if method == "rg-lcd" else {})},
         )

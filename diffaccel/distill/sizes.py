@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .data import ProceduralScenes
+from .data import DataSource, ProceduralScenes, PromptList
 from .teacher import FlowTeacher
 
 # Which methods' students can start one another: the same student parametrisation and sampler.
@@ -32,17 +32,17 @@ def trained_sizes(config: Any) -> list[tuple[int, int]]:
 class SizeCycle:
     """The teacher view and scene source of each training size, chosen by the iteration's number."""
 
-    def __init__(self, teacher: FlowTeacher, config: Any, data: ProceduralScenes | None = None) -> None:
+    def __init__(self, teacher: FlowTeacher, config: Any, data: DataSource | None = None) -> None:
         from .teacher import teacher_for
 
         self.sizes = trained_sizes(config) if config.sizes else [(teacher.height, teacher.width)]
-        if len(self.sizes) > 1 and data is not None and not isinstance(data, ProceduralScenes):
-            raise ValueError(f"Distilling at several sizes ({config.sizes}) needs a scene source it can render at "
-                             f"each size; {type(data).__name__} has one resolution.")
-        self.teachers = {size: teacher if size == (teacher.height, teacher.width) else teacher_for(teacher.pipe, *size)
+        source = data if data is not None else ProceduralScenes()
+        if any(h != w for h, w in self.sizes) and not isinstance(source, PromptList):
+            raise ValueError(f"The training images are square; distil at square sizes, not {self.sizes}.")
+        self.teachers = {size: teacher if size == (teacher.height, teacher.width) else teacher_for(teacher.pipe, *size, teacher.timestep_convention)
                          for size in self.sizes}
-        self.data = {size: (data if data is not None and (len(self.sizes) == 1 or data.resolution == size[0])
-                            else dataclasses.replace(data or ProceduralScenes(), resolution=size[0]))
+        # every size its own copy of the source, serving images at that size
+        self.data = {size: source if source.resolution == size[0] else dataclasses.replace(source, resolution=size[0])
                      for size in self.sizes}
 
     def size_at(self, step: int) -> tuple[int, int]:

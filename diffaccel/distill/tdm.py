@@ -24,7 +24,7 @@ import torch
 
 from .config import TDMConfig
 from .consistency import expand_like, guided_velocity, x0_from_velocity
-from .data import ProceduralScenes
+from .data import DataSource
 from .lcd import add_lora, bind_trainer, use_size
 from .teacher import FlowTeacher
 
@@ -80,7 +80,7 @@ class TDMTrainer:
     iteration (``fake_updates`` fake-score steps, one student step) and returns the student's loss.
     Statistics of the last step are in ``last_rewards`` (shown next to the loss)."""
 
-    def __init__(self, teacher: FlowTeacher, config: TDMConfig, data: ProceduralScenes | None = None,
+    def __init__(self, teacher: FlowTeacher, config: TDMConfig, data: DataSource | None = None,
                  accelerator: Any = None) -> None:
         bind_trainer(self, teacher, config, data, accelerator)
         if self.accelerator.num_processes > 1:

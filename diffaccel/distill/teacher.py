@@ -18,12 +18,20 @@ class FlowTeacher:
     """A flow-matching text-to-image teacher (CogView4 family) at one resolution.
 
     ``velocity`` calls any transformer of the teacher's class (the teacher, the student or the
-    target), exactly as the pipeline calls it while sampling.
+    target), exactly as the pipeline calls it while sampling. ``timestep_convention`` says what the
+    transformer is told at noise level σ: "sigma", 1000·σ (how the reference models were trained);
+    "pipeline", what the pipeline tells it there (CogView4: the timestep before its schedule shift), for
+    teachers trained elsewhere.
     """
 
     pipe: Any
     height: int
     width: int
+    timestep_convention: str = "sigma"
+
+    def __post_init__(self) -> None:
+        if self.timestep_convention not in TIMESTEP_CONVENTIONS:
+            raise ValueError(f"timestep_convention={self.timestep_convention!r}: choose from {TIMESTEP_CONVENTIONS}.")
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -45,12 +53,27 @@ class FlowTeacher:
         if timesteps is None:
             timesteps = np.linspace(config.num_train_timesteps, 1.0, num_steps)
         timesteps = np.asarray(timesteps).astype(np.int64).astype(np.float32)
-        channels, h, w = self.latent_shape
-        seq_len = (h * w) // self.transformer.config.patch_size**2
-        mu = calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("base_shift", 0.25),
-                             config.get("max_shift", 0.75))
-        scheduler.set_timesteps(num_steps, sigmas=timesteps / config.num_train_timesteps, mu=mu)
+        scheduler.set_timesteps(num_steps, sigmas=timesteps / config.num_train_timesteps, mu=self.shift_mu)
         return scheduler.sigmas.float().clone()
+
+    @property
+    def shift_mu(self) -> float:
+        """μ of the schedule's resolution-dependent shift at this size (CogView4's ``calculate_shift``)."""
+        from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
+
+        config = self.pipe.scheduler.config
+        _, h, w = self.latent_shape
+        seq_len = (h * w) // self.transformer.config.patch_size**2
+        return calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("base_shift", 0.25),
+                               config.get("max_shift", 0.75))
+
+    def told_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The timestep the transformer is told at noise level σ (see ``timestep_convention``). For
+        "pipeline" the scheduler's shift is inverted: σ = shift(s) with s = t / T, so t = T·shift⁻¹(σ)."""
+        config = self.pipe.scheduler.config
+        if self.timestep_convention == "sigma":
+            return sigma * 1000.0
+        return unshifted_fraction(sigma, config, self.shift_mu) * float(config.num_train_timesteps)
 
     def student_grid(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A student's stages as the pipeline runs them (``student.trailing_timesteps``): the timesteps its
@@ -79,7 +102,7 @@ class FlowTeacher:
         """v at noise level ``sigma``; the transformer is told ``timestep`` (default 1000·σ, as the
         reference models were trained)."""
         n = sample.shape[0]
-        timestep = sigma * 1000.0 if timestep is None else timestep
+        timestep = self.told_timestep(sigma) if timestep is None else timestep
         size = torch.tensor([[self.height, self.width]], dtype=embeds.dtype, device=sample.device).repeat(n, 1)
         return transformer(
             hidden_states=sample, encoder_hidden_states=embeds, timestep=timestep.to(sample.dtype),
@@ -87,10 +110,26 @@ class FlowTeacher:
         )[0]
 
 
+TIMESTEP_CONVENTIONS = ("sigma", "pipeline")
 FAMILIES = {"CogView4Pipeline": FlowTeacher}
 
 
-def teacher_for(pipe: Any, height: int, width: int) -> FlowTeacher:
+def unshifted_fraction(sigma: torch.Tensor, config: Any, mu: float) -> torch.Tensor:
+    """s in [0, 1] with shift(s) = σ, for diffusers' flow-matching shifts: dynamic (μ; "exponential":
+    σ = e^μ / (e^μ + 1/s − 1), "linear": σ = μ / (μ + 1/s − 1)) or static (σ = k·s / (1 + (k − 1)·s))."""
+    if config.get("shift_terminal") or any(config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas",
+                                                                      "use_beta_sigmas")):
+        raise ValueError("This teacher's scheduler reshapes its sigmas (shift_terminal or Karras/exponential/beta "
+                         "spacing); diffaccel distill cannot tell which timestep the pipeline gives at a noise level.")
+    sigma = sigma.double().clamp(min=1e-12)
+    if config.get("use_dynamic_shifting"):
+        factor = torch.tensor(mu).double().exp() if config.get("time_shift_type", "exponential") == "exponential" else mu
+        return (1.0 / (1.0 + factor * (1.0 / sigma - 1.0))).float()
+    shift = float(config.get("shift", 1.0))
+    return (sigma / (shift - (shift - 1.0) * sigma)).float()
+
+
+def teacher_for(pipe: Any, height: int, width: int, timestep_convention: str = "sigma") -> FlowTeacher:
     """The teacher adapter of this pipeline, or an error naming the families that can be distilled."""
     name = type(pipe).__name__
     if name not in FAMILIES:
@@ -107,4 +146,4 @@ def teacher_for(pipe: Any, height: int, width: int) -> FlowTeacher:
     factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
     if height % factor or width % factor:
         raise ValueError(f"Distillation size {height}x{width} must be a multiple of {factor} for this {name}.")
-    return FAMILIES[name](pipe, height, width)
+    return FAMILIES[name](pipe, height, width, timestep_convention)

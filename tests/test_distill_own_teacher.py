@@ -1,0 +1,168 @@
+"""Distilling a teacher of the user's: a pipeline folder (or hub id) through ``from_pretrained``, trained on
+a folder of captioned images (LCD) or a prompt file (TDM), told the timesteps its own pipeline tells it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffaccel.distill import CaptionedImages, LCDConfig, PromptList, StudentCard, TDMConfig, distill
+from diffaccel.distill.data import epoch_indices
+from diffaccel.distill.run import load_teacher
+from diffaccel.distill.teacher import teacher_for
+from diffaccel.pipelines import reference
+from diffaccel.pipelines.reference import scenes
+
+TINY_LCD = dict(batch_size=2, solver_steps=10, warmup_steps=0, lora_rank=4, learning_rate=1e-3, height=64, width=64)
+TINY_TDM = dict(batch_size=2, warmup_steps=0, lora_rank=4, height=64, width=64)
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    """The reference image model saved as an ordinary pipeline folder: a teacher 'of the user's'."""
+    folder = tmp_path_factory.mktemp("teacher") / "my-cogview4"
+    reference.load("image").save_pretrained(folder)
+    return folder
+
+
+def write_images(folder, count: int, captions_as: str = "metadata", size=(96, 80)):
+    """``count`` procedural scenes as PNGs of ``size`` (not square: loading must crop), captioned."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels, captions, _ = scenes.sample_batch(np.random.default_rng(5), count, max(size))
+    rows = []
+    for i, (image, caption) in enumerate(zip(pixels, captions)):
+        name = f"scene_{i:03d}.png"
+        Image.fromarray((image * 255).round().astype(np.uint8)).resize(size).save(folder / name)
+        if captions_as == "metadata":
+            rows.append(json.dumps({"file_name": name, "text": caption}))
+        else:
+            (folder / name).with_suffix(".txt").write_text(caption + "\n")
+    if rows:
+        (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder, captions
+
+
+def test_captioned_images_read_both_layouts_and_batch_deterministically(tmp_path):
+    folder, captions = write_images(tmp_path / "meta", 5)
+    data = CaptionedImages(str(folder), resolution=32)
+    pixels, got = data.batch(seed=0, step=1, size=3)
+    assert pixels.shape == (3, 3, 32, 32) and pixels.min() >= -1.0 and pixels.max() <= 1.0
+    assert set(got) <= set(captions)
+    again, got_again = CaptionedImages(str(folder), resolution=32).batch(seed=0, step=1, size=3)
+    assert torch.equal(pixels, again) and got == got_again  # batch `step` from (seed, step) alone: exact resume
+    side, side_captions = write_images(tmp_path / "txt", 4, captions_as="txt")
+    assert [c for _, c in CaptionedImages(str(side)).entries] == side_captions
+    # an epoch shows every item once
+    first_epoch = np.concatenate([epoch_indices(3, step, 2, 7) for step in range(4)])[:7]
+    assert sorted(first_epoch) == list(range(7))
+
+
+def test_bad_training_folders_get_errors_naming_the_file(tmp_path):
+    folder, _ = write_images(tmp_path / "a", 2, captions_as="txt")
+    (folder / "scene_001.txt").unlink()
+    with pytest.raises(ValueError, match="scene_001.png has no caption"):
+        CaptionedImages(str(folder))
+    folder, _ = write_images(tmp_path / "b", 2)
+    (folder / "metadata.jsonl").write_text('{"file_name": "gone.png", "text": "x"}\n')
+    with pytest.raises(ValueError, match="line 1: image 'gone.png' is not in"):
+        CaptionedImages(str(folder))
+    (folder / "metadata.jsonl").write_text('{"file_name": "scene_000.png"}\n')
+    with pytest.raises(ValueError, match="needs 'file_name' and a caption"):
+        CaptionedImages(str(folder))
+    (folder / "metadata.jsonl").write_text('{"file_name": "scene_000.png", "text": " "}\n')
+    with pytest.raises(ValueError, match="empty caption"):
+        CaptionedImages(str(folder))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no captioned images"):
+        CaptionedImages(str(tmp_path / "empty"))
+    (tmp_path / "prompts.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        PromptList.from_file(tmp_path / "prompts.txt")
+
+
+def test_pipeline_convention_tells_the_timesteps_the_pipeline_tells():
+    """A teacher trained elsewhere must see, at noise level σ, the timestep its pipeline gives there
+    (CogView4: before the resolution shift), not 1000·σ."""
+    pipe = reference.load("image")
+    for size in (64, 128):
+        seen = []
+        pipe(["a red circle on a blue background"], height=size, width=size, num_inference_steps=12, guidance_scale=1.0,
+             output_type="latent",
+             callback_on_step_end=lambda p, i, t, kw: seen.append((float(p.scheduler.sigmas[i]), float(p.current_timestep))) or {})
+        sigmas, told = (torch.tensor(column) for column in zip(*seen))
+        pipeline_view = teacher_for(pipe, size, size, "pipeline")
+        assert torch.allclose(pipeline_view.told_timestep(sigmas), told, atol=1e-2)
+        if size == 64:  # CogView4's shift is the identity at 256 tokens (128 px here), not below
+            assert not torch.allclose(teacher_for(pipe, size, size).told_timestep(sigmas), told, atol=1.0)
+    with pytest.raises(ValueError, match="timestep_convention"):
+        teacher_for(pipe, 64, 64, "shifted")
+
+
+def test_own_teacher_is_loaded_with_its_pipelines_defaults(teacher_folder):
+    pipe, name, facts = load_teacher(str(teacher_folder))
+    assert type(pipe).__name__ == "CogView4Pipeline" and name == str(teacher_folder)
+    assert pipe.transformer.dtype == torch.float32
+    # CogView4's own call defaults, as a user of that model gets them
+    assert facts["default_steps"] == 50 and facts["default_guidance"] == 5.0
+    assert facts["default_resolution"] == pipe.transformer.config.sample_size * pipe.vae_scale_factor
+
+
+def test_lcd_student_of_a_teacher_folder_trains_resumes_and_generates(teacher_folder, tmp_path, capsys):
+    from diffaccel.cli import main
+
+    images, _ = write_images(tmp_path / "images", 6)
+    out = tmp_path / "student"
+    base = ["distill", "--teacher", str(teacher_folder), "--data", str(images), "--resolution", "64", "--lora-rank", "4",
+            "--batch-size", "2", "--solver-steps", "10", "--out", str(out), "--no-progress", "--threads", "1"]
+    assert main(base + ["--max-steps", "1"]) == 0
+    assert main(base + ["--max-steps", "2", "--resume"]) == 0
+    card = StudentCard.load(out)
+    assert card.teacher == str(teacher_folder) and card.pipeline == "CogView4Pipeline"
+    assert card.guidance_scale == 5.0 and (card.height, card.width) == (64, 64)  # the teacher's CFG default
+    assert card.training["steps"] == 2 and card.training["data"].startswith("images:")
+    # the same run on other data is another run
+    other, _ = write_images(tmp_path / "other", 3, captions_as="txt")
+    assert main([*base[:4], str(other), *base[5:], "--max-steps", "3", "--resume"]) == 2
+    assert "holds a run on other data" in capsys.readouterr().err
+
+    stats = tmp_path / "stats.json"
+    assert main(["generate", "a red circle on a blue background", "-o", str(tmp_path / "a.png"), "--model",
+                 str(teacher_folder), "--distilled", str(out), "--preset", "off", "--stats-json", str(stats)]) == 0
+    assert Image.open(tmp_path / "a.png").size == (64, 64)
+    assert json.loads(stats.read_text())["stats"]["denoiser_calls"] == 4  # the student's 4 steps, CFG baked in
+
+
+def test_tdm_student_of_a_teacher_folder_reads_prompts_alone(teacher_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n\na green square on the left\n")
+    folder = distill(str(teacher_folder), tmp_path / "tdm", TDMConfig(**TINY_TDM), method="tdm", data=prompts,
+                     max_steps=1, progress=False)
+    card = StudentCard.load(folder)
+    assert card.method == "tdm" and card.training["data"].startswith("prompts:2:")
+
+
+def test_own_teacher_errors_name_what_is_missing(teacher_folder, tmp_path):
+    from diffaccel.cli import main
+
+    config = LCDConfig(**TINY_LCD)
+    with pytest.raises(ValueError, match="needs training data of its domain: give a folder of captioned images"):
+        distill(str(teacher_folder), tmp_path / "a", config, max_steps=1)
+    with pytest.raises(ValueError, match="give a prompt file or a folder"):
+        distill(str(teacher_folder), tmp_path / "a", TDMConfig(**TINY_TDM), method="tdm", max_steps=1)
+    with pytest.raises(ValueError, match="rg-lcd's expert reward is diffaccel's reference judge"):
+        distill(str(teacher_folder), tmp_path / "a", config, method="rg-lcd", data=tmp_path, max_steps=1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(ValueError, match="lcd noises training images"):
+        distill(str(teacher_folder), tmp_path / "a", config, data=prompts, max_steps=1)
+    with pytest.raises(ValueError, match="neither a folder of captioned images nor a prompt file"):
+        distill(str(teacher_folder), tmp_path / "a", config, data=tmp_path / "nothing", max_steps=1)
+    images, _ = write_images(tmp_path / "images", 2)
+    with pytest.raises(ValueError, match="square sizes"):
+        distill(str(teacher_folder), tmp_path / "b", LCDConfig(**{**TINY_LCD, "width": 128}), data=images, max_steps=1)
+    assert main(["distill", "--teacher", str(teacher_folder), "--prompts", str(prompts), "--out", str(tmp_path / "c"),
+                 "--max-steps", "1"]) == 2  # --prompts with lcd
