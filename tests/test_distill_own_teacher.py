@@ -166,3 +166,64 @@ def test_own_teacher_errors_name_what_is_missing(teacher_folder, tmp_path):
         distill(str(teacher_folder), tmp_path / "b", LCDConfig(**{**TINY_LCD, "width": 128}), data=images, max_steps=1)
     assert main(["distill", "--teacher", str(teacher_folder), "--prompts", str(prompts), "--out", str(tmp_path / "c"),
                  "--max-steps", "1"]) == 2  # --prompts with lcd
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    """A tiny Stable Diffusion 3 pipeline (random weights, offline tokenizers) saved as a pipeline folder."""
+    from tiny_pipelines import sd3
+
+    folder = tmp_path_factory.mktemp("sd3") / "my-sd3"
+    sd3().pipe.save_pretrained(folder)
+    return folder
+
+
+def test_sd3_teacher_sees_the_pipelines_own_schedule_and_conditioning(sd3_folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder)
+    seen = []
+    pipe("a red circle", height=64, width=64, num_inference_steps=6, guidance_scale=1.0, output_type="latent",
+         max_sequence_length=32,
+         callback_on_step_end=lambda p, i, t, kw: seen.append((float(p.scheduler.sigmas[i]), float(t))) or {})
+    sigmas, told = (torch.tensor(column) for column in zip(*seen))
+    view = teacher_for(pipe, 64, 64, "pipeline")
+    assert torch.allclose(view.sigma_grid(6)[:-1], sigmas) and torch.allclose(view.told_timestep(sigmas), told)
+    timesteps, stage_sigmas = view.student_grid(4)
+    assert torch.allclose(stage_sigmas, torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))  # trailing 1 − i/4, shift 3
+    assert torch.allclose(timesteps, stage_sigmas[:-1] * 1000)  # SD3 tells the shifted σ
+    cond, uncond = view.encode(["a red circle", "a blue square"])
+    assert cond.pooled.shape[0] == 2 and cond[1:].embeds.shape[0] == 1 and not torch.equal(cond.pooled, uncond.pooled)
+
+
+@pytest.mark.parametrize("method", ["lcd", "tdm"])
+def test_sd3_students_train_load_and_sample_in_their_steps(sd3_folder, tmp_path, method):
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffaccel.distill import load_student, student_call_defaults
+
+    if method == "lcd":
+        data, _ = write_images(tmp_path / "images", 4)
+        config = LCDConfig(**TINY_LCD)
+    else:
+        data = tmp_path / "prompts.txt"
+        data.write_text("a red circle\na blue square on the left\n")
+        config = TDMConfig(**TINY_TDM)
+    folder = distill(str(sd3_folder), tmp_path / "student", config, method=method, data=data, max_steps=2,
+                     progress=False)
+    card = StudentCard.load(folder)
+    assert card.pipeline == "StableDiffusion3Pipeline" and card.guidance_scale == 7.0  # SD3's CFG default
+    teacher = StableDiffusion3Pipeline.from_pretrained(sd3_folder)
+    before = {k: v.clone() for k, v in teacher.transformer.state_dict().items()}
+    student = load_student(teacher, folder)
+    changed = [k for k, v in student.transformer.state_dict().items() if not torch.equal(before[k], v)]
+    assert any("add_q_proj" in k for k in changed)  # SD3's context stream is adapted too
+    told, calls = [], []
+    handle = student.transformer.register_forward_pre_hook(lambda m, a, kw: told.append(float(kw["timestep"][0])),
+                                                           with_kwargs=True)
+    torch.manual_seed(0)
+    image = student("a red circle", max_sequence_length=32, output_type="np", **student_call_defaults(student)).images
+    handle.remove()
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    # 4 evaluations, CFG baked in, on the trailing stages it was trained on (told 1000·σ, shifted)
+    assert told == pytest.approx([1000.0, 900.0, 750.0, 500.0], abs=0.5)

@@ -24,10 +24,6 @@ from .guidance_embedding import add_guidance_embedding, guidance_projection, pro
 from .teacher import FlowTeacher
 
 ADAPTER_NAME = "lcd"
-# Linear layers a LoRA student adapts (CogView4 names; the modulation and time-embedding layers carry
-# the timestep, which a consistency student must re-read).
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear",
-                "timestep_embedder.linear_1", "timestep_embedder.linear_2", "norm_out.linear")
 
 
 @dataclass
@@ -41,9 +37,10 @@ class LCDBatch:
 
 
 def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed: int,
-             adapter_name: str = ADAPTER_NAME) -> None:
-    """Attach trainable LoRA adapters (peft) to ``transformer`` on ``LORA_TARGETS``; the base weights stay
-    frozen. B starts at zero, so the adapted model starts as the base model."""
+             adapter_name: str = ADAPTER_NAME, targets: tuple[str, ...] = FlowTeacher.lora_targets) -> None:
+    """Attach trainable LoRA adapters (peft) to ``transformer``'s linear layers named ``targets`` (the
+    teacher family's ``lora_targets``); the base weights stay frozen. B starts at zero, so the adapted
+    model starts as the base model."""
     try:
         from peft import LoraConfig
     except ImportError as error:  # pragma: no cover - peft is a dependency
@@ -53,7 +50,7 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed:
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter, on purpose
         torch.manual_seed(seed)
         transformer.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)),
+            LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets)),
             adapter_name=adapter_name,
         )
 
@@ -101,7 +98,7 @@ class LCDTrainer:
         base = teacher.transformer
         base.requires_grad_(False).eval()
         if config.lora_rank:
-            add_lora(base, config.lora_rank, config.lora_alpha, config.seed)
+            add_lora(base, config.lora_rank, config.lora_alpha, config.seed, targets=teacher.lora_targets)
             if config.init_student:
                 from .sizes import warm_start
 

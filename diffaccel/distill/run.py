@@ -127,7 +127,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             save_every: float = 3.0, progress: bool = True) -> Path:
     """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student).
 
-    ``teacher``: "reference:image", or a hub id or local folder of a supported pipeline (CogView4 family).
+    ``teacher``: "reference:image", or a hub id or local folder of a supported pipeline (CogView4, SD3).
     ``method`` "lcd", or "rg-lcd" with ``reward`` (default ``RewardConfig()``: β = 1, latent proxy), whose
     expert is the reference judge of the teacher's scenes (both with an ``LCDConfig``); or "tdm" with a
     ``TDMConfig`` (data-free: it reads only the captions).

@@ -211,7 +211,10 @@ def student_scheduler(scheduler: Any, card: StudentCard) -> Any:
         raise ValueError(f"The student's card names scheduler {card.scheduler!r}, which this diffusers does not have.")
     student = scheduler_class.from_config(scheduler.config)
     if card.spacing == "trailing":
-        use_trailing_spacing(student)
+        from .teacher import FAMILIES
+
+        family = FAMILIES.get(card.pipeline)
+        use_trailing_spacing(student, family.tells_unshifted_timesteps if family is not None else True)
     return student
 
 
@@ -234,17 +237,20 @@ def _is_pipeline_default(timesteps: Any, sigmas: Any, num_steps: int, train_time
     return given.shape == default.shape and np.allclose(given, default)
 
 
-def use_trailing_spacing(scheduler: Any) -> Any:
+def use_trailing_spacing(scheduler: Any, tell_unshifted: bool = True) -> Any:
     """Make ``scheduler`` sample a student on ``trailing_timesteps`` whenever the pipeline asks for its
-    default schedule (a schedule the caller passes is kept). Returns the scheduler."""
+    default schedule (a schedule the caller passes is kept). ``tell_unshifted``: the transformer is told
+    those timesteps as they are (CogView4); otherwise only their fractions go in as sigmas and it is told
+    1000·σ after the scheduler's shift (SD3). Returns the scheduler."""
     current = scheduler.set_timesteps
     train_timesteps = int(scheduler.config.num_train_timesteps)
 
     def set_timesteps(num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None, **extra):
         steps = num_inference_steps or len(timesteps if timesteps is not None else sigmas or [])
         if steps and _is_pipeline_default(timesteps, sigmas, steps, train_timesteps):
-            timesteps = trailing_timesteps(steps, train_timesteps)
-            sigmas = [t / train_timesteps for t in timesteps]
+            trailing = trailing_timesteps(steps, train_timesteps)
+            sigmas = [t / train_timesteps for t in trailing]
+            timesteps = trailing if tell_unshifted else None
         return current(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu,
                        timesteps=timesteps, **extra)
 

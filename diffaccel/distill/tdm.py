@@ -91,12 +91,13 @@ class TDMTrainer:
         self.timesteps, self.sigmas = self.grids[self.sizes.sizes[0]]
         model = teacher.transformer
         model.requires_grad_(False).eval()
-        add_lora(model, config.lora_rank, config.lora_alpha, config.seed, adapter_name=STUDENT)
+        add_lora(model, config.lora_rank, config.lora_alpha, config.seed, adapter_name=STUDENT, targets=teacher.lora_targets)
         if config.init_student:
             from .sizes import warm_start
 
             warm_start(model, STUDENT, config, "tdm", type(teacher.pipe).__name__)
-        add_lora(model, config.fake_rank or config.lora_rank, config.lora_alpha, config.seed + 1, adapter_name=FAKE)
+        add_lora(model, config.fake_rank or config.lora_rank, config.lora_alpha, config.seed + 1, adapter_name=FAKE,
+                 targets=teacher.lora_targets)
         self.model = model
         self._params: dict[str, list[torch.nn.Parameter]] = {}
         self.frozen_teacher = None  # the base weights stay in ``model``; nothing else to export

@@ -15,7 +15,8 @@ import torch
 
 @dataclass
 class FlowTeacher:
-    """A flow-matching text-to-image teacher (CogView4 family) at one resolution.
+    """A flow-matching text-to-image teacher at one resolution: the CogView4 family (``SD3Teacher``
+    overrides what differs for Stable Diffusion 3).
 
     ``velocity`` calls any transformer of the teacher's class (the teacher, the student or the
     target), exactly as the pipeline calls it while sampling. ``timestep_convention`` says what the
@@ -28,6 +29,13 @@ class FlowTeacher:
     height: int
     width: int
     timestep_convention: str = "sigma"
+    # Linear layers a LoRA student adapts (the modulation and time-embedding layers carry the timestep,
+    # which a consistency student must re-read).
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear",
+                    "timestep_embedder.linear_1", "timestep_embedder.linear_2", "norm_out.linear")
+    # whether the pipeline tells the transformer the timestep before its schedule shift (CogView4) or
+    # 1000·σ after it (SD3): students sample on trailing steps given the same way
+    tells_unshifted_timesteps = True
 
     def __post_init__(self) -> None:
         if self.timestep_convention not in TIMESTEP_CONVENTIONS:
@@ -110,8 +118,88 @@ class FlowTeacher:
         )[0]
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """Text conditioning of more than one tensor (SD3: the sequence embeddings and the pooled vector);
+    indexing selects the same examples of each, as indexing a plain embedding tensor does."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+
+    def __getitem__(self, index: Any) -> "Conditioning":
+        return Conditioning(self.embeds[index], self.pooled[index])
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+
+@dataclass
+class SD3Teacher(FlowTeacher):
+    """Stable Diffusion 3 / 3.5: three text encoders (sequence embeddings and a pooled vector), a VAE with
+    a shift factor, a static schedule shift (or SD3's own dynamic one), and 1000·σ as the transformer's
+    timestep, so both conventions tell it the same."""
+
+    lora_targets = FlowTeacher.lora_targets + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                                               "ff_context.net.0.proj", "ff_context.net.2", "norm1_context.linear")
+    tells_unshifted_timesteps = False
+
+    @property
+    def shift_mu(self) -> float | None:
+        """μ of SD3's dynamic shift at this size, or None when the scheduler shifts statically."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        config = self.pipe.scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return None
+        _, h, w = self.latent_shape
+        seq_len = (h * w) // self.transformer.config.patch_size**2
+        return calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                               config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+
+    def sigma_grid(self, num_steps: int, timesteps: list[float] | None = None) -> torch.Tensor:
+        """The pipeline's noise levels with ``num_steps`` steps (the scheduler's own spacing); with
+        ``timesteps``, those of the unshifted fractions t / T (a student's trailing spacing)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = self.pipe.scheduler.config
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        sigmas = None if timesteps is None else (np.asarray(timesteps, dtype=np.float32) / config.num_train_timesteps)
+        mu = self.shift_mu
+        scheduler.set_timesteps(num_steps, sigmas=sigmas, **({"mu": mu} if mu is not None else {}))
+        return scheduler.sigmas.float().clone()
+
+    def told_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma * 1000.0
+
+    def student_grid(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trailing stages, shifted by the scheduler as the pipeline shifts them; told 1000·σ."""
+        from .student import trailing_timesteps
+
+        sigmas = self.sigma_grid(num_steps, trailing_timesteps(num_steps, int(self.pipe.scheduler.config.num_train_timesteps)))
+        return sigmas[:-1] * 1000.0, sigmas
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[Conditioning, Conditioning]:
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            captions, None, None, do_classifier_free_guidance=True, device=self.transformer.device)
+        return Conditioning(cond, pooled), Conditioning(uncond, uncond_pooled)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents as the pipeline decodes them: (posterior mean − shift factor) × scale."""
+        vae = self.pipe.vae
+        mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+        return (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
+                 embeds: Conditioning, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        timestep = self.told_timestep(sigma) if timestep is None else timestep
+        return transformer(hidden_states=sample, encoder_hidden_states=embeds.embeds, pooled_projections=embeds.pooled,
+                           timestep=timestep.to(sample.dtype), return_dict=False)[0]
+
+
 TIMESTEP_CONVENTIONS = ("sigma", "pipeline")
-FAMILIES = {"CogView4Pipeline": FlowTeacher}
+FAMILIES = {"CogView4Pipeline": FlowTeacher, "StableDiffusion3Pipeline": SD3Teacher}
 
 
 def unshifted_fraction(sigma: torch.Tensor, config: Any, mu: float) -> torch.Tensor:
@@ -135,7 +223,7 @@ def teacher_for(pipe: Any, height: int, width: int, timestep_convention: str = "
     if name not in FAMILIES:
         raise ValueError(
             f"diffaccel distill cannot use a {name} teacher: it needs a flow-matching text-to-image pipeline of "
-            f"a family it knows ({', '.join(FAMILIES)}); WanPipeline (video) is not supported yet."
+            f"a family it knows ({', '.join(FAMILIES)}); video pipelines (Wan) are not supported yet."
         )
     scheduler = type(pipe.scheduler).__name__
     if "FlowMatch" not in scheduler:
