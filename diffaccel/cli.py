@@ -270,6 +270,11 @@ def _add_distill(subparsers) -> None:
                    help="tdm: captions alone, one per line (data-free); default: the captions of --data")
     p.add_argument("--resolution", type=int, default=None,
                    help="square training and sampling size in pixels (default: the teacher's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="the teacher's frozen weights (default float32; auto: bfloat16 on a GPU); LoRA adapters train "
+                   "in float32 over them; a full student (--lora-rank 0) needs float32")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the transformer's activations in the backward pass: less memory, more time")
     p.add_argument("--steps", type=int, default=4, help="the student's default sampling steps K (default 4)")
     p.add_argument("--out", required=True, help="output folder: a new or empty one, or a run's to --resume")
     p.add_argument("--lora-rank", type=int, default=None,
@@ -337,7 +342,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise ValueError("Give --data DIR or --prompts FILE, not both (tdm reads only the captions of --data).")
     data = args.prompts if args.prompts is not None else args.data
     start = time.perf_counter()
-    out = distill(args.teacher, args.out, config, method=args.method, reward=reward, data=data, max_minutes=args.max_minutes,
+    out = distill(args.teacher, args.out, config, method=args.method, reward=reward, data=data, dtype=args.dtype,
+                  gradient_checkpointing=args.gradient_checkpointing, max_minutes=args.max_minutes,
                   max_steps=args.max_steps, resume=args.resume, save_every=args.save_every,
                   progress=not args.no_progress)
     print(f"wrote the student to {out} in {(time.perf_counter() - start) / 60:.1f} min")

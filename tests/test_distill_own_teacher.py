@@ -227,3 +227,37 @@ def test_sd3_students_train_load_and_sample_in_their_steps(sd3_folder, tmp_path,
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
     # 4 evaluations, CFG baked in, on the trailing stages it was trained on (told 1000·σ, shifted)
     assert told == pytest.approx([1000.0, 900.0, 750.0, 500.0], abs=0.5)
+
+
+def test_half_precision_teacher_trains_float32_adapters(sd3_folder, tmp_path):
+    """A big teacher runs in bfloat16; its LoRA student still learns in float32 (and a full student, which
+    would train bfloat16 weights, is refused)."""
+    from diffaccel.distill.lcd import LCDTrainer
+
+    pipe, _, _ = load_teacher(str(sd3_folder), dtype="bfloat16")
+    view = teacher_for(pipe, 64, 64, "pipeline")
+    assert view.compute_dtype == torch.bfloat16
+    trainer = LCDTrainer(view, LCDConfig(**TINY_LCD, guidance_scale=7.0), CaptionedImages(str(write_images(tmp_path / "i", 4)[0])))
+    trainable = [p for p in trainer.student.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert pipe.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        before = float(trainer.loss_at(0))
+    trainer.train_step()
+    with torch.no_grad():
+        after = float(trainer.loss_at(0))
+    assert np.isfinite(before) and after < before
+    full = LCDConfig(**{**TINY_LCD, "lora_rank": 0}, guidance_scale=7.0)
+    with pytest.raises(ValueError, match="full student .* torch.bfloat16"):
+        LCDTrainer(teacher_for(load_teacher(str(sd3_folder), dtype="bfloat16")[0], 64, 64), full)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result(sd3_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square on the left\n")
+    losses = []
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        folder = distill(str(sd3_folder), tmp_path / name, TDMConfig(**TINY_TDM), method="tdm", data=prompts,
+                         max_steps=2, progress=False, gradient_checkpointing=checkpointing)
+        losses.append(json.loads((folder / "losses.json").read_text()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

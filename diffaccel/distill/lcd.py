@@ -53,6 +53,11 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed:
             LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets)),
             adapter_name=adapter_name,
         )
+    # trainable weights in float32 over a teacher in half precision (diffusers' cast_training_params);
+    # peft casts each layer's input to its adapter's dtype and the sum back to the layer's
+    for name, param in transformer.named_parameters():
+        if f".{adapter_name}." in name:
+            param.data = param.data.float()
 
 
 def bind_trainer(trainer: Any, teacher: FlowTeacher, config: Any, data: DataSource | None,
@@ -107,6 +112,10 @@ class LCDTrainer:
             self.target = None
             self.frozen_teacher = None
         else:
+            if teacher.compute_dtype != torch.float32:
+                raise ValueError(f"A full student (lora_rank 0) trains every weight of the teacher's copy, which is in "
+                                 f"{teacher.compute_dtype}; train a LoRA student (lora_rank > 0) over it, or load the "
+                                 f"teacher in float32.")
             self.frozen_teacher = base
             self.student = copy.deepcopy(base).requires_grad_(True)
             self.target = copy.deepcopy(base).requires_grad_(False)
@@ -114,6 +123,9 @@ class LCDTrainer:
         # own transformer; a LoRA student's is switched off (scale None) whenever the base plays teacher.
         self.guidance_hooks: list = []
         if config.guidance_range is not None:
+            if teacher.compute_dtype != torch.float32:
+                raise ValueError(f"guidance_range: the guidance embedding trains in float32 only, and this teacher is in "
+                                 f"{teacher.compute_dtype}; load it in float32 or distil one scale (guidance_scale).")
             for model in (self.student, self.target):
                 if model is not None:
                     self.guidance_hooks.append(add_guidance_embedding(model, config.guidance_embedding_dim))

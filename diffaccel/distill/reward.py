@@ -87,6 +87,7 @@ class LatentRewardModel(nn.Module):
         self.text = nn.Sequential(nn.Linear(text_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
 
     def forward(self, latents: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        prompt_embeds = prompt_embeds.float()  # the text encoder may run in half precision
         pooled = prompt_embeds.mean(dim=1) if prompt_embeds.ndim == 3 else prompt_embeds
         return (self.image(latents) * self.text(pooled)).sum(-1) / self.config["embed_dim"] ** 0.5
 

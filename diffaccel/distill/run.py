@@ -32,10 +32,13 @@ METHODS: dict[str, type] = {"lcd": LCDConfig, "rg-lcd": LCDConfig, "tdm": TDMCon
 Config = LCDConfig | TDMConfig
 
 
-def load_teacher(spec: str, device: str | None = None) -> tuple[Any, str, dict[str, Any]]:
-    """``reference:image`` (the embedded model) or a hub id / local folder (``DiffusionPipeline.from_pretrained``,
-    float32 for training, on the GPU when there is one) -> (pipeline, name, facts: the teacher's default steps,
-    CFG scale and resolution, from the pipeline's own call defaults for a model of the user's)."""
+def load_teacher(spec: str, device: str | None = None, dtype: str = "float32") -> tuple[Any, str, dict[str, Any]]:
+    """``reference:image`` (the embedded model, on the CPU) or a hub id / local folder
+    (``DiffusionPipeline.from_pretrained``, on the GPU when there is one), its weights in ``dtype`` ->
+    (pipeline, name, facts: the teacher's default steps, CFG scale and resolution, from the pipeline's own
+    call defaults for a model of the user's)."""
+    from diffaccel.loading import load_model, torch_dtype
+
     if spec.startswith("reference:"):
         from diffaccel.pipelines import reference
 
@@ -46,10 +49,8 @@ def load_teacher(spec: str, device: str | None = None) -> tuple[Any, str, dict[s
         if facts["is_video"]:
             raise ValueError(f"Distilling the video model ({spec}) is not supported yet: the distillers here handle "
                              f"text-to-image flow-matching teachers (reference:image).")
-        return reference.load(name), spec, facts
-    from diffaccel.loading import load_model
-
-    loaded = load_model(spec, device=device, dtype="float32")
+        return reference.load(name, device=device or "cpu", dtype=torch_dtype(dtype, device or "cpu")), spec, facts
+    loaded = load_model(spec, device=device, dtype=dtype)
     if loaded.is_video:
         raise ValueError(f"Distilling a video pipeline ({type(loaded.pipe).__name__} from {spec}) is not supported yet: "
                          f"the distillers here handle text-to-image flow-matching teachers.")
@@ -124,7 +125,8 @@ def _guidance_embedding_of(config: Config) -> dict[str, Any] | None:
 def distill(teacher: str, out: str | Path, config: Config | None = None, *, method: str = "lcd",
             reward: RewardConfig | None = None, data: str | Path | DataSource | None = None,
             max_minutes: float | None = None, max_steps: int | None = None, resume: bool = False,
-            save_every: float = 3.0, progress: bool = True) -> Path:
+            save_every: float = 3.0, progress: bool = True, dtype: str = "float32",
+            gradient_checkpointing: bool = False) -> Path:
     """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student).
 
     ``teacher``: "reference:image", or a hub id or local folder of a supported pipeline (CogView4, SD3).
@@ -133,7 +135,10 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     ``TDMConfig`` (data-free: it reads only the captions).
     ``data``: a folder of captioned images (``CaptionedImages``: ``metadata.jsonl`` or ``.txt`` captions), a
     prompt file (TDM), or a source object. The reference teacher defaults to its procedural scenes; a
-    teacher of the user's needs data of its domain."""
+    teacher of the user's needs data of its domain.
+    ``dtype``: the teacher's frozen weights ("float32", "bfloat16", "float16"; "auto": bfloat16 on a GPU);
+    LoRA adapters train in float32 over them either way. ``gradient_checkpointing`` recomputes the
+    transformer's activations in the backward pass (less memory, more time; the same result)."""
     from tqdm.auto import tqdm
 
     from .lcd import LCDTrainer
@@ -156,7 +161,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         wanted = "a prompt file or a folder of captioned images" if method == "tdm" else "a folder of captioned images"
         raise ValueError(f"Distilling {teacher} needs training data of its domain: give {wanted} (data=..., "
                          f"`diffaccel distill --data`). Only the reference teachers bring their own (procedural scenes).")
-    pipe, name, facts = load_teacher(teacher)
+    pipe, name, facts = load_teacher(teacher, dtype=dtype)
     resolved = dataclasses.replace(
         config,
         guidance_scale=config.guidance_scale if config.guidance_scale is not None else float(facts["default_guidance"]),
@@ -178,6 +183,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
 
     # the reference models were trained told 1000·σ; a teacher of the user's is told what its pipeline tells it
     adapter = teacher_for(pipe, resolved.height, resolved.width, "sigma" if is_reference else "pipeline")
+    if gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
     if method == "rg-lcd":
         from diffaccel.pipelines.reference import judge as judges
 
@@ -211,7 +218,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             sizes=list(resolved.sizes) if resolved.sizes else None,
             guidance_embedding=_guidance_embedding_of(resolved),
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
-                      "data": describe(source),
+                      "data": describe(source), "dtype": str(adapter.compute_dtype).removeprefix("torch."),
                       "final_loss": float(np.mean(losses[-100:])) if losses else None, "config": resolved.to_dict(),
                       **({"reward": trainer.reward.to_dict()} if method == "rg-lcd" else {})},
         )

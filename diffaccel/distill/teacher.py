@@ -42,6 +42,13 @@ class FlowTeacher:
             raise ValueError(f"timestep_convention={self.timestep_convention!r}: choose from {TIMESTEP_CONVENTIONS}.")
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the teacher's own (frozen) weights: the transformer runs in it, whatever dtype the
+        trainable adapters keep (float32). Latents, noise and losses stay float32 around it."""
+        return next(p.dtype for name, p in self.transformer.named_parameters()
+                    if "lora_" not in name and "cond_proj" not in name)
+
+    @property
     def transformer(self) -> torch.nn.Module:
         return self.pipe.transformer
 
@@ -103,19 +110,19 @@ class FlowTeacher:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) in [-1, 1] -> latents as the transformer sees them (VAE posterior mean × scale)."""
         vae = self.pipe.vae
-        return vae.encode(pixels.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+        return vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float() * vae.config.scaling_factor
 
     def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
                  embeds: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
         """v at noise level ``sigma``; the transformer is told ``timestep`` (default 1000·σ, as the
         reference models were trained)."""
-        n = sample.shape[0]
+        n, dtype = sample.shape[0], self.compute_dtype
         timestep = self.told_timestep(sigma) if timestep is None else timestep
-        size = torch.tensor([[self.height, self.width]], dtype=embeds.dtype, device=sample.device).repeat(n, 1)
+        size = torch.tensor([[self.height, self.width]], dtype=dtype, device=sample.device).repeat(n, 1)
         return transformer(
-            hidden_states=sample, encoder_hidden_states=embeds, timestep=timestep.to(sample.dtype),
+            hidden_states=sample.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=timestep.to(dtype),
             original_size=size, target_size=size, crop_coords=torch.zeros_like(size), return_dict=False,
-        )[0]
+        )[0].float()
 
 
 @dataclass(frozen=True)
@@ -188,14 +195,16 @@ class SD3Teacher(FlowTeacher):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents as the pipeline decodes them: (posterior mean − shift factor) × scale."""
         vae = self.pipe.vae
-        mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+        mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
         return (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
     def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
                  embeds: Conditioning, timestep: torch.Tensor | None = None) -> torch.Tensor:
         timestep = self.told_timestep(sigma) if timestep is None else timestep
-        return transformer(hidden_states=sample, encoder_hidden_states=embeds.embeds, pooled_projections=embeds.pooled,
-                           timestep=timestep.to(sample.dtype), return_dict=False)[0]
+        dtype = self.compute_dtype
+        return transformer(hidden_states=sample.to(dtype), encoder_hidden_states=embeds.embeds.to(dtype),
+                           pooled_projections=embeds.pooled.to(dtype), timestep=timestep.to(dtype),
+                           return_dict=False)[0].float()
 
 
 TIMESTEP_CONVENTIONS = ("sigma", "pipeline")
