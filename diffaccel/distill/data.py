@@ -170,6 +170,13 @@ class PromptList:
 DataSource = ProceduralScenes | CaptionedImages | PromptList
 
 
+def require_images(source: DataSource | None, method: str) -> None:
+    """Consistency methods noise training images; prompts alone are for the data-free TDM."""
+    if isinstance(source, PromptList):
+        raise ValueError(f"{method} noises training images: give a folder of captioned images, not prompts alone "
+                         f"(tdm is the data-free method).")
+
+
 def data_source(spec: "str | Path | DataSource | None", resolution: int) -> DataSource | None:
     """What ``distill(data=...)`` takes: a folder of captioned images, a text file of prompts (one per
     line), a source object, or None (the teacher's own, where it has one)."""

@@ -19,7 +19,7 @@ import torch
 
 from .config import LCDConfig
 from .consistency import consistency_function, euler_step, guided_velocity, pseudo_huber
-from .data import DataSource, PromptList
+from .data import DataSource, require_images
 from .guidance_embedding import add_guidance_embedding, guidance_projection, projection_key
 from .teacher import FlowTeacher
 
@@ -95,9 +95,7 @@ class LCDTrainer:
 
     def __init__(self, teacher: FlowTeacher, config: LCDConfig, data: DataSource | None = None,
                  accelerator: Any = None) -> None:
-        if isinstance(data, PromptList):
-            raise ValueError("Consistency distillation (lcd, rg-lcd) noises training images: give a folder of captioned "
-                             "images, not prompts alone (TDM is the data-free method).")
+        require_images(data, "lcd")
         bind_trainer(self, teacher, config, data, accelerator)
         self.grids = {size: view.sigma_grid(config.solver_steps) for size, view in self.sizes.teachers.items()}
         base = teacher.transformer

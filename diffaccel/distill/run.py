@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import LCDConfig, RewardConfig, TDMConfig
-from .data import CaptionedImages, DataSource, PromptList, data_source, describe
+from .data import CaptionedImages, DataSource, PromptList, data_source, describe, require_images
 from .student import STUDENT_SCHEDULER, StudentCard, save_student
 
 logger = logging.getLogger("diffaccel")
@@ -161,6 +161,12 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         wanted = "a prompt file or a folder of captioned images" if method == "tdm" else "a folder of captioned images"
         raise ValueError(f"Distilling {teacher} needs training data of its domain: give {wanted} (data=..., "
                          f"`diffaccel distill --data`). Only the reference teachers bring their own (procedural scenes).")
+    # the data is checked before a (possibly large) teacher loads; its resolution is set once that is known
+    source = data_source(data, config.height or 64)
+    if method == "tdm" and isinstance(source, CaptionedImages):  # data-free: the captions are all it reads
+        source = PromptList(tuple(caption for _, caption in source.entries), source.resolution)
+    if method != "tdm":
+        require_images(source, method)
     pipe, name, facts = load_teacher(teacher, dtype=dtype)
     resolved = dataclasses.replace(
         config,
@@ -171,12 +177,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     if resolved.student_steps > facts["default_steps"]:
         raise ValueError(f"student_steps={resolved.student_steps} is more than the teacher's own {facts['default_steps']} "
                          f"steps: nothing to distill.")
-    source = data_source(data, resolved.height)
-    if method == "tdm" and isinstance(source, CaptionedImages):  # data-free: the captions are all it reads
-        source = PromptList(tuple(caption for _, caption in source.entries), source.resolution)
-    if method != "tdm" and isinstance(source, PromptList):
-        raise ValueError(f"{method} noises training images: give a folder of captioned images, not prompts alone "
-                         f"(tdm is the data-free method).")
+    if source is not None and source.resolution != resolved.height:
+        source = dataclasses.replace(source, resolution=resolved.height)
     out = Path(out)
     saved = _check_folder(out, resume, name, method, resolved, describe(source))
     out.mkdir(parents=True, exist_ok=True)
