@@ -63,7 +63,8 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed:
 def bind_trainer(trainer: Any, teacher: FlowTeacher, config: Any, data: DataSource | None,
                  accelerator: Any) -> None:
     """What every trainer holds: the teacher, its config, the caption/image source, the CFG scale it
-    distils (required: ``distill()`` fills in the teacher's default) and the ``Accelerator``."""
+    distils (required: ``distill()`` fills in the teacher's default) and the ``Accelerator``. With several
+    processes each draws its own batches and noise (``stream_index``): data parallel, gradients averaged."""
     from accelerate import Accelerator
 
     if config.guidance_scale is None:
@@ -76,6 +77,13 @@ def bind_trainer(trainer: Any, teacher: FlowTeacher, config: Any, data: DataSour
     trainer.data = trainer.sizes.data[trainer.sizes.sizes[0]]
     trainer.guidance_scale = float(config.guidance_scale)
     trainer.accelerator = accelerator or Accelerator(cpu=teacher.transformer.device.type == "cpu")
+
+
+def stream_index(trainer: Any, step: int) -> int:
+    """Which batch and noise draw iteration ``step`` takes in this process: ``step`` alone in one process,
+    ``step · n + rank`` among n, so the processes never see the same batch and a run resumes exactly."""
+    accelerator = trainer.accelerator
+    return step * accelerator.num_processes + accelerator.process_index
 
 
 def use_size(trainer: Any, step: int) -> tuple[int, int]:
@@ -180,11 +188,12 @@ class LCDTrainer:
         gradient), its target, and what a reward term needs (the data latents, captions, embeddings)."""
         cfg = self.config
         grid = self.grids[use_size(self, step)]
-        pixels, captions = self.data.batch(cfg.seed, step, cfg.batch_size)
+        draw = stream_index(self, step)
+        pixels, captions = self.data.batch(cfg.seed, draw, cfg.batch_size)
         device = self.teacher.transformer.device
         latents = self.teacher.encode_images(pixels.to(device))
         cond, uncond = self.teacher.encode(captions)
-        gen = self._generator(step)
+        gen = self._generator(draw)
         n = len(captions)
         index = torch.randint(0, cfg.solver_steps - cfg.skip + 1, (n,), generator=gen)
         sigma_from = grid[index].to(device)

@@ -22,6 +22,9 @@ class RGLCDTrainer(LCDTrainer):
     def __init__(self, teacher: FlowTeacher, config: LCDConfig, reward: RewardConfig, judge: torch.nn.Module,
                  **kwargs: Any) -> None:
         super().__init__(teacher, config, **kwargs)
+        if self.accelerator.num_processes > 1:
+            raise NotImplementedError("RG-LCD trains in one process so far: its latent proxy reward model learns from "
+                                      "each process's own batches and would differ between them; lcd runs data parallel.")
         self.reward = reward
         self.expert = JudgeReward(judge).to(teacher.transformer.device)
         channels = teacher.transformer.config.in_channels

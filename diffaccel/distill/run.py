@@ -167,7 +167,12 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         source = PromptList(tuple(caption for _, caption in source.entries), source.resolution)
     if method != "tdm":
         require_images(source, method)
-    pipe, name, facts = load_teacher(teacher, dtype=dtype)
+    from accelerate import Accelerator
+
+    # one process, or one of several launched by `accelerate launch` / torchrun (data parallel, LCD)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    many, main = accelerator.num_processes > 1, accelerator.is_main_process
+    pipe, name, facts = load_teacher(teacher, device=str(accelerator.device), dtype=dtype)
     resolved = dataclasses.replace(
         config,
         guidance_scale=config.guidance_scale if config.guidance_scale is not None else float(facts["default_guidance"]),
@@ -181,7 +186,9 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         source = dataclasses.replace(source, resolution=resolved.height)
     out = Path(out)
     saved = _check_folder(out, resume, name, method, resolved, describe(source))
-    out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()  # every process has read the folder before the first writes to it
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     # the reference models were trained told 1000·σ; a teacher of the user's is told what its pipeline tells it
     adapter = teacher_for(pipe, resolved.height, resolved.width, "sigma" if is_reference else "pipeline")
@@ -192,13 +199,14 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
 
         from .rglcd import RGLCDTrainer
 
-        trainer = RGLCDTrainer(adapter, resolved, reward or RewardConfig(), judges.load_judge("image"), data=source)
+        trainer = RGLCDTrainer(adapter, resolved, reward or RewardConfig(), judges.load_judge("image"), data=source,
+                               accelerator=accelerator)
     elif method == "tdm":
         from .tdm import TDMTrainer
 
-        trainer = TDMTrainer(adapter, resolved, source)
+        trainer = TDMTrainer(adapter, resolved, source, accelerator)
     else:
-        trainer = LCDTrainer(adapter, resolved, source)
+        trainer = LCDTrainer(adapter, resolved, source, accelerator)
     minutes_before, losses = 0.0, []
     if saved is not None:
         trainer.load_state_dict(saved["trainer"])
@@ -220,6 +228,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             sizes=list(resolved.sizes) if resolved.sizes else None,
             guidance_embedding=_guidance_embedding_of(resolved),
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
+                      "processes": accelerator.num_processes,
                       "data": describe(source), "dtype": str(adapter.compute_dtype).removeprefix("torch."),
                       "final_loss": float(np.mean(losses[-100:])) if losses else None, "config": resolved.to_dict(),
                       **({"reward": trainer.reward.to_dict()} if method == "rg-lcd" else {})},
@@ -228,19 +237,27 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
                      getattr(trainer, "guidance_embedding_for_export", lambda: None)())
 
     def done() -> bool:
-        return ((max_steps is not None and trainer.step >= max_steps)
+        stop = ((max_steps is not None and trainer.step >= max_steps)
                 or (max_minutes is not None and time.monotonic() - start >= max_minutes * 60.0))
+        if many:  # one decision for all: a process that stopped alone would leave the others waiting
+            stop = bool(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum") > 0)
+        return stop
 
-    bar = tqdm(total=max_steps, initial=trainer.step, disable=not progress, desc=f"distill {method}")
+    bar = tqdm(total=max_steps, initial=trainer.step, disable=not (progress and main), desc=f"distill {method}")
     while not done():
-        losses.append(trainer.train_step())
+        loss = trainer.train_step()
+        if many:  # the record is the mean over the processes' batches
+            loss = float(accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean"))
+        losses.append(loss)
         bar.update(1)
         extra = "".join(f" {k} {v:.3f}" for k, v in getattr(trainer, "last_rewards", {}).items())
         bar.set_postfix_str(f"step {trainer.step} loss {np.mean(losses[-50:]):.4f}{extra}", refresh=False)
-        if time.monotonic() - last_save >= save_every * 60.0:
+        if main and time.monotonic() - last_save >= save_every * 60.0:
             save()
             last_save = time.monotonic()
     bar.close()
-    save()
-    (out / "losses.json").write_text(json.dumps([round(x, 6) for x in losses]))
+    if main:
+        save()
+        (out / "losses.json").write_text(json.dumps([round(x, 6) for x in losses]))
+    accelerator.wait_for_everyone()
     return out
