@@ -58,7 +58,13 @@ def load_model(spec: str | None, device: str | None = None, dtype: str = "auto",
         return LoadedModel(pipe, f"reference-{spec}", facts["is_video"], judged_as, reference.call_defaults(spec))
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype(dtype, device)).to(device)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype(dtype, device))
+    except OSError as error:  # not on disk, not in the cache, no network: say which and what to check
+        where = ("the folder has no loadable pipeline (model_index.json and its components)" if Path(spec).exists()
+                 else "a hub id needs the network or a copy in the local Hugging Face cache")
+        raise ValueError(f"Cannot load model {spec!r}: {where}. ({str(error).splitlines()[0]})") from error
+    pipe = pipe.to(device)
     return LoadedModel(pipe, str(spec), is_video_pipeline(pipe))
 
 

@@ -261,3 +261,8 @@ def test_gradient_checkpointing_changes_memory_not_the_result(sd3_folder, tmp_pa
                          max_steps=2, progress=False, gradient_checkpointing=checkpointing)
         losses.append(json.loads((folder / "losses.json").read_text()))
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_a_folder_without_a_pipeline_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="the folder has no loadable pipeline"):
+        load_teacher(str(tmp_path))
