@@ -228,6 +228,19 @@ def test_sd3_students_train_load_and_sample_in_their_steps(sd3_folder, tmp_path,
     # 4 evaluations, CFG baked in, on the trailing stages it was trained on (told 1000·σ, shifted)
     assert told == pytest.approx([1000.0, 900.0, 750.0, 500.0], abs=0.5)
 
+    # removably, through accelerate: the student's image, then the teacher again bit for bit
+    import diffaccel
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder)
+    call = dict(prompt="a red circle", max_sequence_length=32, output_type="np", height=64, width=64,
+                generator=torch.Generator().manual_seed(0))
+    plain = pipe(**call, num_inference_steps=3).images
+    diffaccel.accelerate(pipe, sampling=diffaccel.DistilledConfig(student=str(folder)))
+    fast = pipe(**{**call, "generator": torch.Generator().manual_seed(0)}).images
+    assert diffaccel.stats(pipe)["denoiser_calls"] == 4 and not np.array_equal(fast, plain)
+    diffaccel.remove(pipe)
+    assert np.array_equal(pipe(**{**call, "generator": torch.Generator().manual_seed(0)}, num_inference_steps=3).images, plain)
+
 
 def test_half_precision_teacher_trains_float32_adapters(sd3_folder, tmp_path):
     """A big teacher runs in bfloat16; its LoRA student still learns in float32 (and a full student, which
