@@ -261,8 +261,8 @@ def _add_distill(subparsers) -> None:
     p.add_argument("--reward-mode", choices=["lrm", "direct"], default=None,
                    help="rg-lcd: optimise the latent proxy (lrm, default) or the judge itself (direct)")
     p.add_argument("--teacher", default="reference:image", help="reference:image (default; the embedded model, trained "
-                   "on procedural scenes, which are also its distillation data), or a hub id or local folder of a "
-                   "CogView4 or Stable Diffusion 3 pipeline (with --data, or --prompts for tdm)")
+                   "on procedural scenes, which are also its distillation data), reference:video (its clips), or a hub id "
+                   "or local folder of a CogView4, Stable Diffusion 3 or Wan pipeline (with --data, or --prompts for tdm)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="training images with captions (metadata.jsonl with file_name and text, as Hugging Face "
                    "imagefolder datasets, or NAME.txt beside each image); needed for a teacher of your own")
@@ -270,6 +270,8 @@ def _add_distill(subparsers) -> None:
                    help="tdm: captions alone, one per line (data-free); default: the captions of --data")
     p.add_argument("--resolution", type=int, default=None,
                    help="square training and sampling size in pixels (default: the teacher's)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="a video teacher's clip length (1 + 4k for Wan; default: the teacher's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                    help="the teacher's frozen weights (default float32; auto: bfloat16 on a GPU); LoRA adapters train "
                    "in float32 over them; a full student (--lora-rank 0) needs float32")
@@ -310,7 +312,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     given = {k: v for k, v in (("lora_rank", args.lora_rank), ("learning_rate", args.lr),
                                ("batch_size", args.batch_size), ("height", args.resolution),
-                               ("width", args.resolution)) if v is not None}
+                               ("width", args.resolution), ("frames", args.frames)) if v is not None}
     if args.guidance_range is not None:
         if args.method == "tdm":
             raise ValueError("--guidance-range is an option of the consistency methods (lcd, rg-lcd), not tdm.")

@@ -125,8 +125,8 @@ def test_bad_runs_get_clear_errors(tmp_path):
         distill("reference:image", tmp_path / "other", config, max_steps=1)
     with pytest.raises(ValueError, match="needs training data of its domain"):
         distill("some/hub-model", tmp_path / "hub", config, max_steps=1)
-    with pytest.raises(ValueError, match="not supported yet"):
-        distill("reference:video", tmp_path / "video", config, max_steps=1)
+    with pytest.raises(ValueError, match="makes images, not clips"):
+        distill("reference:image", tmp_path / "frames", LCDConfig(frames=9, **TINY), max_steps=1)
     with pytest.raises(ValueError, match="Unknown distillation method"):
         distill("reference:image", tmp_path / "m", config, method="dmd", max_steps=1)
 

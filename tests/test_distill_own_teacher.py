@@ -108,7 +108,8 @@ def test_own_teacher_is_loaded_with_its_pipelines_defaults(teacher_folder):
     assert pipe.transformer.dtype == torch.float32
     # CogView4's own call defaults, as a user of that model gets them
     assert facts["default_steps"] == 50 and facts["default_guidance"] == 5.0
-    assert facts["default_resolution"] == pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    side = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    assert (facts["default_height"], facts["default_width"]) == (side, side) and not facts["is_video"]
 
 
 def test_lcd_student_of_a_teacher_folder_trains_resumes_and_generates(teacher_folder, tmp_path, capsys):

@@ -36,7 +36,7 @@ class _Serialisable:
             need(getattr(self, field) > 0, field, "must be positive")
         need(self.warmup_steps >= 0, "warmup_steps", "must be ≥ 0")
         need(self.batch_size >= 1, "batch_size", "must be ≥ 1")
-        for field in ("height", "width"):
+        for field in ("height", "width", "frames"):
             need(getattr(self, field) is None or getattr(self, field) > 0, field, "must be positive")
         if self.sizes is not None:  # JSON gives lists; configs compare equal only as tuples
             object.__setattr__(self, "sizes", tuple(int(s) for s in self.sizes))
@@ -83,6 +83,7 @@ class LCDConfig(_Serialisable):
     grad_clip: float = 1.0
     height: int | None = None
     width: int | None = None
+    frames: int | None = None
     sizes: tuple[int, ...] | None = None
     init_student: str | None = None
     guidance_range: tuple[float, float] | None = None
@@ -177,6 +178,7 @@ class TDMConfig(_Serialisable):
     warmup_steps: int = 0
     height: int | None = None
     width: int | None = None
+    frames: int | None = None
     sizes: tuple[int, ...] | None = None
     init_student: str | None = None
     seed: int = 0

@@ -4,7 +4,8 @@ resumed run sees exactly the batches an uninterrupted one would.
 Three sources, each a frozen dataclass with a ``resolution`` (``dataclasses.replace`` gives the same source
 at another size) and ``batch(seed, step, size) -> (pixels or None, captions)``:
 
-- ``ProceduralScenes``: the reference models' own training distribution (rendered shape scenes);
+- ``ProceduralScenes`` / ``ProceduralClips``: the reference models' own training distribution (rendered
+  shape scenes, and clips of them moving);
 - ``CaptionedImages``: a user's folder of images with captions, for a teacher of their own (LCD, RG-LCD);
 - ``PromptList``: captions alone, which is all a data-free method (TDM) reads.
 """
@@ -48,6 +49,23 @@ class ProceduralScenes:
         rng = np.random.default_rng([seed, 7919, step])
         pixels, captions, _ = scenes.sample_batch(rng, size, self.resolution)
         x = torch.from_numpy(pixels).float().permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+        return x, captions
+
+
+@dataclass(frozen=True)
+class ProceduralClips:
+    """The reference video model's training distribution: rendered clips of moving shapes, captioned."""
+
+    resolution: int = 64
+    frames: int = 9
+
+    def batch(self, seed: int, step: int, size: int) -> tuple[torch.Tensor, list[str]]:
+        """(size, 3, F, H, W) pixels in [-1, 1] and their captions."""
+        from diffaccel.pipelines.reference import scenes
+
+        rng = np.random.default_rng([seed, 7927, step])
+        pixels, captions, _ = scenes.sample_batch(rng, size, self.resolution, clip=True, frames=self.frames)
+        x = torch.from_numpy(pixels).float().permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0
         return x, captions
 
 
@@ -167,7 +185,7 @@ class PromptList:
         return f"prompts:{len(self.prompts)}:{digest}"
 
 
-DataSource = ProceduralScenes | CaptionedImages | PromptList
+DataSource = ProceduralScenes | ProceduralClips | CaptionedImages | PromptList
 
 
 def require_images(source: DataSource | None, method: str) -> None:
@@ -180,7 +198,7 @@ def require_images(source: DataSource | None, method: str) -> None:
 def data_source(spec: "str | Path | DataSource | None", resolution: int) -> DataSource | None:
     """What ``distill(data=...)`` takes: a folder of captioned images, a text file of prompts (one per
     line), a source object, or None (the teacher's own, where it has one)."""
-    if spec is None or isinstance(spec, (ProceduralScenes, CaptionedImages, PromptList)):
+    if spec is None or isinstance(spec, (ProceduralScenes, ProceduralClips, CaptionedImages, PromptList)):
         return spec
     path = Path(spec)
     if path.is_dir():
@@ -194,4 +212,6 @@ def describe(data: DataSource | None) -> str:
     """A stable description of a source, recorded in checkpoints so a resumed run uses the same data."""
     if data is None or isinstance(data, ProceduralScenes):
         return "procedural-scenes"
+    if isinstance(data, ProceduralClips):
+        return f"procedural-clips:{data.frames}"
     return data.describe()

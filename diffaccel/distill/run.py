@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import LCDConfig, RewardConfig, TDMConfig
-from .data import CaptionedImages, DataSource, PromptList, data_source, describe, require_images
+from .data import CaptionedImages, DataSource, ProceduralClips, PromptList, data_source, describe, require_images
 from .student import STUDENT_SCHEDULER, StudentCard, save_student
 
 logger = logging.getLogger("diffaccel")
@@ -46,21 +46,16 @@ def load_teacher(spec: str, device: str | None = None, dtype: str = "float32") -
         if name not in reference.NAMES:
             raise ValueError(f"Unknown reference teacher {spec!r}; choose from {[f'reference:{n}' for n in reference.NAMES]}.")
         facts = reference.info(name)
-        if facts["is_video"]:
-            raise ValueError(f"Distilling the video model ({spec}) is not supported yet: the distillers here handle "
-                             f"text-to-image flow-matching teachers (reference:image).")
         return reference.load(name, device=device or "cpu", dtype=torch_dtype(dtype, device or "cpu")), spec, facts
     loaded = load_model(spec, device=device, dtype=dtype)
-    if loaded.is_video:
-        raise ValueError(f"Distilling a video pipeline ({type(loaded.pipe).__name__} from {spec}) is not supported yet: "
-                         f"the distillers here handle text-to-image flow-matching teachers.")
-    return loaded.pipe, spec, pipeline_facts(loaded.pipe)
+    return loaded.pipe, spec, pipeline_facts(loaded.pipe, loaded.is_video)
 
 
-def pipeline_facts(pipe: Any) -> dict[str, Any]:
+def pipeline_facts(pipe: Any, is_video: bool = False) -> dict[str, Any]:
     """A user's teacher's defaults, as its pipeline runs when called without arguments: steps and CFG scale
     from ``__call__``'s signature, resolution from the pipeline's ``default_sample_size`` or the
-    transformer's ``sample_size`` (CogView4) × the VAE's scale factor."""
+    transformer's ``sample_size`` (CogView4) × the VAE's scale factor, or else ``__call__``'s own height
+    and width (Wan: 480 × 832, and ``num_frames``)."""
     parameters = inspect.signature(pipe.__call__).parameters
 
     def default(name: str) -> Any:
@@ -69,8 +64,11 @@ def pipeline_facts(pipe: Any) -> dict[str, Any]:
 
     sample_size = getattr(pipe, "default_sample_size", None) or getattr(pipe.transformer.config, "sample_size", None)
     factor = getattr(pipe, "vae_scale_factor", None)
+    height, width = (sample_size * factor,) * 2 if sample_size and factor else (default("height"), default("width"))
     facts = {"default_steps": default("num_inference_steps"), "default_guidance": default("guidance_scale"),
-             "default_resolution": sample_size * factor if sample_size and factor else None, "is_video": False}
+             "default_height": height, "default_width": width, "is_video": is_video}
+    if is_video:
+        facts["frames"] = default("num_frames")
     missing = [k for k, v in facts.items() if v is None]
     if missing:
         raise ValueError(f"Cannot tell {type(pipe).__name__}'s default {', '.join(missing)} from the pipeline; this "
@@ -176,12 +174,17 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     resolved = dataclasses.replace(
         config,
         guidance_scale=config.guidance_scale if config.guidance_scale is not None else float(facts["default_guidance"]),
-        height=config.height or (config.sizes[0] if config.sizes else facts["default_resolution"]),
-        width=config.width or (config.sizes[0] if config.sizes else facts["default_resolution"]),
+        height=config.height or (config.sizes[0] if config.sizes else facts.get("default_height", facts.get("default_resolution"))),
+        width=config.width or (config.sizes[0] if config.sizes else facts.get("default_width", facts.get("default_resolution"))),
+        frames=(config.frames or facts.get("frames")) if facts["is_video"] else config.frames,
     )
+    if resolved.frames is not None and not facts["is_video"]:
+        raise ValueError(f"frames={resolved.frames}: {teacher} makes images, not clips.")
     if resolved.student_steps > facts["default_steps"]:
         raise ValueError(f"student_steps={resolved.student_steps} is more than the teacher's own {facts['default_steps']} "
                          f"steps: nothing to distill.")
+    if source is None and facts["is_video"] and is_reference:
+        source = ProceduralClips(resolved.height, resolved.frames)
     if source is not None and source.resolution != resolved.height:
         source = dataclasses.replace(source, resolution=resolved.height)
     out = Path(out)
@@ -191,7 +194,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         out.mkdir(parents=True, exist_ok=True)
 
     # the reference models were trained told 1000·σ; a teacher of the user's is told what its pipeline tells it
-    adapter = teacher_for(pipe, resolved.height, resolved.width, "sigma" if is_reference else "pipeline")
+    adapter = teacher_for(pipe, resolved.height, resolved.width, "sigma" if is_reference else "pipeline", resolved.frames)
     if gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     if method == "rg-lcd":
@@ -225,7 +228,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             method=method, teacher=name, pipeline=type(pipe).__name__, default_steps=resolved.student_steps,
             guidance_scale=resolved.guidance_scale, lora_rank=resolved.lora_rank,
             scheduler=_scheduler_of(method, resolved), height=resolved.height, width=resolved.width,
-            sizes=list(resolved.sizes) if resolved.sizes else None,
+            sizes=list(resolved.sizes) if resolved.sizes else None, frames=resolved.frames,
             guidance_embedding=_guidance_embedding_of(resolved),
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
                       "processes": accelerator.num_processes,

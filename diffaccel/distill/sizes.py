@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .data import DataSource, ProceduralScenes, PromptList
+from .data import DataSource, ProceduralClips, ProceduralScenes, PromptList
 from .teacher import FlowTeacher
 
 # Which methods' students can start one another: the same student parametrisation and sampler.
@@ -36,10 +36,13 @@ class SizeCycle:
         from .teacher import teacher_for
 
         self.sizes = trained_sizes(config) if config.sizes else [(teacher.height, teacher.width)]
-        source = data if data is not None else ProceduralScenes()
+        if data is not None:
+            source = data
+        else:  # the reference models' own distribution
+            source = ProceduralClips(frames=teacher.frames) if hasattr(teacher, "frames") else ProceduralScenes()
         if any(h != w for h, w in self.sizes) and not isinstance(source, PromptList):
             raise ValueError(f"The training images are square; distil at square sizes, not {self.sizes}.")
-        self.teachers = {size: teacher if size == (teacher.height, teacher.width) else teacher_for(teacher.pipe, *size, teacher.timestep_convention)
+        self.teachers = {size: teacher if size == (teacher.height, teacher.width) else teacher_for(teacher.pipe, *size, teacher.timestep_convention, getattr(teacher, "frames", None))
                          for size in self.sizes}
         # every size its own copy of the source, serving images at that size
         self.data = {size: source if source.resolution == size[0] else dataclasses.replace(source, resolution=size[0])

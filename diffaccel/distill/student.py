@@ -47,6 +47,7 @@ class StudentCard:
     training: dict[str, Any] = field(default_factory=dict)
     spacing: str = "trailing"  # where the K evaluations sit: see ``trailing_timesteps``
     sizes: list[int] | None = None  # square sizes it was distilled at (None: height × width alone)
+    frames: int | None = None  # a video student's clip length (None: an image student)
     # LCM's guidance-scale embedding, {"dim": D, "range": [low, high]}: the student samples at any CFG scale
     # in the range (``guidance_scale`` is its default); None: ``guidance_scale`` alone is baked in.
     guidance_embedding: dict[str, Any] | None = None
@@ -209,9 +210,10 @@ def student_scheduler(scheduler: Any, card: StudentCard) -> Any:
     scheduler_class = getattr(diffusers, card.scheduler, None)
     if scheduler_class is None:
         raise ValueError(f"The student's card names scheduler {card.scheduler!r}, which this diffusers does not have.")
-    student = scheduler_class.from_config(scheduler.config)
+    from .teacher import FAMILIES, flow_scheduler_config
+
+    student = scheduler_class.from_config(flow_scheduler_config(scheduler))
     if card.spacing == "trailing":
-        from .teacher import FAMILIES
 
         family = FAMILIES.get(card.pipeline)
         use_trailing_spacing(student, family.tells_unshifted_timesteps if family is not None else True)
@@ -267,4 +269,7 @@ def student_call_defaults(pipe: Any) -> dict[str, Any]:
     card = student_of(pipe)
     if card is None:
         return {}
-    return {"num_inference_steps": card.default_steps, "guidance_scale": 1.0, "height": card.height, "width": card.width}
+    call = {"num_inference_steps": card.default_steps, "guidance_scale": 1.0, "height": card.height, "width": card.width}
+    if card.frames:
+        call["num_frames"] = card.frames
+    return call

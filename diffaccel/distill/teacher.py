@@ -37,6 +37,11 @@ class FlowTeacher:
     # 1000·σ after it (SD3): students sample on trailing steps given the same way
     tells_unshifted_timesteps = True
 
+    @staticmethod
+    def size_factor(pipe: Any) -> int:
+        """Heights and widths must be multiples of this (the VAE's downsampling × the patch size)."""
+        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
     def __post_init__(self) -> None:
         if self.timestep_convention not in TIMESTEP_CONVENTIONS:
             raise ValueError(f"timestep_convention={self.timestep_convention!r}: choose from {TIMESTEP_CONVENTIONS}.")
@@ -141,38 +146,32 @@ class Conditioning:
 
 
 @dataclass
-class SD3Teacher(FlowTeacher):
-    """Stable Diffusion 3 / 3.5: three text encoders (sequence embeddings and a pooled vector), a VAE with
-    a shift factor, a static schedule shift (or SD3's own dynamic one), and 1000·σ as the transformer's
-    timestep, so both conventions tell it the same."""
+class SigmaToldTeacher(FlowTeacher):
+    """Pipelines that sample on their scheduler's own spacing and tell the transformer 1000·σ after the
+    schedule's shift (SD3, Wan), so both timestep conventions tell it the same."""
 
-    lora_targets = FlowTeacher.lora_targets + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                                               "ff_context.net.0.proj", "ff_context.net.2", "norm1_context.linear")
     tells_unshifted_timesteps = False
 
     @property
     def shift_mu(self) -> float | None:
-        """μ of SD3's dynamic shift at this size, or None when the scheduler shifts statically."""
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-        config = self.pipe.scheduler.config
-        if not config.get("use_dynamic_shifting"):
-            return None
-        _, h, w = self.latent_shape
-        seq_len = (h * w) // self.transformer.config.patch_size**2
-        return calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                               config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        """μ of a dynamic shift at this size, or None when the scheduler shifts statically."""
+        return None
 
     def sigma_grid(self, num_steps: int, timesteps: list[float] | None = None) -> torch.Tensor:
-        """The pipeline's noise levels with ``num_steps`` steps (the scheduler's own spacing); with
-        ``timesteps``, those of the unshifted fractions t / T (a student's trailing spacing)."""
+        """The pipeline's noise levels with ``num_steps`` steps (a copy of its own scheduler: Wan's UniPC
+        spaces its flow sigmas otherwise than FlowMatchEuler); with ``timesteps``, the shifted unshifted
+        fractions t / T, as the student's scheduler takes them (its trailing spacing)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        config = self.pipe.scheduler.config
+        mu = {"mu": self.shift_mu} if self.shift_mu is not None else {}
+        if timesteps is None:
+            own = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+            own.set_timesteps(num_steps, **mu)
+            return own.sigmas.float().clone()
+        config = flow_scheduler_config(self.pipe.scheduler)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        sigmas = None if timesteps is None else (np.asarray(timesteps, dtype=np.float32) / config.num_train_timesteps)
-        mu = self.shift_mu
-        scheduler.set_timesteps(num_steps, sigmas=sigmas, **({"mu": mu} if mu is not None else {}))
+        sigmas = np.asarray(timesteps, dtype=np.float32) / config["num_train_timesteps"]
+        scheduler.set_timesteps(num_steps, sigmas=sigmas, **mu)
         return scheduler.sigmas.float().clone()
 
     def told_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -182,8 +181,29 @@ class SD3Teacher(FlowTeacher):
         """Trailing stages, shifted by the scheduler as the pipeline shifts them; told 1000·σ."""
         from .student import trailing_timesteps
 
-        sigmas = self.sigma_grid(num_steps, trailing_timesteps(num_steps, int(self.pipe.scheduler.config.num_train_timesteps)))
+        sigmas = self.sigma_grid(num_steps, trailing_timesteps(num_steps, int(flow_scheduler_config(self.pipe.scheduler)["num_train_timesteps"])))
         return sigmas[:-1] * 1000.0, sigmas
+
+
+@dataclass
+class SD3Teacher(SigmaToldTeacher):
+    """Stable Diffusion 3 / 3.5: three text encoders (sequence embeddings and a pooled vector), a VAE with
+    a shift factor, a static schedule shift (or SD3's own dynamic one)."""
+
+    lora_targets = FlowTeacher.lora_targets + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                                               "ff_context.net.0.proj", "ff_context.net.2", "norm1_context.linear")
+
+    @property
+    def shift_mu(self) -> float | None:
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        config = self.pipe.scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return None
+        _, h, w = self.latent_shape
+        seq_len = (h * w) // self.transformer.config.patch_size**2
+        return calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                               config.get("base_shift", 0.5), config.get("max_shift", 1.16))
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[Conditioning, Conditioning]:
@@ -207,8 +227,60 @@ class SD3Teacher(FlowTeacher):
                            return_dict=False)[0].float()
 
 
+@dataclass
+class WanTeacher(SigmaToldTeacher):
+    """Wan 2.1 text-to-video (and the reference video model): 5-D latents (n, C, F', H', W') of ``frames``
+    frames, normalised by the VAE's per-channel mean and std as the pipeline decodes them; UMT5 text
+    padded to 512 tokens, as the pipeline pads it."""
+
+    frames: int = 81
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2",
+                    "time_embedder.linear_1", "time_embedder.linear_2", "time_proj")
+
+    @staticmethod
+    def size_factor(pipe: Any) -> int:
+        return pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[-1]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        temporal = self.pipe.vae_scale_factor_temporal
+        if (self.frames - 1) % temporal:
+            raise ValueError(f"frames={self.frames}: Wan's VAE takes 1 + {temporal}·k frames (e.g. {1 + 2 * temporal}).")
+        if getattr(self.pipe.config, "expand_timesteps", False):
+            raise ValueError("This Wan pipeline tells every token its own timestep (expand_timesteps, Wan 2.2 TI2V); "
+                             "diffaccel distill handles Wan 2.1-style text-to-video teachers.")
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        spatial, temporal = self.pipe.vae_scale_factor_spatial, self.pipe.vae_scale_factor_temporal
+        return (self.transformer.config.in_channels, (self.frames - 1) // temporal + 1, self.height // spatial,
+                self.width // spatial)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, uncond = self.pipe.encode_prompt(captions, do_classifier_free_guidance=True, device=self.transformer.device,
+                                               max_sequence_length=512)
+        return cond, uncond
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, F, H, W) in [-1, 1] -> (posterior mean − latents_mean) / latents_std."""
+        vae = self.pipe.vae
+        mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
+        shape = (1, -1, 1, 1, 1)
+        return ((mean - torch.tensor(vae.config.latents_mean, device=mean.device).view(shape))
+                / torch.tensor(vae.config.latents_std, device=mean.device).view(shape))
+
+    def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
+                 embeds: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        timestep = self.told_timestep(sigma) if timestep is None else timestep
+        dtype = self.compute_dtype
+        return transformer(hidden_states=sample.to(dtype), timestep=timestep.to(dtype),
+                           encoder_hidden_states=embeds.to(dtype), return_dict=False)[0].float()
+
+
 TIMESTEP_CONVENTIONS = ("sigma", "pipeline")
-FAMILIES = {"CogView4Pipeline": FlowTeacher, "StableDiffusion3Pipeline": SD3Teacher}
+FAMILIES = {"CogView4Pipeline": FlowTeacher, "StableDiffusion3Pipeline": SD3Teacher, "WanPipeline": WanTeacher}
 
 
 def unshifted_fraction(sigma: torch.Tensor, config: Any, mu: float) -> torch.Tensor:
@@ -226,21 +298,37 @@ def unshifted_fraction(sigma: torch.Tensor, config: Any, mu: float) -> torch.Ten
     return (sigma / (shift - (shift - 1.0) * sigma)).float()
 
 
-def teacher_for(pipe: Any, height: int, width: int, timestep_convention: str = "sigma") -> FlowTeacher:
-    """The teacher adapter of this pipeline, or an error naming the families that can be distilled."""
+def flow_scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """A flow-matching teacher's schedule as a ``FlowMatchEulerDiscreteScheduler`` config: a FlowMatch
+    scheduler's own, or that of a multistep solver run on flow sigmas (Wan's UniPC with
+    ``use_flow_sigmas``: its ``flow_shift`` is the static shift). An error for anything else."""
+    config = dict(scheduler.config)
+    if "FlowMatch" in type(scheduler).__name__:
+        return config
+    if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+        return {"num_train_timesteps": config.get("num_train_timesteps", 1000), "shift": config.get("flow_shift") or 1.0,
+                "use_dynamic_shifting": False}
+    raise ValueError(f"diffaccel distill needs a flow-matching teacher (velocity prediction); this pipeline samples with "
+                     f"{type(scheduler).__name__} (prediction_type {config.get('prediction_type')!r}).")
+
+
+def teacher_for(pipe: Any, height: int, width: int, timestep_convention: str = "sigma",
+                frames: int | None = None) -> FlowTeacher:
+    """The teacher adapter of this pipeline (``frames``: a video teacher's clip length, default its
+    pipeline's), or an error naming the families that can be distilled."""
     name = type(pipe).__name__
     if name not in FAMILIES:
         raise ValueError(
-            f"diffaccel distill cannot use a {name} teacher: it needs a flow-matching text-to-image pipeline of "
-            f"a family it knows ({', '.join(FAMILIES)}); video pipelines (Wan) are not supported yet."
+            f"diffaccel distill cannot use a {name} teacher: it needs a flow-matching text-to-image or text-to-video "
+            f"pipeline of a family it knows ({', '.join(FAMILIES)})."
         )
-    scheduler = type(pipe.scheduler).__name__
-    if "FlowMatch" not in scheduler:
-        raise ValueError(
-            f"diffaccel distill needs a flow-matching teacher (velocity prediction); this {name} samples with "
-            f"{scheduler}."
-        )
-    factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    flow_scheduler_config(pipe.scheduler)
+    family = FAMILIES[name]
+    factor = family.size_factor(pipe)
     if height % factor or width % factor:
         raise ValueError(f"Distillation size {height}x{width} must be a multiple of {factor} for this {name}.")
-    return FAMILIES[name](pipe, height, width, timestep_convention)
+    if family is WanTeacher:
+        return family(pipe, height, width, timestep_convention, frames or 81)
+    if frames is not None:
+        raise ValueError(f"frames={frames}: a {name} makes images, not clips.")
+    return family(pipe, height, width, timestep_convention)

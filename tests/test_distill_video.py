@@ -1,0 +1,109 @@
+"""Distilling a video teacher (Wan family; the reference video model): its schedule and latents as the
+pipeline has them, TDM and LCD students that train on clips, load and sample a clip in their steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffaccel.distill import LCDConfig, StudentCard, TDMConfig, distill, load_student, student_call_defaults
+from diffaccel.distill.lcd import LCDTrainer
+from diffaccel.distill.teacher import WanTeacher, flow_scheduler_config, teacher_for
+from diffaccel.pipelines import reference
+
+PROMPT = "a small red circle moving to the right, on a blue background"
+
+
+def test_video_teacher_sees_the_pipelines_schedule_timesteps_and_latents():
+    pipe = reference.load("video")
+    seen, shapes = [], []
+    pipe(PROMPT, height=64, width=64, num_frames=9, num_inference_steps=6, guidance_scale=1.0, output_type="latent",
+         callback_on_step_end=lambda p, i, t, kw: seen.append((float(p.scheduler.sigmas[i]), float(t)))
+         or shapes.append(tuple(kw["latents"].shape)) or {})
+    sigmas, told = (torch.tensor(column) for column in zip(*seen))
+    view = teacher_for(pipe, 64, 64, "pipeline", frames=9)
+    assert isinstance(view, WanTeacher)
+    assert torch.allclose(view.sigma_grid(6)[:-1], sigmas) and torch.allclose(view.told_timestep(sigmas), told)
+    assert shapes[0] == (1, *view.latent_shape)
+    # the latents are normalised as the pipeline un-normalises them before decoding
+    clip = torch.rand(1, 3, 9, 64, 64) * 2 - 1
+    latents = view.encode_images(clip)
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    assert torch.allclose(latents * std + mean, vae.encode(clip).latent_dist.mode(), atol=1e-5)
+
+
+def test_video_teacher_errors():
+    pipe = reference.load("video")
+    with pytest.raises(ValueError, match="takes 1 \\+ 4·k frames"):
+        teacher_for(pipe, 64, 64, frames=8)
+    with pytest.raises(ValueError, match="makes images, not clips"):
+        teacher_for(reference.load("image"), 64, 64, frames=9)
+
+
+def test_wan_unipc_flow_schedule_is_read_as_its_flow_shift():
+    """Hub Wan pipelines sample with UniPC on flow sigmas; the distiller reads its flow_shift as the shift."""
+    from diffusers import DDIMScheduler, UniPCMultistepScheduler
+
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    assert flow_scheduler_config(unipc) == {"num_train_timesteps": 1000, "shift": 5.0, "use_dynamic_shifting": False}
+    pipe = reference.load("video")
+    pipe.scheduler = unipc
+    view = teacher_for(pipe, 64, 64, frames=9)
+    unipc.set_timesteps(20)
+    assert torch.allclose(view.sigma_grid(20), unipc.sigmas.float())  # the teacher's own spacing
+    _, stages = view.student_grid(4)
+    s = np.array([1.0, 0.75, 0.5, 0.25])
+    assert np.allclose(stages[:-1].numpy(), 5 * s / (1 + 4 * s), atol=1e-6)  # trailing, static shift k·s / (1 + (k − 1)·s)
+    with pytest.raises(ValueError, match="flow-matching teacher"):
+        flow_scheduler_config(DDIMScheduler())
+
+
+def test_video_lcd_step_lowers_the_loss_on_its_batch():
+    torch.manual_seed(0)
+    trainer = LCDTrainer(teacher_for(reference.load("video"), 64, 64, frames=9),
+                         LCDConfig(lora_rank=4, learning_rate=1e-4, batch_size=2, solver_steps=10, warmup_steps=0,
+                                   guidance_scale=4.0))
+    with torch.no_grad():
+        before = float(trainer.loss_at(0))
+    trainer.train_step()
+    with torch.no_grad():
+        after = float(trainer.loss_at(0))
+    assert after < before
+
+
+def test_video_tdm_student_trains_resumes_loads_and_samples_a_clip(tmp_path):
+    config = TDMConfig(lora_rank=4, batch_size=2)
+    distill("reference:video", tmp_path / "a", config, method="tdm", max_steps=1, progress=False)
+    folder = distill("reference:video", tmp_path / "a", config, method="tdm", max_steps=2, resume=True, progress=False)
+    distill("reference:video", tmp_path / "b", config, method="tdm", max_steps=2, progress=False)
+    assert json.loads((folder / "losses.json").read_text()) == json.loads((tmp_path / "b" / "losses.json").read_text())
+    card = StudentCard.load(folder)
+    assert card.pipeline == "WanPipeline" and card.frames == 9 and card.training["data"] == "procedural-clips:9"
+    student = load_student(reference.load("video"), folder)
+    call = student_call_defaults(student)
+    assert call["num_frames"] == 9 and call["num_inference_steps"] == 4
+    told = []
+    handle = student.transformer.register_forward_pre_hook(lambda m, a, kw: told.append(float(kw["timestep"][0])),
+                                                           with_kwargs=True)
+    clip = student(PROMPT, output_type="np", **call).frames
+    handle.remove()
+    assert clip.shape == (1, 9, 64, 64, 3) and np.isfinite(clip).all()
+    assert told == pytest.approx([1000.0, 900.0, 750.0, 500.0], abs=0.5)  # 4 calls, trailing, shifted as Wan shifts
+
+
+def test_cli_distills_the_video_model_and_generates_with_the_student(tmp_path):
+    from diffaccel.cli import main
+
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", "reference:video", "--method", "tdm", "--lora-rank", "4", "--batch-size", "2",
+                 "--out", str(out), "--max-steps", "1", "--no-progress", "--threads", "1"]) == 0
+    stats = tmp_path / "stats.json"
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "clip.gif"), "--model", "video", "--distilled", str(out),
+                 "--preset", "off", "--stats-json", str(stats)]) == 0
+    assert (tmp_path / "clip.gif").stat().st_size > 0
+    assert json.loads(stats.read_text())["stats"]["denoiser_calls"] == 4
