@@ -37,7 +37,14 @@ def test_video_teacher_sees_the_pipelines_schedule_timesteps_and_latents():
     assert torch.allclose(latents * std + mean, vae.encode(clip).latent_dist.mode(), atol=1e-5)
 
 
-def test_video_teacher_errors():
+def test_video_teacher_errors(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a.png").parent.mkdir(exist_ok=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a black square")
+    with pytest.raises(ValueError, match="a folder of still images cannot teach it"):
+        distill("reference:video", tmp_path / "out", LCDConfig(lora_rank=4), data=tmp_path, max_steps=1)
     pipe = reference.load("video")
     with pytest.raises(ValueError, match="takes 1 \\+ 4·k frames"):
         teacher_for(pipe, 64, 64, frames=8)

@@ -183,6 +183,10 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     if resolved.student_steps > facts["default_steps"]:
         raise ValueError(f"student_steps={resolved.student_steps} is more than the teacher's own {facts['default_steps']} "
                          f"steps: nothing to distill.")
+    if facts["is_video"] and isinstance(source, CaptionedImages):
+        raise ValueError(f"{teacher} makes clips, and {method} would noise them: a folder of still images cannot "
+                         f"teach it. Use tdm with the folder's captions or a prompt file (--prompts), or pass clips "
+                         f"through a data source of your own in Python.")
     if source is None and facts["is_video"] and is_reference:
         source = ProceduralClips(resolved.height, resolved.frames)
     if source is not None and source.resolution != resolved.height:
