@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import diffaccel
+from distill_helpers import loss_before_and_after_one_step
+
 from diffaccel.distill import (
     LCDConfig,
     StudentCard,
@@ -77,11 +79,7 @@ def test_one_step_lowers_the_loss_on_its_batch(lora_rank):
     torch.manual_seed(0)
     trainer = LCDTrainer(teacher_for(reference.load("image"), 64, 64),
                          LCDConfig(lora_rank=lora_rank, learning_rate=1e-3 if lora_rank else 1e-5, **TINY))
-    with torch.no_grad():
-        before = float(trainer.loss_at(0))
-    trainer.train_step()
-    with torch.no_grad():
-        after = float(trainer.loss_at(0))
+    before, after = loss_before_and_after_one_step(trainer)
     assert after < before
 
 

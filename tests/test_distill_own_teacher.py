@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from distill_helpers import loss_before_and_after_one_step
+
 from diffaccel.distill import CaptionedImages, LCDConfig, PromptList, StudentCard, TDMConfig, distill
 from diffaccel.distill.data import epoch_indices
 from diffaccel.distill.run import load_teacher
@@ -219,7 +221,7 @@ def test_sd3_students_train_load_and_sample_in_their_steps(sd3_folder, tmp_path,
     student = load_student(teacher, folder)
     changed = [k for k, v in student.transformer.state_dict().items() if not torch.equal(before[k], v)]
     assert any("add_q_proj" in k for k in changed)  # SD3's context stream is adapted too
-    told, calls = [], []
+    told = []
     handle = student.transformer.register_forward_pre_hook(lambda m, a, kw: told.append(float(kw["timestep"][0])),
                                                            with_kwargs=True)
     torch.manual_seed(0)
@@ -255,11 +257,7 @@ def test_half_precision_teacher_trains_float32_adapters(sd3_folder, tmp_path):
     trainable = [p for p in trainer.student.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert pipe.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
-    with torch.no_grad():
-        before = float(trainer.loss_at(0))
-    trainer.train_step()
-    with torch.no_grad():
-        after = float(trainer.loss_at(0))
+    before, after = loss_before_and_after_one_step(trainer)
     assert np.isfinite(before) and after < before
     full = LCDConfig(**{**TINY_LCD, "lora_rank": 0}, guidance_scale=7.0)
     with pytest.raises(ValueError, match="full student .* torch.bfloat16"):

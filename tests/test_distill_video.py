@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from distill_helpers import loss_before_and_after_one_step
+
 from diffaccel.distill import LCDConfig, StudentCard, TDMConfig, distill, load_student, student_call_defaults
 from diffaccel.distill.lcd import LCDTrainer
 from diffaccel.distill.teacher import WanTeacher, flow_scheduler_config, teacher_for
@@ -75,11 +77,7 @@ def test_video_lcd_step_lowers_the_loss_on_its_batch():
     trainer = LCDTrainer(teacher_for(reference.load("video"), 64, 64, frames=9),
                          LCDConfig(lora_rank=4, learning_rate=1e-4, batch_size=2, solver_steps=10, warmup_steps=0,
                                    guidance_scale=4.0))
-    with torch.no_grad():
-        before = float(trainer.loss_at(0))
-    trainer.train_step()
-    with torch.no_grad():
-        after = float(trainer.loss_at(0))
+    before, after = loss_before_and_after_one_step(trainer)
     assert after < before
 
 

@@ -66,7 +66,6 @@ class FlowTeacher:
         """The noise levels the pipeline samples on with ``num_steps`` steps (terminal 0 included); with
         ``timesteps``, those it samples on when given them (a student's trailing spacing)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
 
         config = self.pipe.scheduler.config
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
