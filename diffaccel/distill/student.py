@@ -214,7 +214,6 @@ def student_scheduler(scheduler: Any, card: StudentCard) -> Any:
 
     student = scheduler_class.from_config(flow_scheduler_config(scheduler))
     if card.spacing == "trailing":
-
         family = FAMILIES.get(card.pipeline)
         use_trailing_spacing(student, family.tells_unshifted_timesteps if family is not None else True)
     return student
@@ -243,7 +242,7 @@ def use_trailing_spacing(scheduler: Any, tell_unshifted: bool = True) -> Any:
     """Make ``scheduler`` sample a student on ``trailing_timesteps`` whenever the pipeline asks for its
     default schedule (a schedule the caller passes is kept). ``tell_unshifted``: the transformer is told
     those timesteps as they are (CogView4); otherwise only their fractions go in as sigmas and it is told
-    1000·σ after the scheduler's shift (SD3). Returns the scheduler."""
+    1000·σ after the scheduler's shift (SD3, Wan). Returns the scheduler."""
     current = scheduler.set_timesteps
     train_timesteps = int(scheduler.config.num_train_timesteps)
 
