@@ -51,6 +51,9 @@ class ProceduralScenes:
         x = torch.from_numpy(pixels).float().permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
         return x, captions
 
+    def describe(self) -> str:
+        return "procedural-scenes"
+
 
 @dataclass(frozen=True)
 class ProceduralClips:
@@ -67,6 +70,9 @@ class ProceduralClips:
         pixels, captions, _ = scenes.sample_batch(rng, size, self.resolution, clip=True, frames=self.frames)
         x = torch.from_numpy(pixels).float().permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0
         return x, captions
+
+    def describe(self) -> str:
+        return f"procedural-clips:{self.frames}"
 
 
 def read_captioned_folder(root: Path) -> tuple[tuple[str, str], ...]:
@@ -198,7 +204,7 @@ def require_images(source: DataSource | None, method: str) -> None:
 def data_source(spec: "str | Path | DataSource | None", resolution: int) -> DataSource | None:
     """What ``distill(data=...)`` takes: a folder of captioned images, a text file of prompts (one per
     line), a source object, or None (the teacher's own, where it has one)."""
-    if spec is None or isinstance(spec, (ProceduralScenes, ProceduralClips, CaptionedImages, PromptList)):
+    if spec is None or isinstance(spec, DataSource):
         return spec
     path = Path(spec)
     if path.is_dir():
@@ -210,8 +216,4 @@ def data_source(spec: "str | Path | DataSource | None", resolution: int) -> Data
 
 def describe(data: DataSource | None) -> str:
     """A stable description of a source, recorded in checkpoints so a resumed run uses the same data."""
-    if data is None or isinstance(data, ProceduralScenes):
-        return "procedural-scenes"
-    if isinstance(data, ProceduralClips):
-        return f"procedural-clips:{data.frames}"
-    return data.describe()
+    return ProceduralScenes().describe() if data is None else data.describe()

@@ -45,7 +45,8 @@ def load_teacher(spec: str, device: str | None = None, dtype: str = "float32") -
         name = spec.split(":", 1)[1]
         if name not in reference.NAMES:
             raise ValueError(f"Unknown reference teacher {spec!r}; choose from {[f'reference:{n}' for n in reference.NAMES]}.")
-        facts = reference.info(name)
+        info = reference.info(name)
+        facts = {**info, "default_height": info["default_resolution"], "default_width": info["default_resolution"]}
         return reference.load(name, device=device or "cpu", dtype=torch_dtype(dtype, device or "cpu")), spec, facts
     loaded = load_model(spec, device=device, dtype=dtype)
     return loaded.pipe, spec, pipeline_facts(loaded.pipe, loaded.is_video)
@@ -174,8 +175,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     resolved = dataclasses.replace(
         config,
         guidance_scale=config.guidance_scale if config.guidance_scale is not None else float(facts["default_guidance"]),
-        height=config.height or (config.sizes[0] if config.sizes else facts.get("default_height", facts.get("default_resolution"))),
-        width=config.width or (config.sizes[0] if config.sizes else facts.get("default_width", facts.get("default_resolution"))),
+        height=config.height or (config.sizes[0] if config.sizes else facts["default_height"]),
+        width=config.width or (config.sizes[0] if config.sizes else facts["default_width"]),
         frames=(config.frames or facts.get("frames")) if facts["is_video"] else config.frames,
     )
     if resolved.frames is not None and not facts["is_video"]:

@@ -39,10 +39,10 @@ class SizeCycle:
         if data is not None:
             source = data
         else:  # the reference models' own distribution
-            source = ProceduralClips(frames=teacher.frames) if hasattr(teacher, "frames") else ProceduralScenes()
+            source = ProceduralClips(frames=teacher.frames) if teacher.frames else ProceduralScenes()
         if any(h != w for h, w in self.sizes) and not isinstance(source, PromptList):
             raise ValueError(f"The training images are square; distil at square sizes, not {self.sizes}.")
-        self.teachers = {size: teacher if size == (teacher.height, teacher.width) else teacher_for(teacher.pipe, *size, teacher.timestep_convention, getattr(teacher, "frames", None))
+        self.teachers = {size: teacher if size == (teacher.height, teacher.width) else teacher_for(teacher.pipe, *size, teacher.timestep_convention, teacher.frames)
                          for size in self.sizes}
         # every size its own copy of the source, serving images at that size
         self.data = {size: source if source.resolution == size[0] else dataclasses.replace(source, resolution=size[0])

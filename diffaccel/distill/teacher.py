@@ -6,7 +6,7 @@ Only families listed in ``FAMILIES`` are supported; any other pipeline gets an e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,9 @@ class FlowTeacher:
     height: int
     width: int
     timestep_convention: str = "sigma"
+    frames: int | None = None  # a video teacher's clip length; None for image teachers
+    # the dtype of the teacher's own (frozen) weights, read once (``__post_init__``)
+    compute_dtype: torch.dtype = field(init=False, repr=False)
     # Linear layers a LoRA student adapts (the modulation and time-embedding layers carry the timestep,
     # which a consistency student must re-read).
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear",
@@ -36,6 +39,7 @@ class FlowTeacher:
     # whether the pipeline tells the transformer the timestep before its schedule shift (CogView4) or
     # 1000·σ after it (SD3): students sample on trailing steps given the same way
     tells_unshifted_timesteps = True
+    makes_clips = False  # a video family: latents carry a frame axis and ``frames`` is set
 
     @staticmethod
     def size_factor(pipe: Any) -> int:
@@ -45,13 +49,12 @@ class FlowTeacher:
     def __post_init__(self) -> None:
         if self.timestep_convention not in TIMESTEP_CONVENTIONS:
             raise ValueError(f"timestep_convention={self.timestep_convention!r}: choose from {TIMESTEP_CONVENTIONS}.")
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype of the teacher's own (frozen) weights: the transformer runs in it, whatever dtype the
-        trainable adapters keep (float32). Latents, noise and losses stay float32 around it."""
-        return next(p.dtype for name, p in self.transformer.named_parameters()
-                    if "lora_" not in name and "cond_proj" not in name)
+        if self.frames is not None and not self.makes_clips:
+            raise ValueError(f"frames={self.frames}: a {type(self.pipe).__name__} makes images, not clips.")
+        # The transformer runs in its frozen weights' dtype, whatever dtype the trainable adapters keep
+        # (float32); latents, noise and losses stay float32 around it.
+        self.compute_dtype = next(p.dtype for name, p in self.transformer.named_parameters()
+                                  if "lora_" not in name and "cond_proj" not in name)
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -111,22 +114,29 @@ class FlowTeacher:
         return cond, uncond
 
     @torch.no_grad()
+    def posterior_mean(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's posterior mean of pixels in [-1, 1], in float32."""
+        vae = self.pipe.vae
+        return vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) in [-1, 1] -> latents as the transformer sees them (VAE posterior mean × scale)."""
-        vae = self.pipe.vae
-        return vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float() * vae.config.scaling_factor
+        return self.posterior_mean(pixels) * self.pipe.vae.config.scaling_factor
 
     def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
-                 embeds: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
-        """v at noise level ``sigma``; the transformer is told ``timestep`` (default 1000·σ, as the
-        reference models were trained)."""
-        n, dtype = sample.shape[0], self.compute_dtype
+                 embeds: Any, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """v at noise level ``sigma`` (float32); the transformer runs in ``compute_dtype`` and is told
+        ``timestep`` (default ``told_timestep(sigma)``)."""
+        dtype = self.compute_dtype
         timestep = self.told_timestep(sigma) if timestep is None else timestep
-        size = torch.tensor([[self.height, self.width]], dtype=dtype, device=sample.device).repeat(n, 1)
-        return transformer(
-            hidden_states=sample.to(dtype), encoder_hidden_states=embeds.to(dtype), timestep=timestep.to(dtype),
-            original_size=size, target_size=size, crop_coords=torch.zeros_like(size), return_dict=False,
-        )[0].float()
+        return transformer(hidden_states=sample.to(dtype), timestep=timestep.to(dtype), return_dict=False,
+                           **self.conditioning_kwargs(embeds, sample, dtype))[0].float()
+
+    def conditioning_kwargs(self, embeds: Any, sample: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+        """The family's text and size arguments of a transformer call (CogView4: the size conditioning)."""
+        size = torch.tensor([[self.height, self.width]], dtype=dtype, device=sample.device).repeat(sample.shape[0], 1)
+        return {"encoder_hidden_states": embeds.to(dtype), "original_size": size, "target_size": size,
+                "crop_coords": torch.zeros_like(size)}
 
 
 @dataclass(frozen=True)
@@ -210,20 +220,13 @@ class SD3Teacher(SigmaToldTeacher):
             captions, None, None, do_classifier_free_guidance=True, device=self.transformer.device)
         return Conditioning(cond, pooled), Conditioning(uncond, uncond_pooled)
 
-    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents as the pipeline decodes them: (posterior mean − shift factor) × scale."""
-        vae = self.pipe.vae
-        mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
-        return (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        config = self.pipe.vae.config
+        return (self.posterior_mean(pixels) - (config.shift_factor or 0.0)) * config.scaling_factor
 
-    def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
-                 embeds: Conditioning, timestep: torch.Tensor | None = None) -> torch.Tensor:
-        timestep = self.told_timestep(sigma) if timestep is None else timestep
-        dtype = self.compute_dtype
-        return transformer(hidden_states=sample.to(dtype), encoder_hidden_states=embeds.embeds.to(dtype),
-                           pooled_projections=embeds.pooled.to(dtype), timestep=timestep.to(dtype),
-                           return_dict=False)[0].float()
+    def conditioning_kwargs(self, embeds: Conditioning, sample: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+        return {"encoder_hidden_states": embeds.embeds.to(dtype), "pooled_projections": embeds.pooled.to(dtype)}
 
 
 @dataclass
@@ -232,7 +235,6 @@ class WanTeacher(SigmaToldTeacher):
     frames, normalised by the VAE's per-channel mean and std as the pipeline decodes them; UMT5 text
     padded to 512 tokens, as the pipeline pads it."""
 
-    frames: int = 81
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2",
                     "time_embedder.linear_1", "time_embedder.linear_2", "time_proj")
 
@@ -240,8 +242,11 @@ class WanTeacher(SigmaToldTeacher):
     def size_factor(pipe: Any) -> int:
         return pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[-1]
 
+    makes_clips = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.frames = 81 if self.frames is None else self.frames  # Wan's own default clip length
         temporal = self.pipe.vae_scale_factor_temporal
         if (self.frames - 1) % temporal:
             raise ValueError(f"frames={self.frames}: Wan's VAE takes 1 + {temporal}·k frames (e.g. {1 + 2 * temporal}).")
@@ -261,21 +266,15 @@ class WanTeacher(SigmaToldTeacher):
                                                max_sequence_length=512)
         return cond, uncond
 
-    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, F, H, W) in [-1, 1] -> (posterior mean − latents_mean) / latents_std."""
-        vae = self.pipe.vae
-        mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
+        mean, config = self.posterior_mean(pixels), self.pipe.vae.config
         shape = (1, -1, 1, 1, 1)
-        return ((mean - torch.tensor(vae.config.latents_mean, device=mean.device).view(shape))
-                / torch.tensor(vae.config.latents_std, device=mean.device).view(shape))
+        return ((mean - torch.tensor(config.latents_mean, device=mean.device).view(shape))
+                / torch.tensor(config.latents_std, device=mean.device).view(shape))
 
-    def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
-                 embeds: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
-        timestep = self.told_timestep(sigma) if timestep is None else timestep
-        dtype = self.compute_dtype
-        return transformer(hidden_states=sample.to(dtype), timestep=timestep.to(dtype),
-                           encoder_hidden_states=embeds.to(dtype), return_dict=False)[0].float()
+    def conditioning_kwargs(self, embeds: torch.Tensor, sample: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+        return {"encoder_hidden_states": embeds.to(dtype)}
 
 
 TIMESTEP_CONVENTIONS = ("sigma", "pipeline")
@@ -326,8 +325,4 @@ def teacher_for(pipe: Any, height: int, width: int, timestep_convention: str = "
     factor = family.size_factor(pipe)
     if height % factor or width % factor:
         raise ValueError(f"Distillation size {height}x{width} must be a multiple of {factor} for this {name}.")
-    if family is WanTeacher:
-        return family(pipe, height, width, timestep_convention, frames or 81)
-    if frames is not None:
-        raise ValueError(f"frames={frames}: a {name} makes images, not clips.")
-    return family(pipe, height, width, timestep_convention)
+    return family(pipe, height, width, timestep_convention, frames)
