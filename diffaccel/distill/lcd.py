@@ -86,6 +86,26 @@ def stream_index(trainer: Any, step: int) -> int:
     return step * accelerator.num_processes + accelerator.process_index
 
 
+def average_gradients(trainer: Any, params: list[torch.nn.Parameter]) -> None:
+    """Data parallel without a DDP wrapper: replace each gradient of ``params`` by its mean over the
+    processes (one all-reduce of the flattened gradients). For trainers whose models a DDP wrapper cannot
+    hold (TDM's adapter switching on one shared transformer, RG-LCD's proxy trained outside the student's
+    backward); call it after ``backward`` and before clipping, so every process takes the same step."""
+    processes = trainer.accelerator.num_processes
+    if processes == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= processes
+    offset = 0
+    for param, grad in zip(params, grads):
+        param.grad = flat[offset:offset + grad.numel()].view_as(grad).to(grad.dtype)
+        offset += grad.numel()
+
+
 def use_size(trainer: Any, step: int) -> tuple[int, int]:
     """Point ``trainer.teacher`` and ``trainer.data`` at iteration ``step``'s size; returns it."""
     size = trainer.sizes.size_at(step)

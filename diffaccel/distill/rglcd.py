@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .config import LCDConfig, RewardConfig
-from .lcd import LCDBatch, LCDTrainer
+from .lcd import LCDBatch, LCDTrainer, average_gradients
 from .reward import JudgeReward, LatentRewardModel, preference_loss
 from .teacher import FlowTeacher
 
@@ -22,9 +22,6 @@ class RGLCDTrainer(LCDTrainer):
     def __init__(self, teacher: FlowTeacher, config: LCDConfig, reward: RewardConfig, judge: torch.nn.Module,
                  **kwargs: Any) -> None:
         super().__init__(teacher, config, **kwargs)
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError("RG-LCD trains in one process so far: its latent proxy reward model learns from "
-                                      "each process's own batches and would differ between them; lcd runs data parallel.")
         self.reward = reward
         self.expert = JudgeReward(judge).to(teacher.transformer.device)
         channels = teacher.transformer.config.in_channels
@@ -68,6 +65,7 @@ class RGLCDTrainer(LCDTrainer):
         loss = preference_loss(proxy, expert, self.reward.temperature)
         self.proxy_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(self, list(self.proxy.parameters()))  # one proxy for all processes' preferences
         self.proxy_optimizer.step()
         self.last_rewards.update(proxy_loss=float(loss.detach()), expert_student=float(expert[:, 0].mean()),
                                  expert_target=float(expert[:, 1].mean()), expert_data=float(expert[:, 2].mean()))

@@ -168,7 +168,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         require_images(source, method)
     from accelerate import Accelerator
 
-    # one process, or one of several launched by `accelerate launch` / torchrun (data parallel, LCD)
+    # one process, or one of several launched by `accelerate launch` / torchrun (data parallel)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     many, main = accelerator.num_processes > 1, accelerator.is_main_process
     pipe, name, facts = load_teacher(teacher, device=str(accelerator.device), dtype=dtype)

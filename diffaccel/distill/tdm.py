@@ -25,7 +25,7 @@ import torch
 from .config import TDMConfig
 from .consistency import expand_like, guided_velocity, x0_from_velocity
 from .data import DataSource
-from .lcd import add_lora, bind_trainer, use_size
+from .lcd import add_lora, average_gradients, bind_trainer, stream_index, use_size
 from .teacher import FlowTeacher
 
 STUDENT = "tdm_student"
@@ -83,9 +83,6 @@ class TDMTrainer:
     def __init__(self, teacher: FlowTeacher, config: TDMConfig, data: DataSource | None = None,
                  accelerator: Any = None) -> None:
         bind_trainer(self, teacher, config, data, accelerator)
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError("TDM trains in one process so far: its three roles share one transformer "
-                                      "through adapter switching, which a DDP wrapper does not expose.")
         # each size's stages: CogView4 shifts the noise levels by the token count
         self.grids = {size: view.student_grid(config.student_steps) for size, view in self.sizes.teachers.items()}
         self.timesteps, self.sigmas = self.grids[self.sizes.sizes[0]]
@@ -202,9 +199,10 @@ class TDMTrainer:
         """Iteration ``step``'s captions and the student's rollout to a random stage per sample."""
         cfg = self.config
         self.timesteps, self.sigmas = self.grids[use_size(self, step)]
-        _, captions = self.data.batch(cfg.seed, step, cfg.batch_size)
+        draw = stream_index(self, step)  # with several processes, each its own captions and noise
+        _, captions = self.data.batch(cfg.seed, draw, cfg.batch_size)
         cond, uncond = self.teacher.encode(captions)
-        gen = self._generator(step)
+        gen = self._generator(draw)
         n = len(captions)
         noise = torch.randn((n, *self.teacher.latent_shape), generator=gen).to(self.model.device)
         stages = torch.randint(0, cfg.student_steps, (n,), generator=gen)
@@ -216,6 +214,7 @@ class TDMTrainer:
         loss = self.fake_loss(noisy, t, x0, batch.cond)
         self.fake_optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
+        average_gradients(self, self._params_of(FAKE))
         self.accelerator.clip_grad_norm_(self._params_of(FAKE), self.config.grad_clip)
         self.fake_optimizer.step()
         return float(loss.detach())
@@ -241,6 +240,7 @@ class TDMTrainer:
         loss = matching_loss(x0, target, real, self.config.huber_c).mean()
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
+        average_gradients(self, self._params_of(STUDENT))
         self.accelerator.clip_grad_norm_(self._params_of(STUDENT), self.config.grad_clip)
         self.optimizer.step()
         return float(loss.detach())
