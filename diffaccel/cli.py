@@ -265,7 +265,8 @@ def _add_distill(subparsers) -> None:
                    "or local folder of a CogView4, Stable Diffusion 3 or Wan pipeline (with --data, or --prompts for tdm)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="training images with captions (metadata.jsonl with file_name and text, as Hugging Face "
-                   "imagefolder datasets, or NAME.txt beside each image); needed for a teacher of your own")
+                   "imagefolder datasets, or NAME.txt beside each image), or for a video teacher clips (.mp4, .gif, "
+                   "...) laid out the same way; needed for a teacher of your own")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="tdm: captions alone, one per line (data-free); default: the captions of --data")
     p.add_argument("--resolution", type=int, default=None,

@@ -162,7 +162,7 @@ def test_own_teacher_errors_name_what_is_missing(teacher_folder, tmp_path):
     prompts.write_text("a red circle\n")
     with pytest.raises(ValueError, match="lcd noises training images"):
         distill(str(teacher_folder), tmp_path / "a", config, data=prompts, max_steps=1)
-    with pytest.raises(ValueError, match="neither a folder of captioned images nor a prompt file"):
+    with pytest.raises(ValueError, match="neither a folder of captioned images or clips nor a prompt file"):
         distill(str(teacher_folder), tmp_path / "a", config, data=tmp_path / "nothing", max_steps=1)
     images, _ = write_images(tmp_path / "images", 2)
     with pytest.raises(ValueError, match="square sizes"):

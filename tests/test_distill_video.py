@@ -112,3 +112,73 @@ def test_cli_distills_the_video_model_and_generates_with_the_student(tmp_path):
                  "--preset", "off", "--stats-json", str(stats)]) == 0
     assert (tmp_path / "clip.gif").stat().st_size > 0
     assert json.loads(stats.read_text())["stats"]["denoiser_calls"] == 4
+
+
+def write_clips(folder, count: int, frames: int = 12, size: int = 48):
+    """``count`` GIF clips whose frame i is the grey level 20·i (so a window's position can be read off its
+    pixels), captioned through metadata.jsonl."""
+    from diffaccel.media import save_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in range(count):
+        levels = np.arange(frames, dtype=np.uint8)[:, None, None, None] * 20
+        save_video(np.broadcast_to(levels, (frames, size, size + 16, 3)).copy(), folder / f"clip_{n}.gif")
+        rows.append(json.dumps({"file_name": f"clip_{n}.gif", "caption": f"clip number {n}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_captioned_clips_serve_consecutive_frames_deterministically(tmp_path):
+    from diffaccel.distill import CaptionedClips
+    from diffaccel.distill.data import data_source
+
+    folder = write_clips(tmp_path / "clips", 3)
+    data = data_source(folder, 32, 5)
+    assert isinstance(data, CaptionedClips) and data.frames == 5
+    pixels, captions = data.batch(seed=0, step=0, size=2)
+    assert pixels.shape == (2, 3, 5, 32, 32) and set(captions) <= {f"clip number {n}" for n in range(3)}
+    again, _ = CaptionedClips(str(folder), 32, 5).batch(seed=0, step=0, size=2)
+    assert torch.equal(pixels, again)  # batch `step` from (seed, step) alone: exact resume
+    levels = ((pixels[:, 0, :, 0, 0] + 1.0) * 127.5).round() / 20  # each sample's frame indices
+    assert torch.equal(levels - levels[:, :1], torch.arange(5.0).expand(2, 5))  # consecutive frames of the clip
+    starts = {int(CaptionedClips(str(folder), 32, 5).batch(0, step, 1)[0][0, 0, 0, 0, 0].add(1).mul(127.5).round() / 20)
+              for step in range(12)}
+    assert len(starts) > 1 and starts <= set(range(8))  # windows start anywhere the clip allows
+    with pytest.raises(ValueError, match="clip_.\\.gif has 12 frames; the teacher is trained on 13"):
+        CaptionedClips(str(folder), 32, 13).batch(0, 0, 1)
+
+
+def test_bad_clip_folders_are_named(tmp_path):
+    from PIL import Image
+
+    from diffaccel.distill.data import data_source
+
+    folder = write_clips(tmp_path / "mixed", 1)
+    Image.new("RGB", (8, 8)).save(folder / "still.png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "clip_0.gif", "text": "a"}\n{"file_name": "still.png", "text": "b"}\n')
+    with pytest.raises(ValueError, match="holds both clips \\(.gif\\) and images \\(.png\\)"):
+        data_source(folder, 32)
+    sidecars = write_clips(tmp_path / "sidecars", 1)
+    (sidecars / "metadata.jsonl").unlink()  # and no clip_0.txt beside the clip
+    with pytest.raises(ValueError, match="Training clip .*clip_0.gif has no caption"):
+        data_source(sidecars, 32)
+    (sidecars / "clip_0.txt").write_text("a grey clip")
+    assert data_source(sidecars, 32).entries == (("clip_0.gif", "a grey clip"),)
+
+
+def test_lcd_student_of_a_wan_folder_trains_on_clips(tmp_path):
+    """A user's own Wan (the reference video model saved as a pipeline folder) distilled by LCD on their clips."""
+    from diffaccel.cli import main
+
+    teacher = tmp_path / "my-wan"
+    reference.load("video").save_pretrained(teacher)
+    clips = write_clips(tmp_path / "clips", 3, size=64)
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(teacher), "--data", str(clips), "--resolution", "64", "--frames", "9",
+                 "--lora-rank", "4", "--batch-size", "2", "--solver-steps", "10", "--out", str(out), "--max-steps", "1",
+                 "--no-progress", "--threads", "1"]) == 0
+    card = StudentCard.load(out)
+    assert card.pipeline == "WanPipeline" and card.frames == 9 and card.training["data"].startswith("clips:")
+    with pytest.raises(ValueError, match="makes images, and .* holds clips"):
+        distill("reference:image", tmp_path / "wrong", LCDConfig(lora_rank=4), data=clips, max_steps=1)

@@ -8,13 +8,13 @@ trajectory distribution matching).
 """
 
 from .config import LCDConfig, RewardConfig, TDMConfig
-from .data import CaptionedImages, PromptList
+from .data import CaptionedClips, CaptionedImages, PromptList
 from .consistency import boundary_scalings, consistency_function, euler_step, guided_velocity, pseudo_huber
 from .run import distill, load_teacher
 from .student import StudentCard, load_student, save_student, set_student_guidance, student_call_defaults, student_of
 
 __all__ = [
-    "CaptionedImages", "LCDConfig", "PromptList", "RewardConfig", "StudentCard", "boundary_scalings", "consistency_function", "distill", "euler_step",
+    "CaptionedClips", "CaptionedImages", "LCDConfig", "PromptList", "RewardConfig", "StudentCard", "boundary_scalings", "consistency_function", "distill", "euler_step",
     "guided_velocity", "load_student", "load_teacher", "pseudo_huber", "save_student", "set_student_guidance",
     "student_call_defaults",
     "student_of", "TDMConfig",

@@ -1,12 +1,14 @@
 """Training data for distillation: deterministic streams, batch ``step`` drawn from (seed, step), so a
 resumed run sees exactly the batches an uninterrupted one would.
 
-Three sources, each a frozen dataclass with a ``resolution`` (``dataclasses.replace`` gives the same source
+The sources, each a frozen dataclass with a ``resolution`` (``dataclasses.replace`` gives the same source
 at another size) and ``batch(seed, step, size) -> (pixels or None, captions)``:
 
 - ``ProceduralScenes`` / ``ProceduralClips``: the reference models' own training distribution (rendered
   shape scenes, and clips of them moving);
-- ``CaptionedImages``: a user's folder of images with captions, for a teacher of their own (LCD, RG-LCD);
+- ``CaptionedImages``: a user's folder of images with captions, for an image teacher of their own (LCD,
+  RG-LCD);
+- ``CaptionedClips``: a user's folder of video clips with captions, for a video teacher of their own (LCD);
 - ``PromptList``: captions alone, which is all a data-free method (TDM) reads.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CLIP_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi")
 METADATA = "metadata.jsonl"
 CAPTION_KEYS = ("text", "caption", "prompt")  # the column names diffusers' training scripts look for
 
@@ -75,56 +78,79 @@ class ProceduralClips:
         return f"procedural-clips:{self.frames}"
 
 
-def read_captioned_folder(root: Path) -> tuple[tuple[str, str], ...]:
-    """(file name, caption) of every image in ``root``: from ``metadata.jsonl`` when there is one (the
-    imagefolder layout of Hugging Face ``datasets`` and diffusers' training scripts: one JSON object per
-    line with ``file_name`` and ``text``, ``caption`` or ``prompt``), else from a ``NAME.txt`` beside
-    each image. Errors name the file at fault."""
+def _metadata_rows(root: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of ``root/metadata.jsonl``."""
+    metadata = root / METADATA
+    rows = []
+    for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{metadata}, line {number}: not JSON ({error.msg}).") from None
+    return rows
+
+
+def read_captioned_folder(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, what: str = "image"
+                          ) -> tuple[tuple[str, str], ...]:
+    """(file name, caption) of every ``what`` (files ending in ``suffixes``) in ``root``: from
+    ``metadata.jsonl`` when there is one (the imagefolder / videofolder layout of Hugging Face ``datasets``
+    and diffusers' training scripts: one JSON object per line with ``file_name`` and ``text``, ``caption``
+    or ``prompt``), else from a ``NAME.txt`` beside each file. Errors name the file at fault."""
     if not root.is_dir():
-        raise ValueError(f"Training images: {root} is not a folder.")
+        raise ValueError(f"Training {what}s: {root} is not a folder.")
     metadata = root / METADATA
     entries: list[tuple[str, str]] = []
     if metadata.is_file():
-        for number, line in enumerate(metadata.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{metadata}, line {number}: not JSON ({error.msg}).") from None
+        for number, row in _metadata_rows(root):
             key = next((k for k in CAPTION_KEYS if k in row), None)
             if "file_name" not in row or key is None:
                 raise ValueError(f"{metadata}, line {number}: needs 'file_name' and a caption "
                                  f"({' or '.join(repr(k) for k in CAPTION_KEYS)}); it has {sorted(row)}.")
             if not (root / row["file_name"]).is_file():
-                raise ValueError(f"{metadata}, line {number}: image {row['file_name']!r} is not in {root}.")
+                raise ValueError(f"{metadata}, line {number}: {what} {row['file_name']!r} is not in {root}.")
+            if Path(row["file_name"]).suffix.lower() not in suffixes:
+                raise ValueError(f"{metadata}, line {number}: {row['file_name']!r} is not a {what} "
+                                 f"({', '.join(suffixes)}).")
             entries.append((str(row["file_name"]), str(row[key])))
     else:
-        for image in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            caption = image.with_suffix(".txt")
+        for item in sorted(p for p in root.iterdir() if p.suffix.lower() in suffixes):
+            caption = item.with_suffix(".txt")
             if not caption.is_file():
-                raise ValueError(f"Training image {image} has no caption: put one in {caption.name}, or list every "
-                                 f"image with its caption in {root / METADATA}.")
-            entries.append((image.name, caption.read_text().strip()))
+                raise ValueError(f"Training {what} {item} has no caption: put one in {caption.name}, or list every "
+                                 f"{what} with its caption in {root / METADATA}.")
+            entries.append((item.name, caption.read_text().strip()))
     if not entries:
-        raise ValueError(f"{root} holds no captioned images ({', '.join(IMAGE_SUFFIXES)} with {METADATA} or .txt "
+        raise ValueError(f"{root} holds no captioned {what}s ({', '.join(suffixes)} with {METADATA} or .txt "
                          f"captions).")
     empty = [name for name, caption in entries if not caption.strip()]
     if empty:
-        raise ValueError(f"{len(empty)} training image(s) in {root} have an empty caption, e.g. {empty[0]}.")
+        raise ValueError(f"{len(empty)} training {what}(s) in {root} have an empty caption, e.g. {empty[0]}.")
     return tuple(entries)
 
 
-def load_square(path: Path, resolution: int) -> torch.Tensor:
-    """One image as (3, R, R) in [-1, 1]: the shorter side resized to R (bicubic), then a centre crop, as
+def folder_holds_clips(root: Path) -> bool:
+    """Whether a training folder holds video clips rather than images (by the files it lists or holds);
+    a folder of both is refused, since one teacher learns from one kind."""
+    if (root / METADATA).is_file():
+        names = [str(row.get("file_name", "")) for _, row in _metadata_rows(root)]
+    else:
+        names = [p.name for p in root.iterdir()]
+    suffixes = {Path(name).suffix.lower() for name in names}
+    clips, images = suffixes & set(CLIP_SUFFIXES), suffixes & set(IMAGE_SUFFIXES)
+    if clips and images:
+        raise ValueError(f"{root} holds both clips ({', '.join(sorted(clips))}) and images ({', '.join(sorted(images))}); "
+                         f"a video teacher learns from clips, an image teacher from images: keep them in separate folders.")
+    return bool(clips)
+
+
+def square(image: "PIL.Image.Image", resolution: int) -> torch.Tensor:
+    """One picture as (3, R, R) in [-1, 1]: the shorter side resized to R (bicubic), then a centre crop, as
     diffusers' text-to-image training scripts prepare theirs."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except OSError as error:
-        raise ValueError(f"Cannot read training image {path}: {error}") from None
+    image = image.convert("RGB")
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.BICUBIC)
@@ -132,6 +158,37 @@ def load_square(path: Path, resolution: int) -> torch.Tensor:
     image = image.crop((left, top, left + resolution, top + resolution))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
     return pixels.permute(2, 0, 1).contiguous()
+
+
+def load_square(path: Path, resolution: int) -> torch.Tensor:
+    """One image file as (3, R, R) in [-1, 1] (``square``)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return square(image, resolution)
+    except OSError as error:
+        raise ValueError(f"Cannot read training image {path}: {error}") from None
+
+
+def load_clip_window(path: Path, resolution: int, frames: int, rng: np.random.Generator) -> torch.Tensor:
+    """``frames`` consecutive frames of a clip, from a start drawn by ``rng``, each square at ``resolution``:
+    (3, F, R, R) in [-1, 1]. A clip is read whole, so cut long videos into clips; a clip shorter than
+    ``frames`` is an error that names it."""
+    from PIL import Image
+
+    from diffaccel.media import read_video
+
+    try:
+        video, _ = read_video(path)
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"Cannot read training clip {path}: {error}") from None
+    if len(video) < frames:
+        raise ValueError(f"Training clip {path} has {len(video)} frames; the teacher is trained on {frames} "
+                         f"(--frames): drop it or use a shorter clip length.")
+    start = int(rng.integers(0, len(video) - frames + 1))
+    window = [square(Image.fromarray(frame), resolution) for frame in video[start:start + frames]]
+    return torch.stack(window, dim=1)
 
 
 @dataclass(frozen=True)
@@ -156,6 +213,36 @@ class CaptionedImages:
 
     def describe(self) -> str:
         return f"images:{Path(self.root).resolve()} ({len(self.entries)})"
+
+
+@dataclass(frozen=True)
+class CaptionedClips:
+    """A folder of training clips (.mp4 needs imageio-ffmpeg; .gif and the other formats imageio reads) with
+    captions, laid out as ``CaptionedImages`` is; served as ``frames`` consecutive frames from a start
+    drawn from (seed, step, position), square at ``resolution``. Each epoch visits every clip once."""
+
+    root: str
+    resolution: int = 64
+    frames: int = 9
+    entries: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0 or self.frames <= 0:
+            raise ValueError(f"CaptionedClips: resolution={self.resolution} and frames={self.frames} must be positive.")
+        if not self.entries:
+            object.__setattr__(self, "entries", read_captioned_folder(Path(self.root), CLIP_SUFFIXES, "clip"))
+
+    def batch(self, seed: int, step: int, size: int) -> tuple[torch.Tensor, list[str]]:
+        """(size, 3, F, H, W) pixels in [-1, 1] and their captions."""
+        chosen = [self.entries[i] for i in epoch_indices(seed, step, size, len(self.entries))]
+        pixels = torch.stack([
+            load_clip_window(Path(self.root) / name, self.resolution, self.frames,
+                             np.random.default_rng([seed, 7933, step, position]))
+            for position, (name, _) in enumerate(chosen)])
+        return pixels, [caption for _, caption in chosen]
+
+    def describe(self) -> str:
+        return f"clips:{Path(self.root).resolve()} ({len(self.entries)})"
 
 
 @dataclass(frozen=True)
@@ -191,27 +278,27 @@ class PromptList:
         return f"prompts:{len(self.prompts)}:{digest}"
 
 
-DataSource = ProceduralScenes | ProceduralClips | CaptionedImages | PromptList
+DataSource = ProceduralScenes | ProceduralClips | CaptionedImages | CaptionedClips | PromptList
 
 
 def require_images(source: DataSource | None, method: str) -> None:
     """Consistency methods noise training images; prompts alone are for the data-free TDM."""
     if isinstance(source, PromptList):
-        raise ValueError(f"{method} noises training images: give a folder of captioned images, not prompts alone "
-                         f"(tdm is the data-free method).")
+        raise ValueError(f"{method} noises training images: give a folder of captioned images (or clips, for a video "
+                         f"teacher), not prompts alone (tdm is the data-free method).")
 
 
-def data_source(spec: "str | Path | DataSource | None", resolution: int) -> DataSource | None:
-    """What ``distill(data=...)`` takes: a folder of captioned images, a text file of prompts (one per
-    line), a source object, or None (the teacher's own, where it has one)."""
+def data_source(spec: "str | Path | DataSource | None", resolution: int, frames: int = 9) -> DataSource | None:
+    """What ``distill(data=...)`` takes: a folder of captioned images or clips, a text file of prompts (one
+    per line), a source object, or None (the teacher's own, where it has one)."""
     if spec is None or isinstance(spec, DataSource):
         return spec
     path = Path(spec)
     if path.is_dir():
-        return CaptionedImages(str(path), resolution)
+        return CaptionedClips(str(path), resolution, frames) if folder_holds_clips(path) else CaptionedImages(str(path), resolution)
     if path.is_file():
         return PromptList.from_file(path, resolution)
-    raise ValueError(f"Distillation data {str(spec)!r} is neither a folder of captioned images nor a prompt file.")
+    raise ValueError(f"Distillation data {str(spec)!r} is neither a folder of captioned images or clips nor a prompt file.")
 
 
 def describe(data: DataSource | None) -> str:

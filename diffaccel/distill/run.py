@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import LCDConfig, RewardConfig, TDMConfig
-from .data import CaptionedImages, DataSource, ProceduralClips, PromptList, data_source, describe, require_images
+from .data import CaptionedClips, CaptionedImages, DataSource, ProceduralClips, PromptList, data_source, describe, require_images
 from .student import STUDENT_SCHEDULER, StudentCard, save_student
 
 logger = logging.getLogger("diffaccel")
@@ -132,8 +132,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     ``method`` "lcd", or "rg-lcd" with ``reward`` (default ``RewardConfig()``: β = 1, latent proxy), whose
     expert is the reference judge of the teacher's scenes (both with an ``LCDConfig``); or "tdm" with a
     ``TDMConfig`` (data-free: it reads only the captions).
-    ``data``: a folder of captioned images (``CaptionedImages``: ``metadata.jsonl`` or ``.txt`` captions), a
-    prompt file (TDM), or a source object. The reference teacher defaults to its procedural scenes; a
+    ``data``: a folder of captioned images (``CaptionedImages``: ``metadata.jsonl`` or ``.txt`` captions) or,
+    for a video teacher, of captioned clips (``CaptionedClips``), a prompt file (TDM), or a source object. The reference teacher defaults to its procedural scenes; a
     teacher of the user's needs data of its domain.
     ``dtype``: the teacher's frozen weights ("float32", "bfloat16", "float16"; "auto": bfloat16 on a GPU);
     LoRA adapters train in float32 over them either way. ``gradient_checkpointing`` recomputes the
@@ -157,12 +157,13 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
                          f"reference:image; it cannot reward {teacher}'s images. Use lcd or tdm for this teacher.")
     is_reference = teacher.startswith("reference:")
     if data is None and not is_reference:
-        wanted = "a prompt file or a folder of captioned images" if method == "tdm" else "a folder of captioned images"
+        folder = "a folder of captioned images (clips, for a video model)"
+        wanted = f"a prompt file or {folder}" if method == "tdm" else folder
         raise ValueError(f"Distilling {teacher} needs training data of its domain: give {wanted} (data=..., "
                          f"`diffaccel distill --data`). Only the reference teachers bring their own (procedural scenes).")
     # the data is checked before a (possibly large) teacher loads; its resolution is set once that is known
-    source = data_source(data, config.height or 64)
-    if method == "tdm" and isinstance(source, CaptionedImages):  # data-free: the captions are all it reads
+    source = data_source(data, config.height or 64, config.frames or 9)
+    if method == "tdm" and isinstance(source, (CaptionedImages, CaptionedClips)):  # data-free: captions only
         source = PromptList(tuple(caption for _, caption in source.entries), source.resolution)
     if method != "tdm":
         require_images(source, method)
@@ -186,12 +187,16 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
                          f"steps: nothing to distill.")
     if facts["is_video"] and isinstance(source, CaptionedImages):
         raise ValueError(f"{teacher} makes clips, and {method} would noise them: a folder of still images cannot "
-                         f"teach it. Use tdm with the folder's captions or a prompt file (--prompts), or pass clips "
-                         f"through a data source of your own in Python.")
+                         f"teach it. Give a folder of captioned clips (.mp4, .gif, ...), or use tdm with the folder's "
+                         f"captions or a prompt file (--prompts).")
+    if not facts["is_video"] and isinstance(source, CaptionedClips):
+        raise ValueError(f"{teacher} makes images, and {source.root} holds clips: give it a folder of captioned images.")
     if source is None and facts["is_video"] and is_reference:
         source = ProceduralClips(resolved.height, resolved.frames)
     if source is not None and source.resolution != resolved.height:
         source = dataclasses.replace(source, resolution=resolved.height)
+    if isinstance(source, CaptionedClips) and source.frames != resolved.frames:
+        source = dataclasses.replace(source, frames=resolved.frames)
     out = Path(out)
     saved = _check_folder(out, resume, name, method, resolved, describe(source))
     accelerator.wait_for_everyone()  # every process has read the folder before the first writes to it
