@@ -271,6 +271,9 @@ def _add_distill(subparsers) -> None:
                    help="tdm: captions alone, one per line (data-free); default: the captions of --data")
     p.add_argument("--resolution", type=int, default=None,
                    help="square training and sampling size in pixels (default: the teacher's)")
+    p.add_argument("--height", type=int, default=None, help="training and sampling height, for a size that is not "
+                   "square (with --width; default: the teacher's, e.g. Wan's 480 x 832)")
+    p.add_argument("--width", type=int, default=None, help="training and sampling width (with --height)")
     p.add_argument("--frames", type=int, default=None,
                    help="a video teacher's clip length (1 + 4k for Wan; default: the teacher's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
@@ -311,9 +314,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.resolution is not None and (args.height is not None or args.width is not None):
+        raise ValueError("Give --resolution (a square) or --height and --width, not both.")
+    if (args.height is None) != (args.width is None):
+        raise ValueError("--height and --width go together: give both (or --resolution for a square).")
+    height, width = (args.resolution, args.resolution) if args.resolution is not None else (args.height, args.width)
     given = {k: v for k, v in (("lora_rank", args.lora_rank), ("learning_rate", args.lr),
-                               ("batch_size", args.batch_size), ("height", args.resolution),
-                               ("width", args.resolution), ("frames", args.frames)) if v is not None}
+                               ("batch_size", args.batch_size), ("height", height),
+                               ("width", width), ("frames", args.frames)) if v is not None}
     if args.guidance_range is not None:
         if args.method == "tdm":
             raise ValueError("--guidance-range is an option of the consistency methods (lcd, rg-lcd), not tdm.")

@@ -12,7 +12,9 @@ from PIL import Image
 
 from distill_helpers import loss_before_and_after_one_step
 
-from diffaccel.distill import CaptionedImages, LCDConfig, PromptList, StudentCard, TDMConfig, distill
+from diffaccel.distill import (CaptionedImages, LCDConfig, PromptList, StudentCard, TDMConfig, distill, load_student,
+                               student_call_defaults)
+from diffaccel.loading import load_model
 from diffaccel.distill.data import epoch_indices
 from diffaccel.distill.run import load_teacher
 from diffaccel.distill.teacher import teacher_for
@@ -165,8 +167,12 @@ def test_own_teacher_errors_name_what_is_missing(teacher_folder, tmp_path):
     with pytest.raises(ValueError, match="neither a folder of captioned images or clips nor a prompt file"):
         distill(str(teacher_folder), tmp_path / "a", config, data=tmp_path / "nothing", max_steps=1)
     images, _ = write_images(tmp_path / "images", 2)
-    with pytest.raises(ValueError, match="square sizes"):
-        distill(str(teacher_folder), tmp_path / "b", LCDConfig(**{**TINY_LCD, "width": 128}), data=images, max_steps=1)
+    with pytest.raises(ValueError, match="procedural training scenes are square"):
+        distill("reference:image", tmp_path / "b", LCDConfig(**{**TINY_LCD, "width": 128}), max_steps=1)
+    assert main(["distill", "--teacher", str(teacher_folder), "--data", str(images), "--resolution", "64", "--height", "64",
+                 "--width", "96", "--out", str(tmp_path / "d"), "--max-steps", "1"]) == 2
+    assert main(["distill", "--teacher", str(teacher_folder), "--data", str(images), "--height", "64",
+                 "--out", str(tmp_path / "d"), "--max-steps", "1"]) == 2
     assert main(["distill", "--teacher", str(teacher_folder), "--prompts", str(prompts), "--out", str(tmp_path / "c"),
                  "--max-steps", "1"]) == 2  # --prompts with lcd
 
@@ -278,3 +284,19 @@ def test_gradient_checkpointing_changes_memory_not_the_result(sd3_folder, tmp_pa
 def test_a_folder_without_a_pipeline_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="the folder has no loadable pipeline"):
         load_teacher(str(tmp_path))
+
+
+def test_images_are_fitted_to_a_size_that_is_not_square(teacher_folder, tmp_path):
+    """Landscape training at 64 x 96: every image covers the size and is centre-cropped to it, and the
+    student's card and samples keep that size."""
+    images, _ = write_images(tmp_path / "images", 4, size=(80, 100))
+    data = CaptionedImages(str(images), resolution=64, width=96)
+    pixels, _ = data.batch(seed=0, step=0, size=2)
+    assert pixels.shape == (2, 3, 64, 96)
+    out = distill(str(teacher_folder), tmp_path / "student", LCDConfig(**{**TINY_LCD, "width": 96}), data=images,
+                  max_steps=1, progress=False)
+    card = StudentCard.load(out)
+    assert (card.height, card.width) == (64, 96)
+    student = load_student(load_model(str(teacher_folder)).pipe, out)
+    image = student("a red circle on a blue background", output_type="pil", **student_call_defaults(student)).images[0]
+    assert image.size == (96, 64)

@@ -168,17 +168,19 @@ def test_bad_clip_folders_are_named(tmp_path):
 
 
 def test_lcd_student_of_a_wan_folder_trains_on_clips(tmp_path):
-    """A user's own Wan (the reference video model saved as a pipeline folder) distilled by LCD on their clips."""
+    """A user's own Wan (the reference video model saved as a pipeline folder) distilled by LCD on their clips,
+    at a size that is not square."""
     from diffaccel.cli import main
 
     teacher = tmp_path / "my-wan"
     reference.load("video").save_pretrained(teacher)
     clips = write_clips(tmp_path / "clips", 3, size=64)
     out = tmp_path / "student"
-    assert main(["distill", "--teacher", str(teacher), "--data", str(clips), "--resolution", "64", "--frames", "9",
+    assert main(["distill", "--teacher", str(teacher), "--data", str(clips), "--height", "64", "--width", "96", "--frames", "9",
                  "--lora-rank", "4", "--batch-size", "2", "--solver-steps", "10", "--out", str(out), "--max-steps", "1",
                  "--no-progress", "--threads", "1"]) == 0
     card = StudentCard.load(out)
     assert card.pipeline == "WanPipeline" and card.frames == 9 and card.training["data"].startswith("clips:")
+    assert (card.height, card.width) == (64, 96)  # Wan's sizes are landscape: the clips are fitted to it
     with pytest.raises(ValueError, match="makes images, and .* holds clips"):
         distill("reference:image", tmp_path / "wrong", LCDConfig(lora_rank=4), data=clips, max_steps=1)

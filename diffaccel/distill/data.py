@@ -1,7 +1,7 @@
 """Training data for distillation: deterministic streams, batch ``step`` drawn from (seed, step), so a
 resumed run sees exactly the batches an uninterrupted one would.
 
-The sources, each a frozen dataclass with a ``resolution`` (``dataclasses.replace`` gives the same source
+The sources, each a frozen dataclass with a ``resolution`` (the height; ``serve_at`` gives the same source
 at another size) and ``batch(seed, step, size) -> (pixels or None, captions)``:
 
 - ``ProceduralScenes`` / ``ProceduralClips``: the reference models' own training distribution (rendered
@@ -15,11 +15,16 @@ at another size) and ``batch(seed, step, size) -> (pixels or None, captions)``:
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CLIP_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi")
@@ -145,35 +150,35 @@ def folder_holds_clips(root: Path) -> bool:
     return bool(clips)
 
 
-def square(image: "PIL.Image.Image", resolution: int) -> torch.Tensor:
-    """One picture as (3, R, R) in [-1, 1]: the shorter side resized to R (bicubic), then a centre crop, as
-    diffusers' text-to-image training scripts prepare theirs."""
+def fit_crop(image: "Image.Image", height: int, width: int) -> torch.Tensor:
+    """One picture as (3, H, W) in [-1, 1]: resized (bicubic) until it covers H × W, then centre-cropped
+    to it; for a square that is diffusers' training scripts' shorter-side resize and centre crop."""
     from PIL import Image
 
     image = image.convert("RGB")
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(size, Image.BICUBIC)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    image = image.crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
     return pixels.permute(2, 0, 1).contiguous()
 
 
-def load_square(path: Path, resolution: int) -> torch.Tensor:
-    """One image file as (3, R, R) in [-1, 1] (``square``)."""
+def load_picture(path: Path, height: int, width: int) -> torch.Tensor:
+    """One image file as (3, H, W) in [-1, 1] (``fit_crop``)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return square(image, resolution)
+            return fit_crop(image, height, width)
     except OSError as error:
         raise ValueError(f"Cannot read training image {path}: {error}") from None
 
 
-def load_clip_window(path: Path, resolution: int, frames: int, rng: np.random.Generator) -> torch.Tensor:
-    """``frames`` consecutive frames of a clip, from a start drawn by ``rng``, each square at ``resolution``:
-    (3, F, R, R) in [-1, 1]. A clip is read whole, so cut long videos into clips; a clip shorter than
+def load_clip_window(path: Path, height: int, width: int, frames: int, rng: np.random.Generator) -> torch.Tensor:
+    """``frames`` consecutive frames of a clip, from a start drawn by ``rng``, each fitted to H × W
+    (``fit_crop``): (3, F, H, W) in [-1, 1]. A clip is read whole, so cut long videos into clips; a clip shorter than
     ``frames`` is an error that names it."""
     from PIL import Image
 
@@ -187,28 +192,30 @@ def load_clip_window(path: Path, resolution: int, frames: int, rng: np.random.Ge
         raise ValueError(f"Training clip {path} has {len(video)} frames; the teacher is trained on {frames} "
                          f"(--frames): drop it or use a shorter clip length.")
     start = int(rng.integers(0, len(video) - frames + 1))
-    window = [square(Image.fromarray(frame), resolution) for frame in video[start:start + frames]]
+    window = [fit_crop(Image.fromarray(frame), height, width) for frame in video[start:start + frames]]
     return torch.stack(window, dim=1)
 
 
 @dataclass(frozen=True)
 class CaptionedImages:
-    """A folder of training images with captions (see ``read_captioned_folder``), served square at
-    ``resolution``. Each epoch visits every image once."""
+    """A folder of training images with captions (see ``read_captioned_folder``), served at ``resolution``
+    × ``width`` (None: square), resized to cover it and centre-cropped. Each epoch visits every image once."""
 
     root: str
     resolution: int = 64
     entries: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
+    width: int | None = None
 
     def __post_init__(self) -> None:
-        if self.resolution <= 0:
-            raise ValueError(f"CaptionedImages.resolution={self.resolution}: must be positive.")
+        if self.resolution <= 0 or (self.width is not None and self.width <= 0):
+            raise ValueError(f"CaptionedImages: resolution={self.resolution} and width={self.width} must be positive.")
         if not self.entries:
             object.__setattr__(self, "entries", read_captioned_folder(Path(self.root)))
 
     def batch(self, seed: int, step: int, size: int) -> tuple[torch.Tensor, list[str]]:
         chosen = [self.entries[i] for i in epoch_indices(seed, step, size, len(self.entries))]
-        pixels = torch.stack([load_square(Path(self.root) / name, self.resolution) for name, _ in chosen])
+        pixels = torch.stack([load_picture(Path(self.root) / name, self.resolution, self.width or self.resolution)
+                              for name, _ in chosen])
         return pixels, [caption for _, caption in chosen]
 
     def describe(self) -> str:
@@ -219,16 +226,19 @@ class CaptionedImages:
 class CaptionedClips:
     """A folder of training clips (.mp4 needs imageio-ffmpeg; .gif and the other formats imageio reads) with
     captions, laid out as ``CaptionedImages`` is; served as ``frames`` consecutive frames from a start
-    drawn from (seed, step, position), square at ``resolution``. Each epoch visits every clip once."""
+    drawn from (seed, step, position), at ``resolution`` × ``width`` (None: square). Each epoch visits every
+    clip once."""
 
     root: str
     resolution: int = 64
     frames: int = 9
     entries: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
+    width: int | None = None
 
     def __post_init__(self) -> None:
-        if self.resolution <= 0 or self.frames <= 0:
-            raise ValueError(f"CaptionedClips: resolution={self.resolution} and frames={self.frames} must be positive.")
+        if self.resolution <= 0 or self.frames <= 0 or (self.width is not None and self.width <= 0):
+            raise ValueError(f"CaptionedClips: resolution={self.resolution}, width={self.width} and frames={self.frames} "
+                             f"must be positive.")
         if not self.entries:
             object.__setattr__(self, "entries", read_captioned_folder(Path(self.root), CLIP_SUFFIXES, "clip"))
 
@@ -236,7 +246,7 @@ class CaptionedClips:
         """(size, 3, F, H, W) pixels in [-1, 1] and their captions."""
         chosen = [self.entries[i] for i in epoch_indices(seed, step, size, len(self.entries))]
         pixels = torch.stack([
-            load_clip_window(Path(self.root) / name, self.resolution, self.frames,
+            load_clip_window(Path(self.root) / name, self.resolution, self.width or self.resolution, self.frames,
                              np.random.default_rng([seed, 7933, step, position]))
             for position, (name, _) in enumerate(chosen)])
         return pixels, [caption for _, caption in chosen]
@@ -286,6 +296,17 @@ def require_images(source: DataSource | None, method: str) -> None:
     if isinstance(source, PromptList):
         raise ValueError(f"{method} noises training images: give a folder of captioned images (or clips, for a video "
                          f"teacher), not prompts alone (tdm is the data-free method).")
+
+
+def serve_at(source: DataSource, height: int, width: int) -> DataSource:
+    """The same source serving ``height`` × ``width``: folders of the user's are cropped to any size; the
+    procedural scenes and clips render squares only; prompts have no size to speak of."""
+    if isinstance(source, (CaptionedImages, CaptionedClips)):
+        return dataclasses.replace(source, resolution=height, width=None if width == height else width)
+    if height != width and not isinstance(source, PromptList):
+        raise ValueError(f"The procedural training {'clips' if isinstance(source, ProceduralClips) else 'scenes'} are "
+                         f"square; distil the reference models at square sizes, not {height} x {width}.")
+    return source if source.resolution == height else dataclasses.replace(source, resolution=height)
 
 
 def data_source(spec: "str | Path | DataSource | None", resolution: int, frames: int = 9) -> DataSource | None:

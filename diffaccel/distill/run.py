@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .config import LCDConfig, RewardConfig, TDMConfig
-from .data import CaptionedClips, CaptionedImages, DataSource, ProceduralClips, PromptList, data_source, describe, require_images
+from .data import (CaptionedClips, CaptionedImages, DataSource, ProceduralClips, PromptList, data_source, describe,
+                   require_images, serve_at)
 from .student import STUDENT_SCHEDULER, StudentCard, save_student
 
 logger = logging.getLogger("diffaccel")
@@ -193,8 +194,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         raise ValueError(f"{teacher} makes images, and {source.root} holds clips: give it a folder of captioned images.")
     if source is None and facts["is_video"] and is_reference:
         source = ProceduralClips(resolved.height, resolved.frames)
-    if source is not None and source.resolution != resolved.height:
-        source = dataclasses.replace(source, resolution=resolved.height)
+    if source is not None:
+        source = serve_at(source, resolved.height, resolved.width)
     if isinstance(source, CaptionedClips) and source.frames != resolved.frames:
         source = dataclasses.replace(source, frames=resolved.frames)
     out = Path(out)

@@ -9,13 +9,12 @@ levels: CogView4 shifts the schedule by the token count) and its own scene sourc
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .data import DataSource, ProceduralClips, ProceduralScenes, PromptList
+from .data import DataSource, ProceduralClips, ProceduralScenes, serve_at
 from .teacher import FlowTeacher
 
 # Which methods' students can start one another: the same student parametrisation and sampler.
@@ -40,13 +39,10 @@ class SizeCycle:
             source = data
         else:  # the reference models' own distribution
             source = ProceduralClips(frames=teacher.frames) if teacher.frames else ProceduralScenes()
-        if any(h != w for h, w in self.sizes) and not isinstance(source, PromptList):
-            raise ValueError(f"The training images are square; distil at square sizes, not {self.sizes}.")
         self.teachers = {size: teacher if size == (teacher.height, teacher.width) else teacher_for(teacher.pipe, *size, teacher.timestep_convention, teacher.frames)
                          for size in self.sizes}
         # every size its own copy of the source, serving images at that size
-        self.data = {size: source if source.resolution == size[0] else dataclasses.replace(source, resolution=size[0])
-                     for size in self.sizes}
+        self.data = {size: serve_at(source, *size) for size in self.sizes}
 
     def size_at(self, step: int) -> tuple[int, int]:
         return self.sizes[step % len(self.sizes)]
