@@ -377,3 +377,26 @@ def test_student_steps_spread_over_the_whole_trajectory(tmp_path):
     card = json.loads((folder / CARD_NAME).read_text())
     (folder / CARD_NAME).write_text(json.dumps({**card, "spacing": "pipeline"}))
     assert timesteps(load_student(reference.load("image"), folder), num_inference_steps=2) == [1000.0, 1.0]
+
+
+def test_a_loaded_student_repeats_a_seeded_call_and_matches_the_removable_path(tmp_path):
+    """The call's generator seeds the re-noising between steps too: the global RNG does not matter, and
+    ``load_student`` gives what ``accelerate(sampling=DistilledConfig(...))`` gives for the same seed."""
+    from diffaccel.sampling.distilled import DistilledConfig
+
+    folder = distill("reference:image", tmp_path / "s", LCDConfig(lora_rank=4, learning_rate=1e-2, **TINY), max_steps=1,
+                     progress=False)
+    pipe = load_student(reference.load("image"), folder)
+    call = student_call_defaults(pipe)
+    assert type(pipe).__name__ == "CogView4Pipeline"
+
+    def run(target, global_seed: int, seed: int = 3):
+        torch.manual_seed(global_seed)
+        return target("a red circle on a blue background", generator=torch.Generator().manual_seed(seed),
+                      output_type="np", **call).images
+
+    first = run(pipe, 0)
+    assert np.array_equal(run(pipe, 1), first)
+    assert not np.array_equal(run(pipe, 0, seed=4), first)
+    removable = diffaccel.accelerate(reference.load("image"), sampling=DistilledConfig(student=str(folder)))
+    assert np.array_equal(run(removable, 2), first)

@@ -114,8 +114,8 @@ def load_student(pipe: Any, folder: str | Path) -> Any:
     trajectory (``trailing_timesteps``) unless the caller passes a schedule. Call it with ``num_inference_steps=card.default_steps``
     and ``guidance_scale=1`` (``student_call_defaults``); the student's CFG is baked in.
 
-    Sampling re-noises between steps with the global torch generator (diffusers pipelines do not pass
-    theirs to ``scheduler.step``): seed ``torch.manual_seed`` too for repeatable outputs. A student with a
+    The call's ``generator`` seeds the re-noising between steps as well as the initial noise (diffusers
+    pipelines pass theirs only to the latter), so a seeded call repeats exactly. A student with a
     guidance-scale embedding samples at ``card.guidance_scale`` until ``set_student_guidance`` changes it.
     (``diffaccel.accelerate(pipe, sampling=DistilledConfig(student=folder))`` does the same, removably.)
     """
@@ -124,6 +124,9 @@ def load_student(pipe: Any, folder: str | Path) -> Any:
     if card.guidance_embedding:
         set_student_guidance(pipe, card.guidance_scale, card)
     pipe.scheduler = student_scheduler(pipe.scheduler, card)
+    from diffaccel.sampling.distilled import seed_renoising_from_calls
+
+    seed_renoising_from_calls(pipe)
     setattr(pipe, STUDENT_ATTRIBUTE, card)
     logger.info("diffaccel: loaded a %s student of %s from %s (%d steps, CFG %.1f baked in)", card.method,
                 card.teacher, folder, card.default_steps, card.guidance_scale)

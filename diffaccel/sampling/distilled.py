@@ -58,6 +58,38 @@ def _feed_call_generator(scheduler: Any) -> dict:
     return feed
 
 
+_SEEDED: dict[type, type] = {}
+
+
+def seed_renoising_from_calls(pipe: Any) -> None:
+    """For a pipeline turned into its student for good (``load_student``): every call's ``generator`` also
+    seeds the scheduler's re-noising between steps, as under ``accelerate``, so a seeded call repeats and
+    gives what the removable path gives. The object gets a subclass of its class (same name) whose
+    ``__call__`` fills the feed; later accelerations wrap on top of it."""
+    feed = _feed_call_generator(pipe.scheduler)
+    cls = type(pipe)
+    if cls not in _SEEDED:
+        original_call = cls.__call__
+
+        def __call__(self, *args, **kwargs):
+            holder = getattr(self, "_diffaccel_generator_feed", None)
+            if holder is None:
+                return original_call(self, *args, **kwargs)
+            holder["generator"] = call_kwargs(original_call, args, kwargs).get("generator")
+            try:
+                return original_call(self, *args, **kwargs)
+            finally:
+                holder["generator"] = None
+
+        import inspect
+
+        __call__.__signature__ = inspect.signature(original_call)
+        __call__.__doc__ = original_call.__doc__
+        _SEEDED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    pipe._diffaccel_generator_feed = feed
+    pipe.__class__ = _SEEDED[cls]
+
+
 @register_config
 @dataclass(frozen=True)
 class DistilledConfig(MethodConfig):
