@@ -87,13 +87,14 @@ def test_lora_teacher_is_the_untouched_base_model():
     pipe = reference.load("image")
     teacher = teacher_for(pipe, 64, 64)
     x, sigma = torch.randn(1, 4, 16, 16), torch.tensor([0.7])
-    cond, _ = teacher.encode(["a red circle on a blue background"])
+    cond, uncond = teacher.encode(["a red circle on a blue background"])
     with torch.no_grad():
         plain = teacher.velocity(pipe.transformer, x, sigma, cond)
+        guided = teacher.guided_velocity(pipe.transformer, x, sigma, cond, uncond, 4.0)
     trainer = LCDTrainer(teacher, LCDConfig(lora_rank=4, learning_rate=1e-2, **TINY))
     trainer.train_step()
     with torch.no_grad():
-        assert torch.equal(trainer._teacher_velocity(x, sigma, cond), plain)
+        assert torch.equal(trainer._teacher_guided(x, sigma, cond, uncond, 4.0), guided)
         assert not torch.equal(teacher.velocity(trainer.student, x, sigma, cond), plain)
 
 

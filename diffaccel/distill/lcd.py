@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import LCDConfig
-from .consistency import consistency_function, euler_step, guided_velocity, pseudo_huber
+from .consistency import consistency_function, euler_step, pseudo_huber
 from .data import DataSource, require_images
 from .guidance_embedding import add_guidance_embedding, guidance_projection, projection_key
 from .teacher import FlowTeacher
@@ -72,6 +72,13 @@ def bind_trainer(trainer: Any, teacher: FlowTeacher, config: Any, data: DataSour
                          f"{type(config).__name__}.guidance_scale (diffaccel.distill.distill() takes the teacher's default).")
     from .sizes import SizeCycle
 
+    if teacher.guidance_distilled and teacher.embedded_guidance != float(config.guidance_scale):
+        raise ValueError(f"The {type(teacher.pipe).__name__} teacher is told guidance {teacher.embedded_guidance} through "
+                         f"its embedding, and this config distils {config.guidance_scale}; make them one (teacher_for(..., "
+                         f"guidance_scale=...)).")
+    if teacher.guidance_distilled and getattr(config, "guidance_range", None) is not None:
+        raise ValueError(f"guidance_range: a {type(teacher.pipe).__name__} is guidance-distilled (its scale is already "
+                         f"an input of the model); distil one scale (guidance_scale).")
     trainer.teacher, trainer.config = teacher, config
     trainer.sizes = SizeCycle(teacher, config, data)
     trainer.data = trainer.sizes.data[trainer.sizes.sizes[0]]
@@ -169,14 +176,16 @@ class LCDTrainer:
     def _generator(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
 
-    def _teacher_velocity(self, sample: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def _teacher_guided(self, sample: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond: Any,
+                        scale: float | torch.Tensor) -> torch.Tensor:
+        """The teacher's guided velocity (the base weights: a LoRA student's adapters switched off)."""
         if self.frozen_teacher is not None:
-            return self.teacher.velocity(self.frozen_teacher, sample, sigma, embeds)
+            return self.teacher.guided_velocity(self.frozen_teacher, sample, sigma, cond, uncond, scale)
         model = self.accelerator.unwrap_model(self.student)
         model.disable_adapters()
         with self._guidance_scales(None):
             try:
-                return self.teacher.velocity(model, sample, sigma, embeds)
+                return self.teacher.guided_velocity(model, sample, sigma, cond, uncond, scale)
             finally:
                 model.enable_adapters()
 
@@ -227,10 +236,8 @@ class LCDTrainer:
             velocity = self.teacher.velocity(self.student, noisy, sigma_from, cond)
             prediction = consistency_function(noisy, sigma_from, velocity)
             with torch.no_grad():
-                v_cond = self._teacher_velocity(noisy, sigma_from, cond)
-                v_uncond = self._teacher_velocity(noisy, sigma_from, uncond)
                 scale = self.guidance_scale if scales is None else scales.to(device)
-                guided = guided_velocity(v_cond, v_uncond, scale)
+                guided = self._teacher_guided(noisy, sigma_from, cond, uncond, scale)
                 stepped = euler_step(noisy, guided, sigma_from, sigma_to)
                 target_velocity = self.teacher.velocity(self._target_model(), stepped, sigma_to, cond)
                 target = consistency_function(stepped, sigma_to, target_velocity)

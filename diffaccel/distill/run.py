@@ -129,7 +129,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             gradient_checkpointing: bool = False) -> Path:
     """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student).
 
-    ``teacher``: "reference:image", or a hub id or local folder of a supported pipeline (CogView4, SD3).
+    ``teacher``: "reference:image" / "reference:video", or a hub id or local folder of a supported pipeline
+    (CogView4, SD3, FLUX.1 [dev], Wan 2.1).
     ``method`` "lcd", or "rg-lcd" with ``reward`` (default ``RewardConfig()``: β = 1, latent proxy), whose
     expert is the reference judge of the teacher's scenes (both with an ``LCDConfig``); or "tdm" with a
     ``TDMConfig`` (data-free: it reads only the captions).
@@ -205,7 +206,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         out.mkdir(parents=True, exist_ok=True)
 
     # the reference models were trained told 1000·σ; a teacher of the user's is told what its pipeline tells it
-    adapter = teacher_for(pipe, resolved.height, resolved.width, "sigma" if is_reference else "pipeline", resolved.frames)
+    adapter = teacher_for(pipe, resolved.height, resolved.width, "sigma" if is_reference else "pipeline", resolved.frames,
+                          resolved.guidance_scale)
     if gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     if method == "rg-lcd":

@@ -39,7 +39,9 @@ class SizeCycle:
             source = data
         else:  # the reference models' own distribution
             source = ProceduralClips(frames=teacher.frames) if teacher.frames else ProceduralScenes()
-        self.teachers = {size: teacher if size == (teacher.height, teacher.width) else teacher_for(teacher.pipe, *size, teacher.timestep_convention, teacher.frames)
+        own = (teacher.height, teacher.width)
+        self.teachers = {size: teacher if size == own else teacher_for(teacher.pipe, *size, teacher.timestep_convention,
+                                                                       teacher.frames, teacher.embedded_guidance)
                          for size in self.sizes}
         # every size its own copy of the source, serving images at that size
         self.data = {size: serve_at(source, *size) for size in self.sizes}

@@ -250,7 +250,8 @@ def use_trailing_spacing(scheduler: Any, tell_unshifted: bool = True) -> Any:
     train_timesteps = int(scheduler.config.num_train_timesteps)
 
     def set_timesteps(num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None, **extra):
-        steps = num_inference_steps or len(timesteps if timesteps is not None else sigmas or [])
+        given = timesteps if timesteps is not None else sigmas  # lists or arrays (Flux passes its sigmas)
+        steps = num_inference_steps or (len(given) if given is not None else 0)
         if steps and _is_pipeline_default(timesteps, sigmas, steps, train_timesteps):
             trailing = trailing_timesteps(steps, train_timesteps)
             sigmas = [t / train_timesteps for t in trailing]
@@ -266,12 +267,23 @@ def student_of(pipe: Any) -> StudentCard | None:
     return getattr(pipe, STUDENT_ATTRIBUTE, None)
 
 
+def call_guidance(card: StudentCard) -> float:
+    """The ``guidance_scale`` a student's pipeline is called with: 1, its CFG being baked in; for a
+    guidance-distilled family (Flux dev, whose scale is an input of the model) the scale it was distilled
+    at, which that pipeline passes to the model and never turns into a second evaluation."""
+    from .teacher import FAMILIES
+
+    family = FAMILIES.get(card.pipeline)
+    return float(card.guidance_scale) if family is not None and family.guidance_distilled else 1.0
+
+
 def student_call_defaults(pipe: Any) -> dict[str, Any]:
-    """The call arguments a student pipeline runs with: its steps, guidance 1, its size."""
+    """The call arguments a student pipeline runs with: its steps, guidance 1 (``call_guidance``), its size."""
     card = student_of(pipe)
     if card is None:
         return {}
-    call = {"num_inference_steps": card.default_steps, "guidance_scale": 1.0, "height": card.height, "width": card.width}
+    call = {"num_inference_steps": card.default_steps, "guidance_scale": call_guidance(card), "height": card.height,
+            "width": card.width}
     if card.frames:
         call["num_frames"] = card.frames
     return call

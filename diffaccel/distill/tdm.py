@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .config import TDMConfig
-from .consistency import expand_like, guided_velocity, x0_from_velocity
+from .consistency import expand_like, x0_from_velocity
 from .data import DataSource
 from .lcd import add_lora, average_gradients, bind_trainer, stream_index, use_size
 from .teacher import FlowTeacher
@@ -143,8 +143,7 @@ class TDMTrainer:
     @torch.no_grad()
     def real_x0(self, sample: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         self._use(None)
-        v = guided_velocity(self.teacher.velocity(self.model, sample, sigma, cond),
-                            self.teacher.velocity(self.model, sample, sigma, uncond), self.guidance_scale)
+        v = self.teacher.guided_velocity(self.model, sample, sigma, cond, uncond, self.guidance_scale)
         return x0_from_velocity(sample, sigma, v)
 
     def fake_velocity(self, sample: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

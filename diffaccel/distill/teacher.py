@@ -30,6 +30,9 @@ class FlowTeacher:
     width: int
     timestep_convention: str = "sigma"
     frames: int | None = None  # a video teacher's clip length; None for image teachers
+    # the scale a guidance-distilled family is told through its guidance embedding (Flux dev), by every
+    # role alike; CFG families take their scale in ``guided_velocity`` instead and leave this None
+    embedded_guidance: float | None = None
     # the dtype of the teacher's own (frozen) weights, read once (``__post_init__``)
     compute_dtype: torch.dtype = field(init=False, repr=False)
     # Linear layers a LoRA student adapts (the modulation and time-embedding layers carry the timestep,
@@ -40,6 +43,9 @@ class FlowTeacher:
     # 1000·σ after it (SD3): students sample on trailing steps given the same way
     tells_unshifted_timesteps = True
     makes_clips = False  # a video family: latents carry a frame axis and ``frames`` is set
+    # the family's guidance scale goes into the model as an input (Flux dev) instead of combining a
+    # conditional and an unconditional prediction: a student is called with it, not with guidance 1
+    guidance_distilled = False
 
     @staticmethod
     def size_factor(pipe: Any) -> int:
@@ -51,6 +57,9 @@ class FlowTeacher:
             raise ValueError(f"timestep_convention={self.timestep_convention!r}: choose from {TIMESTEP_CONVENTIONS}.")
         if self.frames is not None and not self.makes_clips:
             raise ValueError(f"frames={self.frames}: a {type(self.pipe).__name__} makes images, not clips.")
+        if self.embedded_guidance is not None and not self.guidance_distilled:
+            raise ValueError(f"embedded_guidance={self.embedded_guidance}: a {type(self.pipe).__name__} takes its "
+                             f"guidance through classifier-free guidance, not as an input.")
         # The transformer runs in its frozen weights' dtype, whatever dtype the trainable adapters keep
         # (float32); latents, noise and losses stay float32 around it.
         self.compute_dtype = next(p.dtype for name, p in self.transformer.named_parameters()
@@ -132,6 +141,15 @@ class FlowTeacher:
         return transformer(hidden_states=sample.to(dtype), timestep=timestep.to(dtype), return_dict=False,
                            **self.conditioning_kwargs(embeds, sample, dtype))[0].float()
 
+    def guided_velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor, cond: Any,
+                        uncond: Any, scale: float | torch.Tensor) -> torch.Tensor:
+        """The teacher's guided velocity, as its pipeline guides it: classifier-free guidance at ``scale``
+        (a float, or one per example) from a conditional and an unconditional evaluation."""
+        from .consistency import guided_velocity
+
+        return guided_velocity(self.velocity(transformer, sample, sigma, cond),
+                               self.velocity(transformer, sample, sigma, uncond), scale)
+
     def conditioning_kwargs(self, embeds: Any, sample: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
         """The family's text and size arguments of a transformer call (CogView4: the size conditioning)."""
         size = torch.tensor([[self.height, self.width]], dtype=dtype, device=sample.device).repeat(sample.shape[0], 1)
@@ -141,14 +159,16 @@ class FlowTeacher:
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Text conditioning of more than one tensor (SD3: the sequence embeddings and the pooled vector);
-    indexing selects the same examples of each, as indexing a plain embedding tensor does."""
+    """Text conditioning of more than one tensor (SD3, Flux: the sequence embeddings and the pooled vector;
+    Flux also the text tokens' position ids, shared by every example); indexing selects the same examples of
+    each, as indexing a plain embedding tensor does."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor
+    text_ids: torch.Tensor | None = None
 
     def __getitem__(self, index: Any) -> "Conditioning":
-        return Conditioning(self.embeds[index], self.pooled[index])
+        return Conditioning(self.embeds[index], self.pooled[index], self.text_ids)
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
@@ -277,8 +297,90 @@ class WanTeacher(SigmaToldTeacher):
         return {"encoder_hidden_states": embeds.to(dtype)}
 
 
+@dataclass
+class FluxTeacher(SD3Teacher):
+    """FLUX.1 [dev]-style pipelines: guidance-distilled (the scale is an input of the transformer, one
+    evaluation per step, no unconditional branch), latents packed into 2x2 patches with position ids,
+    CLIP pooled and T5 sequence text, a VAE with a shift factor, the schedule shifted by the token count,
+    the transformer told σ (the pipeline's 1000·σ over 1000). The latents stay unpacked (n, C, H/8, W/8)
+    for the trainers; ``velocity`` packs them as the pipeline does and unpacks what comes back."""
+
+    guidance_distilled = True
+    lora_targets = SD3Teacher.lora_targets + ("proj_mlp", "proj_out", "norm.linear", "x_embedder", "context_embedder")
+
+    @staticmethod
+    def size_factor(pipe: Any) -> int:
+        return pipe.vae_scale_factor * 2  # the VAE's downsampling × the 2x2 packing
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.transformer.config.guidance_embeds:
+            raise ValueError("This Flux transformer has no guidance embedding (FLUX.1 [schnell] is already a few-step "
+                             "model, distilled by its makers); diffaccel distill takes guidance-distilled Flux models "
+                             "such as FLUX.1 [dev].")
+        if self.embedded_guidance is None:
+            raise ValueError("A Flux teacher is told its guidance scale as an input: give embedded_guidance (distill() "
+                             "takes the pipeline's default, 3.5 for FLUX.1 [dev]).")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        factor = self.pipe.vae_scale_factor
+        return self.transformer.config.in_channels // 4, self.height // factor, self.width // factor
+
+    @property
+    def shift_mu(self) -> float | None:
+        """μ of the pipeline's shift for its packed token count, or None for a static shift."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.pipe.scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return None
+        _, h, w = self.latent_shape
+        return calculate_shift((h // 2) * (w // 2), config.get("base_image_seq_len", 256),
+                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                               config.get("max_shift", 1.15))
+
+    def sigma_grid(self, num_steps: int, timesteps: list[float] | None = None) -> torch.Tensor:
+        """Flux samples on sigmas linspace(1, 1/K, K), shifted: trailing spacing is its own."""
+        from .student import trailing_timesteps
+
+        if timesteps is None:
+            timesteps = trailing_timesteps(num_steps, int(self.pipe.scheduler.config.num_train_timesteps))
+        return super().sigma_grid(num_steps, timesteps)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[Conditioning, Conditioning]:
+        """The prompt's conditioning, twice: a guidance-distilled model has no unconditional branch."""
+        embeds, pooled, text_ids = self.pipe.encode_prompt(captions, None, device=self.transformer.device)
+        cond = Conditioning(embeds, pooled, text_ids)
+        return cond, cond
+
+    def guided_velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor, cond: Any,
+                        uncond: Any, scale: float | torch.Tensor) -> torch.Tensor:
+        """One evaluation: the guidance is the transformer's input (``embedded_guidance``), as the pipeline
+        gives it."""
+        if isinstance(scale, torch.Tensor) or float(scale) != self.embedded_guidance:
+            raise ValueError(f"A Flux teacher is guided through its embedding at {self.embedded_guidance}; "
+                             f"guidance {scale} cannot be added on top.")
+        return self.velocity(transformer, sample, sigma, cond)
+
+    def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
+                 embeds: Conditioning, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        pipe, dtype, (n, channels, h, w) = self.pipe, self.compute_dtype, sample.shape
+        timestep = self.told_timestep(sigma) if timestep is None else timestep
+        packed = pipe._pack_latents(sample, n, channels, h, w)
+        image_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, sample.device, dtype)
+        guidance = torch.full((n,), float(self.embedded_guidance), device=sample.device, dtype=torch.float32)
+        out = transformer(hidden_states=packed.to(dtype), timestep=(timestep / 1000.0).to(dtype), guidance=guidance,
+                          pooled_projections=embeds.pooled.to(dtype), encoder_hidden_states=embeds.embeds.to(dtype),
+                          txt_ids=embeds.text_ids, img_ids=image_ids, return_dict=False)[0]
+        factor = pipe.vae_scale_factor
+        return pipe._unpack_latents(out.float(), h * factor, w * factor, factor)
+
+
 TIMESTEP_CONVENTIONS = ("sigma", "pipeline")
-FAMILIES = {"CogView4Pipeline": FlowTeacher, "StableDiffusion3Pipeline": SD3Teacher, "WanPipeline": WanTeacher}
+FAMILIES = {"CogView4Pipeline": FlowTeacher, "StableDiffusion3Pipeline": SD3Teacher, "WanPipeline": WanTeacher,
+            "FluxPipeline": FluxTeacher}
 
 
 def unshifted_fraction(sigma: torch.Tensor, config: Any, mu: float) -> torch.Tensor:
@@ -311,9 +413,11 @@ def flow_scheduler_config(scheduler: Any) -> dict[str, Any]:
 
 
 def teacher_for(pipe: Any, height: int, width: int, timestep_convention: str = "sigma",
-                frames: int | None = None) -> FlowTeacher:
+                frames: int | None = None, guidance_scale: float | None = None) -> FlowTeacher:
     """The teacher adapter of this pipeline (``frames``: a video teacher's clip length, default its
-    pipeline's), or an error naming the families that can be distilled."""
+    pipeline's; ``guidance_scale``: the scale distilled, which a guidance-distilled family such as Flux is
+    told as an input and the CFG families take per call), or an error naming the families that can be
+    distilled."""
     name = type(pipe).__name__
     if name not in FAMILIES:
         raise ValueError(
@@ -325,4 +429,5 @@ def teacher_for(pipe: Any, height: int, width: int, timestep_convention: str = "
     factor = family.size_factor(pipe)
     if height % factor or width % factor:
         raise ValueError(f"Distillation size {height}x{width} must be a multiple of {factor} for this {name}.")
-    return family(pipe, height, width, timestep_convention, frames)
+    return family(pipe, height, width, timestep_convention, frames,
+                  guidance_scale if family.guidance_distilled else None)

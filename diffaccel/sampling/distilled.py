@@ -3,7 +3,8 @@
 ``accelerate(pipe, sampling=DistilledConfig(student=DIR))`` puts the student into the teacher's
 pipeline (a LoRA student is fused; the layers it overwrites are kept on the CPU), swaps in the student's
 scheduler on its trailing timesteps, and runs every call in the student's steps at guidance 1, its CFG
-being baked in; a student with a guidance-scale embedding takes the call's ``guidance_scale`` as the
+being baked in (a guidance-distilled Flux student at the scale it was distilled at, which is the model's
+input); a student with a guidance-scale embedding takes the call's ``guidance_scale`` as the
 scale it embeds. ``remove`` restores the teacher bit for bit. A call at a size other than those the
 student was distilled at runs it all the same, with a warning: the reference image model's 64 px LCD
 student lost 6.7 points of adherence at 128 px (4 steps against the teacher's 20 with CFG). The "turbo"
@@ -170,6 +171,8 @@ class DistilledHandler:
                     card.method, folder, config.steps or card.default_steps, card.guidance_scale)
 
     def call(self, pipe, original_call, config: DistilledConfig, args: tuple, kwargs: dict):
+        from diffaccel.distill.student import call_guidance
+
         runtime = pipe._diffaccel_runtime
         state: DistilledState = getattr(runtime, STATE_ATTRIBUTE)
         card, told = state.card, state.told
@@ -177,7 +180,7 @@ class DistilledHandler:
         steps = config.steps or card.default_steps
         asked = (kwargs.get("num_inference_steps"), kwargs.get("guidance_scale"))
         kwargs["num_inference_steps"] = steps
-        kwargs["guidance_scale"] = 1.0
+        kwargs["guidance_scale"] = call_guidance(card)
         if card.guidance_embedding:  # the asked CFG scale goes into the embedding: still one evaluation a step
             from diffaccel.distill.guidance_embedding import check_scale, guidance_hook
 
