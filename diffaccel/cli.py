@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import sys
 import time
 from typing import Any, Sequence
 
 import numpy as np
+
+logger = logging.getLogger("diffaccel")
 
 
 def _add_generate(subparsers) -> None:
@@ -285,6 +288,10 @@ def _add_distill(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder: a new or empty one, or a run's to --resume")
     p.add_argument("--lora-rank", type=int, default=None,
                    help="LoRA student of this rank (lcd default 0: full student; tdm default 16)")
+    p.add_argument("--sparse-attention", nargs="?", const="{}", default=None, metavar="JSON",
+                   help="tdm: sparsity-aware distillation (Video-BLADE): the student attends with adaptive block-sparse "
+                   "attention, the teacher densely; optionally the BlockSparseAttentionConfig fields as JSON, e.g. "
+                   "'{\"block_size\": 64, \"max_density\": 0.17}'; the student samples with it")
     p.add_argument("--eta", type=float, default=None, choices=[0.0, 1.0],
                    help="tdm: re-noise between stages with the student's own noise estimate (1, default: Euler "
                    "sampling) or fresh noise (0: LCM-style sampling)")
@@ -333,11 +340,19 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.method == "tdm":
         if args.solver_steps is not None:
             raise ValueError("--solver-steps is an option of the consistency methods (lcd, rg-lcd), not tdm.")
+        if args.sparse_attention is not None:
+            try:
+                given["sparse_attention"] = json.loads(args.sparse_attention)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--sparse-attention {args.sparse_attention!r} is not JSON ({error.msg}); give the "
+                                 f"BlockSparseAttentionConfig fields, e.g. '{{\"block_size\": 64}}'.") from None
         config = TDMConfig(student_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                            **({"eta": args.eta} if args.eta is not None else {}), **given)
     else:
         if args.eta is not None:
             raise ValueError("--eta is an option of --method tdm.")
+        if args.sparse_attention is not None:
+            raise ValueError("--sparse-attention is an option of --method tdm (Video-BLADE's sparsity-aware TDM).")
         rank = given.get("lora_rank", 0)
         config = LCDConfig(**{"learning_rate": 5e-4 if rank else 1e-5, **given}, student_steps=args.steps,
                            solver_steps=args.solver_steps or 50, guidance_scale=args.guidance, seed=args.seed)
@@ -441,6 +456,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         load_student(pipe, args.distilled)
         defaults = {**defaults, **student_call_defaults(pipe)}
+        config = with_student_attention(config, pipe)
         if args.guidance is not None and student_of(pipe).guidance_embedding:
             set_student_guidance(pipe, args.guidance)  # the scale it embeds; the call itself stays at guidance 1
             args = argparse.Namespace(**{**vars(args), "guidance": None})
@@ -478,6 +494,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with open(args.stats_json, "w") as f:
             json.dump(report, f, indent=2)
     return 0
+
+
+def with_student_attention(config: Any, pipe: Any) -> Any:
+    """The acceleration config, plus the block-sparse attention a sparsity-aware student was trained with
+    when the config itself chooses no attention method."""
+    import diffaccel
+    from diffaccel.distill.student import student_attention, student_of
+
+    attention = student_attention(student_of(pipe))
+    if attention is None:
+        return config
+    resolved = diffaccel.resolve_config(config, pipe=pipe)
+    if resolved.attention is not None:
+        logger.warning("diffaccel: the student was trained with block-sparse attention; this config's %s attention "
+                       "replaces it", resolved.attention.method)
+        return resolved
+    logger.info("diffaccel: the student attends with the block-sparse attention it was trained with")
+    return resolved.with_methods(attention=attention)
 
 
 def load_upscaler(spec: str, device: str | None):

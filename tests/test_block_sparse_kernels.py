@@ -132,6 +132,21 @@ def test_dispatch_reports_the_implementation_that_ran():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=1e-4)
 
 
+def test_training_never_runs_the_forward_only_triton_kernel(monkeypatch):
+    """Under autograd "auto" takes the differentiable torch path (gradients reach q, k, v) even where it
+    would pick Triton; asking for Triton by name is an error that says why."""
+    monkeypatch.setattr(bs_mod, "resolve_implementation", lambda implementation, device: "triton")
+    q, k, v, _ = _qkv(1, 1, 32, 16, 1)
+    q.requires_grad_(True)
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    out, name = block_sparse_attention(q, k, v, mask, 16, implementation="auto")
+    assert name == "torch"
+    out.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="computes no gradients"):
+        block_sparse_attention(q, k, v, mask, 16, implementation="triton")
+
+
 triton = pytest.importorskip("triton", reason="Triton is not installed (test extra)")
 
 

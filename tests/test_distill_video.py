@@ -184,3 +184,62 @@ def test_lcd_student_of_a_wan_folder_trains_on_clips(tmp_path):
     assert (card.height, card.width) == (64, 96)  # Wan's sizes are landscape: the clips are fitted to it
     with pytest.raises(ValueError, match="makes images, and .* holds clips"):
         distill("reference:image", tmp_path / "wrong", LCDConfig(lora_rank=4), data=clips, max_steps=1)
+
+
+# small blocks: the reference clips are 192 tokens (3 x 8 x 8), too short for the default 128-token blocks
+SPARSE = {"block_size": 16, "keep": "topk", "ratio_or_threshold": 0.3, "max_density": 0.5, "dense_blocks": []}
+
+
+def test_sparsity_aware_tdm_student_attends_sparsely_and_teacher_and_fake_densely():
+    """Video-BLADE: one shared transformer; block-sparse attention is on only while it plays the student."""
+    import diffaccel
+    from diffaccel.attention import set_sparse_attention
+    from diffaccel.distill.tdm import TDMTrainer
+
+    trainer = TDMTrainer(teacher_for(reference.load("video"), 64, 64, frames=9),
+                         TDMConfig(lora_rank=4, batch_size=2, guidance_scale=4.0, learning_rate=1e-2,
+                                   sparse_attention=SPARSE))
+    pipe = trainer.teacher.pipe
+
+    def sparse_calls(run):
+        before = diffaccel.stats(pipe, cumulative=True).get("attention_sparse_calls", 0)
+        out = run()
+        return diffaccel.stats(pipe, cumulative=True).get("attention_sparse_calls", 0) - before, out
+
+    batch = trainer.prepare(0)
+    x, sigma, stages = torch.randn(2, *trainer.teacher.latent_shape), torch.tensor([0.6, 0.6]), torch.tensor([0, 1])
+    with torch.no_grad():
+        student_sparse, sparse_x0 = sparse_calls(lambda: trainer.student_x0(x, stages, batch.cond))
+        assert student_sparse > 0
+        assert sparse_calls(lambda: trainer.real_x0(x, sigma, batch.cond, batch.uncond))[0] == 0
+        assert sparse_calls(lambda: trainer.fake_velocity(x, sigma, batch.cond))[0] == 0
+        assert torch.equal(trainer.student_x0(x, stages, batch.cond), sparse_x0)  # the student again: sparse again
+        set_sparse_attention(pipe, False)  # the same student forward with dense attention differs: it was sparse
+        dense_x0 = trainer.student_x0(x, stages, batch.cond)
+        set_sparse_attention(pipe, True)
+        assert not torch.allclose(dense_x0, sparse_x0, atol=1e-4)
+    weights = {k: v.clone() for k, v in trainer.student_for_export().items()}
+    trainer.train_step()  # gradients reach the student's LoRA through the sparse attention
+    assert any(not torch.equal(weights[k], v) for k, v in trainer.student_for_export().items())
+
+
+def test_sparse_tdm_student_records_its_attention_and_samples_with_it(tmp_path):
+    from diffaccel.cli import main
+    from diffaccel.distill.student import student_attention
+
+    config = TDMConfig(lora_rank=4, batch_size=2, sparse_attention=SPARSE)
+    out = distill("reference:video", tmp_path / "s", config, method="tdm", max_steps=1, progress=False)
+    card = StudentCard.load(out)
+    assert student_attention(card).block_size == 16 and student_attention(card).dense_steps == 0
+    assert distill("reference:video", tmp_path / "s", config, method="tdm", max_steps=2, resume=True,
+                   progress=False) == out  # the config round-trips through the checkpoint
+    stats = tmp_path / "stats.json"
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "clip.gif"), "--model", "video", "--distilled", str(out),
+                 "--preset", "off", "--stats-json", str(stats)]) == 0
+    report = json.loads(stats.read_text())["stats"]
+    assert report["denoiser_calls"] == 4 and report.get("attention_sparse_calls", 0) > 0
+    with pytest.raises(ValueError, match="dense steps"):
+        TDMConfig(sparse_attention={"dense_steps": 2})
+    with pytest.raises(ValueError, match="unknown BlockSparseAttentionConfig fields \\['blocksize'\\]"):
+        TDMConfig(sparse_attention={"blocksize": 64})
+    assert main(["distill", "--method", "lcd", "--sparse-attention", "--out", str(tmp_path / "x"), "--max-steps", "1"]) == 2

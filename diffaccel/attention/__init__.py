@@ -8,6 +8,7 @@ from .sparse import (
     SlidingTileAttentionConfig,
     SparseAttentionOptions,
     attention_density,
+    set_sparse_attention,
     token_grid,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "attention_density",
     "block_scores",
     "default_tile",
+    "set_sparse_attention",
     "sliding_tile_mask",
     "token_grid",
 ]

@@ -45,6 +45,7 @@ logger = logging.getLogger("diffaccel")
 
 STEP_HOOK = "diffaccel.sparse_attention.step"
 ATTENTION_HOOK = "diffaccel.sparse_attention"
+CONTROLLER_ATTRIBUTE = "_diffaccel_sparse_attention"  # on the runtime: the installed controller
 SELF_ATTENTION_NAMES = ("attn1", "attn")
 
 
@@ -259,6 +260,9 @@ class SparseAttentionController:
         self._step_masks: dict[int, tuple[str, torch.Tensor]] = {}
         self._step_key: tuple[int, int] | None = None
         self._call_ordinal = 0
+        # switched off by ``set_sparse_attention`` while a forward must stay dense (a distillation
+        # trainer's teacher and fake-score roles share the student's transformer)
+        self.enabled = True
 
     # -- per forward
 
@@ -437,7 +441,7 @@ class SparseAttentionHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         controller = self.controller
         plan = controller.plan
-        if plan is None or plan.dense or self.block_index in controller.config.dense_blocks:
+        if plan is None or plan.dense or not controller.enabled or self.block_index in controller.config.dense_blocks:
             controller.runtime.count("attention_dense_calls")
             return self.fn_ref.original_forward(*args, **kwargs)
         mode = _SparseSDPA(controller)
@@ -505,6 +509,7 @@ class _SparseAttentionHandler:
 
     def apply(self, config: SparseAttentionOptions, target: AccelTarget, runtime) -> None:
         controller = SparseAttentionController(config, target, runtime)
+        setattr(runtime, CONTROLLER_ATTRIBUTE, controller)
         for index, name, module in self_attention_modules(target):
             runtime.register_hook(module, SparseAttentionHook(controller, index, name), ATTENTION_HOOK)
         runtime.register_hook(target.denoiser, SparseStepHook(controller), STEP_HOOK)
@@ -518,6 +523,19 @@ class BlockSparseAttentionHandler(_SparseAttentionHandler):
 @register_method(SlidingTileAttentionConfig)
 class SlidingTileAttentionHandler(_SparseAttentionHandler):
     pass
+
+
+def set_sparse_attention(pipe: Any, enabled: bool) -> None:
+    """Switch the block-sparse attention installed on ``pipe`` off (every forward dense) or on again,
+    without removing it: for one transformer that plays several roles in turn, as in sparsity-aware
+    distillation, where the student attends sparsely and the teacher and fake score densely."""
+    from diffaccel.api import runtime_of
+
+    controller = getattr(runtime_of(pipe), CONTROLLER_ATTRIBUTE, None)
+    if controller is None:
+        raise ValueError(f"This {type(pipe).__name__} runs no block-sparse attention to switch (accelerate it with "
+                         f"attention='block_sparse' or 'sliding_tile' first).")
+    controller.enabled = bool(enabled)
 
 
 def attention_density(stats: dict[str, Any]) -> float | None:

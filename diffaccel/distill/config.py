@@ -3,7 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from dataclasses import fields as fields_of
 from typing import Any
+
+
+def sparse_attention_config(fields: dict[str, Any]):
+    """The ``BlockSparseAttentionConfig`` a sparsity-aware student attends with, from its fields (as a
+    config or a JSON card gives them: lists become tuples). A student trained sparse attends sparsely at
+    every stage, so it has no dense warm-up steps: ``dense_steps`` and ``dense_last_steps`` are 0."""
+    from diffaccel.attention import BlockSparseAttentionConfig
+
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(fields).items()}
+    for name in ("dense_steps", "dense_last_steps"):
+        if values.get(name, 0):
+            raise ValueError(f"sparse_attention.{name}={values[name]}: a sparsity-aware student attends sparsely at "
+                             f"every stage it is trained at; leave the dense steps to samplers of dense models.")
+    known = {f.name for f in fields_of(BlockSparseAttentionConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"sparse_attention: unknown BlockSparseAttentionConfig fields {unknown}; known: {sorted(known)}.")
+    return BlockSparseAttentionConfig(**{**values, "dense_steps": 0, "dense_last_steps": 0})
 
 
 class _Serialisable:
@@ -159,6 +178,10 @@ class TDMConfig(_Serialisable):
     first being the student's default; None trains at ``height`` × ``width`` alone. ``init_student``
     starts the student from another student's LoRA (a folder or a shipped name such as "image-tdm", of
     the same method family, teacher and rank), e.g. to teach a 64 px student a second size.
+    ``sparse_attention``: sparsity-aware TDM (Video-BLADE): the student attends with adaptive block-sparse
+    attention (the fields of a ``BlockSparseAttentionConfig``, ``{}`` for its defaults; no dense steps) in
+    its rollouts and updates, while the teacher and the fake score attend densely; the student's card
+    records it, so it samples as it was trained.
     """
 
     student_steps: int = 4
@@ -182,10 +205,15 @@ class TDMConfig(_Serialisable):
     sizes: tuple[int, ...] | None = None
     init_student: str | None = None
     seed: int = 0
+    sparse_attention: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._check_common()
         need = self._need
+        if self.sparse_attention is not None:
+            need(isinstance(self.sparse_attention, dict), "sparse_attention",
+                 "give the fields of a BlockSparseAttentionConfig as a dict ({} for its defaults)")
+            object.__setattr__(self, "sparse_attention", asdict(sparse_attention_config(self.sparse_attention)))
         need(self.eta in (0.0, 1.0), "eta", "students sample with a diffusers scheduler: 1 re-noises with the "
              "student's own noise estimate (FlowMatchEulerDiscreteScheduler), 0 with fresh noise "
              "(FlowMatchLCMScheduler); none mixes the two")

@@ -243,6 +243,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             scheduler=_scheduler_of(method, resolved), height=resolved.height, width=resolved.width,
             sizes=list(resolved.sizes) if resolved.sizes else None, frames=resolved.frames,
             guidance_embedding=_guidance_embedding_of(resolved),
+            attention=getattr(resolved, "sparse_attention", None),
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
                       "processes": accelerator.num_processes,
                       "data": describe(source), "dtype": str(adapter.compute_dtype).removeprefix("torch."),

@@ -51,6 +51,9 @@ class StudentCard:
     # LCM's guidance-scale embedding, {"dim": D, "range": [low, high]}: the student samples at any CFG scale
     # in the range (``guidance_scale`` is its default); None: ``guidance_scale`` alone is baked in.
     guidance_embedding: dict[str, Any] | None = None
+    # the block-sparse attention a sparsity-aware student was trained with and samples with (the fields of
+    # a BlockSparseAttentionConfig); None: dense
+    attention: dict[str, Any] | None = None
 
     def guidance_range(self) -> tuple[float, float] | None:
         return None if not self.guidance_embedding else tuple(self.guidance_embedding["range"])
@@ -265,6 +268,16 @@ def use_trailing_spacing(scheduler: Any, tell_unshifted: bool = True) -> Any:
 
 def student_of(pipe: Any) -> StudentCard | None:
     return getattr(pipe, STUDENT_ATTRIBUTE, None)
+
+
+def student_attention(card: StudentCard | None):
+    """The ``BlockSparseAttentionConfig`` a sparsity-aware student samples with (what it was trained with),
+    or None for a dense student: ``diffaccel.accelerate(pipe, attention=student_attention(card))``."""
+    if card is None or card.attention is None:
+        return None
+    from .config import sparse_attention_config
+
+    return sparse_attention_config(card.attention)
 
 
 def call_guidance(card: StudentCard) -> float:

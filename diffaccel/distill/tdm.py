@@ -105,6 +105,14 @@ class TDMTrainer:
                                                 betas=betas, weight_decay=1e-2)
         self.model.set_adapter(STUDENT)
         self._route: str | None = STUDENT
+        # sparsity-aware (Video-BLADE): block-sparse attention on the shared transformer, on for the student
+        self.sparse_pipe = None
+        if config.sparse_attention is not None:
+            import diffaccel
+
+            from .config import sparse_attention_config
+
+            self.sparse_pipe = diffaccel.accelerate(teacher.pipe, attention=sparse_attention_config(config.sparse_attention))
         self.step = 0
         self.last_rewards: dict[str, float] = {}
 
@@ -114,6 +122,10 @@ class TDMTrainer:
         """Route the shared transformer: an adapter name, or None for the teacher (adapters off)."""
         if adapter == self._route:
             return
+        if self.sparse_pipe is not None:  # the student attends sparsely; teacher and fake score densely
+            from diffaccel.attention import set_sparse_attention
+
+            set_sparse_attention(self.sparse_pipe, adapter == STUDENT)
         if adapter is None:
             self.model.disable_adapters()
         else:

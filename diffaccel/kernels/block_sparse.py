@@ -21,13 +21,23 @@ and the torch path otherwise, and returns which one ran.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+logger = logging.getLogger("diffaccel")
+
 IMPLEMENTATIONS = ("auto", "torch", "triton")
+_TOLD: set[str] = set()
+
+
+def _log_once(key: str, message: str) -> None:
+    if key not in _TOLD:
+        _TOLD.add(key)
+        logger.info("diffaccel: %s", message)
 GATHER_BUDGET_TOKENS = 4096
 
 
@@ -232,6 +242,14 @@ def block_sparse_attention(
     ``key_lengths`` (B,): keys at or past this position of batch element b are padding (masked).
     """
     name = resolve_implementation(implementation, q.device)
+    if name == "triton" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        # the Triton kernel has no backward: training through it would drop the attention's gradients
+        if implementation == "triton":
+            raise ValueError("implementation='triton' computes no gradients (forward-only kernel), and this attention "
+                             "call needs them (training); use implementation='torch' or 'auto'.")
+        _log_once("grad", "block-sparse attention under autograd runs the torch implementation: the Triton kernel "
+                  "is forward-only")
+        name = "torch"
     if name == "triton":
         from .block_sparse_triton import block_sparse_attention_triton
 
