@@ -265,6 +265,16 @@ def test_half_precision_teacher_trains_float32_adapters(sd3_folder, tmp_path):
     assert pipe.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
     before, after = loss_before_and_after_one_step(trainer)
     assert np.isfinite(before) and after < before
+    # the guidance-scale embedding too: a float32 projection over the bfloat16 timestep embedder
+    pipe, _, _ = load_teacher(str(sd3_folder), dtype="bfloat16")
+    embedded = LCDTrainer(teacher_for(pipe, 64, 64, "pipeline"),
+                          LCDConfig(**TINY_LCD, guidance_scale=7.0, guidance_range=(3.0, 9.0)),
+                          CaptionedImages(str(write_images(tmp_path / "j", 4)[0])))
+    projection = embedded.guidance_embedding_for_export()["weight"]
+    assert projection.dtype == torch.float32 and not projection.any()  # zero-initialised: starts as the teacher
+    before, after = loss_before_and_after_one_step(embedded)
+    assert np.isfinite(before) and after < before
+    assert embedded.guidance_embedding_for_export()["weight"].any()  # it learned
     full = LCDConfig(**{**TINY_LCD, "lora_rank": 0}, guidance_scale=7.0)
     with pytest.raises(ValueError, match="full student .* torch.bfloat16"):
         LCDTrainer(teacher_for(load_teacher(str(sd3_folder), dtype="bfloat16")[0], 64, 64), full)

@@ -94,12 +94,12 @@ def test_teacher_targets_follow_each_examples_scale_and_the_projection_learns(lo
     if lora_rank:
         model = trainer.accelerator.unwrap_model(trainer.student)
         noisy, sigma = torch.randn(2, 4, 16, 16), torch.tensor([0.5, 0.5])
-        cond, _ = trainer.teacher.encode(["a", "b"])
+        cond, uncond = trainer.teacher.encode(["a", "b"])
         with torch.no_grad():
-            got = trainer._teacher_velocity(noisy, sigma, cond)
+            got = trainer._teacher_guided(noisy, sigma, cond, uncond, 4.0)
             model.disable_adapters()
             remove_guidance_embedding(model)
-            want = trainer.teacher.velocity(model, noisy, sigma, cond)
+            want = trainer.teacher.guided_velocity(model, noisy, sigma, cond, uncond, 4.0)
         assert torch.equal(got, want)
 
 

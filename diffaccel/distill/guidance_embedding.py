@@ -42,6 +42,19 @@ def timestep_embedder(transformer: torch.nn.Module) -> tuple[str, torch.nn.Modul
     return candidates[0]
 
 
+class GuidanceProjection(torch.nn.Linear):
+    """The embedder's ``cond_proj``: a bias-free linear map whose output takes the dtype of the embedder's
+    own weights, so it may be kept in float32 (trained over a half-precision teacher, as LoRA adapters
+    are) and still add to the timestep projection in the teacher's dtype."""
+
+    def __init__(self, dim: int, features: int, out_dtype: torch.dtype) -> None:
+        super().__init__(dim, features, bias=False)
+        self.out_dtype = out_dtype
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return super().forward(condition.to(self.weight.dtype)).to(self.out_dtype)
+
+
 class GuidanceEmbeddingHook(ModelHook):
     """Feeds the embedded guidance scale to the timestep embedder as its ``condition``.
 
@@ -75,7 +88,7 @@ def add_guidance_embedding(transformer: torch.nn.Module, dim: int = DEFAULT_DIM,
         raise ValueError(f"The timestep embedder of {type(transformer).__name__} already has a condition projection "
                          f"(a guidance embedding is installed, or the model has its own).")
     reference = embedder.linear_1.weight
-    projection = torch.nn.Linear(dim, embedder.linear_1.in_features, bias=False)
+    projection = GuidanceProjection(dim, embedder.linear_1.in_features, reference.dtype)
     with torch.no_grad():
         if weight is None:
             projection.weight.zero_()

@@ -156,13 +156,11 @@ class LCDTrainer:
         # own transformer; a LoRA student's is switched off (scale None) whenever the base plays teacher.
         self.guidance_hooks: list = []
         if config.guidance_range is not None:
-            if teacher.compute_dtype != torch.float32:
-                raise ValueError(f"guidance_range: the guidance embedding trains in float32 only, and this teacher is in "
-                                 f"{teacher.compute_dtype}; load it in float32 or distil one scale (guidance_scale).")
             for model in (self.student, self.target):
                 if model is not None:
                     self.guidance_hooks.append(add_guidance_embedding(model, config.guidance_embedding_dim))
-            guidance_projection(self.student).requires_grad_(True)
+            # trained in float32 over a half-precision teacher, like the LoRA adapters beside it
+            guidance_projection(self.student).float().requires_grad_(True)
             if self.target is not None:
                 guidance_projection(self.target).requires_grad_(False)
         self.student.train()
