@@ -137,8 +137,14 @@ def test_teacher_that_is_not_flow_matching_is_refused():
     pipe.scheduler = DDIMScheduler()
     with pytest.raises(ValueError, match="flow-matching teacher"):
         teacher_for(pipe, 64, 64)
-    with pytest.raises(ValueError, match="cannot use a StableDiffusionPipeline teacher"):
-        teacher_for(type("StableDiffusionPipeline", (), {})(), 64, 64)
+    with pytest.raises(ValueError, match="cannot use a KandinskyPipeline teacher"):
+        teacher_for(type("KandinskyPipeline", (), {})(), 64, 64)
+    from tiny_pipelines import sd15
+
+    sd = sd15().pipe  # a DDPM teacher is fine if it predicts ε or v, not x0
+    sd.scheduler.register_to_config(prediction_type="sample")
+    with pytest.raises(ValueError, match="predicts ε or v on a DDPM schedule, or a flow velocity"):
+        teacher_for(sd, 64, 64)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])

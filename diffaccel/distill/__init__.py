@@ -1,4 +1,4 @@
-"""Step distillation: few-step students of flow-matching teachers (latent consistency distillation, RG-LCD,
+"""Step distillation: few-step students of flow-matching (and ε-prediction) teachers (latent consistency distillation, RG-LCD,
 trajectory distribution matching).
 
     from diffaccel.distill import LCDConfig, distill, load_student

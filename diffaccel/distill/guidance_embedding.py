@@ -75,7 +75,10 @@ class GuidanceEmbeddingHook(ModelHook):
             scale = scale.expand(sample.shape[0])
         elif scale.numel() != sample.shape[0]:
             raise ValueError(f"The guidance embedding holds {scale.numel()} scales for a batch of {sample.shape[0]}.")
-        kwargs["condition"] = guidance_features(scale, self.dim).to(device=sample.device, dtype=sample.dtype)
+        features = guidance_features(scale, self.dim).to(device=sample.device, dtype=sample.dtype)
+        if len(args) > 1:  # embedder(sample, condition): UNets pass their (absent) condition by position
+            return (args[0], features, *args[2:]), kwargs
+        kwargs["condition"] = features
         return args, kwargs
 
 

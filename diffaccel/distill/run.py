@@ -64,7 +64,9 @@ def pipeline_facts(pipe: Any, is_video: bool = False) -> dict[str, Any]:
         value = parameters[name].default if name in parameters else inspect.Parameter.empty
         return None if value is inspect.Parameter.empty else value
 
-    sample_size = getattr(pipe, "default_sample_size", None) or getattr(pipe.transformer.config, "sample_size", None)
+    from .student import denoiser_of
+
+    sample_size = getattr(pipe, "default_sample_size", None) or getattr(denoiser_of(pipe).config, "sample_size", None)
     factor = getattr(pipe, "vae_scale_factor", None)
     height, width = (sample_size * factor,) * 2 if sample_size and factor else (default("height"), default("width"))
     facts = {"default_steps": default("num_inference_steps"), "default_guidance": default("guidance_scale"),
@@ -108,9 +110,12 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _scheduler_of(method: str, config: Config) -> str:
-    """The diffusers scheduler a student samples with: LCM-style re-noising for consistency students; for
-    TDM the one its training rollouts re-noise like (η = 1: the flow's Euler step)."""
+def _scheduler_of(method: str, config: Config, flow_matching: bool = True) -> str:
+    """The diffusers scheduler a student samples with: LCM-style re-noising for consistency students
+    (``LCMScheduler`` on a DDPM teacher's schedule); for TDM the one its training rollouts re-noise like
+    (η = 1: the flow's Euler step)."""
+    if not flow_matching:
+        return "LCMScheduler"
     if method == "tdm" and config.eta == 1.0:
         return "FlowMatchEulerDiscreteScheduler"
     return STUDENT_SCHEDULER
@@ -130,7 +135,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student).
 
     ``teacher``: "reference:image" / "reference:video", or a hub id or local folder of a supported pipeline
-    (CogView4, SD3, FLUX.1 [dev], Wan 2.1).
+    (CogView4, SD3, FLUX.1 [dev], Stable Diffusion 1.x / 2.x (LCD only), Wan 2.1).
     ``method`` "lcd", or "rg-lcd" with ``reward`` (default ``RewardConfig()``: β = 1, latent proxy), whose
     expert is the reference judge of the teacher's scenes (both with an ``LCDConfig``); or "tdm" with a
     ``TDMConfig`` (data-free: it reads only the captions).
@@ -208,8 +213,11 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     # the reference models were trained told 1000·σ; a teacher of the user's is told what its pipeline tells it
     adapter = teacher_for(pipe, resolved.height, resolved.width, "sigma" if is_reference else "pipeline", resolved.frames,
                           resolved.guidance_scale)
+    if method == "tdm" and not adapter.flow_matching:
+        raise ValueError(f"tdm distils flow-matching teachers here; {teacher} predicts ε or v on a DDPM schedule: use "
+                         f"lcd (LCM-LoRA), which samples with diffusers' LCMScheduler.")
     if gradient_checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
+        adapter.transformer.enable_gradient_checkpointing()
     if method == "rg-lcd":
         from diffaccel.pipelines.reference import judge as judges
 
@@ -240,7 +248,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         card = StudentCard(
             method=method, teacher=name, pipeline=type(pipe).__name__, default_steps=resolved.student_steps,
             guidance_scale=resolved.guidance_scale, lora_rank=resolved.lora_rank,
-            scheduler=_scheduler_of(method, resolved), height=resolved.height, width=resolved.width,
+            scheduler=_scheduler_of(method, resolved, adapter.flow_matching), height=resolved.height, width=resolved.width,
             sizes=list(resolved.sizes) if resolved.sizes else None, frames=resolved.frames,
             guidance_embedding=_guidance_embedding_of(resolved),
             attention=getattr(resolved, "sparse_attention", None),

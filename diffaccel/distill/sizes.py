@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .data import DataSource, ProceduralClips, ProceduralScenes, serve_at
-from .teacher import FlowTeacher
+from .teacher import FlowTeacher, denoiser_name_of
 
 # Which methods' students can start one another: the same student parametrisation and sampler.
 FAMILIES = {"lcd": "consistency", "rg-lcd": "consistency", "tdm": "tdm"}
@@ -88,7 +88,7 @@ def warm_start(model: torch.nn.Module, adapter_name: str, config: Any, method: s
     if problems:
         raise ValueError(f"Cannot start from the student in {folder}: " + "; ".join(problems) + ".")
     weights = load_file(str(folder / LORA_WEIGHTS))
-    prefix = "transformer."
+    prefix = f"{denoiser_name_of(pipeline_name)}."
     state = {k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)}
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     slots = sum(1 for key, _ in model.named_parameters() if f".{adapter_name}." in key)

@@ -2,7 +2,8 @@
 
 A student folder holds ``student.json`` (a ``StudentCard``: method, teacher, default steps, the CFG scale
 baked in) and either ``pytorch_lora_weights.safetensors`` (a LoRA in the diffusers format, loadable with
-the pipeline's own ``load_lora_weights``) or ``transformer/`` (a full ``save_pretrained`` folder).
+the pipeline's own ``load_lora_weights``) or ``transformer/`` (``unet/`` for a UNet teacher: a full
+``save_pretrained`` folder).
 """
 
 from __future__ import annotations
@@ -100,13 +101,14 @@ def save_student(folder: str | Path, card: StudentCard, weights: dict[str, torch
         # peft names (lora_A / lora_B), as diffusers' own LoRA training scripts save them: the loader maps
         # them back onto every targeted layer (the older lora.down / lora.up names lose the attention ones).
         layers = {k: v.to(torch.float16) for k, v in weights.items()}
-        pipeline_class.save_lora_weights(folder, transformer_lora_layers=layers, weight_name=LORA_WEIGHTS)
+        pipeline_class.save_lora_weights(folder, **{f"{component_of(card)}_lora_layers": layers},
+                                         weight_name=LORA_WEIGHTS)
     else:
         if transformer is None:
-            raise ValueError("A full student is saved from a transformer of the teacher's class.")
+            raise ValueError("A full student is saved from a denoiser of the teacher's class.")
         export = type(transformer).from_config(transformer.config)
         export.load_state_dict(weights)
-        export.to(torch.float16).save_pretrained(folder / "transformer")
+        export.to(torch.float16).save_pretrained(folder / component_of(card))
     card.save(folder)
     return folder
 
@@ -145,8 +147,8 @@ def check_student(pipe: Any, folder: str | Path, pipeline_name: str | None = Non
         raise ValueError(f"The student in {folder} was distilled from a {card.pipeline}; this is a {name}.")
     if getattr(pipe, STUDENT_ATTRIBUTE, None) is not None:
         raise ValueError("This pipeline already holds a student; load the teacher again to swap students.")
-    if not card.lora_rank and not (Path(folder) / "transformer").is_dir():
-        raise ValueError(f"The student in {folder} has no weights: neither {LORA_WEIGHTS} nor transformer/.")
+    if not card.lora_rank and not (Path(folder) / component_of(card)).is_dir():
+        raise ValueError(f"The student in {folder} has no weights: neither {LORA_WEIGHTS} nor {component_of(card)}/.")
     if card.guidance_embedding:
         if not (Path(folder) / GUIDANCE_WEIGHTS).is_file():
             raise ValueError(f"The student in {folder} samples with a guidance-scale embedding, and its weights "
@@ -154,13 +156,27 @@ def check_student(pipe: Any, folder: str | Path, pipeline_name: str | None = Non
     return card
 
 
+def component_of(card: StudentCard) -> str:
+    """The pipeline component the student replaces: "transformer", or "unet" for a UNet teacher."""
+    from .teacher import denoiser_name_of
+
+    return denoiser_name_of(card.pipeline)
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    """The pipeline's denoiser: its transformer, or its UNet."""
+    denoiser = getattr(pipe, "transformer", None)
+    return denoiser if denoiser is not None else pipe.unet
+
+
 def install_student_weights(pipe: Any, folder: str | Path, card: StudentCard, keep_original: bool = False):
-    """Put the student's weights into ``pipe.transformer`` (a LoRA fused, or a full state dict).
+    """Put the student's weights into the pipeline's denoiser (a LoRA fused, or a full state dict).
 
     With ``keep_original`` the parameters it overwrites are first copied to the CPU, and the function
     returns a ``restore()`` that copies them back (the teacher again, bit for bit); otherwise None."""
     folder = Path(folder)
-    transformer = pipe.transformer
+    component = component_of(card)
+    transformer = getattr(pipe, component)
     saved: dict[str, torch.Tensor] = {}
     if card.lora_rank:
         pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS, adapter_name="diffaccel_student")
@@ -170,10 +186,10 @@ def install_student_weights(pipe: Any, folder: str | Path, card: StudentCard, ke
                 if base is not None and hasattr(module, "lora_A"):
                     for param_name, param in base.named_parameters(recurse=False):
                         saved[f"{name}.{param_name}"] = param.detach().to("cpu", copy=True)
-        pipe.fuse_lora(lora_scale=1.0, components=["transformer"])
+        pipe.fuse_lora(lora_scale=1.0, components=[component])
         pipe.unload_lora_weights()  # the fused weights stay; the transformer is plain again
     else:
-        full = type(transformer).from_pretrained(folder / "transformer", torch_dtype=transformer.dtype)
+        full = type(transformer).from_pretrained(folder / component, torch_dtype=transformer.dtype)
         if keep_original:
             saved = {k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()}
         transformer.load_state_dict(full.state_dict())
@@ -201,7 +217,7 @@ def set_student_guidance(pipe: Any, scale: float, card: StudentCard | None = Non
     card = card or student_of(pipe)
     if card is None:
         raise ValueError("This pipeline holds no student (diffaccel.distill.load_student puts one in).")
-    hook = guidance_hook(pipe.transformer)
+    hook = guidance_hook(denoiser_of(pipe))
     if not card.guidance_embedding or hook is None:
         raise ValueError(f"This student bakes in CFG {card.guidance_scale:g} and has no guidance-scale embedding; "
                          f"distil one with LCDConfig(guidance_range=(low, high)) to choose the scale at sampling time.")
@@ -218,9 +234,11 @@ def student_scheduler(scheduler: Any, card: StudentCard) -> Any:
         raise ValueError(f"The student's card names scheduler {card.scheduler!r}, which this diffusers does not have.")
     from .teacher import FAMILIES, flow_scheduler_config
 
+    family = FAMILIES.get(card.pipeline)
+    if family is not None and not family.flow_matching:  # LCMScheduler on the teacher's DDPM schedule, its own spacing
+        return scheduler_class.from_config(scheduler.config)
     student = scheduler_class.from_config(flow_scheduler_config(scheduler))
     if card.spacing == "trailing":
-        family = FAMILIES.get(card.pipeline)
         use_trailing_spacing(student, family.tells_unshifted_timesteps if family is not None else True)
     return student
 

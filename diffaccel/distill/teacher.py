@@ -46,6 +46,13 @@ class FlowTeacher:
     # the family's guidance scale goes into the model as an input (Flux dev) instead of combining a
     # conditional and an unconditional prediction: a student is called with it, not with guidance 1
     guidance_distilled = False
+    flow_matching = True  # the model predicts a flow velocity (else ε or v on a DDPM schedule)
+    denoiser_name = "transformer"  # the pipeline component the student is a LoRA (or copy) of
+
+    @staticmethod
+    def check_scheduler(scheduler: Any) -> None:
+        """An error that says why, when the pipeline's scheduler is not one this family samples with."""
+        flow_scheduler_config(scheduler)
 
     @staticmethod
     def size_factor(pipe: Any) -> int:
@@ -67,7 +74,8 @@ class FlowTeacher:
 
     @property
     def transformer(self) -> torch.nn.Module:
-        return self.pipe.transformer
+        """The denoiser (a transformer, or the UNet of ``EpsilonTeacher``)."""
+        return getattr(self.pipe, self.denoiser_name)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -378,9 +386,126 @@ class FluxTeacher(SD3Teacher):
         return pipe._unpack_latents(out.float(), h * factor, w * factor, factor)
 
 
+@dataclass
+class EpsilonTeacher(FlowTeacher):
+    """Stable Diffusion 1.x / 2.x: a UNet that predicts ε (or v) on a DDPM schedule, the teacher of LCD's
+    own paper (LCM-LoRA), seen through the flow parametrisation every trainer here works in.
+
+    At DDPM timestep t, x_t = α_t·x0 + s_t·ε (α = √ᾱ, s = √(1 − ᾱ)); divided by α_t + s_t it is the flow
+    point y = (1 − σ)·x0 + σ·ε with σ = s_t / (α_t + s_t), and v = ε̂ − x̂0 is the flow velocity. Through
+    this change of variables an Euler step of the flow is exactly a DDIM step, and CFG on v is CFG on ε,
+    so LCD trains the student as LCD does (DDIM solver on a 50-step grid, c_skip/c_out boundary) and the
+    student is an ordinary ε-UNet LoRA, sampled by diffusers' ``LCMScheduler``."""
+
+    flow_matching = False
+    denoiser_name = "unet"
+    # diffusers' LCM-LoRA training script's UNet layers (attention, feed-forward, ResNet convolutions and
+    # time projections), plus the time embedding, which a consistency student must re-read
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+                    "time_embedding.linear_1", "time_embedding.linear_2")
+    PREDICTIONS = ("epsilon", "v_prediction")
+
+    @staticmethod
+    def size_factor(pipe: Any) -> int:
+        """The VAE's downsampling × the UNet's (each down block but the last halves the latents)."""
+        return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+    @staticmethod
+    def check_scheduler(scheduler: Any) -> None:
+        prediction = scheduler.config.get("prediction_type", "epsilon")
+        if prediction not in EpsilonTeacher.PREDICTIONS or getattr(scheduler, "alphas_cumprod", None) is None:
+            raise ValueError(f"diffaccel distill needs a teacher that predicts ε or v on a DDPM schedule, or a flow "
+                             f"velocity; this pipeline's {type(scheduler).__name__} has prediction_type {prediction!r}.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.timestep_convention != "pipeline":
+            self.timestep_convention = "pipeline"  # a DDPM model is told its own timestep t, whatever σ is
+        alpha_bar = torch.as_tensor(self.pipe.scheduler.alphas_cumprod).double()
+        self._alpha_bar = alpha_bar
+        self._levels = (1.0 - alpha_bar).sqrt() / ((1.0 - alpha_bar).sqrt() + alpha_bar.sqrt())  # σ(t), increasing
+        self.prediction_type = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def train_timesteps(self) -> int:
+        return len(self._alpha_bar)
+
+    def level(self, timesteps: Any) -> torch.Tensor:
+        """σ of DDPM timesteps (a list or tensor; integers or not)."""
+        return _interpolate(torch.as_tensor(timesteps, dtype=torch.float64), torch.arange(self.train_timesteps,
+                            dtype=torch.float64), self._levels).float()
+
+    def told_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The DDPM timestep t whose noise level is σ (exact on the schedule's integer timesteps)."""
+        return _interpolate(sigma.detach().double().cpu(), self._levels,
+                            torch.arange(self.train_timesteps, dtype=torch.float64)).float().to(sigma.device)
+
+    def sigma_grid(self, num_steps: int, timesteps: list[float] | None = None) -> torch.Tensor:
+        """σ of ``timesteps`` (default LCD's DDIM solver grid: t = c·i − 1 for i = K … 1, c = T / K, the last one
+        near the data end), and the terminal 0."""
+        if timesteps is None:
+            ratio = self.train_timesteps // num_steps
+            timesteps = [ratio * i - 1 for i in range(num_steps, 0, -1)]
+        return torch.cat([self.level(timesteps), torch.zeros(1)])
+
+    def student_grid(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timesteps ``LCMScheduler`` samples a K-step student on (from its 50-step origin grid) and
+        their σ."""
+        from diffusers import LCMScheduler
+
+        scheduler = LCMScheduler.from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(num_steps)
+        timesteps = scheduler.timesteps.double()
+        return timesteps.float(), torch.cat([self.level(timesteps), torch.zeros(1)])
+
+    @property
+    def shift_mu(self) -> None:
+        return None
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, uncond = self.pipe.encode_prompt(captions, self.transformer.device, 1, True)
+        return cond, uncond
+
+    def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
+                 embeds: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow velocity of the UNet's prediction at the flow point ``sample`` (float32): the UNet sees
+        x_t = (α_t + s_t)·y at its timestep t, as its pipeline gives it."""
+        from .consistency import expand_like
+
+        timestep = self.told_timestep(sigma) if timestep is None else timestep
+        alpha_bar = _interpolate(timestep.detach().double().cpu(), torch.arange(self.train_timesteps, dtype=torch.float64),
+                                 self._alpha_bar)
+        alpha, noise = (expand_like(v.float().to(sample.device), sample) for v in (alpha_bar.sqrt(), (1 - alpha_bar).sqrt()))
+        noisy = sample * (alpha + noise)
+        out = transformer(noisy.to(self.compute_dtype), timestep.float(), encoder_hidden_states=embeds.to(self.compute_dtype),
+                          return_dict=False)[0].float()
+        if self.prediction_type == "epsilon":
+            eps, x0 = out, (noisy - noise * out) / alpha
+        else:  # v = α·ε − s·x0
+            eps, x0 = noise * noisy + alpha * out, alpha * noisy - noise * out
+        return eps - x0
+
+
+def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x, xp increasing; clamped at the ends."""
+    x = x.clamp(float(xp[0]), float(xp[-1]))
+    right = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
+    left = right - 1
+    weight = (x - xp[left]) / (xp[right] - xp[left])
+    return fp[left] + weight * (fp[right] - fp[left])
+
+
 TIMESTEP_CONVENTIONS = ("sigma", "pipeline")
 FAMILIES = {"CogView4Pipeline": FlowTeacher, "StableDiffusion3Pipeline": SD3Teacher, "WanPipeline": WanTeacher,
-            "FluxPipeline": FluxTeacher}
+            "FluxPipeline": FluxTeacher, "StableDiffusionPipeline": EpsilonTeacher}
+
+
+def denoiser_name_of(pipeline_name: str) -> str:
+    """The component a student of this pipeline class replaces: "transformer", or "unet"."""
+    family = FAMILIES.get(pipeline_name)
+    return family.denoiser_name if family is not None else "transformer"
 
 
 def unshifted_fraction(sigma: torch.Tensor, config: Any, mu: float) -> torch.Tensor:
@@ -421,11 +546,11 @@ def teacher_for(pipe: Any, height: int, width: int, timestep_convention: str = "
     name = type(pipe).__name__
     if name not in FAMILIES:
         raise ValueError(
-            f"diffaccel distill cannot use a {name} teacher: it needs a flow-matching text-to-image or text-to-video "
-            f"pipeline of a family it knows ({', '.join(FAMILIES)})."
+            f"diffaccel distill cannot use a {name} teacher: it needs a flow-matching or ε/v-prediction text-to-image or "
+            f"text-to-video pipeline of a family it knows ({', '.join(FAMILIES)})."
         )
-    flow_scheduler_config(pipe.scheduler)
     family = FAMILIES[name]
+    family.check_scheduler(pipe.scheduler)
     factor = family.size_factor(pipe)
     if height % factor or width % factor:
         raise ValueError(f"Distillation size {height}x{width} must be a multiple of {factor} for this {name}.")

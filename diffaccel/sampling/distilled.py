@@ -139,13 +139,14 @@ class DistilledHandler:
 
         pipe = target.pipe
         name = base_class(pipe).__name__
-        if not hasattr(pipe, "transformer") or not hasattr(pipe, "load_lora_weights"):
-            raise ValueError(f"sampling='distilled' cannot serve {name}: students are distilled transformers loaded "
-                             f"through the pipeline's LoRA loader, and this pipeline has neither.")
+        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        if denoiser is None or not hasattr(pipe, "load_lora_weights"):
+            raise ValueError(f"sampling='distilled' cannot serve {name}: students are distilled transformers or UNets "
+                             f"loaded through the pipeline's LoRA loader, and this pipeline lacks one of the two.")
         check_student(pipe, student_folder(config.student), pipeline_name=name)
-        if getattr(pipe.transformer, "peft_config", None):
-            raise ValueError(f"sampling='distilled': {name}'s transformer already holds LoRA adapters "
-                             f"({', '.join(pipe.transformer.peft_config)}); fuse or unload them before adding a student.")
+        if getattr(denoiser, "peft_config", None):
+            raise ValueError(f"sampling='distilled': {name}'s denoiser already holds LoRA adapters "
+                             f"({', '.join(denoiser.peft_config)}); fuse or unload them before adding a student.")
 
     def apply(self, config: DistilledConfig, target: AccelTarget, runtime) -> None:
         from diffaccel.distill.student import check_student, install_student_weights, student_scheduler
@@ -185,7 +186,9 @@ class DistilledHandler:
             from diffaccel.distill.guidance_embedding import check_scale, guidance_hook
 
             scale = card.guidance_scale if asked[1] is None else check_scale(asked[1], card.guidance_range())
-            guidance_hook(pipe.transformer).scale = scale
+            from diffaccel.distill.student import denoiser_of
+
+            guidance_hook(denoiser_of(pipe)).scale = scale
         size = (kwargs.get("height"), kwargs.get("width"))
         if None not in size and not card.trained_at(*size) and ("size", *size) not in told:
             told.add(("size", *size))

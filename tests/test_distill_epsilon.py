@@ -1,0 +1,150 @@
+"""Distilling an ε-prediction teacher (Stable Diffusion 1.x-style UNet, tiny and random, built offline): LCD as
+in LCM-LoRA, through the flow view the trainers work in, and a student sampled by diffusers' LCMScheduler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from distill_helpers import loss_before_and_after_one_step
+from PIL import Image
+
+from diffaccel.distill import CaptionedImages, LCDConfig, StudentCard, TDMConfig, distill, load_student, student_call_defaults
+from diffaccel.distill.consistency import euler_step, guided_velocity
+from diffaccel.distill.lcd import LCDTrainer
+from diffaccel.distill.teacher import EpsilonTeacher, teacher_for
+
+PROMPT = "a red circle"
+
+
+def tiny_sd():
+    from tiny_pipelines import sd15
+
+    return sd15().pipe
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd") / "my-sd15"
+    tiny_sd().save_pretrained(folder)
+    return folder
+
+
+def write_images(folder):
+    folder.mkdir()
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {colour} picture")
+    return folder
+
+
+def test_a_flow_euler_step_of_the_view_is_the_ddim_step_of_the_unet():
+    pipe = tiny_sd()
+    view = teacher_for(pipe, 64, 64, "pipeline")
+    assert isinstance(view, EpsilonTeacher) and not view.flow_matching and view.transformer is pipe.unet
+    alpha_bar = pipe.scheduler.alphas_cumprod.double()
+    t_from, t_to = 759, 499
+    a1, s1 = alpha_bar[t_from].sqrt().float(), (1 - alpha_bar[t_from]).sqrt().float()
+    a2, s2 = alpha_bar[t_to].sqrt().float(), (1 - alpha_bar[t_to]).sqrt().float()
+    sigma_from, sigma_to = view.level([t_from]), view.level([t_to])
+    assert torch.allclose(view.told_timestep(torch.cat([sigma_from, sigma_to])), torch.tensor([759.0, 499.0]), atol=1e-3)
+    x_t = torch.randn(2, *view.latent_shape)
+    cond, uncond = view.encode([PROMPT, "a blue square"])
+    with torch.no_grad():
+        # DDIM with CFG 7.5 on ε, as the pipeline computes it
+        eps_c = pipe.unet(x_t, t_from, encoder_hidden_states=cond).sample
+        eps_u = pipe.unet(x_t, t_from, encoder_hidden_states=uncond).sample
+        eps = eps_u + 7.5 * (eps_c - eps_u)
+        ddim = a2 * (x_t - s1 * eps) / a1 + s2 * eps
+        # the flow view: the point y = x_t / (α + s), CFG on v, one Euler step
+        y = x_t / (a1 + s1)
+        v = guided_velocity(view.velocity(pipe.unet, y, sigma_from.expand(2), cond),
+                            view.velocity(pipe.unet, y, sigma_from.expand(2), uncond), 7.5)
+        stepped = euler_step(y, v, sigma_from.expand(2), sigma_to.expand(2))
+    assert torch.allclose(stepped * (a2 + s2), ddim, atol=1e-4)
+
+
+def test_the_grids_are_lcds_ddim_solver_and_lcm_schedulers():
+    view = teacher_for(tiny_sd(), 64, 64, "pipeline")
+    grid = view.sigma_grid(50)
+    assert len(grid) == 51 and grid[-1] == 0 and torch.all(grid[:-1] > grid[1:])
+    assert torch.allclose(view.told_timestep(grid[:3]), torch.tensor([999.0, 979.0, 959.0]), atol=1e-3)
+    timesteps, sigmas = view.student_grid(4)
+    assert timesteps.tolist() == [999.0, 759.0, 499.0, 259.0]  # LCMScheduler's 4 steps of its 50-step origin
+    assert torch.allclose(view.told_timestep(sigmas[:-1]), timesteps, atol=1e-3)
+
+
+def test_v_prediction_teachers_give_the_same_flow_velocity():
+    """The same denoiser read as v-prediction: x0 = α·x_t − s·v, ε = s·x_t + α·v."""
+    pipe = tiny_sd()
+    eps_view = teacher_for(pipe, 64, 64, "pipeline")
+    pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    v_view = teacher_for(pipe, 64, 64, "pipeline")
+    y, sigma = torch.randn(1, *v_view.latent_shape), v_view.level([499])
+    cond, _ = v_view.encode([PROMPT])
+    a, s = pipe.scheduler.alphas_cumprod[499].sqrt(), (1 - pipe.scheduler.alphas_cumprod[499]).sqrt()
+    with torch.no_grad():
+        out = pipe.unet(y * (a + s), 499, encoder_hidden_states=cond).sample
+        x_t = y * (a + s)
+        want = (s * x_t + a * out) - (a * x_t - s * out)
+        assert torch.allclose(v_view.velocity(pipe.unet, y, sigma, cond), want, atol=1e-4)
+        assert not torch.allclose(eps_view.velocity(pipe.unet, y, sigma, cond), want, atol=1e-3)
+
+
+def test_lcd_step_lowers_the_loss_and_the_guidance_embedding_fits_a_unet(tmp_path):
+    images = CaptionedImages(str(write_images(tmp_path / "images")), resolution=64)
+    trainer = LCDTrainer(teacher_for(tiny_sd(), 64, 64, "pipeline"),
+                         LCDConfig(lora_rank=4, learning_rate=1e-3, batch_size=2, solver_steps=10, warmup_steps=0,
+                                   guidance_scale=7.5), images)
+    before, after = loss_before_and_after_one_step(trainer)
+    assert after < before
+    embedded = LCDTrainer(teacher_for(tiny_sd(), 64, 64, "pipeline"),
+                          LCDConfig(lora_rank=4, batch_size=2, solver_steps=10, guidance_scale=7.5,
+                                    guidance_range=(3.0, 9.0)), images)
+    embedded.train_step()  # the UNet passes its timestep condition by position: the hook fills it
+    assert embedded.guidance_embedding_for_export()["weight"].any()
+
+
+def test_lcm_lora_of_a_sd_folder_trains_resumes_loads_and_samples_with_lcm(sd_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffaccel.cli import main
+    from diffaccel.loading import load_model
+
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "student"
+    base = ["distill", "--teacher", str(sd_folder), "--data", str(images), "--resolution", "64", "--lora-rank", "4",
+            "--batch-size", "2", "--solver-steps", "10", "--out", str(out), "--no-progress", "--threads", "1"]
+    assert main(base + ["--max-steps", "1"]) == 0
+    assert main(base + ["--max-steps", "2", "--resume"]) == 0
+    card = StudentCard.load(out)
+    assert card.pipeline == "StableDiffusionPipeline" and card.scheduler == "LCMScheduler"
+    assert card.guidance_scale == 7.5 and card.training["steps"] == 2  # the pipeline's own CFG default
+    assert all(key.startswith("unet.") for key in load_file(str(out / "pytorch_lora_weights.safetensors")))
+
+    student = load_student(load_model(str(sd_folder)).pipe, out)
+    assert type(student.scheduler).__name__ == "LCMScheduler"
+    call = student_call_defaults(student)
+    assert call["num_inference_steps"] == 4 and call["guidance_scale"] == 1.0
+    told = []
+    handle = student.unet.register_forward_pre_hook(lambda m, a, kw: told.append(float(a[1])), with_kwargs=True)
+    first = student(PROMPT, output_type="np", generator=torch.Generator().manual_seed(0), **call).images
+    handle.remove()
+    assert first.shape == (1, 64, 64, 3) and np.isfinite(first).all()
+    assert told == [999.0, 759.0, 499.0, 259.0]  # one evaluation per step, CFG baked in
+    again = student(PROMPT, output_type="np", generator=torch.Generator().manual_seed(0), **call).images
+    assert np.array_equal(first, again)  # LCM re-noising follows the call's generator
+    stats = tmp_path / "stats.json"
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "a.png"), "--model", str(sd_folder), "--distilled", str(out),
+                 "--preset", "off", "--stats-json", str(stats)]) == 0
+    assert json.loads(stats.read_text())["stats"]["denoiser_calls"] == 4
+
+
+def test_tdm_on_an_epsilon_teacher_is_refused(sd_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(ValueError, match="tdm distils flow-matching teachers here"):
+        distill(str(sd_folder), tmp_path / "tdm", TDMConfig(lora_rank=4, batch_size=2), method="tdm", data=prompts,
+                max_steps=1)
