@@ -1,5 +1,5 @@
-"""Step distillation: few-step students of flow-matching (and ε-prediction) teachers (latent consistency distillation, RG-LCD,
-trajectory distribution matching).
+"""Step distillation: few-step students of flow-matching and ε-prediction teachers (latent consistency
+distillation, RG-LCD, trajectory distribution matching).
 
     from diffaccel.distill import LCDConfig, distill, load_student
     distill("reference:image", "students/lcd", LCDConfig(lora_rank=16), max_minutes=60)
