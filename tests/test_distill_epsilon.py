@@ -148,3 +148,39 @@ def test_tdm_on_an_epsilon_teacher_is_refused(sd_folder, tmp_path):
     with pytest.raises(ValueError, match="tdm distils flow-matching teachers here"):
         distill(str(sd_folder), tmp_path / "tdm", TDMConfig(lora_rank=4, batch_size=2), method="tdm", data=prompts,
                 max_steps=1)
+
+
+def test_sdxl_teacher_is_conditioned_as_its_pipeline_conditions_the_unet(tmp_path):
+    """SDXL: pooled text and size time_ids in added_cond_kwargs, exactly as the pipeline passes them; and an
+    LCM-LoRA student of it that samples in 4 LCMScheduler steps."""
+    from tiny_pipelines import sdxl
+
+    from diffaccel.distill.teacher import SDXLTeacher
+
+    pipe = sdxl().pipe
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    pipe(PROMPT, height=64, width=64, num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    handle.remove()
+    view = teacher_for(pipe, 64, 64, "pipeline")
+    assert isinstance(view, SDXLTeacher)
+    cond, uncond = view.encode([PROMPT])
+    ours = view.conditioning_kwargs(cond, torch.zeros(1, *view.latent_shape), torch.float32)
+    theirs = seen[0]  # the doubled CFG batch: unconditional half first
+    assert torch.equal(ours["encoder_hidden_states"], theirs["encoder_hidden_states"][1:])
+    assert torch.equal(ours["added_cond_kwargs"]["text_embeds"], theirs["added_cond_kwargs"]["text_embeds"][1:])
+    assert torch.equal(ours["added_cond_kwargs"]["time_ids"], theirs["added_cond_kwargs"]["time_ids"][1:])
+
+    from diffaccel.loading import load_model
+
+    pipe.save_pretrained(tmp_path / "my-sdxl")
+    out = distill(str(tmp_path / "my-sdxl"), tmp_path / "s",
+                  LCDConfig(lora_rank=4, batch_size=2, solver_steps=10, height=64, width=64),
+                  data=write_images(tmp_path / "images"), max_steps=1, progress=False)
+    assert StudentCard.load(out).guidance_scale == 5.0  # SDXL's own CFG default
+    student = load_student(load_model(str(tmp_path / "my-sdxl")).pipe, out)
+    told = []
+    handle = student.unet.register_forward_pre_hook(lambda m, a, kw: told.append(float(a[1])), with_kwargs=True)
+    image = student(PROMPT, output_type="np", **student_call_defaults(student)).images
+    handle.remove()
+    assert told == [999.0, 759.0, 499.0, 259.0] and np.isfinite(image).all()

@@ -479,13 +479,40 @@ class EpsilonTeacher(FlowTeacher):
                                  self._alpha_bar)
         alpha, noise = (expand_like(v.float().to(sample.device), sample) for v in (alpha_bar.sqrt(), (1 - alpha_bar).sqrt()))
         noisy = sample * (alpha + noise)
-        out = transformer(noisy.to(self.compute_dtype), timestep.float(), encoder_hidden_states=embeds.to(self.compute_dtype),
-                          return_dict=False)[0].float()
+        out = transformer(noisy.to(self.compute_dtype), timestep.float(), return_dict=False,
+                          **self.conditioning_kwargs(embeds, noisy, self.compute_dtype))[0].float()
         if self.prediction_type == "epsilon":
             eps, x0 = out, (noisy - noise * out) / alpha
         else:  # v = α·ε − s·x0
             eps, x0 = noise * noisy + alpha * out, alpha * noisy - noise * out
         return eps - x0
+
+    def conditioning_kwargs(self, embeds: Any, sample: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+        return {"encoder_hidden_states": embeds.to(dtype)}
+
+
+@dataclass
+class SDXLTeacher(EpsilonTeacher):
+    """Stable Diffusion XL: two text encoders (sequence embeddings and the second one's pooled vector) and
+    the size conditioning of its ``time_ids`` (original size, crop (0, 0), target size: both the training
+    size), passed as the pipeline passes them in ``added_cond_kwargs``."""
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[Conditioning, Conditioning]:
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(captions, device=self.transformer.device,
+                                                                      num_images_per_prompt=1,
+                                                                      do_classifier_free_guidance=True)
+        return Conditioning(cond, pooled), Conditioning(uncond, uncond_pooled)
+
+    def conditioning_kwargs(self, embeds: Conditioning, sample: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+        pipe = self.pipe
+        projection = (pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None
+                      else int(embeds.pooled.shape[-1]))
+        size = (self.height, self.width)
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
+        return {"encoder_hidden_states": embeds.embeds.to(dtype),
+                "added_cond_kwargs": {"text_embeds": embeds.pooled.to(dtype),
+                                      "time_ids": time_ids.to(sample.device).repeat(sample.shape[0], 1)}}
 
 
 def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
@@ -499,7 +526,8 @@ def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.T
 
 TIMESTEP_CONVENTIONS = ("sigma", "pipeline")
 FAMILIES = {"CogView4Pipeline": FlowTeacher, "StableDiffusion3Pipeline": SD3Teacher, "WanPipeline": WanTeacher,
-            "FluxPipeline": FluxTeacher, "StableDiffusionPipeline": EpsilonTeacher}
+            "FluxPipeline": FluxTeacher, "StableDiffusionPipeline": EpsilonTeacher,
+            "StableDiffusionXLPipeline": SDXLTeacher}
 
 
 def denoiser_name_of(pipeline_name: str) -> str:
