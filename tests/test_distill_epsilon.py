@@ -136,6 +136,13 @@ def test_lcm_lora_of_a_sd_folder_trains_resumes_loads_and_samples_with_lcm(sd_fo
     assert told == [999.0, 759.0, 499.0, 259.0]  # one evaluation per step, CFG baked in
     again = student(PROMPT, output_type="np", generator=torch.Generator().manual_seed(0), **call).images
     assert np.array_equal(first, again)  # LCM re-noising follows the call's generator
+    import diffaccel
+    from diffaccel.sampling.distilled import DistilledConfig
+
+    removable = diffaccel.accelerate(load_model(str(sd_folder)).pipe, sampling=DistilledConfig(student=str(out)))
+    through_accelerate = removable(PROMPT, output_type="np", generator=torch.Generator().manual_seed(0), height=64,
+                                   width=64).images
+    assert np.array_equal(through_accelerate, first) and diffaccel.stats(removable)["denoiser_calls"] == 4
     stats = tmp_path / "stats.json"
     assert main(["generate", PROMPT, "-o", str(tmp_path / "a.png"), "--model", str(sd_folder), "--distilled", str(out),
                  "--preset", "off", "--stats-json", str(stats)]) == 0
