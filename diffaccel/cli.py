@@ -265,7 +265,7 @@ def _add_distill(subparsers) -> None:
                    help="rg-lcd: optimise the latent proxy (lrm, default) or the judge itself (direct)")
     p.add_argument("--teacher", default="reference:image", help="reference:image (default; the embedded model, trained "
                    "on procedural scenes, which are also its distillation data), reference:video (its clips), or a hub id "
-                   "or local folder of a CogView4, Stable Diffusion 3, FLUX.1 [dev], Stable Diffusion 1.x/2.x/XL or Wan pipeline (with --data, or --prompts for tdm)")
+                   "or local folder of a CogView4, Stable Diffusion 3, FLUX.1 [dev], Stable Diffusion 1.x/2.x/XL, PixArt or Wan pipeline (with --data, or --prompts for tdm)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="training images with captions (metadata.jsonl with file_name and text, as Hugging Face "
                    "imagefolder datasets, or NAME.txt beside each image), or for a video teacher clips (.mp4, .gif, "

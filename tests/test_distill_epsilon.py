@@ -191,3 +191,53 @@ def test_sdxl_teacher_is_conditioned_as_its_pipeline_conditions_the_unet(tmp_pat
     image = student(PROMPT, output_type="np", **student_call_defaults(student)).images
     handle.remove()
     assert told == [999.0, 759.0, 499.0, 259.0] and np.isfinite(image).all()
+
+
+@pytest.mark.parametrize("name", ["pixart_alpha", "pixart_sigma"])
+def test_pixart_teacher_is_called_as_its_pipeline_calls_it_and_its_lcm_student_samples(tmp_path, name):
+    """PixArt: T5 text with its mask, the learned variance dropped; the flow view's velocity of the captured
+    call is the pipeline's own ε turned into v; a (full) LCM student of it samples in 4 LCMScheduler steps."""
+    import tiny_pipelines
+
+    from diffaccel.distill.teacher import PixArtTeacher
+    from diffaccel.loading import load_model
+
+    pipe = getattr(tiny_pipelines, name)().pipe
+    calls = []
+    handle = pipe.transformer.register_forward_hook(lambda m, a, kw, out: calls.append((a, kw, out[0])), with_kwargs=True)
+    pipe(PROMPT, height=64, width=64, num_inference_steps=2, guidance_scale=4.5, output_type="latent",
+         use_resolution_binning=False, clean_caption=False)
+    handle.remove()
+    view = teacher_for(pipe, 64, 64, "pipeline")
+    assert isinstance(view, PixArtTeacher)
+    args, kwargs, out = calls[0]
+    t = float(kwargs["timestep"][0])
+    x_t = (args[0] if args else kwargs["hidden_states"])[1:]  # the conditional half of the doubled batch
+    cond, _ = view.encode([PROMPT])
+    assert torch.equal(cond.embeds, kwargs["encoder_hidden_states"][1:])
+    alpha_bar = pipe.scheduler.alphas_cumprod[int(t)]
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    eps = out[1:, :4]
+    want = eps - (x_t - s * eps) / a
+    with torch.no_grad():
+        got = view.velocity(pipe.transformer, x_t / (a + s), view.level([t]), cond)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-3)  # x̂0 = (x_t − s·ε)/α is large near t = T
+
+    pipe.save_pretrained(tmp_path / "my-pixart")
+    images = write_images(tmp_path / "images")
+    with pytest.raises(ValueError, match="no LoRA support in diffusers"):
+        distill(str(tmp_path / "my-pixart"), tmp_path / "lora", LCDConfig(lora_rank=4, batch_size=2, height=64, width=64),
+                data=images, max_steps=1, progress=False)
+    # diffusers has no LoRA loader for PixArt: its student is a full one (PixArt-LCM is too)
+    out_dir = distill(str(tmp_path / "my-pixart"), tmp_path / "s",
+                      LCDConfig(lora_rank=0, batch_size=2, solver_steps=10, height=64, width=64),
+                      data=images, max_steps=1, progress=False)
+    assert (out_dir / "transformer").is_dir()
+    student = load_student(load_model(str(tmp_path / "my-pixart")).pipe, out_dir)
+    told = []
+    handle = student.transformer.register_forward_pre_hook(lambda m, a, kw: told.append(float(kw["timestep"][0])),
+                                                           with_kwargs=True)
+    image = student(PROMPT, output_type="np", use_resolution_binning=False, clean_caption=False,
+                    **student_call_defaults(student)).images
+    handle.remove()
+    assert told == [999.0, 759.0, 499.0, 259.0] and np.isfinite(image).all()

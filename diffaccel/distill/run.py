@@ -135,7 +135,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student).
 
     ``teacher``: "reference:image" / "reference:video", or a hub id or local folder of a supported pipeline
-    (CogView4, SD3, FLUX.1 [dev], Stable Diffusion 1.x / 2.x / XL (LCD only), Wan 2.1).
+    (CogView4, SD3, FLUX.1 [dev], Stable Diffusion 1.x / 2.x / XL and PixArt (LCD only), Wan 2.1).
     ``method`` "lcd", or "rg-lcd" with ``reward`` (default ``RewardConfig()``: β = 1, latent proxy), whose
     expert is the reference judge of the teacher's scenes (both with an ``LCDConfig``); or "tdm" with a
     ``TDMConfig`` (data-free: it reads only the captions).

@@ -399,6 +399,7 @@ class EpsilonTeacher(FlowTeacher):
 
     flow_matching = False
     denoiser_name = "unet"
+    sample_arg = "sample"  # the denoiser's name for its noisy input
     # diffusers' LCM-LoRA training script's UNet layers (attention, feed-forward, ResNet convolutions and
     # time projections), plus the time embedding, which a consistency student must re-read
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -479,8 +480,10 @@ class EpsilonTeacher(FlowTeacher):
                                  self._alpha_bar)
         alpha, noise = (expand_like(v.float().to(sample.device), sample) for v in (alpha_bar.sqrt(), (1 - alpha_bar).sqrt()))
         noisy = sample * (alpha + noise)
-        out = transformer(noisy.to(self.compute_dtype), timestep.float(), return_dict=False,
+        out = transformer(**{self.sample_arg: noisy.to(self.compute_dtype)}, timestep=timestep.float(), return_dict=False,
                           **self.conditioning_kwargs(embeds, noisy, self.compute_dtype))[0].float()
+        if out.shape[1] == 2 * sample.shape[1]:  # a learned variance rides along (PixArt): the prediction is the first half
+            out = out[:, : sample.shape[1]]
         if self.prediction_type == "epsilon":
             eps, x0 = out, (noisy - noise * out) / alpha
         else:  # v = α·ε − s·x0
@@ -524,10 +527,58 @@ def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.T
     return fp[left] + weight * (fp[right] - fp[left])
 
 
+@dataclass(frozen=True)
+class MaskedConditioning:
+    """T5 text embeddings with their attention mask (PixArt); indexing selects the same examples of both."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+
+    def __getitem__(self, index: Any) -> "MaskedConditioning":
+        return MaskedConditioning(self.embeds[index], self.mask[index])
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+
+@dataclass
+class PixArtTeacher(EpsilonTeacher):
+    """PixArt-α and PixArt-Σ: a DiT that predicts ε (with a learned variance, dropped as the pipeline drops
+    it) on a DDPM schedule; T5 text with its attention mask; PixArt-α at 1024 px also takes the size and
+    aspect ratio as the pipeline gives them. Its LCM-LoRA samples with ``LCMScheduler`` (PixArt-LCM)."""
+
+    denoiser_name = "transformer"
+    sample_arg = "hidden_states"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+                    "adaln_single.linear", "timestep_embedder.linear_1", "timestep_embedder.linear_2")
+
+    @staticmethod
+    def size_factor(pipe: Any) -> int:
+        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[MaskedConditioning, MaskedConditioning]:
+        cond, mask, uncond, uncond_mask = self.pipe.encode_prompt(
+            captions, do_classifier_free_guidance=True, num_images_per_prompt=1, device=self.transformer.device,
+            clean_caption=False)
+        return MaskedConditioning(cond, mask), MaskedConditioning(uncond, uncond_mask)
+
+    def conditioning_kwargs(self, embeds: MaskedConditioning, sample: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+        n = sample.shape[0]
+        added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
+        if self.transformer.config.sample_size == 128:  # PixArt-α 1024 px: its micro-conditions, as its pipeline
+            added = {"resolution": torch.tensor([[self.height, self.width]], dtype=dtype, device=sample.device).repeat(n, 1),
+                     "aspect_ratio": torch.tensor([[self.height / self.width]], dtype=dtype,
+                                                  device=sample.device).repeat(n, 1)}
+        return {"encoder_hidden_states": embeds.embeds.to(dtype), "encoder_attention_mask": embeds.mask,
+                "added_cond_kwargs": added}
+
+
 TIMESTEP_CONVENTIONS = ("sigma", "pipeline")
 FAMILIES = {"CogView4Pipeline": FlowTeacher, "StableDiffusion3Pipeline": SD3Teacher, "WanPipeline": WanTeacher,
             "FluxPipeline": FluxTeacher, "StableDiffusionPipeline": EpsilonTeacher,
-            "StableDiffusionXLPipeline": SDXLTeacher}
+            "StableDiffusionXLPipeline": SDXLTeacher, "PixArtAlphaPipeline": PixArtTeacher,
+            "PixArtSigmaPipeline": PixArtTeacher}
 
 
 def denoiser_name_of(pipeline_name: str) -> str:
