@@ -230,17 +230,25 @@ class SD3Teacher(SigmaToldTeacher):
     lora_targets = FlowTeacher.lora_targets + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                                                "ff_context.net.0.proj", "ff_context.net.2", "norm1_context.linear")
 
+    default_max_shift = 1.16  # the pipeline's fallback when its scheduler config has no max_shift
+
+    @property
+    def token_count(self) -> int:
+        """The image tokens the transformer sees at this size (the dynamic shift's sequence length)."""
+        _, h, w = self.latent_shape
+        return (h * w) // self.transformer.config.patch_size**2
+
     @property
     def shift_mu(self) -> float | None:
+        """μ of the pipeline's shift for its token count, or None for a static shift."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
         config = self.pipe.scheduler.config
         if not config.get("use_dynamic_shifting"):
             return None
-        _, h, w = self.latent_shape
-        seq_len = (h * w) // self.transformer.config.patch_size**2
-        return calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                               config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        return calculate_shift(self.token_count, config.get("base_image_seq_len", 256),
+                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                               config.get("max_shift", self.default_max_shift))
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[Conditioning, Conditioning]:
@@ -335,18 +343,13 @@ class FluxTeacher(SD3Teacher):
         factor = self.pipe.vae_scale_factor
         return self.transformer.config.in_channels // 4, self.height // factor, self.width // factor
 
-    @property
-    def shift_mu(self) -> float | None:
-        """μ of the pipeline's shift for its packed token count, or None for a static shift."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    default_max_shift = 1.15
 
-        config = self.pipe.scheduler.config
-        if not config.get("use_dynamic_shifting"):
-            return None
+    @property
+    def token_count(self) -> int:
+        """Packed 2x2 latent patches."""
         _, h, w = self.latent_shape
-        return calculate_shift((h // 2) * (w // 2), config.get("base_image_seq_len", 256),
-                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                               config.get("max_shift", 1.15))
+        return (h // 2) * (w // 2)
 
     def sigma_grid(self, num_steps: int, timesteps: list[float] | None = None) -> torch.Tensor:
         """Flux samples on sigmas linspace(1, 1/K, K), shifted: trailing spacing is its own."""
