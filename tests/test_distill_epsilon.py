@@ -149,14 +149,6 @@ def test_lcm_lora_of_a_sd_folder_trains_resumes_loads_and_samples_with_lcm(sd_fo
     assert json.loads(stats.read_text())["stats"]["denoiser_calls"] == 4
 
 
-def test_tdm_on_an_epsilon_teacher_is_refused(sd_folder, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n")
-    with pytest.raises(ValueError, match="tdm distils flow-matching teachers here"):
-        distill(str(sd_folder), tmp_path / "tdm", TDMConfig(lora_rank=4, batch_size=2), method="tdm", data=prompts,
-                max_steps=1)
-
-
 def test_sdxl_teacher_is_conditioned_as_its_pipeline_conditions_the_unet(tmp_path):
     """SDXL: pooled text and size time_ids in added_cond_kwargs, exactly as the pipeline passes them; and an
     LCM-LoRA student of it that samples in 4 LCMScheduler steps."""
@@ -241,3 +233,49 @@ def test_pixart_teacher_is_called_as_its_pipeline_calls_it_and_its_lcm_student_s
                     **student_call_defaults(student)).images
     handle.remove()
     assert told == [999.0, 759.0, 499.0, 259.0] and np.isfinite(image).all()
+
+
+def test_tdm_rollout_of_an_sd_teacher_is_the_pipelines_trailing_ddim_sampling():
+    """The TDM student's training rollout (flow Euler steps from the pipeline's starting point) is exactly
+    what its pipeline samples with trailing DDIM: the same stages, start and steps."""
+    from diffaccel.distill import PromptList
+    from diffaccel.distill.tdm import STUDENT, TDMTrainer
+    from diffaccel.distill.teacher import ddpm_student_scheduler
+
+    pipe = tiny_sd()
+    trainer = TDMTrainer(teacher_for(pipe, 64, 64, "pipeline"), TDMConfig(lora_rank=4, batch_size=1, guidance_scale=7.5),
+                         PromptList((PROMPT,)))
+    timesteps, _ = trainer.grids[(64, 64)]
+    assert timesteps.tolist() == [999.0, 749.0, 499.0, 249.0]  # DDIM's trailing spacing
+    z = torch.randn(1, *trainer.teacher.latent_shape, generator=torch.Generator().manual_seed(3))
+    cond, _ = trainer.teacher.encode([PROMPT])
+    with torch.no_grad():
+        rolled = trainer.rollout(trainer.teacher.initial_point(z, trainer.sigmas[0]), torch.tensor([4]), cond,
+                                 torch.Generator().manual_seed(0))
+    trainer._use(STUDENT)
+    pipe.scheduler = ddpm_student_scheduler(pipe.scheduler, "DDIMScheduler")
+    sampled = pipe(PROMPT, latents=z, num_inference_steps=4, guidance_scale=1.0, output_type="latent", height=64,
+                   width=64).images
+    assert torch.allclose(rolled, sampled, atol=1e-4)
+
+
+def test_tdm_student_of_an_sd_folder_loads_with_trailing_ddim(sd_folder, tmp_path):
+    from diffaccel.cli import main
+    from diffaccel.loading import load_model
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "tdm"
+    assert main(["distill", "--method", "tdm", "--teacher", str(sd_folder), "--prompts", str(prompts), "--resolution",
+                 "64", "--lora-rank", "4", "--batch-size", "2", "--out", str(out), "--max-steps", "1", "--no-progress",
+                 "--threads", "1"]) == 0
+    assert StudentCard.load(out).scheduler == "DDIMScheduler"
+    student = load_student(load_model(str(sd_folder)).pipe, out)
+    told = []
+    handle = student.unet.register_forward_pre_hook(lambda m, a, kw: told.append(float(a[1])), with_kwargs=True)
+    call = dict(output_type="np", **student_call_defaults(student))
+    first = student(PROMPT, generator=torch.Generator().manual_seed(0), **call).images
+    handle.remove()
+    assert told == [999.0, 749.0, 499.0, 249.0] and np.isfinite(first).all()
+    torch.manual_seed(123)  # DDIM (η = 1) draws nothing between steps: the global RNG cannot matter
+    assert np.array_equal(student(PROMPT, generator=torch.Generator().manual_seed(0), **call).images, first)

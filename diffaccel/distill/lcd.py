@@ -48,7 +48,7 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed:
     if not hasattr(transformer, "add_adapter"):
         raise ValueError(f"{type(transformer).__name__} has no LoRA support in diffusers (no PeftAdapterMixin, and its "
                          f"pipeline no LoRA loader), so a LoRA student could not be loaded back: distil a full student "
-                         f"(lora_rank 0, `--lora-rank 0`).")
+                         f"(lcd with lora_rank 0, `--lora-rank 0`; tdm trains LoRA adapters only).")
     transformer.requires_grad_(False)
     with torch.random.fork_rng(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter, on purpose

@@ -114,8 +114,8 @@ def _scheduler_of(method: str, config: Config, flow_matching: bool = True) -> st
     """The diffusers scheduler a student samples with: LCM-style re-noising for consistency students
     (``LCMScheduler`` on a DDPM teacher's schedule); for TDM the one its training rollouts re-noise like
     (η = 1: the flow's Euler step)."""
-    if not flow_matching:
-        return "LCMScheduler"
+    if not flow_matching:  # a DDPM teacher: LCM sampling, or for TDM with η = 1 trailing DDIM (deterministic)
+        return "DDIMScheduler" if method == "tdm" and config.eta == 1.0 else "LCMScheduler"
     if method == "tdm" and config.eta == 1.0:
         return "FlowMatchEulerDiscreteScheduler"
     return STUDENT_SCHEDULER
@@ -135,7 +135,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student).
 
     ``teacher``: "reference:image" / "reference:video", or a hub id or local folder of a supported pipeline
-    (CogView4, SD3, FLUX.1 [dev], Stable Diffusion 1.x / 2.x / XL and PixArt (LCD only), Wan 2.1).
+    (CogView4, SD3, FLUX.1 [dev], Stable Diffusion 1.x / 2.x / XL, PixArt, Wan 2.1).
     ``method`` "lcd", or "rg-lcd" with ``reward`` (default ``RewardConfig()``: β = 1, latent proxy), whose
     expert is the reference judge of the teacher's scenes (both with an ``LCDConfig``); or "tdm" with a
     ``TDMConfig`` (data-free: it reads only the captions).
@@ -213,9 +213,6 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     # the reference models were trained told 1000·σ; a teacher of the user's is told what its pipeline tells it
     adapter = teacher_for(pipe, resolved.height, resolved.width, "sigma" if is_reference else "pipeline", resolved.frames,
                           resolved.guidance_scale)
-    if method == "tdm" and not adapter.flow_matching:
-        raise ValueError(f"tdm distils flow-matching teachers here; {teacher} predicts ε or v on a DDPM schedule: use "
-                         f"lcd (LCM-LoRA), which samples with diffusers' LCMScheduler.")
     if gradient_checkpointing:
         adapter.transformer.enable_gradient_checkpointing()
     if method == "rg-lcd":

@@ -235,8 +235,10 @@ def student_scheduler(scheduler: Any, card: StudentCard) -> Any:
     from .teacher import FAMILIES, flow_scheduler_config
 
     family = FAMILIES.get(card.pipeline)
-    if family is not None and not family.flow_matching:  # LCMScheduler on the teacher's DDPM schedule, its own spacing
-        return scheduler_class.from_config(scheduler.config)
+    if family is not None and not family.flow_matching:  # LCM or trailing DDIM on the teacher's DDPM schedule
+        from .teacher import ddpm_student_scheduler
+
+        return ddpm_student_scheduler(scheduler, card.scheduler)
     student = scheduler_class.from_config(flow_scheduler_config(scheduler))
     if card.spacing == "trailing":
         use_trailing_spacing(student, family.tells_unshifted_timesteps if family is not None else True)

@@ -84,7 +84,9 @@ class TDMTrainer:
                  accelerator: Any = None) -> None:
         bind_trainer(self, teacher, config, data, accelerator)
         # each size's stages: CogView4 shifts the noise levels by the token count
-        self.grids = {size: view.student_grid(config.student_steps) for size, view in self.sizes.teachers.items()}
+        # the stages the student's sampler runs (a DDPM teacher's: DDIM's trailing steps for η = 1, LCM's for 0)
+        sampler = "DDIMScheduler" if config.eta == 1.0 else "LCMScheduler"
+        self.grids = {size: view.student_grid(config.student_steps, sampler) for size, view in self.sizes.teachers.items()}
         self.timesteps, self.sigmas = self.grids[self.sizes.sizes[0]]
         model = teacher.transformer
         model.requires_grad_(False).eval()
@@ -216,6 +218,7 @@ class TDMTrainer:
         gen = self._generator(draw)
         n = len(captions)
         noise = torch.randn((n, *self.teacher.latent_shape), generator=gen).to(self.model.device)
+        noise = self.teacher.initial_point(noise, self.sigmas[0])  # where the pipeline starts the student
         stages = torch.randint(0, cfg.student_steps, (n,), generator=gen)
         return TDMBatch(cond, uncond, stages, self.rollout(noise, stages, cond, gen), gen)
 

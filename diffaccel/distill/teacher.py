@@ -114,7 +114,12 @@ class FlowTeacher:
             return sigma * 1000.0
         return unshifted_fraction(sigma, config, self.shift_mu) * float(config.num_train_timesteps)
 
-    def student_grid(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_point(self, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The point a sampler starts a student from, for the pipeline's initial ``noise``, at its first noise
+        level ``sigma`` (1 for flow models: the noise itself)."""
+        return noise
+
+    def student_grid(self, num_steps: int, sampler: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A student's stages as the pipeline runs them (``student.trailing_timesteps``): the timesteps its
         transformer is told and the noise levels it samples on (terminal 0 included). CogView4 tells the
         model the unshifted timestep, not 1000·σ; a student trained on its own stages learns that."""
@@ -214,7 +219,7 @@ class SigmaToldTeacher(FlowTeacher):
     def told_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma * 1000.0
 
-    def student_grid(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def student_grid(self, num_steps: int, sampler: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Trailing stages, shifted by the scheduler as the pipeline shifts them; told 1000·σ."""
         from .student import trailing_timesteps
 
@@ -453,12 +458,10 @@ class EpsilonTeacher(FlowTeacher):
             timesteps = [ratio * i - 1 for i in range(num_steps, 0, -1)]
         return torch.cat([self.level(timesteps), torch.zeros(1)])
 
-    def student_grid(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The timesteps ``LCMScheduler`` samples a K-step student on (from its 50-step origin grid) and
-        their σ."""
-        from diffusers import LCMScheduler
-
-        scheduler = LCMScheduler.from_config(self.pipe.scheduler.config)
+    def student_grid(self, num_steps: int, sampler: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timesteps a K-step student samples on with ``sampler`` (``ddpm_student_scheduler``: LCM's from
+        its 50-step origin grid, the default; DDIM's trailing ones) and their σ."""
+        scheduler = ddpm_student_scheduler(self.pipe.scheduler, sampler or "LCMScheduler")
         scheduler.set_timesteps(num_steps)
         timesteps = scheduler.timesteps.double()
         return timesteps.float(), torch.cat([self.level(timesteps), torch.zeros(1)])
@@ -466,6 +469,13 @@ class EpsilonTeacher(FlowTeacher):
     @property
     def shift_mu(self) -> None:
         return None
+
+    def initial_point(self, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The pipeline starts from x_T = noise at the first timestep T (ᾱ_T > 0: not quite pure noise); its
+        flow point is x_T / (α_T + s_T)."""
+        alpha_bar = float(_interpolate(self.told_timestep(sigma.reshape(1)).double().cpu(),
+                                       torch.arange(self.train_timesteps, dtype=torch.float64), self._alpha_bar)[0])
+        return noise / (alpha_bar**0.5 + (1.0 - alpha_bar) ** 0.5)
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,6 +529,24 @@ class SDXLTeacher(EpsilonTeacher):
         return {"encoder_hidden_states": embeds.embeds.to(dtype),
                 "added_cond_kwargs": {"text_embeds": embeds.pooled.to(dtype),
                                       "time_ids": time_ids.to(sample.device).repeat(sample.shape[0], 1)}}
+
+
+DDPM_STUDENT_SAMPLERS = ("LCMScheduler", "DDIMScheduler")
+
+
+def ddpm_student_scheduler(scheduler: Any, name: str) -> Any:
+    """The diffusers scheduler a student of a DDPM teacher samples with, on the teacher's noise schedule:
+    ``LCMScheduler`` (consistency students: its own spacing from a 50-step origin grid, fresh noise between
+    steps) or ``DDIMScheduler`` on trailing timesteps with its last step to the clean end (TDM students: the
+    deterministic DDIM step, which is the flow Euler step the trainer rolls out)."""
+    import diffusers
+
+    if name == "LCMScheduler":
+        return diffusers.LCMScheduler.from_config(scheduler.config)
+    if name == "DDIMScheduler":
+        return diffusers.DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                                   clip_sample=False, thresholding=False)
+    raise ValueError(f"A student of a DDPM teacher samples with one of {DDPM_STUDENT_SAMPLERS}, not {name!r}.")
 
 
 def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
