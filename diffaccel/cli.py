@@ -261,6 +261,9 @@ def _add_distill(subparsers) -> None:
                    help="lcd: latent consistency distillation (LCM); rg-lcd: LCD guided by the judge's prompt-adherence "
                    "reward through a latent proxy reward model (RG-LCD); tdm: trajectory distribution matching (data-free)")
     p.add_argument("--reward-scale", type=float, default=None, help="rg-lcd: β of the −β·R term (default 1, the paper's; on the reference image model 0.25 beat LCD under both judges and 1 did not)")
+    p.add_argument("--reward-model", default=None, metavar="ID_OR_PATH",
+                   help="rg-lcd: the expert reward, a transformers CLIP model (CLIPScore: openai/clip-vit-large-patch14; "
+                   "PickScore); default: the reference judge, which only the reference image teacher can use")
     p.add_argument("--reward-mode", choices=["lrm", "direct"], default=None,
                    help="rg-lcd: optimise the latent proxy (lrm, default) or the judge itself (direct)")
     p.add_argument("--teacher", default="reference:image", help="reference:image (default; the embedded model, trained "
@@ -358,10 +361,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
                            solver_steps=args.solver_steps or 50, guidance_scale=args.guidance, seed=args.seed)
     reward = None
     if args.method == "rg-lcd":
-        reward = RewardConfig(**{k: v for k, v in (("reward_scale", args.reward_scale), ("mode", args.reward_mode))
-                                 if v is not None})
-    elif args.reward_scale is not None or args.reward_mode is not None:
-        raise ValueError("--reward-scale and --reward-mode are options of --method rg-lcd.")
+        reward = RewardConfig(**{k: v for k, v in (("reward_scale", args.reward_scale), ("mode", args.reward_mode),
+                                                   ("expert", args.reward_model)) if v is not None})
+    elif args.reward_scale is not None or args.reward_mode is not None or args.reward_model is not None:
+        raise ValueError("--reward-scale, --reward-mode and --reward-model are options of --method rg-lcd.")
     if args.prompts is not None and args.method != "tdm":
         raise ValueError(f"--prompts is for --method tdm (data-free); {args.method} needs training images (--data DIR).")
     if args.prompts is not None and args.data is not None:

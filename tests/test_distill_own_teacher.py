@@ -158,7 +158,7 @@ def test_own_teacher_errors_name_what_is_missing(teacher_folder, tmp_path):
         distill(str(teacher_folder), tmp_path / "a", config, max_steps=1)
     with pytest.raises(ValueError, match="give a prompt file or a folder"):
         distill(str(teacher_folder), tmp_path / "a", TDMConfig(**TINY_TDM), method="tdm", max_steps=1)
-    with pytest.raises(ValueError, match="rg-lcd's expert reward is diffaccel's reference judge"):
+    with pytest.raises(ValueError, match="rg-lcd's default expert reward is diffaccel's reference judge"):
         distill(str(teacher_folder), tmp_path / "a", config, method="rg-lcd", data=tmp_path, max_steps=1)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")

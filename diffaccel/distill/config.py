@@ -139,7 +139,9 @@ class RewardConfig(_Serialisable):
     expert scores): the proxy's score differences then stay on the expert's scale, so β keeps its
     meaning; a smaller temperature magnifies them (τ = 0.1 made the proxy term swamp the LCD loss here).
     The reward term starts after ``reward_warmup`` steps, so the proxy, trained from scratch, has
-    learned the expert's preferences before the student follows it.
+    learned the expert's preferences before the student follows it. ``expert``: "judge", the reference
+    judge (the reference image teacher's), or the hub id or folder of a CLIP-architecture reward model
+    (``ClipReward``: CLIPScore, PickScore), which a teacher of the user's needs.
     """
 
     reward_scale: float = 1.0
@@ -148,8 +150,11 @@ class RewardConfig(_Serialisable):
     proxy_batch: int = 4
     temperature: float = 1.0
     reward_warmup: int = 200
+    expert: str = "judge"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.expert, str) or not self.expert.strip():
+            raise ValueError(f"RewardConfig.expert={self.expert!r}: 'judge' or a CLIP reward model's hub id or folder.")
         if self.reward_scale < 0:
             raise ValueError(f"RewardConfig.reward_scale={self.reward_scale}: must be ≥ 0 (β of −β·R).")
         if self.mode not in ("lrm", "direct"):

@@ -1,7 +1,9 @@
 """Rewards for reward-guided consistency distillation (RG-LCD, Li et al. 2024).
 
-``JudgeReward`` is the expert reward: the reference judge's prompt adherence made differentiable (the
-expected share of the caption's attributes it reads back). ``LatentRewardModel`` is the paper's latent
+``JudgeReward`` is the expert reward of the reference teacher: the reference judge's prompt adherence made
+differentiable (the expected share of the caption's attributes it reads back). ``ClipReward`` is the expert
+for a teacher of the user's: a CLIP-architecture reward model from the hub or a folder (CLIPScore with
+OpenAI's CLIP, PickScore), the image-text cosine similarity through a differentiable preprocessing. ``LatentRewardModel`` is the paper's latent
 proxy: a small network scoring a latent against the prompt embedding, trained online so that its
 pairwise preferences match the expert's (``preference_loss``); the student optimises the proxy, which
 is smoother than the expert and so less prone to reward hacking.
@@ -70,6 +72,70 @@ class JudgeReward(nn.Module):
         total = total + torch.where(has_bg, bg_p, torch.zeros_like(bg_p))
         count = count + has_bg.float()
         return total / count.clamp(min=1.0)
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIPImageProcessor's defaults, when a folder has no processor
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipReward(nn.Module):
+    """R = cos(image embedding, caption embedding) of a transformers ``CLIPModel`` (CLIPScore without its
+    clipping and weight; PickScore's score up to its logit scale), for images (B, 3, H, W) in [0, 1].
+
+    The processor's steps are redone in torch so gradients reach the pixels: the shorter side resized to
+    the model's size (bicubic), a centre crop, the processor's normalisation. The model stays frozen."""
+
+    def __init__(self, model: nn.Module, tokenizer, mean=CLIP_MEAN, std=CLIP_STD) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.size = int(model.config.vision_config.image_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, spec: str, device: str | torch.device = "cpu") -> "ClipReward":
+        """A hub id or folder holding a ``CLIPModel``, its tokenizer and (optionally) its image processor."""
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+        try:
+            model = CLIPModel.from_pretrained(spec)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Reward model {spec!r}: not a CLIPModel that loads here ({error}). Give the hub id or "
+                             f"folder of a transformers CLIP model (CLIPScore: openai/clip-vit-large-patch14; "
+                             f"PickScore: yuvalkirstain/PickScore_v1 with its tokenizer saved beside it).") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Reward model {spec!r} has no tokenizer ({error}); save the CLIP tokenizer it was "
+                             f"trained with into the folder (tokenizer.save_pretrained).") from None
+        try:
+            processor = CLIPImageProcessor.from_pretrained(spec)
+            mean, std = processor.image_mean, processor.image_std
+        except (OSError, ValueError):
+            mean, std = CLIP_MEAN, CLIP_STD
+        return cls(model, tokenizer, mean, std).to(device)
+
+    def train(self, mode: bool = True) -> "ClipReward":
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the model's normalised (B, 3, S, S) input, differentiably."""
+        height, width = images.shape[-2:]
+        scale = self.size / min(height, width)
+        resized = F.interpolate(images.float(), size=(max(self.size, round(height * scale)), max(self.size, round(width * scale))),
+                                mode="bicubic", align_corners=False)
+        top, left = (resized.shape[-2] - self.size) // 2, (resized.shape[-1] - self.size) // 2
+        cropped = resized[..., top:top + self.size, left:left + self.size]
+        return (cropped - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(captions), padding=True, truncation=True, return_tensors="pt").to(images.device)
+        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"),
+                         pixel_values=self.preprocess(images).to(self.model.dtype))
+        return F.cosine_similarity(out.image_embeds.float(), out.text_embeds.float(), dim=-1)
 
 
 class LatentRewardModel(nn.Module):

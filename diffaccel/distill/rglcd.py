@@ -11,7 +11,7 @@ import torch
 from .config import LCDConfig, RewardConfig
 from .lcd import LCDBatch, LCDTrainer, average_gradients
 from .reward import JudgeReward, LatentRewardModel, preference_loss
-from .teacher import FlowTeacher
+from .teacher import FlowTeacher, sequence_embeds
 
 
 class RGLCDTrainer(LCDTrainer):
@@ -19,13 +19,19 @@ class RGLCDTrainer(LCDTrainer):
     model after every student step on (student prediction, LCD target, data latent) triples scored by
     the expert. Reward statistics of the last step are in ``last_rewards``."""
 
-    def __init__(self, teacher: FlowTeacher, config: LCDConfig, reward: RewardConfig, judge: torch.nn.Module,
+    def __init__(self, teacher: FlowTeacher, config: LCDConfig, reward: RewardConfig, expert: torch.nn.Module,
                  **kwargs: Any) -> None:
+        """``expert``: the reward module (``ClipReward``, or anything scoring (images in [0, 1], captions)),
+        or the reference ``ImageJudge``, which is wrapped in a ``JudgeReward``."""
+        if teacher.makes_clips:
+            raise ValueError("rg-lcd rewards single images; a video teacher distils with lcd or tdm.")
         super().__init__(teacher, config, **kwargs)
         self.reward = reward
-        self.expert = JudgeReward(judge).to(teacher.transformer.device)
-        channels = teacher.transformer.config.in_channels
-        text_dim = teacher.transformer.config.text_embed_dim
+        from diffaccel.pipelines.reference.judge import ImageJudge
+
+        self.expert = (JudgeReward(expert) if isinstance(expert, ImageJudge) else expert).to(teacher.transformer.device)
+        channels = teacher.latent_shape[0]
+        text_dim = sequence_embeds(teacher.encode([""])[0]).shape[-1]  # the family's text width
         with torch.random.fork_rng():
             torch.manual_seed(config.seed + 17)
             self.proxy = LatentRewardModel(channels, text_dim).to(teacher.transformer.device)
@@ -33,10 +39,9 @@ class RGLCDTrainer(LCDTrainer):
         self.last_rewards: dict[str, float] = {}
 
     def expert_score(self, latents: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """The judge's soft adherence of decoded latents (differentiable in ``latents``)."""
-        vae = self.teacher.pipe.vae
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return self.expert(((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0), captions)
+        """The expert's reward of decoded latents (differentiable in ``latents``)."""
+        pixels = self.teacher.decode_latents(latents)
+        return self.expert(((pixels + 1.0) / 2.0).clamp(0.0, 1.0), captions)
 
     def objective(self, batch: LCDBatch) -> torch.Tensor:
         loss = batch.distill_loss
@@ -46,7 +51,7 @@ class RGLCDTrainer(LCDTrainer):
             score = self.expert_score(batch.prediction, batch.captions)
         else:
             self.proxy.requires_grad_(False)
-            score = self.proxy(batch.prediction, batch.prompt_embeds)
+            score = self.proxy(batch.prediction, sequence_embeds(batch.prompt_embeds))
             self.proxy.requires_grad_(True)
         self.last_rewards["student_reward"] = float(score.detach().mean())
         return loss - self.reward.reward_scale * score.mean()
@@ -60,7 +65,7 @@ class RGLCDTrainer(LCDTrainer):
         with torch.no_grad():
             flat = candidates.flatten(0, 1)
             expert = self.expert_score(flat, [c for c in captions for _ in range(3)]).reshape(k, 3)
-        embeds = batch.prompt_embeds[:k].repeat_interleave(3, dim=0)
+        embeds = sequence_embeds(batch.prompt_embeds[:k]).repeat_interleave(3, dim=0)
         proxy = self.proxy(candidates.flatten(0, 1), embeds).reshape(k, 3)
         loss = preference_loss(proxy, expert, self.reward.temperature)
         self.proxy_optimizer.zero_grad(set_to_none=True)

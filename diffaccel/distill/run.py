@@ -159,9 +159,10 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         raise ValueError(f"A reward config is for method 'rg-lcd', not {method!r}.")
     if max_minutes is None and max_steps is None:
         raise ValueError("Give a budget: max_minutes or max_steps.")
-    if method == "rg-lcd" and teacher != "reference:image":
-        raise ValueError(f"rg-lcd's expert reward is diffaccel's reference judge, which scores the procedural scenes of "
-                         f"reference:image; it cannot reward {teacher}'s images. Use lcd or tdm for this teacher.")
+    if method == "rg-lcd" and teacher != "reference:image" and (reward or RewardConfig()).expert == "judge":
+        raise ValueError(f"rg-lcd's default expert reward is diffaccel's reference judge, which scores the procedural "
+                         f"scenes of reference:image; it cannot reward {teacher}'s images. Give a CLIP reward model "
+                         f"(RewardConfig(expert=...), `--reward-model`: CLIPScore, PickScore), or use lcd or tdm.")
     is_reference = teacher.startswith("reference:")
     if data is None and not is_reference:
         folder = "a folder of captioned images (clips, for a video model)"
@@ -216,12 +217,18 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     if gradient_checkpointing:
         adapter.transformer.enable_gradient_checkpointing()
     if method == "rg-lcd":
-        from diffaccel.pipelines.reference import judge as judges
-
         from .rglcd import RGLCDTrainer
 
-        trainer = RGLCDTrainer(adapter, resolved, reward or RewardConfig(), judges.load_judge("image"), data=source,
-                               accelerator=accelerator)
+        reward = reward or RewardConfig()
+        if reward.expert == "judge":
+            from diffaccel.pipelines.reference import judge as judges
+
+            expert = judges.load_judge("image")
+        else:
+            from .reward import ClipReward
+
+            expert = ClipReward.from_pretrained(reward.expert, accelerator.device)
+        trainer = RGLCDTrainer(adapter, resolved, reward, expert, data=source, accelerator=accelerator)
     elif method == "tdm":
         from .tdm import TDMTrainer
 

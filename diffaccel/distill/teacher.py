@@ -145,6 +145,14 @@ class FlowTeacher:
         """(n, 3, H, W) in [-1, 1] -> latents as the transformer sees them (VAE posterior mean × scale)."""
         return self.posterior_mean(pixels) * self.pipe.vae.config.scaling_factor
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (float32) of latents, as the pipeline decodes them: ``encode_images`` inverted."""
+        vae = self.pipe.vae
+        return vae.decode(self.vae_latents(latents).to(vae.dtype), return_dict=False)[0].float()
+
+    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.pipe.vae.config.scaling_factor
+
     def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
                  embeds: Any, timestep: torch.Tensor | None = None) -> torch.Tensor:
         """v at noise level ``sigma`` (float32); the transformer runs in ``compute_dtype`` and is told
@@ -265,6 +273,10 @@ class SD3Teacher(SigmaToldTeacher):
         """Latents as the pipeline decodes them: (posterior mean − shift factor) × scale."""
         config = self.pipe.vae.config
         return (self.posterior_mean(pixels) - (config.shift_factor or 0.0)) * config.scaling_factor
+
+    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.pipe.vae.config
+        return latents / config.scaling_factor + (config.shift_factor or 0.0)
 
     def conditioning_kwargs(self, embeds: Conditioning, sample: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
         return {"encoder_hidden_states": embeds.embeds.to(dtype), "pooled_projections": embeds.pooled.to(dtype)}
@@ -556,6 +568,11 @@ def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.T
     left = right - 1
     weight = (x - xp[left]) / (xp[right] - xp[left])
     return fp[left] + weight * (fp[right] - fp[left])
+
+
+def sequence_embeds(conditioning: Any) -> torch.Tensor:
+    """The text sequence embeddings of any family's conditioning (a tensor, or a container holding them)."""
+    return getattr(conditioning, "embeds", conditioning)
 
 
 @dataclass(frozen=True)
