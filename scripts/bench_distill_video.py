@@ -30,13 +30,32 @@ DIMENSIONS = ("temporal_flickering", "motion_smoothness", "dynamic_degree", "sub
 
 
 def load(model: str):
-    """(pipeline, guidance) of a row: the teacher, or a student folder."""
+    """(pipeline, guidance) of a row: the teacher, or a student folder (a sparsity-aware one with the
+    block-sparse attention it was trained with)."""
+    import diffaccel
     from diffaccel.distill import load_student
+    from diffaccel.distill.student import student_attention, student_of
     from diffaccel.pipelines import reference
 
     if model == "teacher":
         return reference.load("video"), float(reference.info("video")["default_guidance"])
-    return load_student(reference.load("video"), model), 1.0
+    pipe = load_student(reference.load("video"), model)
+    attention = student_attention(student_of(pipe))
+    if attention is not None:
+        diffaccel.accelerate(pipe, attention=attention)
+    return pipe, 1.0
+
+
+def attention_density(pipe) -> float | None:
+    """The kept share of attention blocks over the last calls of a block-sparse row (None: dense)."""
+    from diffaccel.api import PIPE_ATTRIBUTE
+    from diffaccel.attention import attention_density as density
+
+    if getattr(pipe, PIPE_ATTRIBUTE, None) is None:
+        return None
+    import diffaccel
+
+    return density(diffaccel.stats(pipe, cumulative=True))
 
 
 def generate(pipe, prompts: list[str], steps: int, guidance: float, batch: int) -> tuple[np.ndarray, float]:
@@ -87,6 +106,7 @@ def main(argv=None) -> int:
                      "evaluations": steps * (2 if guidance > 1 else 1),
                      "adherence": float(np.mean(adherence)),
                      "adherence_se": float(np.std(adherence, ddof=1) / np.sqrt(len(adherence))),
+                     "attention_density": attention_density(pipe),
                      **{d: float(scores[d].mean) for d in DIMENSIONS}})
         print(f"{rows[-1]['row']}: adherence {rows[-1]['adherence']:.4f} ({time.time() - started:.0f} s)", flush=True)
     times: dict[tuple[str, int], list[float]] = {key: [] for key in plan}
@@ -103,9 +123,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    header = ("| row | evaluations | adherence | Δ points | flickering | smoothness | dynamic | subject | background "
-              "| s/clip | speedup |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [f"| {r['row']} | {r['evaluations']} | {100 * r['adherence']:.1f}% ± {100 * r['adherence_se']:.1f} | "
+    header = ("| row | evaluations | attention | adherence | Δ points | flickering | smoothness | dynamic | subject | "
+              "background | s/clip | speedup |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [f"| {r['row']} | {r['evaluations']} | "
+             f"{'dense' if r['attention_density'] is None else format(r['attention_density'], '.0%') + ' of blocks'} | "
+             f"{100 * r['adherence']:.1f}% ± {100 * r['adherence_se']:.1f} | "
              f"{100 * (r['adherence'] - base['adherence']):+.1f} | {r['temporal_flickering']:.4f} | "
              f"{r['motion_smoothness']:.4f} | {r['dynamic_degree']:.3f} | {r['subject_consistency']:.4f} | "
              f"{r['background_consistency']:.4f} | {r['seconds_per_clip']:.3f} | {r['speedup']:.1f}x |" for r in rows]

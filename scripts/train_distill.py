@@ -7,6 +7,7 @@
     python scripts/train_distill.py image-tdm-lr5e-4 --no-ship     # TDM at lr 5e-4 / 1e-3: best at 2 steps, less diverse
     python scripts/train_distill.py image-lcd-w --no-ship --max-steps 1027   # LCD + guidance-scale embedding (CFG 1..8)
     python scripts/train_distill.py video-tdm --no-ship                  # TDM of the video model on its clips
+    python scripts/train_distill.py video-tdm-sparse --no-ship --max-steps 220   # the same, sparsity-aware
     python scripts/train_distill.py image-lcd --resume   # after a kill: continue from the last checkpoint
     python scripts/train_distill.py image-rglcd --reward-scale 0.5 --max-steps 1027 --no-ship   # a β sweep point
 
@@ -45,6 +46,11 @@ RECIPES = {
     # TDM of the reference video model on its clips (9 frames, 64 px); not shipped: it waits for a video model
     # trained at a long sequence, where the student would also train with block-sparse attention (issue 8).
     "video-tdm": {"teacher": "reference:video", "method": "tdm", "config": {"student_steps": 4, "lora_rank": 16}},
+    # the same, sparsity-aware (Video-BLADE): the student attends block-sparsely (16-token blocks: the clips are 192
+    # tokens), the teacher and fake score densely; a check of the mechanism, not of speed at this length
+    "video-tdm-sparse": {"teacher": "reference:video", "method": "tdm",
+                         "config": {"student_steps": 4, "lora_rank": 16,
+                                    "sparse_attention": {"block_size": 16, "dense_blocks": []}}},
     "image-tdm-lr5e-4": {"teacher": "reference:image", "method": "tdm",
                   "config": {"student_steps": 4, "lora_rank": 16, "learning_rate": 5e-4, "fake_learning_rate": 1e-3}},
 }
