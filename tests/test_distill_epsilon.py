@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from distill_helpers import loss_before_and_after_one_step
-from PIL import Image
+from distill_helpers import cli_lcd_one_step_then_resume, colour_images, loss_before_and_after_one_step, saved_tiny_pipeline
 
 from diffaccel.distill import CaptionedImages, LCDConfig, StudentCard, TDMConfig, distill, load_student, student_call_defaults
 from diffaccel.distill.consistency import euler_step, guided_velocity
@@ -27,17 +26,7 @@ def tiny_sd():
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd") / "my-sd15"
-    tiny_sd().save_pretrained(folder)
-    return folder
-
-
-def write_images(folder):
-    folder.mkdir()
-    for i, colour in enumerate(["red", "green", "blue"]):
-        Image.new("RGB", (64, 64), colour).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a {colour} picture")
-    return folder
+    return saved_tiny_pipeline(tmp_path_factory, "sd15")
 
 
 def test_a_flow_euler_step_of_the_view_is_the_ddim_step_of_the_unet():
@@ -94,7 +83,7 @@ def test_v_prediction_teachers_give_the_same_flow_velocity():
 
 
 def test_lcd_step_lowers_the_loss_and_the_guidance_embedding_fits_a_unet(tmp_path):
-    images = CaptionedImages(str(write_images(tmp_path / "images")), resolution=64)
+    images = CaptionedImages(str(colour_images(tmp_path / "images")), resolution=64)
     trainer = LCDTrainer(teacher_for(tiny_sd(), 64, 64, "pipeline"),
                          LCDConfig(lora_rank=4, learning_rate=1e-3, batch_size=2, solver_steps=10, warmup_steps=0,
                                    guidance_scale=7.5), images)
@@ -113,12 +102,9 @@ def test_lcm_lora_of_a_sd_folder_trains_resumes_loads_and_samples_with_lcm(sd_fo
     from diffaccel.cli import main
     from diffaccel.loading import load_model
 
-    images = write_images(tmp_path / "images")
+    images = colour_images(tmp_path / "images")
     out = tmp_path / "student"
-    base = ["distill", "--teacher", str(sd_folder), "--data", str(images), "--resolution", "64", "--lora-rank", "4",
-            "--batch-size", "2", "--solver-steps", "10", "--out", str(out), "--no-progress", "--threads", "1"]
-    assert main(base + ["--max-steps", "1"]) == 0
-    assert main(base + ["--max-steps", "2", "--resume"]) == 0
+    cli_lcd_one_step_then_resume(sd_folder, images, out)
     card = StudentCard.load(out)
     assert card.pipeline == "StableDiffusionPipeline" and card.scheduler == "LCMScheduler"
     assert card.guidance_scale == 7.5 and card.training["steps"] == 2  # the pipeline's own CFG default
@@ -175,7 +161,7 @@ def test_sdxl_teacher_is_conditioned_as_its_pipeline_conditions_the_unet(tmp_pat
     pipe.save_pretrained(tmp_path / "my-sdxl")
     out = distill(str(tmp_path / "my-sdxl"), tmp_path / "s",
                   LCDConfig(lora_rank=4, batch_size=2, solver_steps=10, height=64, width=64),
-                  data=write_images(tmp_path / "images"), max_steps=1, progress=False)
+                  data=colour_images(tmp_path / "images"), max_steps=1, progress=False)
     assert StudentCard.load(out).guidance_scale == 5.0  # SDXL's own CFG default
     student = load_student(load_model(str(tmp_path / "my-sdxl")).pipe, out)
     told = []
@@ -216,7 +202,7 @@ def test_pixart_teacher_is_called_as_its_pipeline_calls_it_and_its_lcm_student_s
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-3)  # x̂0 = (x_t − s·ε)/α is large near t = T
 
     pipe.save_pretrained(tmp_path / "my-pixart")
-    images = write_images(tmp_path / "images")
+    images = colour_images(tmp_path / "images")
     with pytest.raises(ValueError, match="no LoRA support in diffusers"):
         distill(str(tmp_path / "my-pixart"), tmp_path / "lora", LCDConfig(lora_rank=4, batch_size=2, height=64, width=64),
                 data=images, max_steps=1, progress=False)

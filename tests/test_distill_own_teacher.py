@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill_helpers import loss_before_and_after_one_step
+from distill_helpers import cli_lcd_one_step_then_resume, loss_before_and_after_one_step, saved_tiny_pipeline
 
 from diffaccel.distill import (CaptionedImages, LCDConfig, PromptList, StudentCard, TDMConfig, distill, load_student,
                                student_call_defaults)
@@ -121,10 +121,7 @@ def test_lcd_student_of_a_teacher_folder_trains_resumes_and_generates(teacher_fo
 
     images, _ = write_images(tmp_path / "images", 6)
     out = tmp_path / "student"
-    base = ["distill", "--teacher", str(teacher_folder), "--data", str(images), "--resolution", "64", "--lora-rank", "4",
-            "--batch-size", "2", "--solver-steps", "10", "--out", str(out), "--no-progress", "--threads", "1"]
-    assert main(base + ["--max-steps", "1"]) == 0
-    assert main(base + ["--max-steps", "2", "--resume"]) == 0
+    base = cli_lcd_one_step_then_resume(teacher_folder, images, out)
     card = StudentCard.load(out)
     assert card.teacher == str(teacher_folder) and card.pipeline == "CogView4Pipeline"
     assert card.guidance_scale == 5.0 and (card.height, card.width) == (64, 64)  # the teacher's CFG default
@@ -179,12 +176,7 @@ def test_own_teacher_errors_name_what_is_missing(teacher_folder, tmp_path):
 
 @pytest.fixture(scope="module")
 def sd3_folder(tmp_path_factory):
-    """A tiny Stable Diffusion 3 pipeline (random weights, offline tokenizers) saved as a pipeline folder."""
-    from tiny_pipelines import sd3
-
-    folder = tmp_path_factory.mktemp("sd3") / "my-sd3"
-    sd3().pipe.save_pretrained(folder)
-    return folder
+    return saved_tiny_pipeline(tmp_path_factory, "sd3")
 
 
 def test_sd3_teacher_sees_the_pipelines_own_schedule_and_conditioning(sd3_folder):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from distill_helpers import colour_images, saved_tiny_pipeline
 from PIL import Image
 
 from diffaccel.distill import LCDConfig, RewardConfig, StudentCard, distill
@@ -34,19 +35,7 @@ def clip_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    from tiny_pipelines import sd15
-
-    folder = tmp_path_factory.mktemp("sd") / "my-sd15"
-    sd15().pipe.save_pretrained(folder)
-    return folder
-
-
-def write_images(folder):
-    folder.mkdir()
-    for i, colour in enumerate(["red", "green", "blue"]):
-        Image.new("RGB", (64, 64), colour).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a {colour} circle")
-    return folder
+    return saved_tiny_pipeline(tmp_path_factory, "sd15")
 
 
 def test_clip_reward_preprocesses_as_its_processor_and_is_differentiable(clip_folder):
@@ -73,7 +62,7 @@ def test_rglcd_of_an_own_teacher_with_a_clip_expert(clip_folder, sd_folder, tmp_
     from diffaccel.distill.run import load_teacher
     from diffaccel.distill.teacher import teacher_for
 
-    images = write_images(tmp_path / "images")
+    images = colour_images(tmp_path / "images")
     config = LCDConfig(lora_rank=4, batch_size=2, solver_steps=10, height=64, width=64, guidance_scale=7.5)
     pipe, _, _ = load_teacher(str(sd_folder))
     trainer = RGLCDTrainer(teacher_for(pipe, 64, 64, "pipeline"), config,
