@@ -1,7 +1,10 @@
-"""What a distillation trainer needs from a flow-matching teacher pipeline, per family: the noise
-levels it samples on, its text conditioning, and one velocity evaluation of a transformer.
+"""What a distillation trainer needs from a teacher pipeline, per family: the noise levels it samples on,
+its text conditioning, and one velocity evaluation of its denoiser.
 
-Only families listed in ``FAMILIES`` are supported; any other pipeline gets an error naming them.
+Trainers work in the flow parametrisation (x_σ = (1 − σ)·x0 + σ·ε, v = ε − x0). Flow-matching families
+(CogView4, SD3, Flux, Wan) are that already; DDPM families that predict ε or v (Stable Diffusion, SDXL,
+PixArt) are seen through an exact change of variables (``EpsilonTeacher``). Only families listed in
+``FAMILIES`` are supported; any other pipeline gets an error naming them.
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ class FlowTeacher:
         return vae.decode(self.vae_latents(latents).to(vae.dtype), return_dict=False)[0].float()
 
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents of the transformer's (the scale undone)."""
         return latents / self.pipe.vae.config.scaling_factor
 
     def velocity(self, transformer: torch.nn.Module, sample: torch.Tensor, sigma: torch.Tensor,
@@ -275,6 +279,7 @@ class SD3Teacher(SigmaToldTeacher):
         return (self.posterior_mean(pixels) - (config.shift_factor or 0.0)) * config.scaling_factor
 
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The scale and the shift factor undone."""
         config = self.pipe.vae.config
         return latents / config.scaling_factor + (config.shift_factor or 0.0)
 
