@@ -140,8 +140,9 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     expert is the reference judge of the teacher's scenes (both with an ``LCDConfig``); or "tdm" with a
     ``TDMConfig`` (data-free: it reads only the captions).
     ``data``: a folder of captioned images (``CaptionedImages``: ``metadata.jsonl`` or ``.txt`` captions) or,
-    for a video teacher, of captioned clips (``CaptionedClips``), a prompt file (TDM), or a source object. The reference teacher defaults to its procedural scenes; a
-    teacher of the user's needs data of its domain.
+    for a video teacher, of captioned clips (``CaptionedClips``), a prompt file (TDM), or a source object. The
+    reference teachers default to their procedural scenes and clips; a teacher of the user's needs data of
+    its domain.
     ``dtype``: the teacher's frozen weights ("float32", "bfloat16", "float16"; "auto": bfloat16 on a GPU);
     LoRA adapters train in float32 over them either way. ``gradient_checkpointing`` recomputes the
     transformer's activations in the backward pass (less memory, more time; the same result)."""
@@ -252,7 +253,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
         card = StudentCard(
             method=method, teacher=name, pipeline=type(pipe).__name__, default_steps=resolved.student_steps,
             guidance_scale=resolved.guidance_scale, lora_rank=resolved.lora_rank,
-            scheduler=_scheduler_of(method, resolved, adapter.flow_matching), height=resolved.height, width=resolved.width,
+            scheduler=_scheduler_of(method, resolved, adapter.flow_matching), height=resolved.height,
+            width=resolved.width,
             sizes=list(resolved.sizes) if resolved.sizes else None, frames=resolved.frames,
             guidance_embedding=_guidance_embedding_of(resolved),
             attention=getattr(resolved, "sparse_attention", None),
