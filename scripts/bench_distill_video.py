@@ -31,7 +31,9 @@ DIMENSIONS = ("temporal_flickering", "motion_smoothness", "dynamic_degree", "sub
 
 def load(model: str):
     """(pipeline, guidance) of a row: the teacher, or a student folder (a sparsity-aware one with the
-    block-sparse attention it was trained with)."""
+    block-sparse attention it was trained with); ``FOLDER+sparse:OTHER`` samples the student in FOLDER with
+    the attention the student in OTHER was trained with (training-free sparsity: the control of
+    sparsity-aware training)."""
     import diffaccel
     from diffaccel.distill import load_student
     from diffaccel.distill.student import student_attention, student_of
@@ -39,8 +41,16 @@ def load(model: str):
 
     if model == "teacher":
         return reference.load("video"), float(reference.info("video")["default_guidance"])
-    pipe = load_student(reference.load("video"), model)
-    attention = student_attention(student_of(pipe))
+    folder, _, attention_of = model.partition("+sparse:")
+    pipe = load_student(reference.load("video"), folder)
+    if attention_of:
+        from diffaccel.distill import StudentCard
+
+        attention = student_attention(StudentCard.load(attention_of))
+        if attention is None:
+            raise ValueError(f"{attention_of} was not trained with block-sparse attention.")
+    else:
+        attention = student_attention(student_of(pipe))
     if attention is not None:
         diffaccel.accelerate(pipe, attention=attention)
     return pipe, 1.0
@@ -102,7 +112,8 @@ def main(argv=None) -> int:
         clips, _ = generate(pipe, prompts, steps, guidance, args.batch)
         scores = evaluate_videos(clips, prompts, dimensions=DIMENSIONS)
         adherence = scores["judge_adherence"].per_clip
-        rows.append({"row": f"{Path(model).name}-{steps}", "model": model, "steps": steps,
+        name = Path(model.partition("+sparse:")[0]).name + ("+sparse" if "+sparse:" in model else "")
+        rows.append({"row": f"{name}-{steps}", "model": model, "steps": steps,
                      "evaluations": steps * (2 if guidance > 1 else 1),
                      "adherence": float(np.mean(adherence)),
                      "adherence_se": float(np.std(adherence, ddof=1) / np.sqrt(len(adherence))),
