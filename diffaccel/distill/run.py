@@ -64,9 +64,9 @@ def pipeline_facts(pipe: Any, is_video: bool = False) -> dict[str, Any]:
         value = parameters[name].default if name in parameters else inspect.Parameter.empty
         return None if value is inspect.Parameter.empty else value
 
-    from .student import denoiser_of
+    from diffaccel.api import find_denoiser
 
-    sample_size = getattr(pipe, "default_sample_size", None) or getattr(denoiser_of(pipe).config, "sample_size", None)
+    sample_size = getattr(pipe, "default_sample_size", None) or getattr(find_denoiser(pipe).config, "sample_size", None)
     factor = getattr(pipe, "vae_scale_factor", None)
     height, width = (sample_size * factor,) * 2 if sample_size and factor else (default("height"), default("width"))
     facts = {"default_steps": default("num_inference_steps"), "default_guidance": default("guidance_scale"),

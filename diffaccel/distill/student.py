@@ -163,12 +163,6 @@ def component_of(card: StudentCard) -> str:
     return denoiser_name_of(card.pipeline)
 
 
-def denoiser_of(pipe: Any) -> torch.nn.Module:
-    """The pipeline's denoiser: its transformer, or its UNet."""
-    denoiser = getattr(pipe, "transformer", None)
-    return denoiser if denoiser is not None else pipe.unet
-
-
 def install_student_weights(pipe: Any, folder: str | Path, card: StudentCard, keep_original: bool = False):
     """Put the student's weights into the pipeline's denoiser (a LoRA fused, or a full state dict).
 
@@ -217,7 +211,9 @@ def set_student_guidance(pipe: Any, scale: float, card: StudentCard | None = Non
     card = card or student_of(pipe)
     if card is None:
         raise ValueError("This pipeline holds no student (diffaccel.distill.load_student puts one in).")
-    hook = guidance_hook(denoiser_of(pipe))
+    from diffaccel.api import find_denoiser
+
+    hook = guidance_hook(find_denoiser(pipe))
     if not card.guidance_embedding or hook is None:
         raise ValueError(f"This student bakes in CFG {card.guidance_scale:g} and has no guidance-scale embedding; "
                          f"distil one with LCDConfig(guidance_range=(low, high)) to choose the scale at sampling time.")

@@ -449,23 +449,35 @@ class EpsilonTeacher(FlowTeacher):
         if self.timestep_convention != "pipeline":
             self.timestep_convention = "pipeline"  # a DDPM model is told its own timestep t, whatever σ is
         alpha_bar = torch.as_tensor(self.pipe.scheduler.alphas_cumprod).double()
-        self._alpha_bar = alpha_bar
-        self._levels = (1.0 - alpha_bar).sqrt() / ((1.0 - alpha_bar).sqrt() + alpha_bar.sqrt())  # σ(t), increasing
+        levels = (1.0 - alpha_bar).sqrt() / ((1.0 - alpha_bar).sqrt() + alpha_bar.sqrt())  # σ(t), increasing
+        # (timesteps, ᾱ, σ) per device, so lookups run where the latents are (no host round trip per call)
+        self._tables = {torch.device("cpu"): (torch.arange(len(alpha_bar), dtype=torch.float64), alpha_bar, levels)}
         self.prediction_type = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if device not in self._tables:
+            self._tables[device] = tuple(t.to(device) for t in self._tables[torch.device("cpu")])
+        return self._tables[device]
 
     @property
     def train_timesteps(self) -> int:
-        return len(self._alpha_bar)
+        return len(self._tables[torch.device("cpu")][0])
 
     def level(self, timesteps: Any) -> torch.Tensor:
         """σ of DDPM timesteps (a list or tensor; integers or not)."""
-        return _interpolate(torch.as_tensor(timesteps, dtype=torch.float64), torch.arange(self.train_timesteps,
-                            dtype=torch.float64), self._levels).float()
+        timesteps = torch.as_tensor(timesteps).double()
+        steps, _, levels = self._table(timesteps.device)
+        return _interpolate(timesteps, steps, levels).float()
+
+    def alpha_bar(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """ᾱ of DDPM timesteps (float64, on their device)."""
+        steps, alpha_bar, _ = self._table(timesteps.device)
+        return _interpolate(timesteps.detach().double(), steps, alpha_bar)
 
     def told_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The DDPM timestep t whose noise level is σ (exact on the schedule's integer timesteps)."""
-        return _interpolate(sigma.detach().double().cpu(), self._levels,
-                            torch.arange(self.train_timesteps, dtype=torch.float64)).float().to(sigma.device)
+        steps, _, levels = self._table(sigma.device)
+        return _interpolate(sigma.detach().double(), levels, steps).float()
 
     def sigma_grid(self, num_steps: int, timesteps: list[float] | None = None) -> torch.Tensor:
         """σ of ``timesteps`` (default LCD's DDIM solver grid: t = c·i − 1 for i = K … 1, c = T / K, the last one
@@ -490,8 +502,7 @@ class EpsilonTeacher(FlowTeacher):
     def initial_point(self, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The pipeline starts from x_T = noise at the first timestep T (ᾱ_T > 0: not quite pure noise); its
         flow point is x_T / (α_T + s_T)."""
-        alpha_bar = float(_interpolate(self.told_timestep(sigma.reshape(1)).double().cpu(),
-                                       torch.arange(self.train_timesteps, dtype=torch.float64), self._alpha_bar)[0])
+        alpha_bar = float(self.alpha_bar(self.told_timestep(sigma.reshape(1)))[0])
         return noise / (alpha_bar**0.5 + (1.0 - alpha_bar) ** 0.5)
 
     @torch.no_grad()
@@ -506,9 +517,8 @@ class EpsilonTeacher(FlowTeacher):
         from .consistency import expand_like
 
         timestep = self.told_timestep(sigma) if timestep is None else timestep
-        alpha_bar = _interpolate(timestep.detach().double().cpu(), torch.arange(self.train_timesteps, dtype=torch.float64),
-                                 self._alpha_bar)
-        alpha, noise = (expand_like(v.float().to(sample.device), sample) for v in (alpha_bar.sqrt(), (1 - alpha_bar).sqrt()))
+        alpha_bar = self.alpha_bar(timestep.to(sample.device))
+        alpha, noise = (expand_like(v.float(), sample) for v in (alpha_bar.sqrt(), (1 - alpha_bar).sqrt()))
         noisy = sample * (alpha + noise)
         out = transformer(**{self.sample_arg: noisy.to(self.compute_dtype)}, timestep=timestep.float(), return_dict=False,
                           **self.conditioning_kwargs(embeds, noisy, self.compute_dtype))[0].float()
@@ -568,7 +578,7 @@ def ddpm_student_scheduler(scheduler: Any, name: str) -> Any:
 
 def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation of (xp, fp) at x, xp increasing; clamped at the ends."""
-    x = x.clamp(float(xp[0]), float(xp[-1]))
+    x = torch.minimum(torch.maximum(x, xp[0]), xp[-1])  # no host read: stays on the device
     right = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
     left = right - 1
     weight = (x - xp[left]) / (xp[right] - xp[left])

@@ -21,7 +21,7 @@ from typing import Any
 from diffaccel.config import MethodConfig, check_int, register_config
 from diffaccel.registry import AccelTarget, register_method
 
-from .wrapper import base_class, call_kwargs, wrap_pipeline_call
+from .wrapper import base_class, call_kwargs, call_subclass, wrap_pipeline_call
 
 logger = logging.getLogger("diffaccel")
 
@@ -70,25 +70,25 @@ def seed_renoising_from_calls(pipe: Any) -> None:
     feed = _feed_call_generator(pipe.scheduler)
     cls = type(pipe)
     if cls not in _SEEDED:
-        original_call = cls.__call__
-
-        def __call__(self, *args, **kwargs):
-            holder = getattr(self, "_diffaccel_generator_feed", None)
-            if holder is None:
-                return original_call(self, *args, **kwargs)
-            holder["generator"] = call_kwargs(original_call, args, kwargs).get("generator")
-            try:
-                return original_call(self, *args, **kwargs)
-            finally:
-                holder["generator"] = None
-
-        import inspect
-
-        __call__.__signature__ = inspect.signature(original_call)
-        __call__.__doc__ = original_call.__doc__
-        _SEEDED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        _SEEDED[cls] = call_subclass(cls, _generator_feeding_call)
     pipe._diffaccel_generator_feed = feed
     pipe.__class__ = _SEEDED[cls]
+
+
+def _generator_feeding_call(original_call):
+    """``__call__`` that hands the call's ``generator`` to the object's feed for the call's duration."""
+
+    def __call__(self, *args, **kwargs):
+        holder = getattr(self, "_diffaccel_generator_feed", None)
+        if holder is None:
+            return original_call(self, *args, **kwargs)
+        holder["generator"] = call_kwargs(original_call, args, kwargs).get("generator")
+        try:
+            return original_call(self, *args, **kwargs)
+        finally:
+            holder["generator"] = None
+
+    return __call__
 
 
 @register_config
@@ -139,8 +139,8 @@ class DistilledHandler:
 
         pipe = target.pipe
         name = base_class(pipe).__name__
-        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-        if denoiser is None or not hasattr(pipe, "load_lora_weights"):
+        denoiser = target.denoiser
+        if not (hasattr(pipe, "transformer") or hasattr(pipe, "unet")) or not hasattr(pipe, "load_lora_weights"):
             raise ValueError(f"sampling='distilled' cannot serve {name}: students are distilled transformers or UNets "
                              f"loaded through the pipeline's LoRA loader, and this pipeline lacks one of the two.")
         check_student(pipe, student_folder(config.student), pipeline_name=name)
@@ -186,9 +186,9 @@ class DistilledHandler:
             from diffaccel.distill.guidance_embedding import check_scale, guidance_hook
 
             scale = card.guidance_scale if asked[1] is None else check_scale(asked[1], card.guidance_range())
-            from diffaccel.distill.student import denoiser_of
+            from diffaccel.api import find_denoiser
 
-            guidance_hook(denoiser_of(pipe)).scale = scale
+            guidance_hook(find_denoiser(pipe)).scale = scale
         size = (kwargs.get("height"), kwargs.get("width"))
         if None not in size and not card.trained_at(*size) and ("size", *size) not in told:
             told.add(("size", *size))

@@ -21,25 +21,36 @@ def base_class(pipe: Any) -> type:
     return getattr(type(pipe), BASE_CLASS_ATTRIBUTE, type(pipe))
 
 
+def call_subclass(cls: type, make_call: Callable[[Callable], Callable], **attributes: Any) -> type:
+    """A subclass of ``cls`` with its name and module whose ``__call__`` is ``make_call(cls.__call__)``,
+    showing the original's signature and docstring (pipelines and users inspect them)."""
+    original_call = cls.__call__
+    call = make_call(original_call)
+    call.__signature__ = inspect.signature(original_call)
+    call.__doc__ = original_call.__doc__
+    return type(cls.__name__, (cls,), {"__call__": call, "__module__": cls.__module__, **attributes})
+
+
 def _wrapped_class(cls: type) -> type:
     if cls not in _WRAPPED:
-        original_call = cls.__call__
-
-        def __call__(self, *args, **kwargs):
-            from diffaccel.registry import handler_for
-
-            runtime = getattr(self, "_diffaccel_runtime", None)
-            config = getattr(getattr(runtime, "config", None), "sampling", None)
-            call = getattr(handler_for(config), "call", None) if config is not None else None
-            if call is None:
-                return original_call(self, *args, **kwargs)
-            return call(self, original_call, config, args, kwargs)
-
-        __call__.__signature__ = inspect.signature(original_call)
-        __call__.__doc__ = original_call.__doc__
-        _WRAPPED[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                                  BASE_CLASS_ATTRIBUTE: cls})
+        _WRAPPED[cls] = call_subclass(cls, _routed_call, **{BASE_CLASS_ATTRIBUTE: cls})
     return _WRAPPED[cls]
+
+
+def _routed_call(original_call: Callable) -> Callable:
+    """``__call__`` handing the call to the handler of the runtime's sampling method, if it has one."""
+
+    def __call__(self, *args, **kwargs):
+        from diffaccel.registry import handler_for
+
+        runtime = getattr(self, "_diffaccel_runtime", None)
+        config = getattr(getattr(runtime, "config", None), "sampling", None)
+        call = getattr(handler_for(config), "call", None) if config is not None else None
+        if call is None:
+            return original_call(self, *args, **kwargs)
+        return call(self, original_call, config, args, kwargs)
+
+    return __call__
 
 
 def wrap_pipeline_call(pipe: Any, add_cleanup: Callable[[Callable[[], None]], None]) -> None:
