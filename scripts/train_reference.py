@@ -130,8 +130,18 @@ def vae_batch(kind: str, rng: np.random.Generator, steps: int, batch_size: int) 
     return torch.from_numpy(pixels).permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0
 
 
-def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False) -> None:
-    """Reconstruction (L1 + MSE) with a small KL term; then the latent normalisation the pipeline uses.
+def detail_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 between the finite differences of reconstruction and target: along height and width, and for
+    clips along time. Weight-free; it counts the edges of small shapes and their motion, which the
+    per-pixel terms (dominated by a flat background) hardly see."""
+    dims = range(2, x.dim())
+    return sum(F.l1_loss(torch.diff(recon, dim=d), torch.diff(x, dim=d)) for d in dims) / len(dims)
+
+
+def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, detail_weight: float = 0.0,
+              save_every: float = 10.0) -> None:
+    """Reconstruction (L1 + MSE, plus ``detail_weight`` times :func:`detail_loss`) with a small KL term;
+    then the latent normalisation the pipeline uses. Saves every ``save_every`` minutes and at the end.
 
     ``decoder_only`` sharpens the decoder while the encoder, and so the latent space the denoiser is
     trained on, stays fixed.
@@ -156,6 +166,38 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False) 
     optimizer = torch.optim.AdamW(trainable, lr=1e-3 if not decoder_only else 3e-4, weight_decay=0.0)
     rng = np.random.default_rng(seed + 100 + state.get("steps", 0))
     steps, start = state.get("steps", 0), time.time()
+    first_steps, last_save = steps, start
+
+    def save() -> None:
+        vae.eval()
+        with torch.no_grad():
+            x = torch.cat([vae_batch(kind, np.random.default_rng(seed + 999 + i), 0, batch_size) for i in range(8)])
+            latents = vae.encode(x).latent_dist.mean
+            recon = vae.decode(latents).sample
+            psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, x)))
+        vae.train()
+        record = {"steps": steps, "seed": seed, "psnr_64px": round(psnr, 2)}
+        if decoder_only:
+            for key in ("scaling_factor", "latent_mean", "latents_mean", "latents_std", "decoder_detail_weight"):
+                if key in state:
+                    record[key] = state[key]
+            record["decoder_only_steps"] = state.get("decoder_only_steps", 0) + steps - first_steps
+            if detail_weight:
+                record["decoder_detail_weight"] = detail_weight
+        elif kind == "image":
+            record["scaling_factor"] = float(1.0 / latents.std())
+            record["latent_mean"] = round(float(latents.mean()), 4)
+            vae.register_to_config(scaling_factor=record["scaling_factor"])
+        else:
+            dims = (0, 2, 3, 4)
+            record["latents_mean"] = [round(float(v), 5) for v in latents.mean(dim=dims)]
+            record["latents_std"] = [round(float(v), 5) for v in latents.std(dim=dims)]
+            vae.register_to_config(latents_mean=record["latents_mean"], latents_std=record["latents_std"])
+        vae.save_pretrained(out)
+        record["minutes"] = round(state.get("minutes", 0.0) + (time.time() - start) / 60, 1)
+        write_state(out, record)
+        log(f"{kind} vae saved: {steps} steps, {record['minutes']} min, PSNR {psnr:.2f} dB")
+
     while time.time() - start < minutes * 60:
         x = vae_batch(kind, rng, steps, batch_size)
         with torch.autocast(**AUTOCAST):
@@ -167,37 +209,18 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False) 
             recon = vae.decode(z + 0.05 * z.detach().std() * torch.randn_like(z)).sample.float()
         kl = posterior.kl().mean() / x[0].numel()
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
+        if detail_weight:
+            loss = loss + detail_weight * detail_loss(recon, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         steps += 1
         if steps % 50 == 0:
             log(f"{kind} vae step {steps} loss {loss.item():.4f} (kl {kl.item():.2f})")
-    vae.eval()
-    with torch.no_grad():
-        x = torch.cat([vae_batch(kind, np.random.default_rng(seed + 999 + i), 0, batch_size) for i in range(8)])
-        latents = vae.encode(x).latent_dist.mean
-        recon = vae.decode(latents).sample
-        psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, x)))
-    record = {"steps": steps, "seed": seed, "psnr_64px": round(psnr, 2)}
-    if decoder_only:
-        for key in ("scaling_factor", "latent_mean", "latents_mean", "latents_std"):
-            if key in state:
-                record[key] = state[key]
-        record["decoder_only_steps"] = state.get("decoder_only_steps", 0) + steps - state["steps"]
-    elif kind == "image":
-        record["scaling_factor"] = float(1.0 / latents.std())
-        record["latent_mean"] = round(float(latents.mean()), 4)
-        vae.register_to_config(scaling_factor=record["scaling_factor"])
-    else:
-        dims = (0, 2, 3, 4)
-        record["latents_mean"] = [round(float(v), 5) for v in latents.mean(dim=dims)]
-        record["latents_std"] = [round(float(v), 5) for v in latents.std(dim=dims)]
-        vae.register_to_config(latents_mean=record["latents_mean"], latents_std=record["latents_std"])
-    vae.save_pretrained(out)
-    record["minutes"] = round(state.get("minutes", 0.0) + (time.time() - start) / 60, 1)
-    write_state(out, record)
-    log(f"{kind} vae saved: {steps} steps, {record['minutes']} min, PSNR {psnr:.2f} dB")
+        if time.time() - last_save > save_every * 60:
+            save()
+            last_save = time.time()
+    save()
 
 
 # ------------------------------------------------------------------------------------------ text encoders
@@ -670,6 +693,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kind", default="both", help="judge: image, video or both")
     parser.add_argument("--decoder-only", action="store_true", help="VAE stages: sharpen the decoder, keep the latent space")
+    parser.add_argument("--detail-loss", type=float, default=0.0,
+                        help="VAE stages: weight of an L1 term on spatial (and, for clips, temporal) differences")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="image/video stages: where to train (auto: CUDA if available; other stages: CPU)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -680,7 +705,8 @@ def main(argv=None) -> int:
                              "on CUDA all cores but three, at most 14)")
     parser.add_argument("--lr", type=float, default=3e-4, help="image/video: peak learning rate")
     parser.add_argument("--save-every", type=float, default=None,
-                        help="image/video: minutes between checkpoints (default 5 on CPU, 2 on CUDA)")
+                        help="image/video: minutes between checkpoints (default 5 on CPU, 2 on CUDA); "
+                             "VAE stages: between saves of the weights (default 10)")
     args = parser.parse_args(argv)
     denoiser = args.stage in ("image", "video")
     if args.device == "cuda" and not denoiser:
@@ -689,7 +715,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.stage.endswith("-vae"):
-        train_vae(args.stage.split("-")[0], args.minutes, args.seed, decoder_only=args.decoder_only)
+        train_vae(args.stage.split("-")[0], args.minutes, args.seed, decoder_only=args.decoder_only,
+                  detail_weight=args.detail_loss, save_every=args.save_every or 10.0)
     elif args.stage.endswith("-text"):
         train_text_encoder(args.stage.split("-")[0], args.minutes, args.seed)
     elif denoiser:
