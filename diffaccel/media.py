@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -62,23 +63,39 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     return path
 
 
-def read_video(path: str | Path) -> tuple[np.ndarray, int]:
-    """(F, H, W, 3) uint8 frames of an .mp4 (needs imageio-ffmpeg) or .gif, and its frame rate (8 if unknown)."""
-    import imageio.v3 as iio
-
-    path = Path(path)
+def _require_reader(path: Path) -> None:
     if path.suffix.lower() == ".mp4":
         try:
             import imageio_ffmpeg  # noqa: F401
         except ImportError:
             raise ValueError(f"Reading {path.name} needs imageio-ffmpeg: pip install 'diffaccel[video]'.") from None
-    frames = np.asarray(iio.imread(path, index=None))
-    if frames.ndim == 3:  # a one-frame GIF
+
+
+def _rgb_frames(frames: np.ndarray, path: Path) -> np.ndarray:
+    """(F, H, W, 3) uint8 from what a reader returns: one frame, grey frames or RGBA frames."""
+    frames = np.asarray(frames)
+    if frames.ndim == 2:  # one grey frame
+        frames = frames[..., None]
+    if frames.ndim == 3 and frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    if frames.ndim == 3 and frames.shape[-1] not in (3, 4):  # grey frames
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    if frames.ndim == 3:  # a one-frame file
         frames = frames[None]
     if frames.ndim == 4 and frames.shape[-1] == 4:
         frames = frames[..., :3]
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"{path.name}: expected RGB video frames, got an array shaped {frames.shape}.")
+    return frames.astype(np.uint8)
+
+
+def read_video(path: str | Path) -> tuple[np.ndarray, int]:
+    """(F, H, W, 3) uint8 frames of an .mp4 (needs imageio-ffmpeg) or .gif, and its frame rate (8 if unknown)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    _require_reader(path)
+    frames = _rgb_frames(iio.imread(path, index=None), path)
     fps = 8
     try:
         meta = iio.immeta(path)
@@ -88,4 +105,38 @@ def read_video(path: str | Path) -> tuple[np.ndarray, int]:
             fps = max(1, int(round(1000.0 / float(meta["duration"]))))
     except Exception:  # metadata is optional; the frames are what matter
         pass
-    return frames.astype(np.uint8), fps
+    return frames, fps
+
+
+@functools.lru_cache(maxsize=4096)
+def _frame_count(path: str, modified_ns: int, size: int) -> int:
+    import imageio.v3 as iio
+
+    return sum(1 for _ in iio.imiter(path))
+
+
+def count_video_frames(path: str | Path) -> int:
+    """How many frames a video file holds, by decoding it once without keeping the frames (container
+    metadata is often an estimate). Remembered per file version, so a training loop pays it once."""
+    path = Path(path)
+    _require_reader(path)
+    stat = path.stat()
+    return _frame_count(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def read_video_window(path: str | Path, start: int, count: int) -> np.ndarray:
+    """Frames ``start`` … ``start + count − 1`` of a video as (count, H, W, 3) uint8, decoded as a stream:
+    memory holds the window, not the file, so long videos need not be cut into clips."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    _require_reader(path)
+    if start < 0 or count <= 0:
+        raise ValueError(f"read_video_window: start={start} must be >= 0 and count={count} positive.")
+    window = []
+    for index, frame in enumerate(iio.imiter(path)):
+        if index >= start:
+            window.append(_rgb_frames(frame, path)[0])
+            if len(window) == count:
+                return np.stack(window)
+    raise ValueError(f"{path.name} has {start + len(window)} frames; frames {start}-{start + count - 1} were asked for.")

@@ -149,6 +149,28 @@ def test_captioned_clips_serve_consecutive_frames_deterministically(tmp_path):
         CaptionedClips(str(folder), 32, 13).batch(0, 0, 1)
 
 
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_clip_windows_are_decoded_as_a_stream(tmp_path, monkeypatch, suffix):
+    """A window of a long video equals the same frames of the whole file, and the clip source never reads a
+    whole file (so long videos need not be cut)."""
+    from diffaccel import media
+    from diffaccel.distill.data import load_clip_window
+
+    levels = np.arange(30, dtype=np.uint8)[:, None, None, None] * 8
+    path = media.save_video(np.broadcast_to(levels, (30, 16, 16, 3)).copy(), tmp_path / f"long{suffix}")
+    whole, _ = media.read_video(path)
+    assert media.count_video_frames(path) == len(whole) == 30
+    assert np.array_equal(media.read_video_window(path, 11, 5), whole[11:16])
+    assert np.array_equal(media.read_video_window(path, 25, 5), whole[25:])
+    with pytest.raises(ValueError, match=f"long{suffix} has 30 frames; frames 27-31 were asked for"):
+        media.read_video_window(path, 27, 5)
+    monkeypatch.setattr(media, "read_video", lambda *a, **k: pytest.fail("the whole clip was read"))
+    window = load_clip_window(path, 16, 16, 5, np.random.default_rng(3))
+    start = int(np.random.default_rng(3).integers(0, 26))
+    expected = torch.from_numpy(whole[start:start + 5]).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    assert window.shape == (3, 5, 16, 16) and torch.allclose(window, expected, atol=1e-6)
+
+
 def test_bad_clip_folders_are_named(tmp_path):
     from PIL import Image
 

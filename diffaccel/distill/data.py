@@ -178,21 +178,22 @@ def load_picture(path: Path, height: int, width: int) -> torch.Tensor:
 
 def load_clip_window(path: Path, height: int, width: int, frames: int, rng: np.random.Generator) -> torch.Tensor:
     """``frames`` consecutive frames of a clip, from a start drawn by ``rng``, each fitted to H × W
-    (``fit_crop``): (3, F, H, W) in [-1, 1]. A clip is read whole, so cut long videos into clips; a clip shorter than
-    ``frames`` is an error that names it."""
+    (``fit_crop``): (3, F, H, W) in [-1, 1]. Only the window is decoded into memory, so a long video serves
+    as it is; a clip shorter than ``frames`` is an error that names it."""
     from PIL import Image
 
-    from diffaccel.media import read_video
+    from diffaccel.media import count_video_frames, read_video_window
 
     try:
-        video, _ = read_video(path)
+        length = count_video_frames(path)
+        if length < frames:
+            raise ValueError(f"Training clip {path} has {length} frames; the teacher is trained on {frames} "
+                             f"(--frames): drop it or use a shorter clip length.")
+        start = int(rng.integers(0, length - frames + 1))
+        video = read_video_window(path, start, frames)
     except (OSError, RuntimeError) as error:
         raise ValueError(f"Cannot read training clip {path}: {error}") from None
-    if len(video) < frames:
-        raise ValueError(f"Training clip {path} has {len(video)} frames; the teacher is trained on {frames} "
-                         f"(--frames): drop it or use a shorter clip length.")
-    start = int(rng.integers(0, len(video) - frames + 1))
-    window = [fit_crop(Image.fromarray(frame), height, width) for frame in video[start:start + frames]]
+    window = [fit_crop(Image.fromarray(frame), height, width) for frame in video]
     return torch.stack(window, dim=1)
 
 
