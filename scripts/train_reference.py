@@ -138,6 +138,14 @@ def detail_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sum(F.l1_loss(torch.diff(recon, dim=d), torch.diff(x, dim=d)) for d in dims) / len(dims)
 
 
+def latent_spread(kind: str, z: torch.Tensor) -> torch.Tensor:
+    """The latents' spread as the denoiser sees it, which scales the decoder's training noise (5% of it):
+    one number for the image VAE (one scaling factor), one per channel for the video VAE (per-channel mean
+    and std, which differ 18-fold). A global scale would drown the small channels in noise."""
+    z = z.detach()
+    return z.std() if kind == "image" else z.std(dim=(0, *range(2, z.dim())), keepdim=True)
+
+
 def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, detail_weight: float = 0.0,
               save_every: float = 10.0) -> None:
     """Reconstruction (L1 + MSE, plus ``detail_weight`` times :func:`detail_loss`) with a small KL term;
@@ -177,6 +185,8 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
             psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, x)))
         vae.train()
         record = {"steps": steps, "seed": seed, "psnr_64px": round(psnr, 2)}
+        if kind == "video":
+            record["decoder_noise"] = "5% of each channel's std"
         if decoder_only:
             for key in ("scaling_factor", "latent_mean", "latents_mean", "latents_std", "decoder_detail_weight"):
                 if key in state:
@@ -206,7 +216,7 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
             # Decode the posterior mean (what the denoiser is trained on) plus a little noise so the decoder
             # tolerates imperfect latents; the KL term only keeps the latent scale in check.
             z = posterior.mode()
-            recon = vae.decode(z + 0.05 * z.detach().std() * torch.randn_like(z)).sample.float()
+            recon = vae.decode(z + 0.05 * latent_spread(kind, z) * torch.randn_like(z)).sample.float()
         kl = posterior.kl().mean() / x[0].numel()
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
         if detail_weight:
