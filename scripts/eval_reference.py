@@ -2,6 +2,8 @@
 
     python scripts/eval_reference.py image --num 200            # default steps and guidance
     python scripts/eval_reference.py image --num 200 --guidance 1.0
+    python scripts/eval_reference.py video --num 200 --ceiling  # what the VAE allows: judge ground truth and
+                                                                  # its reconstructions, no denoiser
 
 Fixed prompt set (``scenes.prompt_set``), seed i for prompt i. Writes a JSON result and a grid of
 the first samples to ``docs/``.
@@ -110,6 +112,41 @@ def evaluate(kind: str, num: int, guidance: float | None, steps: int | None, res
     }
 
 
+def ceiling(kind: str, num: int) -> dict:
+    """The adherence a perfect denoiser would reach through this VAE: the prompt set's ground-truth renders
+    and their reconstructions (encoded to the posterior mean, the latents the denoiser trains on, and
+    decoded), both judged. The gap between this and the model's adherence is the denoiser's; the gap below
+    the ground truth is the VAE's."""
+    pipe = reference.load(kind)
+    judge = judges.load_judge(kind)
+    call = reference.call_defaults(kind)
+    size = call.get("height", 64)
+    chosen = scenes.prompt_scenes(num, clip=kind == "video")
+    prompts = [scenes.caption(scene) for scene in chosen]
+    if kind == "video":
+        truth = np.stack([scenes.render_clip(scene, size, call.get("num_frames", 9)) for scene in chosen])
+        to_vae = lambda x: x.permute(0, 4, 1, 2, 3)  # noqa: E731  (n, F, H, W, 3) -> (n, 3, F, H, W)
+        from_vae = lambda x: x.permute(0, 2, 3, 4, 1)  # noqa: E731
+    else:
+        truth = np.stack([scenes.render_image(scene, size) for scene in chosen])
+        to_vae, from_vae = (lambda x: x.permute(0, 3, 1, 2)), (lambda x: x.permute(0, 2, 3, 1))
+    rebuilt = []
+    with torch.no_grad():
+        for i in range(0, num, 16):
+            x = to_vae(torch.from_numpy(truth[i:i + 16])) * 2.0 - 1.0
+            decoded = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+            rebuilt.append(from_vae((decoded.clamp(-1.0, 1.0) + 1.0) / 2.0).numpy())
+    rebuilt = np.concatenate(rebuilt)
+    mse = ((rebuilt - truth) ** 2).reshape(num, -1).mean(axis=1)
+    result = {"model": kind, "num_prompts": num, "size": size,
+              "vae_psnr_db": round(float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))), 2)}
+    with torch.no_grad():
+        for name, pixels in (("ground_truth", truth), ("vae_reconstruction", rebuilt)):
+            per_attribute = judges.attribute_accuracy(judge, to_judge_input(pixels), prompts)
+            result[name] = {k: round(float(v), 4) for k, v in per_attribute.items()}
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=reference.NAMES)
@@ -120,8 +157,17 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="JSON result path (default docs/reference_<kind>_eval.json)")
     parser.add_argument("--grid", default=None, help="grid image path (default docs/reference_<kind>_grid.png)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="judge the prompts' ground truth and its VAE reconstructions instead of samples "
+                             "(default --out docs/reference_<kind>_ceiling.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.ceiling:
+        result = ceiling(args.kind, args.num)
+        out = Path(args.out or ROOT / "docs" / f"reference_{args.kind}_ceiling.json")
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return 0
     result = evaluate(args.kind, args.num, args.guidance, args.steps, args.resolution)
     samples = result.pop("samples")
     suffix = "" if args.guidance is None else f"_g{args.guidance:g}"

@@ -130,14 +130,6 @@ def vae_batch(kind: str, rng: np.random.Generator, steps: int, batch_size: int) 
     return torch.from_numpy(pixels).permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0
 
 
-def detail_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L1 between the finite differences of reconstruction and target: along height and width, and for
-    clips along time. Weight-free; it counts the edges of small shapes and their motion, which the
-    per-pixel terms (dominated by a flat background) hardly see."""
-    dims = range(2, x.dim())
-    return sum(F.l1_loss(torch.diff(recon, dim=d), torch.diff(x, dim=d)) for d in dims) / len(dims)
-
-
 def latent_spread(kind: str, z: torch.Tensor) -> torch.Tensor:
     """The latents' spread as the denoiser sees it, which scales the decoder's training noise (5% of it):
     one number for the image VAE (one scaling factor), one per channel for the video VAE (per-channel mean
@@ -146,10 +138,9 @@ def latent_spread(kind: str, z: torch.Tensor) -> torch.Tensor:
     return z.std() if kind == "image" else z.std(dim=(0, *range(2, z.dim())), keepdim=True)
 
 
-def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, detail_weight: float = 0.0,
-              save_every: float = 10.0) -> None:
-    """Reconstruction (L1 + MSE, plus ``detail_weight`` times :func:`detail_loss`) with a small KL term;
-    then the latent normalisation the pipeline uses. Saves every ``save_every`` minutes and at the end.
+def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, save_every: float = 10.0) -> None:
+    """Reconstruction (L1 + MSE) with a small KL term; then the latent normalisation the pipeline uses.
+    Saves every ``save_every`` minutes and at the end.
 
     ``decoder_only`` sharpens the decoder while the encoder, and so the latent space the denoiser is
     trained on, stays fixed.
@@ -188,12 +179,10 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
         if kind == "video":
             record["decoder_noise"] = "5% of each channel's std"
         if decoder_only:
-            for key in ("scaling_factor", "latent_mean", "latents_mean", "latents_std", "decoder_detail_weight"):
+            for key in ("scaling_factor", "latent_mean", "latents_mean", "latents_std"):
                 if key in state:
                     record[key] = state[key]
             record["decoder_only_steps"] = state.get("decoder_only_steps", 0) + steps - first_steps
-            if detail_weight:
-                record["decoder_detail_weight"] = detail_weight
         elif kind == "image":
             record["scaling_factor"] = float(1.0 / latents.std())
             record["latent_mean"] = round(float(latents.mean()), 4)
@@ -219,8 +208,6 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
             recon = vae.decode(z + 0.05 * latent_spread(kind, z) * torch.randn_like(z)).sample.float()
         kl = posterior.kl().mean() / x[0].numel()
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
-        if detail_weight:
-            loss = loss + detail_weight * detail_loss(recon, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -703,8 +690,6 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kind", default="both", help="judge: image, video or both")
     parser.add_argument("--decoder-only", action="store_true", help="VAE stages: sharpen the decoder, keep the latent space")
-    parser.add_argument("--detail-loss", type=float, default=0.0,
-                        help="VAE stages: weight of an L1 term on spatial (and, for clips, temporal) differences")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="image/video stages: where to train (auto: CUDA if available; other stages: CPU)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -726,7 +711,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     if args.stage.endswith("-vae"):
         train_vae(args.stage.split("-")[0], args.minutes, args.seed, decoder_only=args.decoder_only,
-                  detail_weight=args.detail_loss, save_every=args.save_every or 10.0)
+                  save_every=args.save_every or 10.0)
     elif args.stage.endswith("-text"):
         train_text_encoder(args.stage.split("-")[0], args.minutes, args.seed)
     elif denoiser:

@@ -227,10 +227,15 @@ def sample_batch(
     return pixels, [caption(s) for s in scenes], scenes
 
 
+def prompt_scenes(num: int = 200, seed: int = 1234, clip: bool = False) -> list[Scene]:
+    """The scenes behind ``prompt_set``: rendering them gives the ground truth of each evaluation prompt."""
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, clip=clip) for _ in range(num)]
+
+
 def prompt_set(num: int = 200, seed: int = 1234, clip: bool = False) -> list[str]:
     """A fixed evaluation prompt set (different seed stream from training)."""
-    rng = np.random.default_rng(seed)
-    return [caption(sample_scene(rng, clip=clip)) for _ in range(num)]
+    return [caption(scene) for scene in prompt_scenes(num, seed, clip)]
 
 
 def vocabulary() -> list[str]:
