@@ -82,3 +82,21 @@ def test_video_model_generates(video_pipe):
     frames = video_pipe("a small green square moving right slowly, on a black background", output_type="np",
                         generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert frames.shape == (1, 9, 64, 64, 3) and np.isfinite(frames).all()
+
+
+def test_ceiling_judges_the_prompts_ground_truth_and_its_vae_reconstruction():
+    """`eval_reference.py --ceiling`: the prompt set's own scenes rendered (so the judge reads them back)
+    and their VAE reconstructions, which lose some of it."""
+    import sys
+    from pathlib import Path
+
+    from diffaccel.pipelines.reference import scenes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from eval_reference import ceiling
+
+    assert [scenes.caption(s) for s in scenes.prompt_scenes(12)] == scenes.prompt_set(12)
+    result = ceiling("image", 12)
+    assert result["ground_truth"]["adherence"] >= 0.95
+    assert 0.5 <= result["vae_reconstruction"]["adherence"] <= result["ground_truth"]["adherence"] + 0.05
+    assert 20.0 < result["vae_psnr_db"] < 40.0
