@@ -234,6 +234,9 @@ class TDMTrainer:
         return float(loss.detach())
 
     def fake_loss(self, noisy: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Velocity MSE towards the student's x̂0, the form of the authors' flow-model code (TDM-R1) without
+        its 0.02·‖v_fake − v_real‖² term. Their DDPM demo (PixArt) instead weights an x0 MSE by min(SNR, 5)
+        and a Gaussian density ratio of the noise (its importance weight); neither is used here."""
         target = (noisy - x0) / expand_like(t, noisy)  # v = (x_t − x0)/t on the flow's straight path
         return torch.nn.functional.mse_loss(self.fake_velocity(noisy, t, cond).float(), target.float())
 
