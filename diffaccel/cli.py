@@ -538,8 +538,11 @@ def load_upscaler(spec: str, device: str | None):
     return pipe
 
 
+UPSCALE_CHUNK = 16  # frames per upscaler call (and per read of a video)
+
+
 def upscale_frames(pipe, frames: np.ndarray, steps: int | None, seed: int, share_noise: bool,
-                   chunk: int = 16) -> np.ndarray:
+                   chunk: int = UPSCALE_CHUNK) -> np.ndarray:
     """(N, h, w, 3) in [0, 1] or uint8 -> (N, 2h, 2w, 3) float in [0, 1]. share_noise: one clip (the same
     noise on every frame: each chunk reseeds the generator, so the noise is the same across chunks)."""
     import torch
@@ -560,7 +563,7 @@ def upscale_frames(pipe, frames: np.ndarray, steps: int | None, seed: int, share
 def cmd_upscale(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from diffaccel.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_video, save_image, save_video
+    from diffaccel.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoWriter, iter_video_chunks, save_image, video_fps
 
     source, target = Path(args.input), Path(args.output)
     if not source.exists():
@@ -580,10 +583,17 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     pipe = load_upscaler(args.model, args.device)
     start = time.perf_counter()
     if kind == "video":
-        frames, fps = read_video(source)
-        big = upscale_frames(pipe, frames, args.steps, args.seed, share_noise=True)
-        save_video(big, target, fps=args.fps or fps)
-        done = f"{len(frames)} frames {frames.shape[2]}x{frames.shape[1]} -> {big.shape[2]}x{big.shape[1]} px"
+        count = 0
+        # Chunk by chunk, read and written as streams: a long video never sits in memory whole. Each chunk
+        # reseeds the noise, so every frame gets the same noise, as in one call.
+        with VideoWriter(target, fps=args.fps or video_fps(source)) as writer:
+            for frames in iter_video_chunks(source, UPSCALE_CHUNK):
+                big = upscale_frames(pipe, frames, args.steps, args.seed, share_noise=True, chunk=UPSCALE_CHUNK)
+                writer.append(big)
+                count += len(frames)
+        if not count:
+            raise ValueError(f"{source.name} holds no frames.")
+        done = f"{count} frames {frames.shape[2]}x{frames.shape[1]} -> {big.shape[2]}x{big.shape[1]} px"
     else:
         from PIL import Image
 

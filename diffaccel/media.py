@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -96,16 +97,85 @@ def read_video(path: str | Path) -> tuple[np.ndarray, int]:
     path = Path(path)
     _require_reader(path)
     frames = _rgb_frames(iio.imread(path, index=None), path)
-    fps = 8
+    return frames, video_fps(path)
+
+
+def video_fps(path: str | Path) -> int:
+    """A video's frame rate from its metadata (8 if it states none)."""
+    import imageio.v3 as iio
+
     try:
         meta = iio.immeta(path)
         if meta.get("fps"):
-            fps = int(round(float(meta["fps"])))
-        elif meta.get("duration"):  # GIF: milliseconds per frame
-            fps = max(1, int(round(1000.0 / float(meta["duration"]))))
+            return int(round(float(meta["fps"])))
+        if meta.get("duration"):  # GIF: milliseconds per frame
+            return max(1, int(round(1000.0 / float(meta["duration"]))))
     except Exception:  # metadata is optional; the frames are what matter
         pass
-    return frames, fps
+    return 8
+
+
+def iter_video_chunks(path: str | Path, size: int) -> Iterator[np.ndarray]:
+    """A video as consecutive (≤ size, H, W, 3) uint8 chunks, decoded as a stream: memory holds one chunk."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    _require_reader(path)
+    chunk = []
+    for frame in iio.imiter(path):
+        chunk.append(_rgb_frames(frame, path)[0])
+        if len(chunk) == size:
+            yield np.stack(chunk)
+            chunk = []
+    if chunk:
+        yield np.stack(chunk)
+
+
+class VideoWriter:
+    """Appends frames to a video file as they come: an MP4 is encoded as a stream (so a long video never
+    sits in memory whole); a GIF, which is written in one go, gathers its frames until ``close``."""
+
+    def __init__(self, path: str | Path, fps: int = 8) -> None:
+        self.path, self.fps = Path(path), fps
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._gif_frames: list[np.ndarray] = []
+        self._stream = None
+        if self.path.suffix.lower() == ".mp4":
+            try:
+                import imageio_ffmpeg  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    f"Writing {self.path.name} needs imageio-ffmpeg: pip install 'diffaccel[video]' (or write a .gif)."
+                ) from None
+
+    def append(self, frames: np.ndarray) -> None:
+        """(F, H, W, 3) frames, floats in [0, 1] or uint8. The file is created with the first frames, so a
+        run that fails before them leaves none."""
+        for frame in to_uint8(frames):
+            if self.path.suffix.lower() != ".mp4":
+                self._gif_frames.append(frame)
+                continue
+            if self._stream is None:
+                import imageio.v2 as imageio
+
+                # The same encoder settings as save_video: H.264, tiny frames kept as they are.
+                self._stream = imageio.get_writer(self.path, format="FFMPEG", mode="I", fps=self.fps,
+                                                  codec="libx264", macro_block_size=1)
+            self._stream.append_data(frame)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        elif self._gif_frames:
+            save_video(np.stack(self._gif_frames), self.path, fps=self.fps)
+            self._gif_frames = []
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @functools.lru_cache(maxsize=4096)

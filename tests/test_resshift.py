@@ -269,6 +269,30 @@ def test_cli_upscale_image_folder_and_video(tiny_pipe, tmp_path):
     assert main(["upscale", str(folder / "0.png"), "-o", str(tmp_path / "x.png"), "--model", str(model), "--steps", "9"]) == 2
 
 
+def test_cli_upscales_a_video_as_a_stream(tiny_pipe, tmp_path, monkeypatch):
+    """An MP4 longer than one chunk is read and written chunk by chunk, never whole, and the result is the
+    same as upscaling all its frames at once with the same noise on every frame."""
+    from diffaccel import media
+    from diffaccel.cli import UPSCALE_CHUNK, main, upscale_frames
+
+    model = tmp_path / "model"
+    tiny_pipe.save_pretrained(model)
+    rng = np.random.default_rng(1)
+    media.save_video((rng.random((UPSCALE_CHUNK + 5, 16, 16, 3)) * 255).astype(np.uint8), tmp_path / "long.mp4", fps=12)
+    frames, _ = media.read_video(tmp_path / "long.mp4")
+    expected = upscale_frames(tiny_pipe, frames, 2, 7, share_noise=True)
+    media.save_video(expected, tmp_path / "expected.mp4", fps=12)
+    monkeypatch.setattr(media, "read_video", lambda *a, **k: pytest.fail("the whole video was read"))
+    monkeypatch.setattr(media, "save_video", lambda *a, **k: pytest.fail("the whole video was written at once"))
+    argv = ["upscale", str(tmp_path / "long.mp4"), "-o", str(tmp_path / "big.mp4"), "--model", str(model),
+            "--steps", "2", "--seed", "7"]
+    assert main(argv) == 0
+    monkeypatch.undo()
+    big, fps = media.read_video(tmp_path / "big.mp4")
+    assert big.shape == (UPSCALE_CHUNK + 5, 32, 32, 3) and fps == 12
+    assert np.array_equal(big, media.read_video(tmp_path / "expected.mp4")[0])
+
+
 def test_cli_generate_then_upscale(tmp_path):
     from PIL import Image
 
