@@ -43,6 +43,15 @@ def save_image(image: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+def _require_writer(path: Path) -> None:
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            f"Writing {path.name} needs imageio-ffmpeg: pip install 'diffaccel[video]' (or write a .gif)."
+        ) from None
+
+
 def save_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     """Save (F, H, W, C) frames as MP4 (needs imageio-ffmpeg: pip install 'diffaccel[video]') or GIF."""
     import imageio.v3 as iio
@@ -53,12 +62,7 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     if path.suffix.lower() == ".gif":
         iio.imwrite(path, pixels, extension=".gif", duration=1000 / fps, loop=0)
         return path
-    try:
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
-        raise ValueError(
-            f"Writing {path.name} needs imageio-ffmpeg: pip install 'diffaccel[video]' (or write a .gif)."
-        ) from None
+    _require_writer(path)
     # H.264 wants even sizes; macro_block_size=1 keeps tiny test frames as they are.
     iio.imwrite(path, pixels, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1)
     return path
@@ -141,12 +145,7 @@ class VideoWriter:
         self._gif_frames: list[np.ndarray] = []
         self._stream = None
         if self.path.suffix.lower() == ".mp4":
-            try:
-                import imageio_ffmpeg  # noqa: F401
-            except ImportError:
-                raise ValueError(
-                    f"Writing {self.path.name} needs imageio-ffmpeg: pip install 'diffaccel[video]' (or write a .gif)."
-                ) from None
+            _require_writer(self.path)
 
     def append(self, frames: np.ndarray) -> None:
         """(F, H, W, 3) frames, floats in [0, 1] or uint8. The file is created with the first frames, so a

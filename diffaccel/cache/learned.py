@@ -31,6 +31,7 @@ from diffusers.hooks.hooks import HookRegistry, ModelHook
 from diffaccel.config import MethodConfig, register_config
 from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
+from diffaccel.runtime import remove_hook
 
 logger = logging.getLogger("diffaccel")
 
@@ -388,7 +389,7 @@ def train_schedule(
                 progress(f"iteration {iteration + 1}/{iterations}: loss {sum(trainer.losses):.4g}, "
                          f"computes {mask.float().mean():.2f} of blocks")
     finally:
-        registry.remove_hook(TRAINER_HOOK, recurse=False)
+        remove_hook(denoiser, TRAINER_HOOK)
         registry.invalidate_child_registries_cache()
         diffaccel.remove(pipe)
     label = f"{type(denoiser).__name__}, {num_steps} steps, beta={beta:g}, tau={threshold:g}"

@@ -17,6 +17,8 @@ import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 
+from diffaccel.runtime import remove_hook
+
 HOOK_NAME = "diffaccel_guidance_embedding"
 WEIGHTS = "guidance_embedding.safetensors"
 DEFAULT_DIM = 256  # LCM's `time_cond_proj_dim`
@@ -132,9 +134,7 @@ def projection_key(transformer: torch.nn.Module) -> str:
 def remove_guidance_embedding(transformer: torch.nn.Module) -> None:
     """Take the hook and the projection out again: the transformer is the one it was before."""
     _, embedder = timestep_embedder(transformer)
-    registry = getattr(embedder, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    remove_hook(embedder, HOOK_NAME)
     embedder.cond_proj = None
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from diffaccel.runtime import remove_hook
+
 
 @dataclass
 class ParallelGroups:
@@ -99,7 +101,7 @@ def disable_context_parallel(denoiser: torch.nn.Module, hook_names_before: dict)
         if registry is not None:
             for name in list(registry.hooks):
                 if name not in hook_names_before.get(id(module), ()):
-                    registry.remove_hook(name, recurse=False)
+                    remove_hook(module, name)
         processor = getattr(module, "processor", None)
         if processor is not None and hasattr(processor, "_parallel_config"):
             processor._parallel_config = None

@@ -1,7 +1,7 @@
 """The step runtime every method plugs into: clock, per-branch state, statistics, hooks."""
 
 from .context import COND, COND_UNCOND, DEFAULT, UNCOND, StepClock, StepContext
-from .runtime import PIPE_ATTRIBUTE, RUNTIME_HOOK, Runtime
+from .runtime import PIPE_ATTRIBUTE, RUNTIME_HOOK, Runtime, remove_hook
 from .state import BranchStates, RunStats
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "Runtime",
     "StepClock",
     "StepContext",
+    "remove_hook",
 ]

@@ -33,6 +33,30 @@ RUNTIME_HOOK = "diffaccel.runtime"
 PIPE_ATTRIBUTE = "_diffaccel_runtime"
 
 
+def remove_hook(module: torch.nn.Module, name: str) -> None:
+    """Take hook ``name`` out of ``module``'s diffusers ``HookRegistry``, keeping any forward wrapper that
+    was installed on top of it since.
+
+    When the hook is the registry's outermost, the registry resets ``module.forward`` to what the hook
+    wrapped, which would also drop a wrapper added afterwards: accelerate's device hooks
+    (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``, ``device_map`` dispatch), which move
+    the module's own weights in for each forward. Such a wrapper is put back around what the registry
+    leaves, so offloading applied after ``accelerate`` survives ``remove``.
+    """
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or registry.get_hook(name) is None:
+        return
+    outer = module.forward
+    # accelerate's wrapper calls ``module._old_forward``, the forward it found, and says so in __wrapped__
+    # (functools.update_wrapper); a wrapper underneath our hooks wraps the original forward instead.
+    accelerate_on_top = (getattr(module, "_hf_hook", None) is not None
+                         and getattr(outer, "__wrapped__", None) is getattr(module, "_old_forward", None))
+    registry.remove_hook(name, recurse=False)
+    if accelerate_on_top and module.forward is not outer:
+        module._old_forward = outer.__wrapped__ = module.forward  # the next removal recognises it again
+        module.forward = outer
+
+
 class _NoState(BaseState):
     def reset(self, *args, **kwargs) -> None:
         pass
@@ -142,9 +166,7 @@ class Runtime:
     def remove(self) -> None:
         """Take away every hook, scheduler tap and processor this runtime installed."""
         for module, name in reversed(self._installed):
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None:
-                registry.remove_hook(name, recurse=False)
+            remove_hook(module, name)
         self._installed.clear()
         for cleanup in reversed(self._cleanups):
             cleanup()
