@@ -4,7 +4,8 @@ enable_model_cpu_offload install). Outputs and skips are those of the accelerate
 offloading, and ``remove`` gives back the plain pipeline, offloading still in place.
 
 On this CPU-only machine weights are offloaded to and onloaded from the CPU: the hooks, their order and
-the meta-device weights of sequential offload are all exercised; only the copies are free."""
+the meta-device weights of sequential offload are all exercised; only the copies are free. A denoiser
+quantized with torch.ao accelerates too."""
 
 import numpy as np
 import pytest
@@ -56,3 +57,21 @@ def test_offloading_composes_with_acceleration_and_remove(name, mode, order):
     assert stats["denoiser_calls"] == expected_stats["denoiser_calls"]
     diffaccel.remove(case.pipe)
     assert np.array_equal(run(case, seed=0), plain)  # offloading still works without our hooks
+
+
+@pytest.mark.parametrize("name", ["flux", "pixart_alpha"])
+def test_a_quantized_denoiser_is_accelerated_and_given_back(name):
+    """Dynamic int8 quantization (torch.ao) swaps the Linear layers inside the blocks; the hooks sit on the
+    blocks and the denoiser, so the cache still skips, and ``remove`` gives the quantized
+    pipeline back bit for bit."""
+    case = build(name)
+    case.pipe.transformer = torch.ao.quantization.quantize_dynamic(case.pipe.transformer, {torch.nn.Linear},
+                                                                   dtype=torch.qint8)
+    plain = run(case, seed=0)
+    diffaccel.accelerate(case.pipe, cache=CACHE, guidance="adaptive")
+    accelerated = run(case, seed=0)
+    stats = diffaccel.stats(case.pipe)
+    assert stats["blocks_skipped"] > 0
+    assert np.isfinite(accelerated).all() and not np.array_equal(accelerated, plain)
+    diffaccel.remove(case.pipe)
+    assert np.array_equal(run(case, seed=0), plain)
