@@ -15,7 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_pipelines import build, run  # noqa: E402
+from tiny_pipelines import add_lora, build, run  # noqa: E402
 
 import diffaccel  # noqa: E402
 
@@ -29,7 +29,10 @@ def main() -> None:
     cases = {}
     for scenario in scenarios:
         name, family = scenario["name"], scenario["family"]
-        case = cases.setdefault(family, build(family))
+        key = (family, json.dumps(scenario.get("lora"), sort_keys=True))  # a LoRA scenario: its own pipeline
+        if key not in cases:
+            cases[key] = add_lora(build(family), **scenario["lora"]) if scenario.get("lora") else build(family)
+        case = cases[key]
         try:
             diffaccel.accelerate(case.pipe, scenario["config"])
         except ValueError as error:

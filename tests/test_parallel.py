@@ -8,19 +8,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.distributed as dist
-from tiny_pipelines import build, run
+from tiny_pipelines import add_lora, build, run
 
 import diffaccel
 from diffaccel import ParallelConfig
 
 CACHE = {"method": "block", "threshold": 0.3, "warmup_steps": 1}
 AG = {"method": "adaptive", "threshold": -1.0, "min_steps": 2}
+LORA = {"rank": 4, "seed": 3}
+BATCH = {"num_videos_per_prompt": 2}
 SCENARIOS = [
     dict(name="cfg_batched", family="pixart_alpha", config={"parallel": {"method": "cfg"}}),
     dict(name="cfg_separate", family="wan", config={"parallel": {"method": "cfg"}}),
     dict(name="cfg_separate_cache_ag", family="wan", config={"parallel": {"method": "cfg"}, "cache": CACHE, "guidance": AG}),
     dict(name="ulysses_flux_cache", family="flux", config={"parallel": {"method": "context"}, "cache": CACHE}),
     dict(name="ulysses_wan_cache", family="wan", config={"parallel": {"method": "context"}, "cache": CACHE}),
+    # What xDiT / ParaAttention users ask for: a LoRA fine-tune and more than one output per call.
+    dict(name="cfg_lora_batch", family="wan", lora=LORA, overrides=BATCH,
+         config={"parallel": {"method": "cfg"}, "cache": CACHE}),
+    dict(name="ulysses_lora_batch", family="flux", lora=LORA, overrides={"num_images_per_prompt": 2},
+         config={"parallel": {"method": "context"}}),
     dict(name="wrong_degrees", family="wan", config={"parallel": {"method": "hybrid", "cfg": 2, "ulysses": 2}}),
     dict(name="no_plan", family="pixart_alpha", config={"parallel": {"method": "context"}}),
 ]
@@ -48,12 +55,12 @@ def torchrun_results(tmp_path_factory):
     return _torchrun(tmp_path_factory.mktemp("parallel"), SCENARIOS, 2)
 
 
-def _single_process(family, config):
-    case = build(family)
+def _single_process(family, config, lora=None, **overrides):
+    case = add_lora(build(family), **lora) if lora else build(family)
     config = {k: v for k, v in config.items() if k != "parallel"}
     diffaccel.accelerate(case.pipe, config)
     try:
-        return run(case), diffaccel.stats(case.pipe)
+        return run(case, **overrides), diffaccel.stats(case.pipe)
     finally:
         diffaccel.remove(case.pipe)
 
@@ -87,6 +94,19 @@ def test_cfg_parallel_composes_with_cache_and_adaptive_guidance(torchrun_results
     # Step 1 is speculated and used; step 2 is speculated but guidance skips the branch, so from step 3 on
     # rank 1 stops speculating (it duplicates the conditional call).
     assert stats["parallel_cfg_speculated"] == 2
+
+
+@pytest.mark.parametrize("family, name, overrides, config", [
+    ("wan", "cfg_lora_batch", BATCH, {"cache": CACHE}),
+    ("flux", "ulysses_lora_batch", {"num_images_per_prompt": 2}, {}),
+])
+def test_parallel_runs_carry_a_lora_and_a_batch(torchrun_results, family, name, overrides, config):
+    out, stats = _result(torchrun_results, name)
+    single, _ = _single_process(family, config, LORA, **overrides)
+    plain_lora_off, _ = _single_process(family, config, None, **overrides)
+    assert out.shape[0] == 2 and not np.allclose(single, plain_lora_off, atol=1e-3)  # the LoRA matters
+    np.testing.assert_allclose(out, single, atol=1e-4)
+    assert not np.allclose(out[0], out[1], atol=1e-3)  # two different samples, not one copied
 
 
 @pytest.mark.parametrize("family, name", [("flux", "ulysses_flux_cache"), ("wan", "ulysses_wan_cache")])

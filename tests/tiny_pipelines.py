@@ -915,6 +915,22 @@ def build(name: str) -> TinyCase:
     return case
 
 
+def add_lora(case: TinyCase, rank: int = 4, seed: int = 0) -> TinyCase:
+    """A LoRA adapter (peft) on the denoiser's attention projections, with random non-zero weights from
+    ``seed``, so it changes the output: a user's fine-tune, as parallel and accelerated runs must carry it."""
+    from peft import LoraConfig
+
+    denoiser = getattr(case.pipe, case.denoiser_attr)
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in denoiser.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return case
+
+
 def run(case: TinyCase, seed: int = 0, **overrides) -> np.ndarray:
     """Run the case's pipeline deterministically and return images / frames as a numpy array."""
     kwargs = dict(case.call_kwargs)
