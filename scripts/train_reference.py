@@ -17,7 +17,8 @@ The denoiser stages (image, video) also train on a GPU: ``--device cuda`` (``aut
 picks CUDA when there is one). There the batch is larger (``--batch-size``, default 256 instead of
 32), autocast is bfloat16 on the GPU, batches are drawn by ``--workers`` CPU processes, and the run
 saves every 2 minutes (``--save-every``). ``--minutes`` bounds the whole run, the final save included.
-``scripts/device_train.sh`` runs this on the device machine.
+The VAE stages (image-vae, video-vae) train on a GPU the same way, with 8x the CPU batch.
+``scripts/device_train.sh`` runs these on the device machine.
 """
 
 from __future__ import annotations
@@ -138,22 +139,30 @@ def latent_spread(kind: str, z: torch.Tensor) -> torch.Tensor:
     return z.std() if kind == "image" else z.std(dim=(0, *range(2, z.dim())), keepdim=True)
 
 
-def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, save_every: float = 10.0) -> None:
+def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, save_every: float = 10.0,
+              device: torch.device = torch.device("cpu"), batch_size: int | None = None, fresh: bool = False) -> None:
     """Reconstruction (L1 + MSE) with a small KL term; then the latent normalisation the pipeline uses.
-    Saves every ``save_every`` minutes and at the end.
+    Saves every ``save_every`` minutes and at the end. On CUDA the batch is 8x the CPU's (``batch_size``
+    overrides it) and autocast is bfloat16, as for the denoisers.
 
     ``decoder_only`` sharpens the decoder while the encoder, and so the latent space the denoiser is
-    trained on, stays fixed.
+    trained on, stays fixed. ``fresh`` starts from the seed's initialisation instead of the saved VAE: a new
+    latent space, so the denoiser must be retrained on it.
     """
     out = WEIGHTS / kind / "vae"
-    batch_size = 16 if kind == "image" else 4
+    batch_size = batch_size or (16 if kind == "image" else 4) * (8 if device.type == "cuda" else 1)
     components = build.image_components(seed) if kind == "image" else build.video_components(seed)
     vae = components["vae"]
-    state = read_state(out)
+    if fresh and decoder_only:
+        raise SystemExit("--fresh and --decoder-only contradict each other: a decoder-only run keeps the saved encoder")
+    state = {} if fresh else read_state(out)
     if state:
         vae = type(vae).from_pretrained(out, torch_dtype=torch.float32)
         log(f"resuming the {kind} VAE from step {state['steps']}")
-    vae.train()
+    elif fresh:
+        log(f"a fresh {kind} VAE from seed {seed}: the {kind} denoiser must be retrained on its latents")
+    vae.to(device).train()
+    log(f"{kind} vae: training on {device}, batch {batch_size}")
     trainable = vae.parameters()
     if decoder_only:
         if not state:
@@ -170,7 +179,9 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
     def save() -> None:
         vae.eval()
         with torch.no_grad():
-            x = torch.cat([vae_batch(kind, np.random.default_rng(seed + 999 + i), 0, batch_size) for i in range(8)])
+            # The same 8 x 16 images (8 x 4 clips) whatever the training batch, so records compare.
+            x = torch.cat([vae_batch(kind, np.random.default_rng(seed + 999 + i), 0, 16 if kind == "image" else 4)
+                           for i in range(8)]).to(device)
             latents = vae.encode(x).latent_dist.mean
             recon = vae.decode(latents).sample
             psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, x)))
@@ -192,14 +203,15 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
             record["latents_mean"] = [round(float(v), 5) for v in latents.mean(dim=dims)]
             record["latents_std"] = [round(float(v), 5) for v in latents.std(dim=dims)]
             vae.register_to_config(latents_mean=record["latents_mean"], latents_std=record["latents_std"])
-        vae.save_pretrained(out)
+        vae.to("cpu").save_pretrained(out)
+        vae.to(device)
         record["minutes"] = round(state.get("minutes", 0.0) + (time.time() - start) / 60, 1)
         write_state(out, record)
         log(f"{kind} vae saved: {steps} steps, {record['minutes']} min, PSNR {psnr:.2f} dB")
 
     while time.time() - start < minutes * 60:
-        x = vae_batch(kind, rng, steps, batch_size)
-        with torch.autocast(**AUTOCAST):
+        x = vae_batch(kind, rng, steps, batch_size).to(device)
+        with torch.autocast(**autocast_for(device)):
             with torch.set_grad_enabled(not decoder_only):
                 posterior = vae.encode(x).latent_dist
             # Decode the posterior mean (what the denoiser is trained on) plus a little noise so the decoder
@@ -690,11 +702,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kind", default="both", help="judge: image, video or both")
     parser.add_argument("--decoder-only", action="store_true", help="VAE stages: sharpen the decoder, keep the latent space")
+    parser.add_argument("--fresh", action="store_true",
+                        help="VAE stages: start from the seed, not the saved VAE (a new latent space: retrain the denoiser)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="image/video stages: where to train (auto: CUDA if available; other stages: CPU)")
+                        help="image/video/VAE stages: where to train (auto: CUDA if available; other stages: CPU)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"image/video: images per step, video a third as many clips "
-                             f"(default {CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on CUDA)")
+                             f"(default {CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on CUDA); VAE stages: images "
+                             f"(clips) per step (default 16 (4) on CPU, 8x that on CUDA)")
     parser.add_argument("--workers", type=int, default=None,
                         help="image/video: processes drawing batches (default 0 on CPU: in the training process; "
                              "on CUDA all cores but three, at most 14)")
@@ -704,14 +719,15 @@ def main(argv=None) -> int:
                              "VAE stages: between saves of the weights (default 10)")
     args = parser.parse_args(argv)
     denoiser = args.stage in ("image", "video")
-    if args.device == "cuda" and not denoiser:
-        raise SystemExit(f"--device cuda: only the image and video stages train on a GPU; run {args.stage} on the CPU")
-    device = resolve_device(args.device) if denoiser else torch.device("cpu")
+    on_gpu = denoiser or args.stage.endswith("-vae")
+    if args.device == "cuda" and not on_gpu:
+        raise SystemExit(f"--device cuda: only the image, video and VAE stages train on a GPU; run {args.stage} on the CPU")
+    device = resolve_device(args.device) if on_gpu else torch.device("cpu")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.stage.endswith("-vae"):
         train_vae(args.stage.split("-")[0], args.minutes, args.seed, decoder_only=args.decoder_only,
-                  save_every=args.save_every or 10.0)
+                  save_every=args.save_every or 10.0, device=device, batch_size=args.batch_size, fresh=args.fresh)
     elif args.stage.endswith("-text"):
         train_text_encoder(args.stage.split("-")[0], args.minutes, args.seed)
     elif denoiser:
