@@ -119,15 +119,20 @@ def video_fps(path: str | Path) -> int:
     return 8
 
 
-def iter_video_chunks(path: str | Path, size: int) -> Iterator[np.ndarray]:
-    """A video as consecutive (≤ size, H, W, 3) uint8 chunks, decoded as a stream: memory holds one chunk."""
+def _iter_frames(path: Path) -> Iterator[np.ndarray]:
+    """A video's frames one by one as (H, W, 3) uint8, decoded as a stream."""
     import imageio.v3 as iio
 
-    path = Path(path)
     _require_reader(path)
-    chunk = []
     for frame in iio.imiter(path):
-        chunk.append(_rgb_frames(frame, path)[0])
+        yield _rgb_frames(frame, path)[0]
+
+
+def iter_video_chunks(path: str | Path, size: int) -> Iterator[np.ndarray]:
+    """A video as consecutive (≤ size, H, W, 3) uint8 chunks, decoded as a stream: memory holds one chunk."""
+    chunk = []
+    for frame in _iter_frames(Path(path)):
+        chunk.append(frame)
         if len(chunk) == size:
             yield np.stack(chunk)
             chunk = []
@@ -144,14 +149,15 @@ class VideoWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._gif_frames: list[np.ndarray] = []
         self._stream = None
-        if self.path.suffix.lower() == ".mp4":
+        self._mp4 = self.path.suffix.lower() == ".mp4"
+        if self._mp4:
             _require_writer(self.path)
 
     def append(self, frames: np.ndarray) -> None:
         """(F, H, W, 3) frames, floats in [0, 1] or uint8. The file is created with the first frames, so a
         run that fails before them leaves none."""
         for frame in to_uint8(frames):
-            if self.path.suffix.lower() != ".mp4":
+            if not self._mp4:
                 self._gif_frames.append(frame)
                 continue
             if self._stream is None:
@@ -181,7 +187,7 @@ class VideoWriter:
 def _frame_count(path: str, modified_ns: int, size: int) -> int:
     import imageio.v3 as iio
 
-    return sum(1 for _ in iio.imiter(path))
+    return sum(1 for _ in iio.imiter(path))  # counted, not converted
 
 
 def count_video_frames(path: str | Path) -> int:
@@ -196,16 +202,13 @@ def count_video_frames(path: str | Path) -> int:
 def read_video_window(path: str | Path, start: int, count: int) -> np.ndarray:
     """Frames ``start`` … ``start + count − 1`` of a video as (count, H, W, 3) uint8, decoded as a stream:
     memory holds the window, not the file, so long videos need not be cut into clips."""
-    import imageio.v3 as iio
-
     path = Path(path)
-    _require_reader(path)
     if start < 0 or count <= 0:
         raise ValueError(f"read_video_window: start={start} must be >= 0 and count={count} positive.")
     window = []
-    for index, frame in enumerate(iio.imiter(path)):
+    for index, frame in enumerate(_iter_frames(path)):
         if index >= start:
-            window.append(_rgb_frames(frame, path)[0])
+            window.append(frame)
             if len(window) == count:
                 return np.stack(window)
     raise ValueError(f"{path.name} has {start + len(window)} frames; frames {start}-{start + count - 1} were asked for.")

@@ -125,17 +125,14 @@ def ceiling(kind: str, num: int) -> dict:
     prompts = [scenes.caption(scene) for scene in chosen]
     if kind == "video":
         truth = np.stack([scenes.render_clip(scene, size, call.get("num_frames", 9)) for scene in chosen])
-        to_vae = lambda x: x.permute(0, 4, 1, 2, 3)  # noqa: E731  (n, F, H, W, 3) -> (n, 3, F, H, W)
-        from_vae = lambda x: x.permute(0, 2, 3, 4, 1)  # noqa: E731
     else:
         truth = np.stack([scenes.render_image(scene, size) for scene in chosen])
-        to_vae, from_vae = (lambda x: x.permute(0, 3, 1, 2)), (lambda x: x.permute(0, 2, 3, 1))
     rebuilt = []
     with torch.no_grad():
-        for i in range(0, num, 16):
-            x = to_vae(torch.from_numpy(truth[i:i + 16])) * 2.0 - 1.0
+        for i in range(0, num, 16):  # channels last (renders) <-> channels first (VAE), images and clips alike
+            x = torch.movedim(torch.from_numpy(truth[i:i + 16]), -1, 1) * 2.0 - 1.0
             decoded = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
-            rebuilt.append(from_vae((decoded.clamp(-1.0, 1.0) + 1.0) / 2.0).numpy())
+            rebuilt.append(torch.movedim((decoded.clamp(-1.0, 1.0) + 1.0) / 2.0, 1, -1).numpy())
     rebuilt = np.concatenate(rebuilt)
     mse = ((rebuilt - truth) ** 2).reshape(num, -1).mean(axis=1)
     result = {"model": kind, "num_prompts": num, "size": size,

@@ -719,10 +719,10 @@ def main(argv=None) -> int:
                              "VAE stages: between saves of the weights (default 10)")
     args = parser.parse_args(argv)
     denoiser = args.stage in ("image", "video")
-    on_gpu = denoiser or args.stage.endswith("-vae")
-    if args.device == "cuda" and not on_gpu:
+    gpu_capable = denoiser or args.stage.endswith("-vae")
+    if args.device == "cuda" and not gpu_capable:
         raise SystemExit(f"--device cuda: only the image, video and VAE stages train on a GPU; run {args.stage} on the CPU")
-    device = resolve_device(args.device) if on_gpu else torch.device("cpu")
+    device = resolve_device(args.device) if gpu_capable else torch.device("cpu")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.stage.endswith("-vae"):
