@@ -15,7 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_pipelines import add_lora, build, run  # noqa: E402
+from tiny_pipelines import add_lora, build, offload, run  # noqa: E402
 
 import diffaccel  # noqa: E402
 
@@ -29,16 +29,22 @@ def main() -> None:
     cases = {}
     for scenario in scenarios:
         name, family = scenario["name"], scenario["family"]
-        key = (family, json.dumps(scenario.get("lora"), sort_keys=True))  # a LoRA scenario: its own pipeline
+        # A LoRA scenario gets its own pipeline, an offloading one a fresh pipeline (offloading stays on remove).
+        key = (family, json.dumps(scenario.get("lora"), sort_keys=True), name if scenario.get("offload") else None)
         if key not in cases:
             cases[key] = add_lora(build(family), **scenario["lora"]) if scenario.get("lora") else build(family)
         case = cases[key]
+        mode, order = (scenario["offload"] if scenario.get("offload") else (None, None))
+        if order == "before":
+            offload(case, mode)
         try:
             diffaccel.accelerate(case.pipe, scenario["config"])
         except ValueError as error:
             if rank0:
                 (out / f"{name}.error").write_text(str(error))
             continue
+        if order == "after":
+            offload(case, mode)
         images = run(case, **scenario.get("overrides", {}))
         stats = diffaccel.stats(case.pipe)
         diffaccel.remove(case.pipe)

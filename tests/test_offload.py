@@ -13,23 +13,9 @@ import torch
 
 import diffaccel
 from diffaccel import BlockCacheConfig
-from tiny_pipelines import build, run
+from tiny_pipelines import build, offload, run
 
 CACHE = BlockCacheConfig(threshold=1e9, warmup_steps=1, max_consecutive=2)
-CPU = torch.device("cpu")
-
-
-def offload(pipe, mode: str) -> None:
-    from accelerate import cpu_offload, cpu_offload_with_hook
-
-    transformer = pipe.transformer
-    if mode == "group":
-        transformer.enable_group_offload(CPU, CPU, offload_type="block_level", num_blocks_per_group=1)
-    elif mode == "sequential":  # weights on the meta device, moved in module by module
-        cpu_offload(transformer, execution_device=CPU)
-        assert any(p.device.type == "meta" for p in transformer.parameters())
-    else:  # "model": the whole denoiser moved in for its forward
-        cpu_offload_with_hook(transformer, execution_device=CPU)
 
 
 @pytest.mark.parametrize("name", ["wan", "flux"])
@@ -45,11 +31,11 @@ def test_offloading_composes_with_acceleration_and_remove(name, mode, order):
 
     case = build(name)
     if order == "offload first":
-        offload(case.pipe, mode)
+        offload(case, mode)
         diffaccel.accelerate(case.pipe, cache=CACHE, guidance="adaptive")
     else:
         diffaccel.accelerate(case.pipe, cache=CACHE, guidance="adaptive")
-        offload(case.pipe, mode)
+        offload(case, mode)
     out = run(case, seed=0)
     stats = diffaccel.stats(case.pipe)
     assert np.array_equal(out, accelerated)
@@ -75,3 +61,28 @@ def test_a_quantized_denoiser_is_accelerated_and_given_back(name):
     assert np.isfinite(accelerated).all() and not np.array_equal(accelerated, plain)
     diffaccel.remove(case.pipe)
     assert np.array_equal(run(case, seed=0), plain)
+
+
+def test_offloading_applied_again_after_accelerate_is_reported_not_silent(caplog):
+    """accelerate's ``add_hook_to_module`` rebuilds its wrapper around the forward it first found when a
+    module already has one of its hooks, so offloading applied a second time after ``accelerate`` drops
+    diffaccel's hooks on the denoiser. That is never silent: block hooks stop the call with an error that
+    says what to do, and a denoiser-level method alone is reported once per call as not accelerated."""
+    case = build("wan")
+    offload(case, "model")
+    diffaccel.accelerate(case.pipe, guidance="adaptive")
+    with caplog.at_level("WARNING", logger="diffaccel"):
+        run(case, seed=0)
+    assert "not accelerated" not in caplog.text  # a normal accelerated run is not reported
+    offload(case, "model")
+    with caplog.at_level("WARNING", logger="diffaccel"):
+        run(case, seed=0)
+    assert caplog.text.count("this call is not accelerated") == 1
+    assert diffaccel.stats(case.pipe)["denoiser_calls"] == 0
+
+    case = build("wan")
+    offload(case, "model")
+    diffaccel.accelerate(case.pipe, cache=CACHE)
+    offload(case, "model")
+    with pytest.raises(RuntimeError, match="diffaccel.remove"):
+        run(case, seed=0)

@@ -28,6 +28,12 @@ SCENARIOS = [
          config={"parallel": {"method": "cfg"}, "cache": CACHE}),
     dict(name="ulysses_lora_batch", family="flux", lora=LORA, overrides={"num_images_per_prompt": 2},
          config={"parallel": {"method": "context"}}),
+    # Memory per GPU: offloading (diffusers' group offloading, accelerate's sequential and model offload)
+    # under each parallel mode, installed before or after accelerate.
+    *[dict(name=f"{parallel}_{family}_{mode}_{order}", family=family, offload=[mode, order],
+           config={"parallel": {"method": parallel}, "cache": CACHE})
+      for parallel, family in (("cfg", "wan"), ("context", "flux"), ("context", "wan"))
+      for mode in ("group", "sequential", "model") for order in ("before", "after")],
     dict(name="wrong_degrees", family="wan", config={"parallel": {"method": "hybrid", "cfg": 2, "ulysses": 2}}),
     dict(name="no_plan", family="pixart_alpha", config={"parallel": {"method": "context"}}),
 ]
@@ -126,6 +132,23 @@ def test_hybrid_cfg_times_ulysses_on_four_ranks(tmp_path):
     np.testing.assert_allclose(out, single, atol=1e-4)
     assert stats["parallel_cfg_speculated"] == stats["steps"] - 1
     assert stats["blocks_skipped"] > 0 and single_stats["blocks_skipped"] > 0
+
+
+@pytest.mark.parametrize("parallel, family", [("cfg", "wan"), ("context", "flux"), ("context", "wan")])
+def test_parallel_runs_compose_with_offloading(torchrun_results, parallel, family):
+    """What xDiT / ParaAttention users ask for: memory per GPU kept down by offloading in a parallel run.
+    The mesh is built for the device the denoiser computes on, not where offloading parks its weights
+    (the meta device, for sequential offload)."""
+    single, single_stats = _single_process(family, {"cache": CACHE})
+    for mode in ("group", "sequential", "model"):
+        for order in ("before", "after"):
+            out, stats = _result(torchrun_results, f"{parallel}_{family}_{mode}_{order}")
+            np.testing.assert_allclose(out, single, atol=1e-4, err_msg=f"{mode} offload {order} accelerate")
+            assert stats["blocks_skipped"] > 0
+            if parallel == "context":
+                assert stats["blocks_skipped"] == single_stats["blocks_skipped"]
+            else:
+                assert stats["parallel_cfg_speculated"] == stats["steps"] - 1
 
 
 def test_wrong_degrees_and_missing_plans_are_clear_errors(torchrun_results):

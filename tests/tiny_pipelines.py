@@ -931,6 +931,28 @@ def add_lora(case: TinyCase, rank: int = 4, seed: int = 0) -> TinyCase:
     return case
 
 
+def offload(case: TinyCase, mode: str) -> TinyCase:
+    """Offload the denoiser's weights as a memory-bound user would: "group" (diffusers' group offloading,
+    block level), "sequential" (accelerate's ``cpu_offload``: weights on the meta device, moved in module by
+    module, what ``enable_sequential_cpu_offload`` installs) or "model" (the whole denoiser moved in for its
+    forward, what ``enable_model_cpu_offload`` installs). On a CPU-only machine both ends are the CPU: the
+    hooks, their order and the meta-device weights are exercised, only the copies are free."""
+    from accelerate import cpu_offload, cpu_offload_with_hook
+
+    cpu = torch.device("cpu")
+    denoiser = getattr(case.pipe, case.denoiser_attr)
+    if mode == "group":
+        denoiser.enable_group_offload(cpu, cpu, offload_type="block_level", num_blocks_per_group=1)
+    elif mode == "sequential":
+        cpu_offload(denoiser, execution_device=cpu)
+        assert any(p.device.type == "meta" for p in denoiser.parameters())
+    elif mode == "model":
+        cpu_offload_with_hook(denoiser, execution_device=cpu)
+    else:
+        raise ValueError(f"unknown offload mode {mode!r}: group, sequential or model")
+    return case
+
+
 def run(case: TinyCase, seed: int = 0, **overrides) -> np.ndarray:
     """Run the case's pipeline deterministically and return images / frames as a numpy array."""
     kwargs = dict(case.call_kwargs)

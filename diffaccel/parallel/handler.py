@@ -8,7 +8,7 @@ from .cfg import CfgParallelHook
 from .config import CfgParallelConfig, ContextParallelDegrees, ParallelConfig
 from .context import (
     build_groups,
-    device_type_of,
+    execution_device_type,
     disable_context_parallel,
     enable_context_parallel,
     hook_names,
@@ -29,7 +29,7 @@ class ParallelHandler:
                     f"{label}: {target.denoiser_name} ({target.adapter.name}) has no context-parallel plan in diffusers "
                     f"(its class sets no _cp_plan), so its sequence cannot be split; use parallel='cfg' for it."
                 )
-            if ring > 1 and device_type_of(target.denoiser) == "cpu":
+            if ring > 1 and execution_device_type(target.denoiser) == "cpu":
                 raise ValueError(
                     f"{label}: ring attention needs a GPU attention backend that returns the log-sum-exp; on CPU use "
                     f"Ulysses (ring=1)."
@@ -40,7 +40,7 @@ class ParallelHandler:
         it see whole CFG batches)."""
         _, world_size = require_distributed(type(config).__name__)
         denoiser = target.denoiser
-        self._groups = build_groups(config.degrees(world_size), device_type_of(denoiser))
+        self._groups = build_groups(config.degrees(world_size), execution_device_type(denoiser))
         if self._groups.cfg > 1:
             runtime.register_hook(denoiser, CfgParallelHook(runtime, self._groups, denoiser), CFG_HOOK)
 

@@ -47,14 +47,32 @@ class StepClock:
         self.call_index = 0
         self.step_index = 0
         self.num_steps: int | None = None
-        self.current: StepContext | None = None
+        self._current: StepContext | None = None
         self._in_call = False
+
+    @property
+    def current(self) -> StepContext:
+        """The context of the denoiser forward in progress, which the runtime's denoiser hook makes. A hook
+        below it that finds none was reached without it: something replaced the denoiser's ``forward``
+        after ``accelerate``, dropping the outermost hook while the inner ones stayed."""
+        if self._current is None:
+            raise RuntimeError(
+                "diffaccel: a block hook ran without the denoiser hook above it, so the denoiser's forward was "
+                "replaced after diffaccel.accelerate (accelerate's add_hook_to_module does this when offloading is "
+                "applied a second time, e.g. a repeated enable_model_cpu_offload). Call diffaccel.remove(pipe) "
+                "before changing the offloading, then accelerate again."
+            )
+        return self._current
+
+    @current.setter
+    def current(self, context: StepContext | None) -> None:
+        self._current = context
 
     def begin_call(self, num_steps: int | None) -> None:
         self.call_index += 1
         self.step_index = 0
         self.num_steps = num_steps
-        self.current = None
+        self._current = None
         self._in_call = True
 
     def end_step(self) -> None:

@@ -133,6 +133,7 @@ class Runtime:
         self._scheduler = None
         self._scheduler_originals: dict[str, Any] = {}
         self._scheduler_own: dict[str, Any] = {}
+        self._hooked_forwards, self._warned_bypass = 0, False  # forwards through DenoiserHook this step
         self._hidden_position = argument_position(denoiser, adapter.hidden_arg)
         self._timestep_position = argument_position(denoiser, adapter.timestep_arg)
 
@@ -238,8 +239,17 @@ class Runtime:
         self.call_stats = RunStats(calls=1, blocks_per_forward=self.blocks_per_forward)
         self.total_stats.calls += 1
         self.clock.begin_call(num_steps)
+        self._hooked_forwards, self._warned_bypass = 0, False
 
     def end_step(self) -> None:
+        if self._hooked_forwards == 0 and not self._warned_bypass:
+            self._warned_bypass = True  # once per call
+            logger.warning(
+                "diffaccel: a denoising step of %s ended without any %s forward through diffaccel's hook, so this "
+                "call is not accelerated: the denoiser's forward was replaced after diffaccel.accelerate (e.g. "
+                "offloading applied a second time). Call diffaccel.remove(pipe) before changing the offloading, "
+                "then accelerate again.", type(self.pipe).__name__, type(self.denoiser).__name__)
+        self._hooked_forwards = 0
         self.clock.end_step()
         self.call_stats.steps += 1
         self.total_stats.steps += 1
@@ -253,6 +263,7 @@ class Runtime:
         self._follow_scheduler()
         if not self.clock.in_call:
             self.start_call(None)  # the denoiser is driven by something other than a pipeline call
+        self._hooked_forwards += 1
         hidden = get_argument(args, kwargs, self.adapter.hidden_arg, self._hidden_position)
         timestep = get_argument(args, kwargs, self.adapter.timestep_arg, self._timestep_position)
         if not isinstance(hidden, torch.Tensor):
@@ -312,8 +323,6 @@ class Runtime:
         state of a branch that is not evaluated is never touched. Returns the (new) current context.
         """
         ctx = self.clock.current
-        if ctx is None:
-            raise RuntimeError("narrow_forward() is only valid inside a denoiser forward.")
         for stats in (self.call_stats, self.total_stats):
             counted = stats.denoiser_calls_by_branch
             counted.subtract(ctx.branches_in_batch)
