@@ -299,6 +299,10 @@ def _add_distill(subparsers) -> None:
     p.add_argument("--eta", type=float, default=None, choices=[0.0, 1.0],
                    help="tdm: re-noise between stages with the student's own noise estimate (1, default: Euler "
                    "sampling) or fresh noise (0: LCM-style sampling)")
+    p.add_argument("--fake-regulariser", type=float, default=None, metavar="LAMBDA",
+                   help="tdm: λ·‖v_fake − v_real‖² added to the fake score's loss (Video-BLADE's --lambda_reg; default 0)")
+    p.add_argument("--fake-loss-limit", type=float, default=None, metavar="L",
+                   help="tdm: skip a fake-score step whose loss exceeds L (Video-BLADE's guard uses 2.0; default: none)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale baked in (default: the teacher's); with "
                    "--guidance-range, the student's default scale")
     p.add_argument("--guidance-range", default=None, metavar="LOW,HIGH",
@@ -350,11 +354,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
             except json.JSONDecodeError as error:
                 raise ValueError(f"--sparse-attention {args.sparse_attention!r} is not JSON ({error.msg}); give the "
                                  f"BlockSparseAttentionConfig fields, e.g. '{{\"block_size\": 64}}'.") from None
-        config = TDMConfig(student_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                           **({"eta": args.eta} if args.eta is not None else {}), **given)
+        tdm_only = {k: v for k, v in (("eta", args.eta), ("fake_regulariser", args.fake_regulariser),
+                                      ("fake_loss_limit", args.fake_loss_limit)) if v is not None}
+        config = TDMConfig(student_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, **tdm_only, **given)
     else:
-        if args.eta is not None:
-            raise ValueError("--eta is an option of --method tdm.")
+        for option, value in (("--eta", args.eta), ("--fake-regulariser", args.fake_regulariser),
+                              ("--fake-loss-limit", args.fake_loss_limit)):
+            if value is not None:
+                raise ValueError(f"{option} is an option of --method tdm.")
         if args.sparse_attention is not None:
             raise ValueError("--sparse-attention is an option of --method tdm (Video-BLADE's sparsity-aware TDM).")
         rank = given.get("lora_rank", 0)

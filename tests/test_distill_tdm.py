@@ -122,6 +122,51 @@ def test_each_update_lowers_its_own_loss_on_a_fixed_batch():
     assert all(f".{FAKE}." not in k for k in changed)
 
 
+def _fake_after_updates(updates: int, **changes):
+    """A trainer after ``updates`` fake-score steps on one batch, and on a fixed noisy view of it: (matching
+    loss, ‖v_fake − v_real‖² to the teacher's unguided velocity)."""
+    trainer = _trainer(fake_learning_rate=1e-2, **changes)
+    batch = trainer.prepare(0)
+    with torch.no_grad():
+        x0 = trainer.student_x0(batch.sample, batch.stages, batch.cond)
+    for _ in range(updates):
+        trainer.fake_update(batch, x0)
+    noisy, t = trainer._noisy_view(x0, batch.sample, batch.stages, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        matching = trainer.fake_loss(noisy, t, x0, batch.cond)
+        fake = trainer.fake_velocity(noisy, t, batch.cond)
+        trainer._use(None)
+        real = trainer.teacher.velocity(trainer.model, noisy, t, batch.cond)
+    return trainer, float(matching), float((fake - real).pow(2).mean())
+
+
+def test_the_fake_regulariser_holds_the_fake_score_near_the_teacher():
+    """Video-BLADE's --lambda_reg: with λ the fake score trades some of its fit to the student for staying
+    near the teacher's unguided velocity."""
+    _, free_matching, free_gap = _fake_after_updates(4)
+    trainer, held_matching, held_gap = _fake_after_updates(4, fake_regulariser=100.0)
+    assert held_gap < 0.85 * free_gap and held_matching > free_matching
+    batch = trainer.prepare(1)
+    with torch.no_grad():
+        x0 = trainer.student_x0(batch.sample, batch.stages, batch.cond)
+        noisy, t = trainer._noisy_view(x0, batch.sample, batch.stages, torch.Generator().manual_seed(2))
+        matching, regulariser = trainer.fake_losses(noisy, t, x0, batch.cond)
+    assert torch.equal(matching, trainer.fake_loss(noisy, t, x0, batch.cond)) and float(regulariser) > 0
+    assert _trainer().fake_losses(noisy, t, x0, batch.cond)[1] is None  # λ = 0: no teacher call at all
+
+
+def test_a_fake_step_above_the_loss_limit_is_skipped_and_counted():
+    trainer = _trainer(fake_loss_limit=1e-9)
+    fake = {k: v.clone() for k, v in trainer.model.named_parameters() if f".{FAKE}." in k}
+    trainer.train_step()
+    assert all(torch.equal(v, fake[k]) for k, v in trainer.model.named_parameters() if f".{FAKE}." in k)
+    assert trainer.fake_skipped == 1 and trainer.last_rewards["fake_skipped"] == 1.0
+    assert trainer.last_rewards["fake_loss"] > 1e-9  # the loss is still reported
+    for bad in (dict(fake_regulariser=-0.1), dict(fake_loss_limit=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TDMConfig(**bad)
+
+
 def test_resume_gives_the_same_next_loss_as_not_stopping(tmp_path):
     config = TDMConfig(**TINY)
     straight = distill("reference:image", tmp_path / "a", config, method="tdm", max_steps=2, progress=False)
@@ -186,3 +231,10 @@ def test_cli_distills_with_tdm_and_refuses_options_of_other_methods(tmp_path, ca
     assert "--solver-steps is an option of the consistency methods" in capsys.readouterr().err
     assert main(["distill", "--eta", "0", "--out", str(tmp_path / "l"), "--max-steps", "1"]) == 2
     assert "--eta is an option of --method tdm" in capsys.readouterr().err
+    assert main(["distill", "--fake-loss-limit", "2", "--out", str(tmp_path / "l"), "--max-steps", "1"]) == 2
+    assert "--fake-loss-limit is an option of --method tdm" in capsys.readouterr().err
+    tuned = tmp_path / "tuned"
+    assert main([*base[:-4], str(tuned), "--no-progress", "--threads", "1", "--max-steps", "1",
+                 "--fake-regulariser", "0.02", "--fake-loss-limit", "2"]) == 0
+    config = StudentCard.load(tuned).training["config"]
+    assert config["fake_regulariser"] == 0.02 and config["fake_loss_limit"] == 2.0

@@ -179,6 +179,10 @@ class TDMConfig(_Serialisable):
     TDM run), or from σ_{k+1} up to ``max_sigma`` without (Video-BLADE). The student and the fake score (which tracks the student's
     trajectory distribution) are LoRA adapters of the teacher (``lora_rank``, ``fake_rank``: None = the
     same), trained with their own learning rates; ``fake_updates`` fake-score steps per student step.
+    ``fake_regulariser``: λ of Video-BLADE's ‖v_fake − v_real‖² term (``--lambda_reg``: the teacher's velocity
+    without CFG at the same point), added to the fake score's loss to keep it near the teacher; 0 there, as
+    here. ``fake_loss_limit``: a fake-score step whose loss exceeds it is skipped (Video-BLADE's guard, at
+    2.0; None: never), counted as ``fake_skipped`` in the progress.
     ``sizes``: square sizes trained in turn, one per iteration (iteration i at ``sizes[i % n]``), the
     first being the student's default; None trains at ``height`` × ``width`` alone. ``init_student``
     starts the student from another student's LoRA (a folder or a shipped name such as "image-tdm", of
@@ -198,6 +202,8 @@ class TDMConfig(_Serialisable):
     learning_rate: float = 1e-4
     fake_learning_rate: float = 5e-4
     fake_updates: int = 1
+    fake_regulariser: float = 0.0
+    fake_loss_limit: float | None = None
     separate: bool = True
     max_sigma: float = 0.98
     huber_c: float = 1e-3
@@ -226,4 +232,7 @@ class TDMConfig(_Serialisable):
         need(self.fake_rank is None or self.fake_rank > 0, "fake_rank", "must be positive")
         need(self.fake_learning_rate > 0, "fake_learning_rate", "must be positive")
         need(self.fake_updates >= 1, "fake_updates", "the fake score must follow the student")
+        need(self.fake_regulariser >= 0.0, "fake_regulariser", "a weight of a squared distance must be ≥ 0")
+        need(self.fake_loss_limit is None or self.fake_loss_limit > 0, "fake_loss_limit",
+             "must be positive (None: no guard)")
         need(0.0 < self.max_sigma <= 1.0, "max_sigma", "must lie in (0, 1]")

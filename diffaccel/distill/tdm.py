@@ -116,6 +116,7 @@ class TDMTrainer:
 
             self.sparse_pipe = diffaccel.accelerate(teacher.pipe, attention=sparse_attention_config(config.sparse_attention))
         self.step = 0
+        self.fake_skipped = 0  # fake-score steps skipped by fake_loss_limit
         self.last_rewards: dict[str, float] = {}
 
     # -- the three roles --------------------------------------------------------------------------
@@ -223,22 +224,47 @@ class TDMTrainer:
         return TDMBatch(cond, uncond, stages, self.rollout(noise, stages, cond, gen), gen)
 
     def fake_update(self, batch: TDMBatch, x0: torch.Tensor) -> float:
-        """One flow-matching step of the fake score towards the student's estimates ``x0``."""
+        """One flow-matching step of the fake score towards the student's estimates ``x0``; returns its
+        matching loss. Above ``fake_loss_limit`` (judged on the mean over processes, so all agree) the step
+        is skipped and counted."""
         noisy, t = self._noisy_view(x0, batch.sample, batch.stages, batch.generator)
-        loss = self.fake_loss(noisy, t, x0, batch.cond)
+        matching, regulariser = self.fake_losses(noisy, t, x0, batch.cond)
+        value = matching.detach()
+        if self.accelerator.num_processes > 1:
+            value = self.accelerator.reduce(value, "mean")
+        value = float(value)
+        limit = self.config.fake_loss_limit
+        if limit is not None and value > limit:
+            self.fake_skipped += 1
+            return value
+        total = matching if regulariser is None else matching + self.config.fake_regulariser * regulariser
         self.fake_optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
+        self.accelerator.backward(total)
         average_gradients(self, self._params_of(FAKE))
         self.accelerator.clip_grad_norm_(self._params_of(FAKE), self.config.grad_clip)
         self.fake_optimizer.step()
-        return float(loss.detach())
+        return value
 
     def fake_loss(self, noisy: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Velocity MSE towards the student's x̂0, the form of the authors' flow-model code (TDM-R1) without
-        its 0.02·‖v_fake − v_real‖² term. Their DDPM demo (PixArt) instead weights an x0 MSE by min(SNR, 5)
-        and a Gaussian density ratio of the noise (its importance weight); neither is used here."""
+        """Velocity MSE towards the student's x̂0, the form of the authors' flow-model code (Video-BLADE's Wan
+        trainer, TDM-R1). Their DDPM demo (PixArt) instead weights an x0 MSE by min(SNR, 5) and a Gaussian
+        density ratio of the noise (its importance weight); neither is used here."""
+        return self.fake_losses(noisy, t, x0, cond, regularise=False)[0]
+
+    def fake_losses(self, noisy: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor,
+                    regularise: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the matching loss of ``fake_loss``, and with a ``fake_regulariser`` the MSE between the fake and
+        the teacher's unguided velocity at the same point, else None)."""
         target = (noisy - x0) / expand_like(t, noisy)  # v = (x_t − x0)/t on the flow's straight path
-        return torch.nn.functional.mse_loss(self.fake_velocity(noisy, t, cond).float(), target.float())
+        fake = self.fake_velocity(noisy, t, cond).float()
+        matching = torch.nn.functional.mse_loss(fake, target.float())
+        if not (regularise and self.config.fake_regulariser > 0):
+            return matching, None
+        with torch.no_grad():
+            self._use(None)
+            real = self.teacher.velocity(self.model, noisy, t, cond).float()
+        self._use(FAKE)
+        return matching, torch.nn.functional.mse_loss(fake, real)
 
     def student_target(self, batch: TDMBatch, x0: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -275,6 +301,8 @@ class TDMTrainer:
         loss = self.student_update(*self.student_target(batch, x0))
         self.step += 1
         self.last_rewards = {"fake_loss": sum(fake_losses) / len(fake_losses)}
+        if self.config.fake_loss_limit is not None:
+            self.last_rewards["fake_skipped"] = float(self.fake_skipped)
         return loss
 
     # -- what a checkpoint holds --------------------------------------------------------------------
