@@ -58,6 +58,38 @@ def test_calibrator_forecasts_the_stack_residual_exactly_when_it_is_linear():
         TeaCacheConfig(calibrator="taylorseer", calibrator_order=0)
 
 
+def test_output_reuse_replays_the_prediction_not_the_residual_on_the_fresh_input():
+    # The input grows by 1 a step. Step 0 computes 0 + 11 + 2·400 = 811; steps 1 and 2 skip: the residual
+    # replay gives the fresh input plus 811, the output replay gives 811 itself.
+    pipe = toy_pipe()
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(threshold=0.6))
+    assert values(run_toy(pipe, 5, input_step=1.0)) == [811, 812, 813, 214, 15]
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(threshold=0.6, reuse="output"))
+    assert values(run_toy(pipe, 5, input_step=1.0)) == [811, 811, 811, 214, 15]
+    assert diffaccel.stats(pipe)["blocks_skipped"] == 2 * 4
+    # The calibrator forecasts the prediction along the steps: 812 + 2·(t) falls by 199 a step here.
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(threshold=0.6, warmup_steps=2, calibrator="taylorseer",
+                                                    reuse="output"))
+    assert values(run_toy(pipe, 5, input_step=1.0)) == [811, 612, 413, 214, 15]
+    with pytest.raises(ValueError, match="reuse must be one of"):
+        TeaCacheConfig(reuse="features")
+
+
+@pytest.mark.parametrize("name", ["flux", "wan", "pixart_alpha"])
+def test_output_reuse_is_exact_when_nothing_skips_and_skips_otherwise(name):
+    """Both CFG layouts: per-branch calls (Wan) and one doubled batch (PixArt)."""
+    case = build(name)
+    baseline = run(case, seed=0)
+    diffaccel.accelerate(case.pipe, cache=TeaCacheConfig(threshold=0.0, reuse="output"))
+    assert np.array_equal(run(case, seed=0), baseline)
+    diffaccel.accelerate(case.pipe, cache=TeaCacheConfig(threshold=100.0, reuse="output", calibrator="taylorseer"))
+    fast = run(case, seed=0)
+    assert diffaccel.stats(case.pipe)["blocks_skipped"] > 0 and np.isfinite(fast).all()
+    assert not np.array_equal(fast, baseline)
+    diffaccel.remove(case.pipe)
+    assert np.array_equal(run(case, seed=0), baseline)
+
+
 @pytest.mark.parametrize("name", TRANSFORMER_FAMILIES)
 def test_every_transformer_family_off_is_exact_on_skips_and_remove_restores(name):
     case = build(name)

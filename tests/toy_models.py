@@ -69,13 +69,15 @@ def toy_pipe() -> SimpleNamespace:
     return SimpleNamespace(transformer=ToyDenoiser(), scheduler=CountdownScheduler())
 
 
-def run_toy(pipe, num_steps: int, tokens: int = 4, batch: int = 1, doubled: bool = False, shape_at=None):
-    """A denoising loop like a pipeline's; returns each step's denoiser output (x = 0 each step)."""
+def run_toy(pipe, num_steps: int, tokens: int = 4, batch: int = 1, doubled: bool = False, shape_at=None,
+            input_step: float = 0.0):
+    """A denoising loop like a pipeline's; returns each step's denoiser output (x = i·input_step at step i,
+    0 by default)."""
     pipe.scheduler.set_timesteps(num_steps)
     outputs = []
     for i, t in enumerate(pipe.scheduler.timesteps):
         n = shape_at[1] if shape_at is not None and i >= shape_at[0] else tokens
-        x = torch.zeros(batch, n, 2)
+        x = torch.full((batch, n, 2), i * input_step)
         if doubled:
             x = torch.cat([x, x])
         out = pipe.transformer(x, t.expand(x.shape[0]))

@@ -11,7 +11,10 @@ polynomial fitted per model (``calibrate_teacache``) and accumulated; while the 
 block input, per stream) stored at the last computed step is added to the current input. A compute
 resets the sum. The first ``warmup_steps`` steps and the last step always compute. With a calibrator
 the replayed residual is forecast from the computed ones (TaylorSeer) rather than reused as stored:
-TeaCache skips long runs of steps, where a stale residual is what costs fidelity.
+TeaCache skips long runs of steps, where a stale residual is what costs fidelity. With
+``reuse="output"`` a skipped forward replays (or forecasts) the denoiser's own output, the prediction,
+instead of adding the residual to the fresh input: the quantity diffusers' TaylorSeer lite forecasts,
+smoother along the steps than the hidden states that the output norm and projection still transform.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from .calibrators import StreamForecast, check_calibrator
 TEACACHE_HOOK = "diffaccel.teacache"
 # Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan: temb; PixArt/Sana: timestep).
 TIMESTEP_EMBEDDING_ARGS = ("temb", "timestep_proj", "timestep", "emb", "time_emb")
+TEACACHE_OUTPUT_HOOK = "diffaccel.teacache.output"
+REUSE = ("residual", "output")
 
 
 @register_config
@@ -53,6 +58,9 @@ class TeaCacheConfig(MethodConfig):
         calibrator: None replays the stored block-stack residual; "taylorseer" forecasts it along the
             step index from the computed steps' residuals.
         calibrator_order: order of the Taylor expansion, 1 or 2.
+        reuse: what a skipped forward replays: "residual" (TeaCache's block-stack residual on the fresh
+            input) or "output" (the denoiser's output, stored at the computed steps; forecast with the
+            calibrator). The blocks are skipped either way.
     """
 
     slot = "cache"
@@ -65,10 +73,13 @@ class TeaCacheConfig(MethodConfig):
     max_consecutive: int | None = None
     calibrator: str | None = None
     calibrator_order: int = 1
+    reuse: str = "residual"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_float(name, "threshold", self.threshold, minimum=0.0)
+        if self.reuse not in REUSE:
+            raise ValueError(f"{name}.reuse must be one of {list(REUSE)}, got {self.reuse!r}.")
         check_calibrator(name, self.calibrator, self.calibrator_order)
         check_int(name, "warmup_steps", self.warmup_steps, minimum=0)
         if self.max_consecutive is not None:
@@ -124,6 +135,8 @@ class TeaCacheState:
         self.encoder_output_is_none = False
         self.last_change: float | None = None  # raw relative change of this forward (calibration reads it)
         self.forecast = StreamForecast(calibrator, order)  # the stack residual, forecast when calibrated
+        self.output: torch.Tensor | None = None  # reuse="output": the last computed prediction ...
+        self.output_forecast = StreamForecast(calibrator, order)  # ... and its forecast
 
 
 class TeaCacheHook(ModelHook):
@@ -168,6 +181,7 @@ class TeaCacheHook(ModelHook):
             or (config.force_last_step and ctx.is_last_step)
             or change is None
             or state.hidden_residual is None
+            or (config.reuse == "output" and state.output is None)
             or (config.max_consecutive is not None and state.consecutive_skips >= config.max_consecutive)
         )
         if not forced:
@@ -185,7 +199,7 @@ class TeaCacheHook(ModelHook):
 
     def _replay(self, state: TeaCacheState, args: tuple, kwargs: dict):
         hidden, encoder = self.block.stream_inputs(args, kwargs)
-        if self.first:
+        if self.first and self.config.reuse == "residual":  # with "output" the denoiser's output is replaced
             step = self.runtime.clock.current.step_index
             hidden = hidden + state.forecast.hidden_at(state.hidden_residual, step)
             if encoder is not None and state.encoder_residual is not None:
@@ -207,6 +221,46 @@ class TeaCacheHook(ModelHook):
             state.encoder_residual = None
         state.forecast.update(state.hidden_residual, state.encoder_residual, self.runtime.clock.current.step_index)
         state.stack_input = None
+
+
+def _prediction(output: Any) -> torch.Tensor:
+    """The prediction tensor of a denoiser's output: a tensor, the first of a tuple, or ``.sample``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.sample
+
+
+def _with_prediction(output: Any, prediction: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return prediction
+    if isinstance(output, (tuple, list)):
+        return type(output)((prediction, *output[1:]))
+    output.sample = prediction
+    return output
+
+
+class TeaCacheOutputHook(ModelHook):
+    """``reuse="output"``, on the denoiser: stores its prediction at the computed steps and puts the stored
+    (or forecast) prediction in place of what a skipped forward computed from the untouched stack."""
+
+    _is_stateful = False
+
+    def __init__(self, runtime, states) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.states = states
+
+    @torch.compiler.disable
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        state: TeaCacheState = self.states.get(self.runtime.clock.current.branch)
+        step = self.runtime.clock.current.step_index
+        if state.skip:
+            return _with_prediction(output, state.output_forecast.hidden_at(state.output, step))
+        state.output = _prediction(output)
+        state.output_forecast.update(state.output, None, step)
+        return output
 
 
 @register_method(TeaCacheConfig)
@@ -231,6 +285,8 @@ class TeaCacheHandler:
         for index, block in enumerate(blocks):
             hook = TeaCacheHook(config, runtime, states, block, first=index == 0, last=index == len(blocks) - 1)
             runtime.register_hook(block.module, hook, TEACACHE_HOOK)
+        if config.reuse == "output":
+            runtime.register_hook(target.denoiser, TeaCacheOutputHook(runtime, states), TEACACHE_OUTPUT_HOOK)
 
 
 # ------------------------------------------------------------------------------------------ calibration
