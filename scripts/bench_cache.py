@@ -7,8 +7,9 @@ The cache-dit rows need ``pip install -e ".[bench]"`` (cache-dit); without it th
 
 Same pipeline, steps, prompts and seeds for every row: the baseline; our block cache (with and
 without the TaylorSeer calibrator), Δ-DiT and TeaCache (polynomial calibrated on held-out prompts);
-diffusers' built-in caches (FirstBlockCache, TaylorSeer, MagCache calibrated, FasterCache,
-PyramidAttentionBroadcast) where they apply; cache-dit's DBCache F1B0 / F8B0 with and without its
+diffusers' built-in caches (FirstBlockCache, TaylorSeer at its defaults and in lite mode, MagCache
+with ratios calibrated on held-out prompts, SeaCache, FasterCache, PyramidAttentionBroadcast) where
+they apply; cache-dit's DBCache F1B0 / F8B0 with and without its
 TaylorSeer calibrator. Rows are interleaved within each repeat so a noisy machine's drift hits all.
 
 Per row: speedup (median seconds per call, baseline / row, this run), fraction of blocks whose
@@ -101,22 +102,51 @@ def cache_dit_row(name: str, fn: int, bn: int, threshold: float, warmup: int, ta
 
 
 def feed_forward_modules(pipe) -> list[torch.nn.Module]:
+    """The first Linear of each block's feed-forward: it runs only when the feed-forward really computes,
+    also under a peer that replaces the feed-forward module's own output by a forecast."""
     adapter = diffaccel.pipelines.adapter_for(pipe.transformer)
     modules = []
     for block in adapter.find_blocks(pipe.transformer):
         ff = getattr(block.module, "ff", None) or getattr(block.module, "ffn", None)
         if ff is None:
             raise ValueError(f"{type(block.module).__name__} has no ff/ffn module to count")
-        modules.append(ff)
+        modules.append(next(m for m in ff.modules() if isinstance(m, torch.nn.Linear)))
     return modules
 
 
-def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], router=None) -> list[Row]:
+def calibrate_magcache(pipe, calls: list[dict], steps: int) -> list[float]:
+    """MagCache's magnitude ratios for this model and step count, as its documentation asks: run with
+    ``calibrate=True`` (which skips nothing) and read the ratios it prints at the end of each call; the
+    mean over the held-out calls and CFG branches (diffusers applies one ratio list to every context)."""
+    import ast
+    import contextlib
+    import io
+
+    from diffusers import MagCacheConfig
+
+    printed = io.StringIO()
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    try:
+        with contextlib.redirect_stdout(printed):
+            for call in calls:
+                pipe(**call)
+    finally:
+        pipe.transformer.disable_cache()
+    lists = [ast.literal_eval(line) for line in printed.getvalue().splitlines()
+             if line.startswith("[") and not line.startswith("[MagCache")]
+    if not lists:
+        raise RuntimeError("MagCache printed no calibration ratios")
+    return np.mean(np.array(lists, dtype=float), axis=0).tolist()
+
+
+def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], router=None,
+             mag_ratios: list[float] | None = None) -> list[Row]:
     from diffusers import (
         FasterCacheConfig,
         FirstBlockCacheConfig,
         MagCacheConfig,
         PyramidAttentionBroadcastConfig,
+        SeaCacheConfig,
         TaylorSeerCacheConfig,
     )
 
@@ -150,18 +180,35 @@ def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], ro
         rows.append(ours(f"ours TeaCache δ{threshold} w3 mc{cap or '∞'}", TeaCacheConfig(
             threshold=threshold, coefficients=teacache_coefficients, warmup_steps=3, max_consecutive=cap)))
     # TeaCache skips long runs of steps; the forecast replaces the stale stack residual there.
-    for threshold, order, warmup in ((0.3, 1, 1), (0.4, 2, 3)):
+    for threshold, order, warmup in ((0.3, 1, 1), (0.4, 2, 3), (0.1, 1, 3), (0.15, 1, 3), (0.2, 1, 3), (0.15, 2, 3)):
         rows.append(ours(f"ours TeaCache+Taylor{order} δ{threshold} w{warmup}", TeaCacheConfig(
             threshold=threshold, coefficients=teacache_coefficients, warmup_steps=warmup,
             calibrator="taylorseer", calibrator_order=order)))
+    # The prediction itself forecast on skipped steps (reuse="output"), what diffusers' TaylorSeer lite forecasts.
+    for threshold in (0.1, 0.12, 0.13, 0.15, 0.2, 0.3):
+        rows.append(ours(f"ours TeaCache+Taylor1 out δ{threshold} w3", TeaCacheConfig(
+            threshold=threshold, coefficients=teacache_coefficients, warmup_steps=3, calibrator="taylorseer",
+            reuse="output")))
     if router is not None:
         for budget in (0.7, 0.55, 0.4):
             rows.append(ours(f"ours learned {budget:.0%} blocks", schedule_for_budget(router, budget)))
     rows += [
         diffusers_cache("diffusers FBCache 0.05", lambda pipe: FirstBlockCacheConfig(threshold=0.05)),
         diffusers_cache("diffusers FBCache 0.1", lambda pipe: FirstBlockCacheConfig(threshold=0.1)),
-        diffusers_cache("diffusers TaylorSeer", lambda pipe: TaylorSeerCacheConfig()),
-        diffusers_cache("diffusers MagCache", lambda pipe: MagCacheConfig(num_inference_steps=steps, calibrate=True)),
+        # Its default patterns fullmatch "...attn", and these models name their attention "attn1": nothing is
+        # hooked. Lite mode (blocks skipped, the output projection forecast) is the one that applies.
+        diffusers_cache("diffusers TaylorSeer (defaults)", lambda pipe: TaylorSeerCacheConfig()),
+        diffusers_cache("diffusers TaylorSeer lite", lambda pipe: TaylorSeerCacheConfig(use_lite_mode=True)),
+        diffusers_cache("diffusers TaylorSeer lite N3", lambda pipe: TaylorSeerCacheConfig(use_lite_mode=True,
+                                                                                          cache_interval=3)),
+        diffusers_cache("diffusers TaylorSeer lite N3 o2", lambda pipe: TaylorSeerCacheConfig(
+            use_lite_mode=True, cache_interval=3, max_order=2)),
+        *[diffusers_cache(f"diffusers MagCache {threshold}", lambda pipe, threshold=threshold: MagCacheConfig(
+            threshold=threshold, num_inference_steps=steps, mag_ratios=mag_ratios))
+          for threshold in (0.06, 0.12, 0.24) if mag_ratios is not None],
+        # SeaCache adapts itself to Wan text-to-video (and Cosmos3); elsewhere it runs "fail-open" (skips nothing).
+        diffusers_cache("diffusers SeaCache 0.25", lambda pipe: SeaCacheConfig()),
+        diffusers_cache("diffusers SeaCache 0.4", lambda pipe: SeaCacheConfig(threshold=0.4)),
         diffusers_cache("diffusers FasterCache", lambda pipe: FasterCacheConfig(
             spatial_attention_block_skip_range=2, current_timestep_callback=lambda: pipe.current_timestep,
             tensor_format="BFCHW" if kind == "video" else "BCHW")),
@@ -216,7 +263,13 @@ def run(args) -> dict:
         _, router = train_schedule(pipe, calls, iterations=args.learned_iterations)
         print(f"learned router trained on {len(held_out)} held-out prompts, {args.learned_iterations} iterations, "
               f"in {time.perf_counter() - start:.0f} s", flush=True)
-    rows = rows_for(kind, steps, coefficients, router)
+    start = time.perf_counter()
+    mag_ratios = calibrate_magcache(
+        pipe, [dict(prompt=p, generator=torch.Generator().manual_seed(1000 + i), output_type="latent", **call_kwargs)
+               for i, p in enumerate(held_out)], steps)
+    print(f"MagCache ratios calibrated on {len(held_out)} held-out prompts in {time.perf_counter() - start:.0f} s",
+          flush=True)
+    rows = rows_for(kind, steps, coefficients, router, mag_ratios)
     if args.only:
         rows = [r for r in rows if r.source == "baseline" or any(key in r.name for key in args.only)]
     counter = {"n": 0}
@@ -228,7 +281,7 @@ def run(args) -> dict:
                 continue
             try:
                 row.enable(pipe)
-                generate(pipe, prompts[0], 0, call_kwargs)  # warm-up, and MagCache's calibration pass
+                generate(pipe, prompts[0], 0, call_kwargs)  # warm-up
                 counter["n"] = 0
                 for i, prompt in enumerate(prompts):
                     t0 = time.perf_counter()
@@ -264,7 +317,8 @@ def run(args) -> dict:
         row.quality["ssim"] = float(metrics.ssim(baseline_out, samples).mean)
         row.quality["judge_dist"] = judge_feature_distance(kind, baseline_out, samples)
         row.quality["adherence"] = float(metrics.judge_adherence(samples, prompts, kind=kind).mean)
-    return {"kind": kind, "steps": steps, "call": call_kwargs, "rows": rows, "coefficients": coefficients}
+    return {"kind": kind, "steps": steps, "call": call_kwargs, "rows": rows, "coefficients": coefficients,
+            "mag_ratios": mag_ratios}
 
 
 def comparison_lines(rows: list[Row], adherence_slack: float = 0.02) -> list[str]:
@@ -348,6 +402,8 @@ def write(result: dict, args) -> Path:
         lines += ["Learned rows: one HarmoniCa-style router trained on the 3 held-out prompts "
                   f"({args.learned_iterations} iterations), re-thresholded to each compute budget."]
     lines += ["", f"TeaCache polynomial (fitted on 3 held-out prompts): {[round(c, 4) for c in result['coefficients']]}",
+              "", f"MagCache ratios (calibrated on the same 3 prompts, `calibrate=True`, mean of both CFG branches): "
+              f"{[round(r, 4) for r in result['mag_ratios']]}",
               "", f"![speed vs quality]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
 
