@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 from diffaccel.config import MethodConfig, register_config
+from diffaccel.guidance.layout import prediction_of
 from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
 from diffaccel.runtime import remove_hook
@@ -251,14 +252,6 @@ class LearnedCacheHandler:
 # ------------------------------------------------------------------------------------------ training
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output.sample
-
-
 class _TrainerHook(ModelHook):
     """Outermost on the denoiser during training: teacher and student from the same input, a loss per
     forward, backward at once (the graph never spans steps); the pipeline continues from the student."""
@@ -277,11 +270,11 @@ class _TrainerHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         router.mode = "teacher"
         with torch.no_grad():
-            teacher = _first_tensor(self.fn_ref.original_forward(*args, **kwargs)).detach()
+            teacher = prediction_of(self.fn_ref.original_forward(*args, **kwargs)).detach()
         router.mode = "student"
         with torch.enable_grad():
             output = self.fn_ref.original_forward(*args, **kwargs)
-            student = _first_tensor(output)
+            student = prediction_of(output)
             step = self.runtime.clock.current.step_index
             loss = self.weights(step) * F.mse_loss(student.float(), teacher.float())
             if step > 0:

@@ -28,6 +28,7 @@ import torch
 from diffusers.hooks.hooks import ModelHook
 
 from diffaccel.config import MethodConfig, check_float, check_int, register_config
+from diffaccel.guidance.layout import prediction_of, with_prediction
 from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
 
@@ -223,24 +224,6 @@ class TeaCacheHook(ModelHook):
         state.stack_input = None
 
 
-def _prediction(output: Any) -> torch.Tensor:
-    """The prediction tensor of a denoiser's output: a tensor, the first of a tuple, or ``.sample``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output.sample
-
-
-def _with_prediction(output: Any, prediction: torch.Tensor) -> Any:
-    if isinstance(output, torch.Tensor):
-        return prediction
-    if isinstance(output, (tuple, list)):
-        return type(output)((prediction, *output[1:]))
-    output.sample = prediction
-    return output
-
-
 class TeaCacheOutputHook(ModelHook):
     """``reuse="output"``, on the denoiser: stores its prediction at the computed steps and puts the stored
     (or forecast) prediction in place of what a skipped forward computed from the untouched stack."""
@@ -257,8 +240,8 @@ class TeaCacheOutputHook(ModelHook):
         state: TeaCacheState = self.states.get(self.runtime.clock.current.branch)
         step = self.runtime.clock.current.step_index
         if state.skip:
-            return _with_prediction(output, state.output_forecast.hidden_at(state.output, step))
-        state.output = _prediction(output)
+            return with_prediction(output, state.output_forecast.hidden_at(state.output, step))
+        state.output = prediction_of(output)
         state.output_forecast.update(state.output, None, step)
         return output
 

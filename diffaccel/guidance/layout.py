@@ -72,7 +72,7 @@ def prediction_of(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise ValueError(
-        f"diffaccel guidance: cannot find the prediction in a denoiser output of type {type(output).__name__}; "
+        f"diffaccel: cannot find the prediction in a denoiser output of type {type(output).__name__}; "
         f"expected a tensor, a tuple starting with one, or a diffusers BaseOutput."
     )
 
@@ -86,7 +86,7 @@ def with_prediction(output: Any, prediction: torch.Tensor) -> Any:
         return type(output)(**{key: (prediction if i == 0 else output[key]) for i, key in enumerate(keys)})
     if isinstance(output, (tuple, list)):
         return type(output)([prediction, *output[1:]])
-    raise ValueError(f"diffaccel guidance: cannot rebuild a denoiser output of type {type(output).__name__}.")
+    raise ValueError(f"diffaccel: cannot rebuild a denoiser output of type {type(output).__name__}.")
 
 
 def same_tensor(a: Any, b: Any) -> bool:
