@@ -60,7 +60,7 @@ def test_schedule_maths():
     assert torch.equal(renoise(x0, 0.0, g), x0)
 
 
-@pytest.mark.parametrize("name", ["sd3", "wan"])
+@pytest.mark.parametrize("name", ["sd3", "wan", "hunyuan_video"])
 def test_stages_run_at_their_sizes_and_levels_and_remove_restores(name):
     case = build(name)
     baseline = run(case, seed=0, num_inference_steps=6)

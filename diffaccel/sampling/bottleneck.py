@@ -203,7 +203,9 @@ def _encode_once(pipe, kwargs: dict) -> dict:
     encode = pipe.encode_prompt
     params = inspect.signature(encode).parameters
     guidance = kwargs.get("guidance_scale", call_params["guidance_scale"].default if "guidance_scale" in call_params else 1.0)
-    request = {"prompt": kwargs["prompt"], "do_classifier_free_guidance": guidance > 1.0}
+    request = {"prompt": kwargs["prompt"]}
+    if "do_classifier_free_guidance" in params:  # HunyuanVideo's encoder has no such switch
+        request["do_classifier_free_guidance"] = guidance > 1.0
     for name in ("negative_prompt", "max_sequence_length", "num_images_per_prompt", "num_videos_per_prompt"):
         if name in params and kwargs.get(name) is not None:
             request[name] = kwargs[name]
