@@ -165,9 +165,17 @@ def test_models_it_cannot_serve_get_clear_errors(wan_case):
 
 
 def test_processor_without_sdpa_is_reported():
-    """Sana's linear attention never calls SDPA: block-sparse attention cannot apply, and says so."""
+    """Sana's linear attention never calls SDPA: block-sparse attention cannot apply, and says so when
+    accelerated; a processor it does not know by name that bypasses SDPA is reported at the first call."""
+    config = BlockSparseAttentionConfig(block_size=16, dense_steps=0, dense_blocks=())
     case = build("sana")
-    diffaccel.accelerate(case.pipe, attention=BlockSparseAttentionConfig(block_size=16, dense_steps=0, dense_blocks=()))
+    with pytest.raises(ValueError, match="linear attention .*SanaLinearAttnProcessor2_0"):
+        diffaccel.accelerate(case.pipe, attention=config)
+    linear = type(case.denoiser.transformer_blocks[0].attn1.processor)
+    custom = type("CustomProcessor", (linear,), {})  # the same computation under a name that says nothing
+    for block in case.denoiser.transformer_blocks:
+        block.attn1.processor = custom()
+    diffaccel.accelerate(case.pipe, attention=config)
     try:
         with pytest.raises(RuntimeError, match="without it"):
             run(case)

@@ -490,6 +490,12 @@ class _SparseAttentionHandler:
         if not modules:
             raise ValueError(f"{label}: no self-attention module (attn1/attn) found in {target.denoiser_name}'s blocks.")
         for _, name, module in modules:
+            processor = type(getattr(module, "processor", None)).__name__
+            if "LinearAttn" in processor:  # Sana: no softmax attention map to cut into blocks
+                raise ValueError(
+                    f"{label} cannot apply to {target.denoiser_name}: {name} computes linear attention "
+                    f"({processor}), which has no softmax attention map to make sparse."
+                )
             backend = getattr(getattr(module, "processor", None), "_attention_backend", None)
             if backend is not None and str(getattr(backend, "value", backend)) != "native":
                 raise ValueError(
