@@ -189,6 +189,10 @@ def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], ro
         rows.append(ours(f"ours TeaCache+Taylor1 out δ{threshold} w3", TeaCacheConfig(
             threshold=threshold, coefficients=teacache_coefficients, warmup_steps=3, calibrator="taylorseer",
             reuse="output")))
+    # SeaCache's indicator and settings in our TeaCache (images too, where diffusers' SeaCache fails open).
+    for threshold in (0.25, 0.4):
+        rows.append(ours(f"ours TeaCache SEA δ{threshold} (SeaCache's settings)", TeaCacheConfig(
+            indicator="sea", threshold=threshold, max_consecutive=2, calibrator="taylorseer")))
     if router is not None:
         for budget in (0.7, 0.55, 0.4):
             rows.append(ours(f"ours learned {budget:.0%} blocks", schedule_for_budget(router, budget)))

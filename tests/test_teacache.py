@@ -90,6 +90,42 @@ def test_output_reuse_is_exact_when_nothing_skips_and_skips_otherwise(name):
     assert np.array_equal(run(case, seed=0), baseline)
 
 
+@pytest.mark.parametrize("threshold, skipping", [(0.2, True), (0.5, True), (0.05, False)])
+def test_the_sea_indicator_reproduces_diffusers_seacache_on_wan(threshold, skipping):
+    """SeaCache's settings (linear residual forecast, at most two skips in a row, first and last steps
+    computed) on the SEA indicator make exactly diffusers' SeaCache decisions and outputs."""
+    from diffusers import SeaCacheConfig
+
+    case = build("wan")
+    baseline = run(case, seed=0, num_inference_steps=10)
+    case.pipe.transformer.enable_cache(SeaCacheConfig(threshold=threshold))
+    theirs = run(case, seed=0, num_inference_steps=10)
+    case.pipe.transformer.disable_cache()
+    diffaccel.accelerate(case.pipe, cache=TeaCacheConfig(indicator="sea", threshold=threshold, max_consecutive=2,
+                                                         calibrator="taylorseer"))
+    ours = run(case, seed=0, num_inference_steps=10)
+    assert np.array_equal(ours, theirs)
+    assert (diffaccel.stats(case.pipe).get("cache_hits", 0) > 0) == skipping
+    assert np.array_equal(ours, baseline) != skipping
+
+
+def test_the_sea_filter_weighs_detail_less_at_higher_noise_and_needs_a_latent_grid():
+    from diffaccel.cache.teacache import sea_filter
+
+    x = torch.ones(1, 1, 8, 8)
+    x[..., ::2, ::2] += 1.0  # DC plus the highest frequency
+    def detail(sigma):
+        y = sea_filter(x, sigma, (2, 3), 3.0)
+        return float(y.std() / y.mean())
+    assert detail(0.9) < detail(0.5) < detail(0.1)
+    with pytest.raises(ValueError, match="packed into tokens"):
+        diffaccel.accelerate(build("flux").pipe, cache=TeaCacheConfig(indicator="sea"))
+    with pytest.raises(ValueError, match="indicator must be one of"):
+        TeaCacheConfig(indicator="spectral")
+    with pytest.raises(ValueError, match="sea_power"):
+        TeaCacheConfig(sea_power=-1.0)
+
+
 @pytest.mark.parametrize("name", TRANSFORMER_FAMILIES)
 def test_every_transformer_family_off_is_exact_on_skips_and_remove_restores(name):
     case = build(name)

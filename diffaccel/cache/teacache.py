@@ -15,6 +15,12 @@ TeaCache skips long runs of steps, where a stale residual is what costs fidelity
 ``reuse="output"`` a skipped forward replays (or forecasts) the denoiser's own output, the prediction,
 instead of adding the residual to the fresh input: the quantity diffusers' TaylorSeer lite forecasts,
 smoother along the steps than the hidden states that the output norm and projection still transform.
+
+``indicator="sea"`` replaces block 0's modulated input by SeaCache's spectral-evolution-aware indicator
+(arXiv 2602.18993): the denoiser's input latent, each channel filtered over its frame and pixel axes by
+the Wiener gain of a clean signal with power 1/|f|^p seen through noise of level σ,
+(1 − σ)·P / ((1 − σ)²·P + σ²) per axis, normalised to unit mean. Early, noisy steps weigh only the
+coarse structure; late ones the detail, so the change reflects what the step will alter.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from diffusers.hooks.hooks import ModelHook
 
 from diffaccel.config import MethodConfig, check_float, check_int, register_config
 from diffaccel.guidance.layout import prediction_of, with_prediction
-from diffaccel.pipelines.adapters import BoundBlock
+from diffaccel.pipelines.adapters import BoundBlock, argument_position, get_argument
 from diffaccel.registry import AccelTarget, register_method
 
 from .block_cache import relative_l1
@@ -38,8 +44,11 @@ from .calibrators import StreamForecast, check_calibrator
 TEACACHE_HOOK = "diffaccel.teacache"
 # Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan: temb; PixArt/Sana: timestep).
 TIMESTEP_EMBEDDING_ARGS = ("temb", "timestep_proj", "timestep", "emb", "time_emb")
-TEACACHE_OUTPUT_HOOK = "diffaccel.teacache.output"
+TEACACHE_DENOISER_HOOK = "diffaccel.teacache.denoiser"
 REUSE = ("residual", "output")
+INDICATORS = ("modulated", "sea")
+# Where the frame and pixel axes sit in each unpacked latent layout (packed token layouts have none).
+SEA_AXES = {"BCHW": (2, 3), "BCFHW": (2, 3, 4), "BFCHW": (1, 3, 4)}
 
 
 @register_config
@@ -62,6 +71,11 @@ class TeaCacheConfig(MethodConfig):
         reuse: what a skipped forward replays: "residual" (TeaCache's block-stack residual on the fresh
             input) or "output" (the denoiser's output, stored at the computed steps; forecast with the
             calibrator). The blocks are skipped either way.
+        indicator: what the change is measured on: "modulated" (block 0's timestep-modulated input, as
+            TeaCache) or "sea" (SeaCache's spectrally filtered input latent; images and unpacked video
+            latents; its defaults: threshold 0.25, no polynomial, ``max_consecutive=2``, calibrator
+            "taylorseer" of order 1).
+        sea_power: p of the SEA filter's clean-signal power prior 1/|f|^p (SeaCache: 3 for video).
     """
 
     slot = "cache"
@@ -75,12 +89,17 @@ class TeaCacheConfig(MethodConfig):
     calibrator: str | None = None
     calibrator_order: int = 1
     reuse: str = "residual"
+    indicator: str = "modulated"
+    sea_power: float = 3.0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_float(name, "threshold", self.threshold, minimum=0.0)
         if self.reuse not in REUSE:
             raise ValueError(f"{name}.reuse must be one of {list(REUSE)}, got {self.reuse!r}.")
+        if self.indicator not in INDICATORS:
+            raise ValueError(f"{name}.indicator must be one of {list(INDICATORS)}, got {self.indicator!r}.")
+        check_float(name, "sea_power", self.sea_power, minimum=0.0)
         check_calibrator(name, self.calibrator, self.calibrator_order)
         check_int(name, "warmup_steps", self.warmup_steps, minimum=0)
         if self.max_consecutive is not None:
@@ -122,6 +141,26 @@ def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tenso
     return temb
 
 
+def sea_filter(latent: torch.Tensor, sigma: float, axes: Sequence[int], power: float) -> torch.Tensor:
+    """SeaCache's indicator: ``latent`` filtered along ``axes`` by the per-axis Wiener gain of a clean
+    signal with power 1/|f|^power under noise of level ``sigma``, the product normalised to unit mean."""
+    x = latent.detach().float()
+    sigma = min(max(float(sigma), 1e-6), 1.0 - 1e-6)
+    signal, noise = 1.0 - sigma, sigma
+    gain = torch.ones((), device=x.device)
+    for axis in axes:
+        freq = torch.fft.fftfreq(x.shape[axis], device=x.device).abs()
+        prior = 1.0 / (freq.pow(power) + 1e-16)
+        axis_gain = signal * prior / (signal**2 * prior + noise**2 + 1e-16)
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        gain = gain * axis_gain.reshape(shape)
+    mean = gain.mean()
+    if torch.isfinite(mean) and mean > 0:
+        gain = gain / mean
+    return torch.fft.ifftn(torch.fft.fftn(x, dim=tuple(axes)) * gain, dim=tuple(axes)).real
+
+
 class TeaCacheState:
     """What one CFG branch remembers between forwards of a call."""
 
@@ -138,6 +177,7 @@ class TeaCacheState:
         self.forecast = StreamForecast(calibrator, order)  # the stack residual, forecast when calibrated
         self.output: torch.Tensor | None = None  # reuse="output": the last computed prediction ...
         self.output_forecast = StreamForecast(calibrator, order)  # ... and its forecast
+        self.sea_indicator: torch.Tensor | None = None  # indicator="sea": this forward's filtered input
 
 
 class TeaCacheHook(ModelHook):
@@ -169,8 +209,11 @@ class TeaCacheHook(ModelHook):
     def _decide(self, state: TeaCacheState, args: tuple, kwargs: dict) -> None:
         ctx = self.runtime.clock.current
         config = self.config
-        with torch.no_grad():
-            indicator = modulated_input(self.block, args, kwargs).detach()
+        if config.indicator == "sea":
+            indicator = state.sea_indicator
+        else:
+            with torch.no_grad():
+                indicator = modulated_input(self.block, args, kwargs).detach()
         previous = state.previous_indicator
         change = None
         if previous is not None and previous.shape == indicator.shape:
@@ -224,19 +267,43 @@ class TeaCacheHook(ModelHook):
         state.stack_input = None
 
 
-class TeaCacheOutputHook(ModelHook):
-    """``reuse="output"``, on the denoiser: stores its prediction at the computed steps and puts the stored
-    (or forecast) prediction in place of what a skipped forward computed from the untouched stack."""
+class TeaCacheDenoiserHook(ModelHook):
+    """On the denoiser. ``indicator="sea"``: filters the input latent before block 0 decides.
+    ``reuse="output"``: stores the prediction at the computed steps and puts the stored (or forecast)
+    prediction in place of what a skipped forward computed from the untouched stack."""
 
     _is_stateful = False
 
-    def __init__(self, runtime, states) -> None:
+    def __init__(self, config: TeaCacheConfig, runtime, states, denoiser: torch.nn.Module) -> None:
         super().__init__()
+        self.config = config
         self.runtime = runtime
         self.states = states
+        self.hidden_arg = runtime.adapter.hidden_arg
+        self.hidden_position = argument_position(denoiser, self.hidden_arg)
+        self.axes = SEA_AXES.get(runtime.adapter.latent_layout)
+
+    @torch.compiler.disable
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.config.indicator == "sea":
+            ctx = self.runtime.clock.current
+            state: TeaCacheState = self.states.get(ctx.branch)
+            latent = get_argument(args, kwargs, self.hidden_arg, self.hidden_position)
+            state.sea_indicator = sea_filter(latent, self._sigma(ctx), self.axes, self.config.sea_power)
+        return args, kwargs
+
+    def _sigma(self, ctx) -> float:
+        """The step's noise level: the scheduler's σ where it keeps them, else the timestep over 1000."""
+        scheduler = getattr(self.runtime.pipe, "scheduler", None)
+        sigmas = getattr(scheduler, "sigmas", None)
+        if isinstance(sigmas, torch.Tensor) and ctx.step_index < len(sigmas):
+            return float(sigmas[ctx.step_index])
+        return float(ctx.timestep) / 1000.0 if ctx.timestep is not None else 1.0
 
     @torch.compiler.disable
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self.config.reuse != "output":
+            return output
         state: TeaCacheState = self.states.get(self.runtime.clock.current.branch)
         step = self.runtime.clock.current.step_index
         if state.skip:
@@ -254,6 +321,12 @@ class TeaCacheHandler:
                 f"cache='teacache' cannot apply to {target.denoiser_name}: {target.adapter.notes or 'no flat block list'}; "
                 f"for UNets use cache='deep' (DeepCacheConfig)."
             )
+        if config.indicator == "sea" and target.adapter.latent_layout not in SEA_AXES:
+            raise ValueError(
+                f"TeaCacheConfig(indicator='sea') cannot apply to {target.denoiser_name}: its latents come packed "
+                f"into tokens ({target.adapter.latent_layout}), without the frame and pixel axes the SEA filter "
+                f"works on; use indicator='modulated'."
+            )
         first = target.blocks[0].module
         params = inspect.signature(inspect.unwrap(type(first).forward)).parameters
         if not any(name in params for name in TIMESTEP_EMBEDDING_ARGS):
@@ -268,8 +341,9 @@ class TeaCacheHandler:
         for index, block in enumerate(blocks):
             hook = TeaCacheHook(config, runtime, states, block, first=index == 0, last=index == len(blocks) - 1)
             runtime.register_hook(block.module, hook, TEACACHE_HOOK)
-        if config.reuse == "output":
-            runtime.register_hook(target.denoiser, TeaCacheOutputHook(runtime, states), TEACACHE_OUTPUT_HOOK)
+        if config.reuse == "output" or config.indicator == "sea":
+            runtime.register_hook(target.denoiser, TeaCacheDenoiserHook(config, runtime, states, target.denoiser),
+                                  TEACACHE_DENOISER_HOOK)
 
 
 # ------------------------------------------------------------------------------------------ calibration
