@@ -245,10 +245,12 @@ class Runtime:
         if self._hooked_forwards == 0 and not self._warned_bypass:
             self._warned_bypass = True  # once per call
             logger.warning(
-                "diffaccel: a denoising step of %s ended without any %s forward through diffaccel's hook, so this "
-                "call is not accelerated: the denoiser's forward was replaced after diffaccel.accelerate (e.g. "
-                "offloading applied a second time). Call diffaccel.remove(pipe) before changing the offloading, "
-                "then accelerate again.", type(self.pipe).__name__, type(self.denoiser).__name__)
+                "diffaccel: a denoising step of %s ended without any forward of the accelerated %s through "
+                "diffaccel's hook, so this call is not (fully) accelerated. Either the step ran another model "
+                "(e.g. Wan 2.2's transformer_2, which diffaccel does not accelerate), or the denoiser's forward was "
+                "replaced after diffaccel.accelerate (e.g. offloading applied a second time: call "
+                "diffaccel.remove(pipe) before changing the offloading, then accelerate again).",
+                type(self.pipe).__name__, type(self.denoiser).__name__)
         self._hooked_forwards = 0
         self.clock.end_step()
         self.call_stats.steps += 1
