@@ -253,10 +253,11 @@ def run(args) -> dict:
     held_out = scenes.prompt_set(args.num + 3, seed=99, clip=kind == "video")[-3:]
 
     start = time.perf_counter()
-    coefficients = calibrate_teacache(
-        pipe, [dict(prompt=p, generator=torch.Generator().manual_seed(1000 + i), output_type="latent", **call_kwargs)
-               for i, p in enumerate(held_out)],
-    )
+    def held_out_calls() -> list[dict]:  # fresh generators for each calibration
+        return [dict(prompt=p, generator=torch.Generator().manual_seed(1000 + i), output_type="latent", **call_kwargs)
+                for i, p in enumerate(held_out)]
+
+    coefficients = calibrate_teacache(pipe, held_out_calls())
     print(f"TeaCache polynomial fitted on {len(held_out)} held-out prompts in {time.perf_counter() - start:.0f} s: "
           f"{[round(c, 4) for c in coefficients]}", flush=True)
 
@@ -268,9 +269,7 @@ def run(args) -> dict:
         print(f"learned router trained on {len(held_out)} held-out prompts, {args.learned_iterations} iterations, "
               f"in {time.perf_counter() - start:.0f} s", flush=True)
     start = time.perf_counter()
-    mag_ratios = calibrate_magcache(
-        pipe, [dict(prompt=p, generator=torch.Generator().manual_seed(1000 + i), output_type="latent", **call_kwargs)
-               for i, p in enumerate(held_out)], steps)
+    mag_ratios = calibrate_magcache(pipe, held_out_calls(), steps)
     print(f"MagCache ratios calibrated on {len(held_out)} held-out prompts in {time.perf_counter() - start:.0f} s",
           flush=True)
     rows = rows_for(kind, steps, coefficients, router, mag_ratios)

@@ -86,3 +86,14 @@ def test_offloading_applied_again_after_accelerate_is_reported_not_silent(caplog
     offload(case, "model")
     with pytest.raises(RuntimeError, match="diffaccel.remove"):
         run(case, seed=0)
+
+
+@pytest.mark.parametrize("mode", ["group", "sequential", "model"])
+def test_the_execution_device_is_where_the_denoiser_computes_not_where_its_weights_rest(mode):
+    """Device-dependent choices (the parallel mesh, the sparse-attention kernel) ask the offload hooks."""
+    from diffaccel.devices import execution_device
+
+    case = offload(build("wan"), mode)
+    assert execution_device(case.pipe.transformer).type == "cpu"  # never "meta" under sequential offload
+    diffaccel.accelerate(case.pipe, attention="block_sparse")  # resolves its implementation for that device
+    diffaccel.remove(case.pipe)

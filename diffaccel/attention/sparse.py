@@ -30,6 +30,7 @@ from diffusers.hooks.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
 from diffaccel.config import MethodConfig, check_choice, check_float, check_int, register_config
+from diffaccel.devices import execution_device
 from diffaccel.kernels.block_sparse import (
     block_sparse_attention,
     drop_padding_blocks,
@@ -472,12 +473,6 @@ def self_attention_modules(target: AccelTarget) -> list[tuple[int, str, torch.nn
     return found
 
 
-def _model_device(module: torch.nn.Module) -> torch.device:
-    for parameter in module.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
 class _SparseAttentionHandler:
     def validate(self, config: SparseAttentionOptions, target: AccelTarget) -> None:
         label = f"{type(config).__name__} (attention={config.method!r})"
@@ -505,7 +500,7 @@ class _SparseAttentionHandler:
         too_large = [i for i in config.dense_blocks if i >= len(target.blocks)]
         if too_large:
             raise ValueError(f"{label}.dense_blocks {too_large} out of range: {target.denoiser_name} has {len(target.blocks)} blocks.")
-        device = _model_device(target.denoiser)
+        device = execution_device(target.denoiser)  # under offloading: where it computes
         chosen = resolve_implementation(config.implementation, device)
         if chosen == "triton" and device.type != "cuda":
             raise ValueError(

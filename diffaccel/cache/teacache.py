@@ -201,7 +201,7 @@ class TeaCacheHook(ModelHook):
         if state.skip:
             return self._replay(state, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.last:
+        if self.last and self.config.reuse == "residual":  # with "output" the denoiser hook stores the prediction
             self._store(state, output)
         return output
 
@@ -224,8 +224,7 @@ class TeaCacheHook(ModelHook):
             ctx.step_index < config.warmup_steps
             or (config.force_last_step and ctx.is_last_step)
             or change is None
-            or state.hidden_residual is None
-            or (config.reuse == "output" and state.output is None)
+            or (state.output if config.reuse == "output" else state.hidden_residual) is None
             or (config.max_consecutive is not None and state.consecutive_skips >= config.max_consecutive)
         )
         if not forced:
@@ -238,7 +237,8 @@ class TeaCacheHook(ModelHook):
         else:
             state.accumulated = 0.0
             state.consecutive_skips = 0
-            state.stack_input = self.block.stream_inputs(args, kwargs)
+            if config.reuse == "residual":
+                state.stack_input = self.block.stream_inputs(args, kwargs)
             self.runtime.count("cache_misses")
 
     def _replay(self, state: TeaCacheState, args: tuple, kwargs: dict):

@@ -319,7 +319,7 @@ class TDMTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "config": self.config.to_dict(), "trainable": self._adapter_state(STUDENT),
                 "fake": self._adapter_state(FAKE), "optimizer": self.optimizer.state_dict(),
-                "fake_optimizer": self.fake_optimizer.state_dict()}
+                "fake_optimizer": self.fake_optimizer.state_dict(), "fake_skipped": self.fake_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from peft.utils import set_peft_model_state_dict
@@ -332,4 +332,5 @@ class TDMTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.fake_optimizer.load_state_dict(state["fake_optimizer"])
         self.step = int(state["step"])
+        self.fake_skipped = int(state.get("fake_skipped", 0))  # checkpoints before the guard have none
         self._use(STUDENT)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from diffaccel.devices import execution_device
 from diffaccel.runtime import remove_hook
 
 
@@ -55,31 +56,8 @@ def require_distributed(label: str) -> tuple[int, int]:
 
 
 def execution_device_type(module: torch.nn.Module) -> str:
-    """The device type the denoiser computes on. Under offloading this is not where its weights rest:
-    accelerate's hooks keep them on the CPU or the meta device and name an ``execution_device``;
-    diffusers' group offloading keeps them on the CPU and onloads them to its ``onload_device``. Those
-    are asked first; otherwise the first parameter that is not on the meta device decides."""
-    for submodule in module.modules():
-        device = _offload_execution_device(submodule)
-        if device is not None:
-            return torch.device(device).type
-    for parameter in module.parameters():
-        if parameter.device.type != "meta":
-            return parameter.device.type
-    return "cpu"
-
-
-def _offload_execution_device(module: torch.nn.Module):
-    hook = getattr(module, "_hf_hook", None)  # accelerate: AlignDevicesHook, CpuOffload, or a SequentialHook of them
-    for candidate in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-        if getattr(candidate, "execution_device", None) is not None:
-            return candidate.execution_device
-    registry = getattr(module, "_diffusers_hook", None)  # diffusers: group offloading's hooks carry their group
-    for candidate in (registry.hooks.values() if registry is not None else ()):
-        group = getattr(candidate, "group", None)
-        if getattr(group, "onload_device", None) is not None:
-            return group.onload_device
-    return None
+    """The device type the denoiser computes on (under offloading, not where its weights rest)."""
+    return execution_device(module).type
 
 
 def build_groups(degrees: tuple[int, int, int], device_type: str) -> ParallelGroups:
