@@ -7,10 +7,11 @@
 # STAGE is image or video (the transformer) or image-vae or video-vae (the VAE; a VAE trained anew
 # invalidates the denoiser trained on its latents, so retrain that next); MINUTES bounds
 # train_reference.py from start-up to its final save (keep it at 8 or less inside the device tool's 10
-# minutes). Needs the diffusers wheel in .whl/ (carried: carry=[".whl"]); installs it into $SITE
-# (/tmp/site), makes diffaccel importable there the way `pip install -e .` maps it (diffaccel.pipelines ->
-# pipelines/, .eval -> eval/), trains with --device cuda (DEVICE=cpu to try this script without a GPU) and
-# writes to $OUT, with KIND_COMPONENT = image_transformer, video_transformer, image_vae or video_vae:
+# minutes). Needs the diffusers wheel in .whl/ (carried: carry=[".whl"]), which scripts/device_env.sh
+# installs into $SITE (/tmp/site) next to diffaccel as `pip install -e .` maps it; the checkout is over the
+# tool's 64 MiB, so run `bash scripts/device_trim.sh away` here before the call and `back` after it. Trains
+# with --device cuda (DEVICE=cpu to try this script without a GPU) and writes to $OUT, with KIND_COMPONENT
+# = image_transformer, video_transformer, image_vae or video_vae:
 #
 #     train.log                                             everything printed
 #     KIND_COMPONENT.safetensors.part00 [.part01]           the exported weights, in 15 MB pieces
@@ -32,30 +33,9 @@ case "$stage" in
 esac
 prefix=${kind}_${component}
 out=${OUT:?device_train.sh: OUT is not set (the device tool sets it; give a folder to try it elsewhere)}
-site=${SITE:-/tmp/site}
 cd "$(dirname "$0")/.." || exit 1
-root=$PWD
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$out" "$site/diffaccel" || exit 1
-
-# The carried wheels (diffusers; nothing can be downloaded there).
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
-fi
-# diffaccel as installed: a package folder of links (PYTHONPATH=$PWD alone would give no diffaccel.pipelines).
-for f in "$root"/diffaccel/*; do ln -sfn "$f" "$site/diffaccel/"; done
-for p in pipelines eval; do ln -sfn "$root/$p" "$site/diffaccel/$p"; done
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-# (From /: in the repo root python would find the bare diffaccel/ folder first, '' leading sys.path.)
-(cd / && python3 - "$site" <<'EOF') || exit 1
-import sys
-import diffusers, torch, transformers
-import diffaccel.pipelines.reference as reference
-assert reference.__file__.startswith(sys.argv[1]), f"diffaccel.pipelines.reference from {reference.__file__}"
-cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
-print(f"torch {torch.__version__} ({cuda}), diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
-      f"diffaccel.pipelines.reference from {reference.__file__}", flush=True)
-EOF
+mkdir -p "$out" || exit 1
+source scripts/device_env.sh || exit 1
 
 weights=pipelines/reference/weights/$kind/$component
 before=$(sha256sum "$weights/diffusion_pytorch_model.safetensors" | cut -d' ' -f1)
