@@ -17,7 +17,19 @@ from .runtime import PIPE_ATTRIBUTE, RUNTIME_HOOK, Runtime
 
 logger = logging.getLogger("diffaccel")
 
-DENOISER_ATTRIBUTES = ("transformer", "unet")
+DENOISER_ATTRIBUTES = ("transformer", "unet", "transformer_2")
+# Further denoisers that run some of a call's steps: Wan 2.2's low-noise expert (``transformer_2``, the steps
+# below ``boundary_ratio``). Each is accelerated by a runtime of its own (its caches are its own), driven by the
+# same steps; pipeline-level methods (sampling) apply once.
+EXPERT_ATTRIBUTES = ("transformer_2",)
+# Slots whose method works on the pipeline call, not on one denoiser: installed once, by the main runtime.
+PIPELINE_SLOTS = ("sampling",)
+# Methods (by slot, or by slot and name) that cannot serve a pipeline with experts yet, with the reason.
+NOT_WITH_EXPERTS = {
+    ("parallel", None): "CFG/context parallel shards one denoiser; a second expert would run unsharded",
+    ("sampling", "distilled"): "a student replaces one denoiser; the expert's steps would run the teacher at "
+                               "the student's step count",
+}
 
 
 def resolve_config(config: Any = None, unet: bool = False, pipe: Any = None, **slots: Any) -> AccelConfig:
@@ -73,6 +85,16 @@ def find_denoiser(pipe: Any) -> torch.nn.Module:
     )
 
 
+def find_experts(pipe: Any, denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The pipeline's other denoisers (``EXPERT_ATTRIBUTES``), as (attribute, module), the main one excluded."""
+    experts = []
+    for name in EXPERT_ATTRIBUTES:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module) and unwrap_denoiser(module) is not denoiser:
+            experts.append((name, unwrap_denoiser(module)))
+    return experts
+
+
 def accelerate(
     pipe: Any,
     config: Any = None,
@@ -122,17 +144,60 @@ def accelerate(
 
 
 def _install(pipe: Any, denoiser: torch.nn.Module, adapter: Any, config: AccelConfig) -> None:
-    """Validate ``config`` on the plain pipeline and install it; on failure nothing stays installed."""
+    """Validate ``config`` on the plain pipeline and install it, on the main denoiser and on each expert;
+    on failure nothing stays installed."""
     target = AccelTarget(pipe=pipe, denoiser=denoiser, adapter=adapter)
-    resolved = _validated(config, target)
-    planned = [(method, handler_for(method)) for method in resolved.methods()]
-    registry = getattr(denoiser, "_diffusers_hook", None)
+    experts = find_experts(pipe, denoiser)
+    resolved = _validated(_for_experts(config, pipe, experts), target)
+    runtime = _install_runtime(target, resolved)
+    runtime.name = next((name for name in DENOISER_ATTRIBUTES if isinstance(getattr(pipe, name, None), torch.nn.Module)
+                         and unwrap_denoiser(getattr(pipe, name)) is denoiser), runtime.name)
+    try:
+        for name, expert in experts:
+            expert_target = AccelTarget(pipe=pipe, denoiser=expert, adapter=adapter_for(expert))
+            expert_config = _validated(resolved.without(*PIPELINE_SLOTS), expert_target)
+            runtime.add_expert(name, _install_runtime(expert_target, expert_config, primary=runtime))
+    except BaseException:
+        runtime.remove()
+        raise
+    setattr(pipe, PIPE_ATTRIBUTE, runtime)
+    logger.info(
+        "diffaccel: accelerated %s (%s%s) with %s",
+        type(pipe).__name__,
+        target.adapter.name,
+        "".join(f", and {name}" for name, _ in experts),
+        ", ".join(f"{m.slot}={m.method}" for m in resolved.methods()) or "no method (off)",
+    )
+
+
+def _for_experts(config: AccelConfig, pipe: Any, experts: list) -> AccelConfig:
+    """Refuse (or, where optional, leave out with a warning) what cannot serve a pipeline with experts."""
+    if not experts:
+        return config
+    dropped = []
+    for (slot, name), why in NOT_WITH_EXPERTS.items():
+        method = getattr(config, slot)
+        if method is None or name not in (None, method.method):
+            continue
+        message = (f"{slot}={method.method} cannot serve {type(pipe).__name__} with a second denoiser "
+                   f"({', '.join(name for name, _ in experts)}) yet: {why}")
+        if slot not in config.optional:
+            raise ValueError(message + ".")
+        logger.warning("diffaccel: running without %s (optional in this config): %s", slot, message)
+        dropped.append(slot)
+    return config.without(*dropped) if dropped else config
+
+
+def _install_runtime(target: AccelTarget, config: AccelConfig, primary: Runtime | None = None) -> Runtime:
+    """One denoiser's runtime with every method of ``config`` installed; nothing stays on failure."""
+    planned = [(method, handler_for(method)) for method in config.methods()]
+    registry = getattr(target.denoiser, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(RUNTIME_HOOK) is not None:
         raise ValueError(
-            f"This {type(denoiser).__name__} is already accelerated through another pipeline object that shares it; "
+            f"This {target.denoiser_name} is already accelerated through another pipeline object that shares it; "
             f"call diffaccel.remove() on that pipeline first."
         )
-    runtime = Runtime(pipe, denoiser, target.adapter, resolved)
+    runtime = Runtime(target.pipe, target.denoiser, target.adapter, config, primary=primary)
     try:
         for method, handler in planned:
             handler.apply(method, target, runtime)
@@ -144,13 +209,7 @@ def _install(pipe: Any, denoiser: torch.nn.Module, adapter: Any, config: AccelCo
     except BaseException:
         runtime.remove()
         raise
-    setattr(pipe, PIPE_ATTRIBUTE, runtime)
-    logger.info(
-        "diffaccel: accelerated %s (%s) with %s",
-        type(pipe).__name__,
-        target.adapter.name,
-        ", ".join(f"{m.slot}={m.method}" for m in resolved.methods()) or "no method (off)",
-    )
+    return runtime
 
 
 def remove(pipe: Any) -> Any:

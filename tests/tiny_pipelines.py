@@ -578,6 +578,18 @@ def wan() -> TinyCase:
     )
 
 
+def wan22() -> TinyCase:
+    """Wan 2.2's two experts: ``transformer`` runs the high-noise steps (t >= 850: the first two of four),
+    ``transformer_2`` (other weights) the low-noise ones. Not in FAMILIES: its own tests (test_experts.py)."""
+    case = wan()
+    _seed(1)
+    expert = type(case.pipe.transformer)(**case.pipe.transformer.config).eval()
+    case.pipe.register_modules(transformer_2=expert)
+    case.pipe.register_to_config(boundary_ratio=0.85)
+    case.name = "wan22"
+    return case
+
+
 def cogvideox() -> TinyCase:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 

@@ -111,7 +111,8 @@ def latent_grid(hidden: torch.Tensor, layout: str) -> tuple[int, ...]:
 class Runtime:
     """Clock, states, stats and installed hooks of one accelerated pipeline."""
 
-    def __init__(self, pipe: Any, denoiser: torch.nn.Module, adapter: FamilyAdapter, config: Any) -> None:
+    def __init__(self, pipe: Any, denoiser: torch.nn.Module, adapter: FamilyAdapter, config: Any,
+                 primary: "Runtime | None" = None) -> None:
         try:
             self._pipe_ref = weakref.ref(pipe)
         except TypeError:  # objects without weakref support (plain namespaces)
@@ -134,6 +135,11 @@ class Runtime:
         self._scheduler_originals: dict[str, Any] = {}
         self._scheduler_own: dict[str, Any] = {}
         self._hooked_forwards, self._warned_bypass = 0, False  # forwards through DenoiserHook this step
+        # A pipeline with experts (Wan 2.2's transformer_2) has one runtime per denoiser: the main one (primary
+        # None) holds the others in ``experts``, counts every runtime's forwards per step and reports for all.
+        self.primary = primary
+        self.experts: dict[str, Runtime] = {}
+        self.name = "denoiser"  # the pipeline attribute that holds it, where the caller knows (api._install)
         self._hidden_position = argument_position(denoiser, adapter.hidden_arg)
         self._timestep_position = argument_position(denoiser, adapter.timestep_arg)
 
@@ -162,10 +168,20 @@ class Runtime:
         """Install last, so it runs first: every method hook below it sees a fresh context."""
         self.register_hook(self.denoiser, DenoiserHook(self), RUNTIME_HOOK)
         HookRegistry.check_if_exists_or_initialize(self.denoiser).invalidate_child_registries_cache()
-        self._tap_scheduler()
+        if self.primary is None:  # an expert's clock is driven by the main runtime's taps
+            self._tap_scheduler()
+
+    def add_expert(self, name: str, runtime: "Runtime") -> None:
+        """Another denoiser of this pipeline (attribute ``name``), accelerated by ``runtime``: it follows this
+        runtime's calls and steps (one scheduler tap per pipeline) and is removed with it."""
+        runtime.name = name
+        self.experts[name] = runtime
 
     def remove(self) -> None:
-        """Take away every hook, scheduler tap and processor this runtime installed."""
+        """Take away every hook, scheduler tap and processor this runtime (and its experts') installed."""
+        for expert in reversed(list(self.experts.values())):  # installed after this one: their taps are on top
+            expert.remove()
+        self.experts.clear()
         for module, name in reversed(self._installed):
             remove_hook(module, name)
         self._installed.clear()
@@ -240,21 +256,31 @@ class Runtime:
         self.total_stats.calls += 1
         self.clock.begin_call(num_steps)
         self._hooked_forwards, self._warned_bypass = 0, False
+        for expert in self.experts.values():
+            expert.start_call(num_steps)
 
     def end_step(self) -> None:
-        if self._hooked_forwards == 0 and not self._warned_bypass:
-            self._warned_bypass = True  # once per call
-            logger.warning(
-                "diffaccel: a denoising step of %s ended without any forward of the accelerated %s through "
-                "diffaccel's hook, so this call is not (fully) accelerated. Either the step ran another model "
-                "(e.g. Wan 2.2's transformer_2, which diffaccel does not accelerate), or the denoiser's forward was "
-                "replaced after diffaccel.accelerate (e.g. offloading applied a second time: call "
-                "diffaccel.remove(pipe) before changing the offloading, then accelerate again).",
-                type(self.pipe).__name__, type(self.denoiser).__name__)
-        self._hooked_forwards = 0
+        if self.primary is None:  # the main runtime watches for steps that no accelerated denoiser ran
+            self._check_step_was_hooked()
         self.clock.end_step()
         self.call_stats.steps += 1
         self.total_stats.steps += 1
+        for expert in self.experts.values():
+            expert.end_step()
+
+    def _check_step_was_hooked(self) -> None:
+        if self._hooked_forwards == 0 and not self._warned_bypass:
+            self._warned_bypass = True  # once per call
+            models = " or ".join(type(r.denoiser).__name__ for r in (self, *self.experts.values()))
+            logger.warning(
+                "diffaccel: a denoising step of %s ended without any forward of the accelerated %s through "
+                "diffaccel's hook, so this call is not (fully) accelerated. Either the step ran a model diffaccel "
+                "did not find on the pipeline (it accelerates pipe.transformer or pipe.unet, and "
+                "pipe.transformer_2), or the denoiser's forward was replaced after diffaccel.accelerate (e.g. "
+                "offloading applied a second time: call diffaccel.remove(pipe) before changing the offloading, "
+                "then accelerate again).",
+                type(self.pipe).__name__, models)
+        self._hooked_forwards = 0
 
     def reset_states(self, branch: str | None = None) -> None:
         for states in self._states:
@@ -262,10 +288,11 @@ class Runtime:
 
     @torch.compiler.disable
     def begin_forward(self, args: tuple, kwargs: dict, context_name: str | None) -> StepContext:
-        self._follow_scheduler()
+        main = self.primary or self
+        main._follow_scheduler()
         if not self.clock.in_call:
-            self.start_call(None)  # the denoiser is driven by something other than a pipeline call
-        self._hooked_forwards += 1
+            main.start_call(None)  # the denoiser is driven by something other than a pipeline call
+        main._hooked_forwards += 1
         hidden = get_argument(args, kwargs, self.adapter.hidden_arg, self._hidden_position)
         timestep = get_argument(args, kwargs, self.adapter.timestep_arg, self._timestep_position)
         if not isinstance(hidden, torch.Tensor):
@@ -374,7 +401,16 @@ class Runtime:
         self.total_stats.blocks_skipped += amount
 
     def stats(self, cumulative: bool = False) -> dict:
-        data = (self.total_stats if cumulative else self.call_stats).as_dict()
+        """This runtime's statistics; with experts, every denoiser's forwards, blocks and counters summed over
+        the call's steps, and each one's own under ``models``."""
+        own = self.total_stats if cumulative else self.call_stats
+        if not self.experts:
+            data = own.as_dict()
+        else:
+            parts = {self.name: own} | {
+                name: (r.total_stats if cumulative else r.call_stats) for name, r in self.experts.items()}
+            data = RunStats.merged(own, list(parts.values())).as_dict()
+            data["models"] = {name: part.as_dict(steps=False) for name, part in parts.items()}
         data["methods"] = [f"{m.slot}={m.method}" for m in self.config.methods()]
         return data
 

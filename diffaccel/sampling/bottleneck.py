@@ -301,16 +301,19 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
             output = original_call(pipe, **stage)
         finally:
             undo()
-        if runtime is not None:
+        if runtime is not None:  # each stage is a call of its own to the runtimes: sum them into one
+            runtimes = [runtime, *runtime.experts.values()]
             if total_stats is None:
-                total_stats = runtime.call_stats
+                total_stats = [r.call_stats for r in runtimes]
             else:
-                total_stats.add(runtime.call_stats)
-                total_stats.calls = 1
+                for total, r in zip(total_stats, runtimes):
+                    total.add(r.call_stats)
+                    total.calls = 1
         if not last:
             latents = _latents_of(output)
     if runtime is not None and total_stats is not None:
-        runtime.call_stats = total_stats
+        for total, r in zip(total_stats, [runtime, *runtime.experts.values()]):
+            r.call_stats = total
         runtime.count("bottleneck_stages", len(steps))
     return output
 
