@@ -167,7 +167,8 @@ def _add_tune_cache(sub) -> None:
         help="find the fastest cache setting that meets a PSNR target (or the most faithful at a speedup)",
         description="Runs the model uncached and cached on held-out prompts (the reference scenes from a stream "
         "the evaluation sets do not use, unless --prompts/--prompt-set), searches the method's speed knob and "
-        "writes an AccelConfig file (use it with --config). --method auto tries every method.",
+        "writes an AccelConfig file (use it with --config). --method auto tries every method but 'schedule' "
+        "(a fixed TeaCache plan: which steps compute, searched by hill climbing; slower, asked for by name).",
     )
     _model_options(q, generating=False)
     q.set_defaults(seed=TUNE_SEED)

@@ -21,6 +21,7 @@ PSNR / SSIM and judge-feature distance vs the baseline's outputs, judge adherenc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -39,6 +40,7 @@ import diffaccel  # noqa: E402
 from diffaccel import BlockCacheConfig, DeltaDiTConfig, TeaCacheConfig  # noqa: E402
 from diffaccel.cache.learned import schedule_for_budget, train_schedule  # noqa: E402
 from diffaccel.cache.teacache import calibrate_teacache  # noqa: E402
+from diffaccel.cache.tune import SCHEDULED_TEACACHE, search_teacache_schedule, spread_schedule  # noqa: E402
 from diffaccel.eval import metrics  # noqa: E402
 from diffaccel.eval.bench import hardware  # noqa: E402
 from diffaccel.pipelines import reference  # noqa: E402
@@ -140,7 +142,7 @@ def calibrate_magcache(pipe, calls: list[dict], steps: int) -> list[float]:
 
 
 def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], router=None,
-             mag_ratios: list[float] | None = None) -> list[Row]:
+             mag_ratios: list[float] | None = None, searched_schedules: dict[str, str] | None = None) -> list[Row]:
     from diffusers import (
         FasterCacheConfig,
         FirstBlockCacheConfig,
@@ -189,6 +191,11 @@ def rows_for(kind: str, steps: int, teacache_coefficients: tuple[float, ...], ro
         rows.append(ours(f"ours TeaCache+Taylor1 out δ{threshold} w3", TeaCacheConfig(
             threshold=threshold, coefficients=teacache_coefficients, warmup_steps=3, calibrator="taylorseer",
             reuse="output")))
+    # A fixed plan searched for this model on the held-out prompts (hill climb from a TaylorSeer-lite-like plan):
+    # the same prediction forecast, computing where it matters most.
+    for label, plan in (searched_schedules or {}).items():
+        rows.append(ours(f"ours TeaCache+Taylor1 out, plan {label}", dataclasses.replace(
+            SCHEDULED_TEACACHE, schedule=plan)))
     # SeaCache's indicator and settings in our TeaCache (images too, where diffusers' SeaCache fails open).
     for threshold in (0.25, 0.4):
         rows.append(ours(f"ours TeaCache SEA δ{threshold} (SeaCache's settings)", TeaCacheConfig(
@@ -272,7 +279,20 @@ def run(args) -> dict:
     mag_ratios = calibrate_magcache(pipe, held_out_calls(), steps)
     print(f"MagCache ratios calibrated on {len(held_out)} held-out prompts in {time.perf_counter() - start:.0f} s",
           flush=True)
-    rows = rows_for(kind, steps, coefficients, router, mag_ratios)
+    searched = {}
+    for count in args.schedule_computes:
+        start = time.perf_counter()
+        # TaylorSeer lite's plan (cache_interval 3, 3 warm-up steps) where the count is its own, else a spread one.
+        lite = "".join("1" if s < 3 or (s - 4) % 3 == 0 else "0" for s in range(steps))
+        plan = lite if lite.count("1") == count else spread_schedule(steps, count)
+        calls = [dict(call_kwargs, prompt=p, seed=1000 + i) for i, p in enumerate(held_out)]
+        best = search_teacache_schedule(pipe, calls, plan, say=lambda m: print(f"  schedule search {m}", flush=True))
+        searched[f"{count}/{steps} (start, unsearched)"] = plan  # the control: the same forecast on the start plan
+        searched[f"{count}/{steps}"] = best.config.schedule
+        print(f"schedule of {count}/{steps} computes searched on {len(held_out)} held-out prompts in "
+              f"{time.perf_counter() - start:.0f} s: {plan} -> {best.config.schedule} ({best.psnr:.2f} dB there)",
+              flush=True)
+    rows = rows_for(kind, steps, coefficients, router, mag_ratios, searched)
     if args.only:
         rows = [r for r in rows if r.source == "baseline" or any(key in r.name for key in args.only)]
     counter = {"n": 0}
@@ -443,6 +463,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="keep only rows whose name contains one of these")
     parser.add_argument("--suffix", default="", help="appended to the output name (docs/cache_bench_<model>_<steps><suffix>)")
     parser.add_argument("--learned-iterations", type=int, default=30, help="router training for the learned rows; 0 skips")
+    parser.add_argument("--schedule-computes", type=int, nargs="*", default=[],
+                        help="search a fixed TeaCache plan computing this many steps (one row each; none by default)")
     args = parser.parse_args(argv)
     result = run(args)
     path = write(result, args)

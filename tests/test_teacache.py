@@ -156,3 +156,63 @@ def test_calibration_fits_a_polynomial_on_baseline_runs_and_leaves_the_pipe_clea
     assert np.array_equal(run(case, seed=0), baseline)
     with pytest.raises(ValueError, match="too few"):
         calibrate_teacache(case.pipe, runs[:1], degree=40)
+
+
+def test_a_fixed_schedule_decides_instead_of_the_indicator():
+    # The toy's prediction is 812 - 199·i at step i (input rising by 1): "10010" computes steps 0 and 3 and
+    # replays step 0's prediction at 1-2 and step 3's at 4; with the Taylor forecast, step 4 comes from the
+    # slope of steps 0 and 3 and is exact. No threshold, warm-up or last-step rule applies.
+    pipe = toy_pipe()
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(threshold=0.0, reuse="output", schedule="10010"))
+    assert values(run_toy(pipe, 5, input_step=1.0)) == [811, 811, 811, 214, 214]
+    stats = diffaccel.stats(pipe)
+    assert stats["cache_hits"] == 3 and stats["cache_misses"] == 2 and stats["blocks_skipped"] == 3 * 4
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(reuse="output", calibrator="taylorseer", schedule="10010"))
+    assert values(run_toy(pipe, 5, input_step=1.0))[3:] == [214, 15]
+    # A call of another length follows the nearest step's plan: "10" over 4 steps computes steps 0 and 1.
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(reuse="output", schedule="10"))
+    run_toy(pipe, 4, input_step=1.0)
+    assert diffaccel.stats(pipe)["cache_misses"] == 2
+    with pytest.raises(ValueError, match="schedule must be a string of '1'"):
+        TeaCacheConfig(schedule="1x0")
+    with pytest.raises(ValueError, match="must compute its first step"):
+        TeaCacheConfig(schedule="01")
+    config = AccelConfig(cache=TeaCacheConfig(reuse="output", schedule="1101"))
+    assert AccelConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_schedule_search_keeps_the_count_and_only_accepts_improvements():
+    from diffaccel.cache.tune import Trial, climb_schedule, spread_schedule
+
+    assert spread_schedule(28, 11) == "1110100100100100010010010010"
+    assert spread_schedule(10, 10) == "1" * 10
+    with pytest.raises(ValueError, match="between 1 and 6"):
+        spread_schedule(6, 0)
+    # A stand-in objective whose best plan computes the last steps: the climb walks the computes there.
+    target = "1000000111"
+    seen = []
+
+    def evaluate(config):
+        seen.append(config.schedule)
+        assert config.schedule.count("1") == 4 and config.schedule[0] == "1"
+        computed = [i for i, c in enumerate(config.schedule) if c == "1"]
+        wanted = [i for i, c in enumerate(target) if c == "1"]
+        return Trial(config, -sum(abs(a - b) for a, b in zip(computed, wanted)), 0.4)
+
+    best = climb_schedule(evaluate, spread_schedule(10, 4, warmup=1), sweeps=20)
+    assert best.config.schedule == target and best.config.reuse == "output"
+    assert len(seen) > 4  # it tried neighbours of each plan it kept
+
+
+def test_tune_cache_schedule_on_a_tiny_pipeline_beats_or_equals_the_spread_plan():
+    from diffaccel.cache.tune import spread_schedule, tune_cache
+
+    case = build("flux")
+    calls = [dict(case.call_kwargs, num_inference_steps=6, seed=s) for s in (0, 1)]
+    calls = [{k: v for k, v in c.items() if k != "output_type"} for c in calls]
+    result = tune_cache(case.pipe, calls, "schedule", target_speedup=2.0)
+    assert isinstance(result.config, TeaCacheConfig) and result.config.schedule.count("1") == 3
+    spread = [t for t in result.trials if t.config.schedule == spread_schedule(6, 3)]
+    assert spread and result.psnr >= spread[0].psnr
+    assert 0.4 < result.compute_fraction < 0.65  # 3 of 6 steps run their blocks
+    assert not hasattr(case.pipe, "_diffaccel_runtime")  # the search leaves the pipeline plain

@@ -26,6 +26,7 @@ coarse structure; late ones the detail, so the change reflects what the step wil
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -40,6 +41,8 @@ from diffaccel.registry import AccelTarget, register_method
 
 from .block_cache import relative_l1
 from .calibrators import StreamForecast, check_calibrator
+
+logger = logging.getLogger("diffaccel")
 
 TEACACHE_HOOK = "diffaccel.teacache"
 # Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan: temb; PixArt/Sana: timestep).
@@ -76,6 +79,11 @@ class TeaCacheConfig(MethodConfig):
             latents; its defaults: threshold 0.25, no polynomial, ``max_consecutive=2``, calibrator
             "taylorseer" of order 1).
         sea_power: p of the SEA filter's clean-signal power prior 1/|f|^p (SeaCache: 3 for video).
+        schedule: a fixed plan in place of the indicator: one character per step, "1" computes, "0" skips
+            (replays or forecasts what ``reuse`` names). Warm-up, last-step, threshold and
+            ``max_consecutive`` rules then do not apply; a step with nothing stored yet computes. A call
+            with another step count follows the nearest step's character. Made for a model by
+            ``tune_teacache_schedule`` / ``diffaccel tune cache --method teacache-schedule``.
     """
 
     slot = "cache"
@@ -91,6 +99,7 @@ class TeaCacheConfig(MethodConfig):
     reuse: str = "residual"
     indicator: str = "modulated"
     sea_power: float = 3.0
+    schedule: str = ""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -104,12 +113,26 @@ class TeaCacheConfig(MethodConfig):
         check_int(name, "warmup_steps", self.warmup_steps, minimum=0)
         if self.max_consecutive is not None:
             check_int(name, "max_consecutive", self.max_consecutive, minimum=1)
+        if not isinstance(self.schedule, str) or set(self.schedule) - {"0", "1"}:
+            raise ValueError(f"{name}.schedule must be a string of '1' (compute) and '0' (skip), one per step, "
+                             f"got {self.schedule!r}.")
+        if self.schedule and self.schedule[0] != "1":
+            raise ValueError(f"{name}.schedule must compute its first step (nothing is stored before it), got "
+                             f"{self.schedule!r}.")
         if not isinstance(self.force_last_step, bool):
             raise ValueError(f"{name}.force_last_step must be True or False, got {self.force_last_step!r}.")
         if not isinstance(self.coefficients, tuple) or not all(
             isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) for c in self.coefficients
         ):
             raise ValueError(f"{name}.coefficients must be a tuple of finite numbers, got {self.coefficients!r}.")
+
+
+def scheduled_compute(schedule: str, ctx) -> bool:
+    """Whether ``schedule`` computes this step; a call of another length reads the nearest step's character."""
+    n = len(schedule)
+    total = ctx.num_steps or n
+    index = ctx.step_index if total == n else round(ctx.step_index * (n - 1) / max(total - 1, 1))
+    return schedule[min(max(index, 0), n - 1)] == "1"
 
 
 def rescale(change: float, coefficients: Sequence[float]) -> float:
@@ -209,6 +232,14 @@ class TeaCacheHook(ModelHook):
     def _decide(self, state: TeaCacheState, args: tuple, kwargs: dict) -> None:
         ctx = self.runtime.clock.current
         config = self.config
+        if config.schedule:
+            if ctx.num_steps not in (None, len(config.schedule)) and not getattr(self.runtime, "_schedule_noted", False):
+                self.runtime._schedule_noted = True  # once per acceleration
+                logger.info("diffaccel: TeaCache's schedule has %d steps and this call %d: each step follows the "
+                            "nearest step's plan", len(config.schedule), ctx.num_steps)
+            stored = state.output if config.reuse == "output" else state.hidden_residual
+            self._settle(state, stored is not None and not scheduled_compute(config.schedule, ctx), args, kwargs)
+            return
         if config.indicator == "sea":
             indicator = state.sea_indicator
         else:
@@ -229,7 +260,10 @@ class TeaCacheHook(ModelHook):
         )
         if not forced:
             state.accumulated += rescale(change, config.coefficients)
-        skip = not forced and state.accumulated < config.threshold
+        self._settle(state, not forced and state.accumulated < config.threshold, args, kwargs)
+
+    def _settle(self, state: TeaCacheState, skip: bool, args: tuple, kwargs: dict) -> None:
+        """Record the decision for this forward (the blocks below read ``state.skip``) and count it."""
         state.skip = skip
         if skip:
             state.consecutive_skips += 1
@@ -237,7 +271,7 @@ class TeaCacheHook(ModelHook):
         else:
             state.accumulated = 0.0
             state.consecutive_skips = 0
-            if config.reuse == "residual":
+            if self.config.reuse == "residual":
                 state.stack_input = self.block.stream_inputs(args, kwargs)
             self.runtime.count("cache_misses")
 
@@ -285,7 +319,7 @@ class TeaCacheDenoiserHook(ModelHook):
 
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        if self.config.indicator == "sea":
+        if self.config.indicator == "sea" and not self.config.schedule:  # a fixed schedule reads no indicator
             ctx = self.runtime.clock.current
             state: TeaCacheState = self.states.get(ctx.branch)
             latent = get_argument(args, kwargs, self.hidden_arg, self.hidden_position)

@@ -4,13 +4,15 @@ Users should not tune thresholds by reading percentiles by hand (a frequent comp
 peers). ``tune_cache`` runs the model on held-out prompts: once uncached (the reference), then a
 search over the method's one speed knob — the block cache's and TeaCache's threshold (bisection),
 Δ-DiT's interval and span (a small grid), the learned schedule's compute budget (re-thresholding the
-trained router) — and returns the fastest setting whose mean PSNR to the reference meets the target,
+trained router), the number of steps a fixed TeaCache schedule computes (then which steps: a hill climb)
+— and returns the fastest setting whose mean PSNR to the reference meets the target,
 or the setting whose share of computed blocks is closest to 1/target speedup. Speed during the
 search is the share of block evaluations (deterministic); wall-clock is for ``diffaccel bench``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -25,7 +27,12 @@ from .teacache import TeaCacheConfig, calibrate_teacache
 
 logger = logging.getLogger("diffaccel")
 
-METHODS = ("block", "teacache", "delta_dit", "learned")
+METHODS = ("block", "teacache", "delta_dit", "learned", "schedule")
+# What ``--method auto`` tries: the schedule search runs the held-out calls some hundred times, so it is asked for.
+AUTO_METHODS = ("block", "teacache", "delta_dit", "learned")
+# The fixed-schedule TeaCache the "schedule" method searches: the prediction forecast (first-order Taylor) on
+# skipped steps, as diffusers' TaylorSeer lite mode, whose every-N-th plan is where the climb can start.
+SCHEDULED_TEACACHE = TeaCacheConfig(reuse="output", calibrator="taylorseer")
 
 
 @dataclass
@@ -110,6 +117,54 @@ def _bisect(evaluate: Callable[[float], Trial], low: float, high: float, target_
         low, high = (middle, high) if ok else (low, middle)
 
 
+def spread_schedule(steps: int, computes: int, warmup: int = 3) -> str:
+    """A fixed plan of ``computes`` of ``steps`` steps: the first ``warmup`` compute, the rest spread evenly."""
+    if not 1 <= computes <= steps:
+        raise ValueError(f"a schedule of {steps} steps computes between 1 and {steps} of them, got {computes}.")
+    warmup = min(warmup, computes)
+    rest, window = computes - warmup, steps - warmup
+    plan = ["1"] * warmup + ["0"] * window
+    for i in range(rest):
+        plan[warmup + int((i + 0.5) * window / rest)] = "1"
+    return "".join(plan)
+
+
+def _neighbours(schedule: str) -> list[str]:
+    """Every plan with one computed step (not the first) moved to an adjacent skipped step."""
+    out = []
+    for i, c in enumerate(schedule):
+        if c != "1" or i == 0:
+            continue
+        for j in (i - 1, i + 1):
+            if 0 < j < len(schedule) and schedule[j] == "0":
+                plan = list(schedule)
+                plan[i], plan[j] = "0", "1"
+                out.append("".join(plan))
+    return out
+
+
+def climb_schedule(evaluate: Callable[[Any], Trial], schedule: str, base: TeaCacheConfig = SCHEDULED_TEACACHE,
+                   sweeps: int = 8, say: Callable[[str], None] = lambda message: None) -> Trial:
+    """Steepest-ascent hill climb on which steps compute, the count fixed: each sweep tries every move of one
+    computed step to a neighbouring skipped one and keeps the best if it raises the mean PSNR."""
+    best = evaluate(dataclasses.replace(base, schedule=schedule))
+    for sweep in range(sweeps):
+        trials = [evaluate(dataclasses.replace(base, schedule=plan)) for plan in _neighbours(best.config.schedule)]
+        top = max(trials, key=lambda t: t.psnr, default=None)
+        if top is None or top.psnr <= best.psnr + 1e-3:
+            break
+        say(f"sweep {sweep + 1}: {best.config.schedule} {best.psnr:.2f} dB -> {top.config.schedule} {top.psnr:.2f} dB")
+        best = top
+    return best
+
+
+def search_teacache_schedule(pipe: Any, calls: Sequence[dict], start: str, base: TeaCacheConfig = SCHEDULED_TEACACHE,
+                             sweeps: int = 8, say: Callable[[str], None] = lambda message: None) -> Trial:
+    """The best plan with as many computed steps as ``start``, found by ``climb_schedule`` from it on ``calls``
+    (pipe kwargs with a ``seed`` each), scored by the mean PSNR to their uncached outputs."""
+    return climb_schedule(_Evaluator(pipe, calls), start, base, sweeps=sweeps, say=say)
+
+
 def tune_cache(
     pipe: Any,
     calls: Sequence[dict],
@@ -162,6 +217,24 @@ def tune_cache(
             for span in sorted({max(1, blocks // 4), max(1, blocks // 3), max(1, blocks // 2)}):
                 say(f"Δ-DiT: interval {interval}, {span} cached blocks")
                 evaluate(DeltaDiTConfig(cache_interval=interval, cached_blocks=span))
+    elif method == "schedule":
+        steps = int(calls[0].get("num_inference_steps") or 0)
+        if steps < 2:
+            raise ValueError("tune_cache method 'schedule' needs num_inference_steps (at least 2) in the calls.")
+        if target_speedup is not None:
+            counts = [max(1, min(steps, round(steps / target_speedup)))]
+        else:  # the fewest computes whose spread plan meets the target, then one fewer with a better placement
+            low, high = 1, steps
+            while low < high:
+                middle = (low + high) // 2
+                if evaluate(dataclasses.replace(SCHEDULED_TEACACHE, schedule=spread_schedule(steps, middle))).psnr >= target_psnr:
+                    high = middle
+                else:
+                    low = middle + 1
+            counts = sorted({low, max(1, low - 1)})
+        for count in counts:
+            say(f"fixed TeaCache schedule: which {count} of {steps} steps compute (hill climb from the spread plan)")
+            climb_schedule(evaluate, spread_schedule(steps, count), say=lambda m: say(f"  {m}"))
     else:
         say(f"learned schedule: training the router ({learned_iterations} iterations)")
         _, router = train_schedule(pipe, calibration, iterations=learned_iterations,
@@ -201,7 +274,7 @@ def tune_cache_command(args) -> int:
         if value is not None:
             kwargs[name] = value
     calls = [dict(kwargs, prompt=p, seed=args.seed + i) for i, p in enumerate(prompts)]
-    methods = list(METHODS) if args.method == "auto" else [args.method]
+    methods = list(AUTO_METHODS) if args.method == "auto" else [args.method]
     results = {}
     for method in methods:
         print(f"tuning {method} ...", flush=True)
