@@ -400,7 +400,9 @@ def write(result: dict, args) -> Path:
         f"{args.num} prompts (`scenes.prompt_set`), seeds 0..{args.num - 1}, {args.repeats} repeats; "
         f"call {json.dumps({k: v for k, v in result['call'].items()})}; {hardware()}; "
         f"{time.strftime('%Y-%m-%d %H:%M')}. Produced by `python scripts/bench_cache.py "
-        f"--model {kind} --steps {steps} --num {args.num} --repeats {args.repeats}"
+        f"--model {kind} --steps {steps} --num {args.num} --repeats {args.repeats} --threads {args.threads}"
+        f" --learned-iterations {args.learned_iterations}"
+        f"{' --schedule-computes ' + ' '.join(map(str, args.schedule_computes)) if args.schedule_computes else ''}"
         f"{' --only ' + ' '.join(repr(k) for k in args.only) if args.only else ''}"
         f"{' --suffix ' + args.suffix if args.suffix else ''}`.",
         "",
