@@ -83,7 +83,7 @@ class TeaCacheConfig(MethodConfig):
             (replays or forecasts what ``reuse`` names). Warm-up, last-step, threshold and
             ``max_consecutive`` rules then do not apply; a step with nothing stored yet computes. A call
             with another step count follows the nearest step's character. Made for a model by
-            ``tune_teacache_schedule`` / ``diffaccel tune cache --method teacache-schedule``.
+            ``diffaccel.cache.tune.search_teacache_schedule`` / ``diffaccel tune cache --method schedule``.
     """
 
     slot = "cache"
@@ -216,6 +216,7 @@ class TeaCacheHook(ModelHook):
         self.block = block
         self.first = first
         self.last = last
+        self.schedule_noted = False
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state: TeaCacheState = self.states.get(self.runtime.clock.current.branch)
@@ -233,8 +234,8 @@ class TeaCacheHook(ModelHook):
         ctx = self.runtime.clock.current
         config = self.config
         if config.schedule:
-            if ctx.num_steps not in (None, len(config.schedule)) and not getattr(self.runtime, "_schedule_noted", False):
-                self.runtime._schedule_noted = True  # once per acceleration
+            if ctx.num_steps not in (None, len(config.schedule)) and not self.schedule_noted:
+                self.schedule_noted = True  # once per acceleration (one hook decides: block 0's)
                 logger.info("diffaccel: TeaCache's schedule has %d steps and this call %d: each step follows the "
                             "nearest step's plan", len(config.schedule), ctx.num_steps)
             stored = state.output if config.reuse == "output" else state.hidden_residual

@@ -1,4 +1,5 @@
-"""The step runtime: one per accelerated pipeline.
+"""The step runtime: one per accelerated pipeline (and one more per expert denoiser, e.g. Wan 2.2's
+``transformer_2``, held and driven by the main one).
 
 It owns the step clock, the per-branch method states and the statistics, and it installs (and on
 ``remove`` takes away) every hook through diffusers' ``HookRegistry``. Two taps feed the clock:
@@ -109,7 +110,8 @@ def latent_grid(hidden: torch.Tensor, layout: str) -> tuple[int, ...]:
 
 
 class Runtime:
-    """Clock, states, stats and installed hooks of one accelerated pipeline."""
+    """Clock, states, stats and installed hooks of one accelerated denoiser; the pipeline's main runtime also
+    taps the scheduler and drives and reports its experts'."""
 
     def __init__(self, pipe: Any, denoiser: torch.nn.Module, adapter: FamilyAdapter, config: Any,
                  primary: "Runtime | None" = None) -> None:
@@ -179,7 +181,7 @@ class Runtime:
 
     def remove(self) -> None:
         """Take away every hook, scheduler tap and processor this runtime (and its experts') installed."""
-        for expert in reversed(list(self.experts.values())):  # installed after this one: their taps are on top
+        for expert in reversed(list(self.experts.values())):  # installed after this one: off first
             expert.remove()
         self.experts.clear()
         for module, name in reversed(self._installed):
