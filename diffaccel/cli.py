@@ -35,6 +35,8 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--config", default=None, help="an AccelConfig saved as .json or .yaml (overrides --preset)")
     p.add_argument("--steps", type=int, default=None, help="number of denoising steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--guidance-2", type=float, default=None,
+                   help="guidance scale of the low-noise expert's steps (Wan 2.2's guidance_scale_2; default: --guidance)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--height", type=int, default=None)
@@ -427,6 +429,7 @@ def call_arguments(pipe: Any, args: argparse.Namespace, defaults: dict | None = 
         "prompt": args.prompt,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
+        "guidance_scale_2": getattr(args, "guidance_2", None),
         "negative_prompt": args.negative_prompt,
         "height": args.height,
         "width": args.width,

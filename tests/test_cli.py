@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from diffaccel.cli import main
-from tiny_pipelines import build
+from tiny_pipelines import build, wan22
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,8 @@ def saved(tmp_path_factory):
         folder = root / name
         build(name).pipe.save_pretrained(folder)
         folders[name] = folder
+    folders["wan22"] = root / "wan22"
+    wan22().pipe.save_pretrained(folders["wan22"])
     return folders
 
 
@@ -95,3 +97,23 @@ def test_generate_defaults_to_the_embedded_image_model(tmp_path):
 def test_video_flag_with_a_model_is_refused(tmp_path, capsys):
     assert main(["generate", "x", "-o", str(tmp_path / "a.gif"), "--model", "somewhere", "--video"]) == 2
     assert "--video selects the embedded video model" in capsys.readouterr().err
+
+
+def test_generate_wan22_folder_accelerates_both_experts_with_their_own_guidance(saved, tmp_path, capsys):
+    """A Wan 2.2 folder (transformer_2, boundary_ratio) through from_pretrained: both experts run accelerated,
+    --guidance-2 reaches the low-noise steps, and a pipeline without a second expert refuses it clearly."""
+    stats_path = tmp_path / "stats.json"
+    common = ["--steps", "4", "--height", "32", "--width", "32", "--frames", "9", "--preset", "fast"]
+    outputs = []
+    for guidance_2 in ("5", "1"):
+        out = tmp_path / f"clip{guidance_2}.gif"
+        assert main(["generate", "a red circle moving", "-o", str(out), "--model", str(saved["wan22"]), *common,
+                     "--guidance", "5", "--guidance-2", guidance_2, "--stats-json", str(stats_path)]) == 0
+        outputs.append(iio.imread(out, index=None))
+    stats = json.loads(stats_path.read_text())["stats"]
+    assert set(stats["models"]) == {"transformer", "transformer_2"}
+    assert stats["models"]["transformer_2"]["denoiser_forwards"] > 0
+    assert not np.array_equal(outputs[0], outputs[1])  # the low-noise steps took the other scale
+    code = main(["generate", "x", "-o", str(tmp_path / "w.gif"), "--model", str(saved["wan"]), *common,
+                 "--guidance-2", "3"])
+    assert code == 2 and "guidance_scale_2" in capsys.readouterr().err
