@@ -216,3 +216,9 @@ def test_tune_cache_schedule_on_a_tiny_pipeline_beats_or_equals_the_spread_plan(
     assert spread and result.psnr >= spread[0].psnr
     assert 0.4 < result.compute_fraction < 0.65  # 3 of 6 steps run their blocks
     assert not hasattr(case.pipe, "_diffaccel_runtime")  # the search leaves the pipeline plain
+    # With calibration prompts of their own, the climbed plan must also beat its start there, or the start stays:
+    # one plan of that count remains to pick from, and it is the climbed one or the start.
+    checked = tune_cache(case.pipe, calls, "schedule", target_speedup=2.0,
+                         calibration_calls=[dict(calls[0], seed=7)])
+    plans = {t.config.schedule for t in checked.trials}
+    assert len(plans) == 1 and checked.config.schedule in (spread_schedule(6, 3), result.config.schedule)

@@ -232,9 +232,21 @@ def tune_cache(
                 else:
                     low = middle + 1
             counts = sorted({low, max(1, low - 1)})
+        # A climb on a few prompts can overfit (docs/cache_bench_video_20_schedule10.md): where calibration
+        # calls of their own are given, the climbed plan is kept only if it also beats its start plan on them.
+        validate = _Evaluator(pipe, calibration_calls) if calibration_calls else None
         for count in counts:
+            start = spread_schedule(steps, count)
             say(f"fixed TeaCache schedule: which {count} of {steps} steps compute (hill climb from the spread plan)")
-            climb_schedule(evaluate, spread_schedule(steps, count), say=lambda m: say(f"  {m}"))
+            best = climb_schedule(evaluate, start, say=lambda m: say(f"  {m}"))
+            if validate is None or best.config.schedule == start:
+                continue
+            climbed, kept = validate(best.config).psnr, validate(dataclasses.replace(SCHEDULED_TEACACHE, schedule=start)).psnr
+            chosen = best.config.schedule if climbed >= kept else start
+            say(f"  on the calibration prompts: climbed {climbed:.2f} dB, start {kept:.2f} dB: keeping the "
+                f"{'climbed' if chosen != start else 'start'} plan")
+            evaluate.trials = [t for t in evaluate.trials if getattr(t.config, "schedule", "").count("1") != count
+                               or t.config.schedule == chosen]
     else:
         say(f"learned schedule: training the router ({learned_iterations} iterations)")
         _, router = train_schedule(pipe, calibration, iterations=learned_iterations,
