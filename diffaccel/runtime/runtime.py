@@ -402,6 +402,22 @@ class Runtime:
         self.call_stats.blocks_skipped += amount
         self.total_stats.blocks_skipped += amount
 
+    def add_call_to(self, totals: list[RunStats] | None) -> list[RunStats]:
+        """Sum the call just ended into ``totals`` (None: start them), one entry for this runtime and one per
+        expert: a method that runs one pipeline call as several (the bottleneck's stages) reports them as one."""
+        calls = [self.call_stats, *(expert.call_stats for expert in self.experts.values())]
+        if totals is None:
+            return calls
+        for total, call in zip(totals, calls):
+            total.add(call)
+            total.calls = 1
+        return totals
+
+    def set_call_stats(self, totals: list[RunStats]) -> None:
+        """Report ``totals`` (from ``add_call_to``) as this call's statistics."""
+        for runtime, total in zip([self, *self.experts.values()], totals):
+            runtime.call_stats = total
+
     def stats(self, cumulative: bool = False) -> dict:
         """This runtime's statistics; with experts, every denoiser's forwards, blocks and counters summed over
         the call's steps, and each one's own under ``models``."""

@@ -301,19 +301,12 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
             output = original_call(pipe, **stage)
         finally:
             undo()
-        if runtime is not None:  # each stage is a call of its own to the runtimes: sum them into one
-            runtimes = [runtime, *runtime.experts.values()]
-            if total_stats is None:
-                total_stats = [r.call_stats for r in runtimes]
-            else:
-                for total, r in zip(total_stats, runtimes):
-                    total.add(r.call_stats)
-                    total.calls = 1
+        if runtime is not None:  # each stage is a call of its own to the runtime: sum them into one
+            total_stats = runtime.add_call_to(total_stats)
         if not last:
             latents = _latents_of(output)
     if runtime is not None and total_stats is not None:
-        for total, r in zip(total_stats, [runtime, *runtime.experts.values()]):
-            r.call_stats = total
+        runtime.set_call_stats(total_stats)
         runtime.count("bottleneck_stages", len(steps))
     return output
 
