@@ -519,9 +519,39 @@ class BatchLoader:
         self.pool.join()
 
 
+class StepProfile:
+    """Where a training step's time goes (``--profile``): seconds per phase, synchronising the device at each
+    phase's end so that asynchronous CUDA work is charged to the phase that queued it."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.device, self.enabled = device, enabled
+        self.totals: dict[str, float] = collections.defaultdict(float)
+        self.steps, self.last = 0, time.time()
+
+    def start(self) -> None:
+        self.last = time.time()
+
+    def mark(self, phase: str) -> None:
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.time()
+        self.totals[phase] += now - self.last
+        self.last = now
+
+    def report(self, steps: int) -> str:
+        """Mean milliseconds per step in each phase since the last report, then reset."""
+        if not self.enabled or not self.totals:
+            return ""
+        per_step = {k: 1000 * v / max(1, steps) for k, v in self.totals.items()}
+        self.totals.clear()
+        return "; ms/step " + ", ".join(f"{k} {v:.0f}" for k, v in per_step.items())
+
+
 def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_BATCH_SIZE,
                    device: torch.device = torch.device("cpu"), workers: int = 0, lr_peak: float = 3e-4,
-                   save_every: float = 5.0, deadline: float | None = None) -> None:
+                   save_every: float = 5.0, deadline: float | None = None, profile: bool = False) -> None:
     """Flow matching (v = noise - x0 at t = 1000 sigma) with 10% caption dropout for CFG, and an EMA.
 
     Stops in time to save before ``deadline`` (default: ``minutes`` from now). On the CPU with
@@ -595,6 +625,7 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
         losses: list[float] = []
         run_steps, step_seconds, save_seconds = 0, 0.0, 5.0  # save_seconds: a guess until a save is timed
         first_step, tick = steps, time.time()
+        timer = StepProfile(device, profile)
 
         def save() -> None:
             nonlocal save_seconds
@@ -613,6 +644,7 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
         # Stop when one more step and the final save would not fit before the deadline.
         while time.time() + step_seconds + 1.5 * save_seconds < deadline:
             began = time.time()
+            timer.start()
             if loader is not None:
                 pixels, captions = loader.get()
                 x = recipe.to_model(torch.from_numpy(pixels).to(device))
@@ -620,17 +652,21 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
                 x, captions = recipe.batch(rng, steps, batch_size)
                 captions = [c if rng.random() >= 0.1 else "" for c in captions]
                 x = x.to(device)
+            timer.mark("data")
             with torch.no_grad():
                 x0 = recipe.latents(x, generator)
+            timer.mark("vae")
             sigma = sample_sigmas(x0.shape[0], generator).to(device)
             noise = torch.randn(x0.shape, generator=generator).to(device)
             s = sigma.view(-1, *([1] * (x0.dim() - 1)))
             xt = (1 - s) * x0 + s * noise
             with torch.autocast(**autocast):
                 embeds = recipe.text(captions)
+                timer.mark("text")
                 prediction = recipe.predict(transformer, xt, embeds, sigma)
             loss = F.mse_loss(prediction.float(), noise - x0)
             value = loss.item()
+            timer.mark("forward")
             if not math.isfinite(value):
                 raise SystemExit(f"{kind} step {steps}: loss is {value}; stopping without saving "
                                  f"(the last checkpoint and export are kept)")
@@ -643,10 +679,12 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            timer.mark("backward+step")
             decay = min(0.999, (1 + steps) / (10 + steps))
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), transformer.parameters()):
                     p_ema.lerp_(p, 1 - decay)
+            timer.mark("ema")
             steps += 1
             run_steps += 1
             losses.append(value)
@@ -662,7 +700,7 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
                     first_step, tick = steps, now
                     if loader:
                         loader.wait = 0.0
-                log(message)
+                log(message + timer.report(50))
             if time.time() - last_save > save_every * 60 and deadline - time.time() > 60 + 1.5 * save_seconds:
                 save()
                 last_save = time.time()
@@ -714,6 +752,8 @@ def main(argv=None) -> int:
                         help="image/video: processes drawing batches (default 0 on CPU: in the training process; "
                              "on CUDA all cores but three, at most 14)")
     parser.add_argument("--lr", type=float, default=3e-4, help="image/video: peak learning rate")
+    parser.add_argument("--profile", action="store_true",
+                        help="image/video: add where each step's time goes (ms per phase) to the progress lines")
     parser.add_argument("--save-every", type=float, default=None,
                         help="image/video: minutes between checkpoints (default 5 on CPU, 2 on CUDA); "
                              "VAE stages: between saves of the weights (default 10)")
@@ -740,7 +780,8 @@ def main(argv=None) -> int:
         workers = args.workers if args.workers is not None else (default_workers() if gpu else 0)
         save_every = args.save_every if args.save_every is not None else (2.0 if gpu else 5.0)
         train_denoiser(args.stage, args.minutes, args.seed, batch_size=batch_size, device=device, workers=workers,
-                       lr_peak=args.lr, save_every=save_every, deadline=T0 + args.minutes * 60)
+                       lr_peak=args.lr, save_every=save_every, deadline=T0 + args.minutes * 60,
+                       profile=args.profile)
     elif args.stage == "judge":
         sys.path.insert(0, str(Path(__file__).parent))
         from train_judge import main as judge_main
