@@ -30,6 +30,7 @@ T0 = time.time()  # --minutes counts from here: imports, loading and the final s
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import copy  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -121,14 +122,29 @@ def write_state(folder: Path, state: dict) -> None:
 # ------------------------------------------------------------------------------------------ VAEs
 
 
-def vae_batch(kind: str, rng: np.random.Generator, steps: int, batch_size: int) -> torch.Tensor:
-    """Images (n, 3, H, W) at 64 px (every 4th batch 128 px), or clips (n, 3, F, H, W), in [-1, 1]."""
+def vae_pixels(kind: str, rng: np.random.Generator, steps: int, batch_size: int) -> np.ndarray:
+    """Images (n, H, W, 3) at 64 px (every 8th batch 128 px, a quarter as many), or clips (n, F, H, W, 3),
+    in [0, 1]. Numpy only, so that ``_vae_loader_batch`` can draw it in a worker."""
     if kind == "image":
         resolution = 128 if steps % 8 == 7 else 64  # convolutional: mostly 64 px is enough
-        pixels, _, _ = scenes.sample_batch(rng, batch_size if resolution == 64 else batch_size // 4, resolution)
-        return to_model_pixels(pixels)
-    pixels, _, _ = scenes.sample_batch(rng, batch_size, 64, clip=True, frames=build.VIDEO_FRAMES)
-    return torch.from_numpy(pixels).permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0
+        return scenes.sample_batch(rng, batch_size if resolution == 64 else batch_size // 4, resolution)[0]
+    return scenes.sample_batch(rng, batch_size, 64, clip=True, frames=build.VIDEO_FRAMES)[0]
+
+
+def vae_model_input(kind: str, pixels: torch.Tensor) -> torch.Tensor:
+    """``vae_pixels`` -> the VAE's input: (n, 3, H, W) or (n, 3, F, H, W) in [-1, 1], on pixels' device."""
+    order = (0, 3, 1, 2) if kind == "image" else (0, 4, 1, 2, 3)
+    return pixels.permute(*order).contiguous() * 2.0 - 1.0
+
+
+def vae_batch(kind: str, rng: np.random.Generator, steps: int, batch_size: int) -> torch.Tensor:
+    """One VAE batch drawn in this process (the CPU path, and the fixed evaluation batch)."""
+    return vae_model_input(kind, torch.from_numpy(vae_pixels(kind, rng, steps, batch_size)))
+
+
+def _vae_loader_batch(kind: str, seed: int, batch_size: int, step: int) -> np.ndarray:
+    """Step ``step``'s VAE batch, drawn in a ``BatchLoader`` worker from the stream (seed, step)."""
+    return vae_pixels(kind, np.random.default_rng([seed, 100, step]), step, batch_size)
 
 
 def latent_spread(kind: str, z: torch.Tensor) -> torch.Tensor:
@@ -139,11 +155,16 @@ def latent_spread(kind: str, z: torch.Tensor) -> torch.Tensor:
     return z.std() if kind == "image" else z.std(dim=(0, *range(2, z.dim())), keepdim=True)
 
 
+VAE_WARMUP_STEPS = 100  # of every run's fresh optimizer
+
+
 def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, save_every: float = 10.0,
-              device: torch.device = torch.device("cpu"), batch_size: int | None = None, fresh: bool = False) -> None:
+              device: torch.device = torch.device("cpu"), batch_size: int | None = None, fresh: bool = False,
+              workers: int = 0) -> None:
     """Reconstruction (L1 + MSE) with a small KL term; then the latent normalisation the pipeline uses.
     Saves every ``save_every`` minutes and at the end. On CUDA the batch is 8x the CPU's (``batch_size``
-    overrides it) and autocast is bfloat16, as for the denoisers.
+    overrides it) and autocast is bfloat16, as for the denoisers. With ``workers`` the batches are drawn
+    by a ``BatchLoader`` (on a GPU, drawing clips in this process took most of each step).
 
     ``decoder_only`` sharpens the decoder while the encoder, and so the latent space the denoiser is
     trained on, stays fixed. ``fresh`` starts from the seed's initialisation instead of the saved VAE: a new
@@ -161,8 +182,13 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
         log(f"resuming the {kind} VAE from step {state['steps']}")
     elif fresh:
         log(f"a fresh {kind} VAE from seed {seed}: the {kind} denoiser must be retrained on its latents")
+    rng = np.random.default_rng(seed + 100 + state.get("steps", 0))
+    steps, start = state.get("steps", 0), time.time()
+    # Fork the batch workers before this process initialises CUDA.
+    loader = (BatchLoader(functools.partial(_vae_loader_batch, kind, seed, batch_size), steps, workers)
+              if workers > 0 else None)
     vae.to(device).train()
-    log(f"{kind} vae: training on {device}, batch {batch_size}")
+    log(f"{kind} vae: training on {device}, batch {batch_size}, {workers} data workers")
     trainable = vae.parameters()
     if decoder_only:
         if not state:
@@ -171,10 +197,9 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
         if getattr(vae, "quant_conv", None) is not None:
             vae.quant_conv.requires_grad_(False)
         trainable = [p for p in vae.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3 if not decoder_only else 3e-4, weight_decay=0.0)
-    rng = np.random.default_rng(seed + 100 + state.get("steps", 0))
-    steps, start = state.get("steps", 0), time.time()
-    first_steps, last_save = steps, start
+    base_lr = 1e-3 if not decoder_only else 3e-4
+    optimizer = torch.optim.AdamW(trainable, lr=base_lr, weight_decay=0.0)
+    first_steps, last_save, tick, tick_steps = steps, start, start, steps
 
     def save() -> None:
         vae.eval()
@@ -209,26 +234,46 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
         write_state(out, record)
         log(f"{kind} vae saved: {steps} steps, {record['minutes']} min, PSNR {psnr:.2f} dB")
 
-    while time.time() - start < minutes * 60:
-        x = vae_batch(kind, rng, steps, batch_size).to(device)
-        with torch.autocast(**autocast_for(device)):
-            with torch.set_grad_enabled(not decoder_only):
-                posterior = vae.encode(x).latent_dist
-            # Decode the posterior mean (what the denoiser is trained on) plus a little noise so the decoder
-            # tolerates imperfect latents; the KL term only keeps the latent scale in check.
-            z = posterior.mode()
-            recon = vae.decode(z + 0.05 * latent_spread(kind, z) * torch.randn_like(z)).sample.float()
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        steps += 1
-        if steps % 50 == 0:
-            log(f"{kind} vae step {steps} loss {loss.item():.4f} (kl {kl.item():.2f})")
-        if time.time() - last_save > save_every * 60:
-            save()
-            last_save = time.time()
+    try:
+        while time.time() - start < minutes * 60:
+            if loader is not None:
+                x = vae_model_input(kind, torch.from_numpy(loader.get()).to(device))
+            else:
+                x = vae_batch(kind, rng, steps, batch_size).to(device)
+            with torch.autocast(**autocast_for(device)):
+                with torch.set_grad_enabled(not decoder_only):
+                    posterior = vae.encode(x).latent_dist
+                # Decode the posterior mean (what the denoiser is trained on) plus a little noise so the decoder
+                # tolerates imperfect latents; the KL term only keeps the latent scale in check.
+                z = posterior.mode()
+                recon = vae.decode(z + 0.05 * latent_spread(kind, z) * torch.randn_like(z)).sample.float()
+            kl = posterior.kl().mean() / x[0].numel()
+            loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
+            # Every run starts a fresh optimizer: warm it up, or its first full-size steps undo a trained VAE
+            # (a resumed image VAE fell from 27.6 to 16.4 dB in 7 steps without this).
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * min(1.0, (steps - first_steps + 1) / VAE_WARMUP_STEPS)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if steps % 50 == 0:
+                message = f"{kind} vae step {steps} loss {loss.item():.4f} (kl {kl.item():.2f})"
+                if device.type != "cpu" or loader is not None:
+                    now = time.time()
+                    message += f" ({(steps - tick_steps) / (now - tick):.2f} steps/s"
+                    if loader is not None:
+                        message += f", waiting for data {100 * loader.wait / (now - tick):.0f}%"
+                        loader.wait = 0.0
+                    message += ")"
+                    tick, tick_steps = now, steps
+                log(message)
+            if time.time() - last_save > save_every * 60:
+                save()
+                last_save = time.time()
+    finally:
+        if loader is not None:
+            loader.close()
     save()
 
 
@@ -470,7 +515,7 @@ class VideoRecipe:
         return transformer(hidden_states=xt, encoder_hidden_states=embeds, timestep=sigma * 1000, return_dict=False)[0]
 
 
-def _loader_batch(kind: str, seed: int, step: int, batch_size: int):
+def _loader_batch(kind: str, seed: int, batch_size: int, step: int):
     """One step's batch, drawn in a worker process from the stream (seed, step): pixels (numpy) and the
     captions, 10% of them dropped for CFG. Numpy only: nothing here touches torch or the GPU."""
     rng = np.random.default_rng([seed, 1000, step])
@@ -487,14 +532,16 @@ def _ignore_sigint() -> None:
 class BatchLoader:
     """Draws the batches of the coming steps in ``workers`` forked processes, ``2 * workers`` steps ahead.
 
-    Step k's batch depends on (seed, k) alone, so the data does not depend on the number of workers. The
-    pool is forked before this process touches the GPU; the workers never use torch.
+    ``draw(step)`` (picklable: a module-level function or a partial of one; ``_loader_batch`` for the
+    denoisers, ``_vae_loader_batch`` for the VAEs) makes step k's batch from (seed, k) alone, so the data
+    does not depend on the number of workers. The pool is forked before this process touches the GPU; the
+    workers never use torch.
     """
 
-    def __init__(self, kind: str, seed: int, first_step: int, batch_size: int, workers: int) -> None:
+    def __init__(self, draw, first_step: int, workers: int) -> None:
         import multiprocessing
 
-        self.args = (kind, seed, batch_size)
+        self.draw = draw
         self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_sigint)
         self.step = first_step
         self.pending: collections.deque = collections.deque()
@@ -503,8 +550,7 @@ class BatchLoader:
             self._submit()
 
     def _submit(self) -> None:
-        kind, seed, batch_size = self.args
-        self.pending.append(self.pool.apply_async(_loader_batch, (kind, seed, self.step, batch_size)))
+        self.pending.append(self.pool.apply_async(self.draw, (self.step,)))
         self.step += 1
 
     def get(self):
@@ -591,7 +637,7 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
         recipe.train_text_encoder = False
         log(f"text encoder: attribute-trained, frozen ({WEIGHTS / kind / 'text_encoder'})")
     # Fork the batch workers before this process initialises CUDA (and before the models move there).
-    loader = BatchLoader(kind, seed, steps, batch_size, workers) if workers > 0 else None
+    loader = BatchLoader(functools.partial(_loader_batch, kind, seed, batch_size), steps, workers) if workers > 0 else None
     try:
         transformer, text_encoder = pipe.transformer, pipe.text_encoder
         transformer.to(device)  # all no-ops on the CPU
@@ -749,8 +795,8 @@ def main(argv=None) -> int:
                              f"(default {CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on CUDA); VAE stages: images "
                              f"(clips) per step (default 16 (4) on CPU, 8x that on CUDA)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="image/video: processes drawing batches (default 0 on CPU: in the training process; "
-                             "on CUDA all cores but three, at most 14)")
+                        help="image/video/VAE stages: processes drawing batches (default 0 on CPU: in the training "
+                             "process; on CUDA all cores but three, at most 14)")
     parser.add_argument("--lr", type=float, default=3e-4, help="image/video: peak learning rate")
     parser.add_argument("--profile", action="store_true",
                         help="image/video: add where each step's time goes (ms per phase) to the progress lines")
@@ -766,8 +812,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.stage.endswith("-vae"):
+        workers = args.workers if args.workers is not None else (default_workers() if device.type == "cuda" else 0)
         train_vae(args.stage.split("-")[0], args.minutes, args.seed, decoder_only=args.decoder_only,
-                  save_every=args.save_every or 10.0, device=device, batch_size=args.batch_size, fresh=args.fresh)
+                  save_every=args.save_every or 10.0, device=device, batch_size=args.batch_size, fresh=args.fresh,
+                  workers=workers)
     elif args.stage.endswith("-text"):
         train_text_encoder(args.stage.split("-")[0], args.minutes, args.seed)
     elif denoiser:
