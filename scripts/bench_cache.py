@@ -398,7 +398,8 @@ def write(result: dict, args) -> Path:
         f"# Feature caching on the reference {kind} model, {steps} steps",
         "",
         f"{args.num} prompts (`scenes.prompt_set`), seeds 0..{args.num - 1}, {args.repeats} repeats; "
-        f"call {json.dumps({k: v for k, v in result['call'].items()})}; {hardware()}; "
+        f"call {json.dumps({k: v for k, v in result['call'].items()})}; the {kind} model at "
+        f"{reference.info(kind).get('training', {}).get('steps', '?')} training steps; {hardware()}; "
         f"{time.strftime('%Y-%m-%d %H:%M')}. Produced by `python scripts/bench_cache.py "
         f"--model {kind} --steps {steps} --num {args.num} --repeats {args.repeats} --threads {args.threads}"
         f" --learned-iterations {args.learned_iterations}"
