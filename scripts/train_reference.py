@@ -104,9 +104,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def to_model_pixels(pixels: np.ndarray) -> torch.Tensor:
-    """(n, H, W, 3) in [0, 1] -> (n, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+def pixels_to_model(pixels: torch.Tensor) -> torch.Tensor:
+    """Rendered pixels, channels last in [0, 1] -> the models' input, channels first in [-1, 1], on pixels'
+    device: images (n, H, W, 3) -> (n, 3, H, W), clips (n, F, H, W, 3) -> (n, 3, F, H, W)."""
+    order = (0, 3, 1, 2) if pixels.dim() == 4 else (0, 4, 1, 2, 3)
+    return pixels.permute(*order).contiguous() * 2.0 - 1.0
 
 
 def read_state(folder: Path) -> dict:
@@ -131,15 +133,9 @@ def vae_pixels(kind: str, rng: np.random.Generator, steps: int, batch_size: int)
     return scenes.sample_batch(rng, batch_size, 64, clip=True, frames=build.VIDEO_FRAMES)[0]
 
 
-def vae_model_input(kind: str, pixels: torch.Tensor) -> torch.Tensor:
-    """``vae_pixels`` -> the VAE's input: (n, 3, H, W) or (n, 3, F, H, W) in [-1, 1], on pixels' device."""
-    order = (0, 3, 1, 2) if kind == "image" else (0, 4, 1, 2, 3)
-    return pixels.permute(*order).contiguous() * 2.0 - 1.0
-
-
 def vae_batch(kind: str, rng: np.random.Generator, steps: int, batch_size: int) -> torch.Tensor:
     """One VAE batch drawn in this process (the CPU path, and the fixed evaluation batch)."""
-    return vae_model_input(kind, torch.from_numpy(vae_pixels(kind, rng, steps, batch_size)))
+    return pixels_to_model(torch.from_numpy(vae_pixels(kind, rng, steps, batch_size)))
 
 
 def _vae_loader_batch(kind: str, seed: int, batch_size: int, step: int) -> np.ndarray:
@@ -237,7 +233,7 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
     try:
         while time.time() - start < minutes * 60:
             if loader is not None:
-                x = vae_model_input(kind, torch.from_numpy(loader.get()).to(device))
+                x = pixels_to_model(torch.from_numpy(loader.get()).to(device))
             else:
                 x = vae_batch(kind, rng, steps, batch_size).to(device)
             with torch.autocast(**autocast_for(device)):
@@ -250,7 +246,7 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
             kl = posterior.kl().mean() / x[0].numel()
             loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
             # Every run starts a fresh optimizer: warm it up, or its first full-size steps undo a trained VAE
-            # (a resumed image VAE fell from 27.6 to 16.4 dB in 7 steps without this).
+            # (a resumed image VAE fell from about 27 to 16.4 dB in 7 steps without this).
             for group in optimizer.param_groups:
                 group["lr"] = base_lr * min(1.0, (steps - first_steps + 1) / VAE_WARMUP_STEPS)
             optimizer.zero_grad(set_to_none=True)
@@ -436,14 +432,11 @@ class ImageRecipe:
         pixels, captions, _ = scenes.sample_batch(rng, n, resolution)
         return pixels, captions
 
-    @staticmethod
-    def to_model(pixels: torch.Tensor) -> torch.Tensor:
-        """(n, H, W, 3) in [0, 1] -> (n, 3, H, W) in [-1, 1], on pixels' device."""
-        return pixels.permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+    to_model = staticmethod(pixels_to_model)
 
     def batch(self, rng, steps: int, batch_size: int):
         pixels, captions = self.sample(rng, steps, batch_size)
-        return to_model_pixels(pixels), captions
+        return pixels_to_model(torch.from_numpy(pixels)), captions
 
     def latents(self, x, generator):
         # The posterior mean: the VAE's posterior std stayed near 1 (its tiny KL term never shrank it and
@@ -493,10 +486,7 @@ class VideoRecipe:
         pixels, captions, _ = scenes.sample_batch(rng, batch_size // 3, 64, clip=True, frames=build.VIDEO_FRAMES)
         return pixels, captions
 
-    @staticmethod
-    def to_model(pixels: torch.Tensor) -> torch.Tensor:
-        """(n, F, H, W, 3) in [0, 1] -> (n, 3, F, H, W) in [-1, 1], on pixels' device."""
-        return pixels.permute(0, 4, 1, 2, 3).contiguous() * 2.0 - 1.0
+    to_model = staticmethod(pixels_to_model)
 
     def batch(self, rng, steps: int, batch_size: int):
         pixels, captions = self.sample(rng, steps, batch_size)

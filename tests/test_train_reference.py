@@ -44,8 +44,10 @@ def test_vae_batches_from_workers_depend_on_the_step_alone(trainer):
     # Every 8th image batch is 128 px, a quarter as many; model input is channels-first in [-1, 1].
     big = trainer._vae_loader_batch("image", 0, 8, 7)
     assert big.shape == (2, 128, 128, 3)
-    x = trainer.vae_model_input("image", __import__("torch").from_numpy(big))
+    x = trainer.pixels_to_model(__import__("torch").from_numpy(big))
     assert tuple(x.shape) == (2, 3, 128, 128) and float(x.min()) >= -1 and float(x.max()) <= 1
+    clip = trainer.pixels_to_model(__import__("torch").from_numpy(trainer._vae_loader_batch("video", 0, 1, 0)))
+    assert tuple(clip.shape) == (1, 3, 9, 64, 64)
 
 
 def test_denoiser_batches_from_workers_match_the_step_stream(trainer):
