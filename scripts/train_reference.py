@@ -796,6 +796,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     denoiser = args.stage in ("image", "video")
     gpu_capable = denoiser or args.stage.endswith("-vae")
+    if args.profile and not denoiser:
+        raise SystemExit(f"--profile times the denoiser stages' steps (image, video); {args.stage} has no such breakdown")
     if args.device == "cuda" and not gpu_capable:
         raise SystemExit(f"--device cuda: only the image, video and VAE stages train on a GPU; run {args.stage} on the CPU")
     device = resolve_device(args.device) if gpu_capable else torch.device("cpu")

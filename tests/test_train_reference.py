@@ -68,3 +68,8 @@ def test_a_resumed_vae_warms_its_fresh_optimizer_up(trainer, tmp_path, monkeypat
     after = json.loads((weights / "image" / "vae" / "training_state.json").read_text())
     assert after["steps"] > before["steps"]
     assert after["psnr_64px"] > before["psnr_64px"] - 1.0, (before, after)
+
+
+def test_profile_is_refused_where_there_is_no_denoiser_step_to_time(trainer):
+    with pytest.raises(SystemExit, match="--profile times the denoiser stages"):
+        trainer.main(["video-vae", "--profile", "--minutes", "0.01"])
