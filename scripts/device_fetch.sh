@@ -7,7 +7,8 @@
 # KIND_COMPONENT.sha256, KIND_COMPONENT_config.json and KIND_COMPONENT_training_state.json (as
 # device_train.sh names them). The joined file is checked against the checksum before it replaces
 # pipelines/reference/weights/KIND/COMPONENT/. A local work/reference/STAGE/checkpoint.pt of fewer steps is
-# ignored by the next train_reference.py run.
+# ignored by the next train_reference.py run. WEIGHTS_ROOT=DIR puts a candidate's weights into
+# DIR/KIND/COMPONENT instead (as device_train.sh was run).
 set -euo pipefail
 
 usage="usage: bash scripts/device_fetch.sh image|video|image-vae|video-vae DIR"
@@ -21,7 +22,8 @@ esac
 prefix=${kind}_${component}
 dir=$(cd "$dir" && pwd)
 cd "$(dirname "$0")/.."
-weights=pipelines/reference/weights/$kind/$component
+weights=${WEIGHTS_ROOT:-pipelines/reference/weights}/$kind/$component
+mkdir -p "$weights"
 
 shopt -s nullglob
 parts=("$dir/${prefix}.safetensors.part"*)

@@ -20,6 +20,10 @@
 #     KIND_COMPONENT_training_state.json                    COMPONENT/training_state.json
 #
 # Back here: bash scripts/device_fetch.sh STAGE DIR (DIR: where the device tool put those files).
+#
+# WEIGHTS_ROOT=DIR trains a candidate beside the shipped models (train_reference.py --weights DIR), e.g. the
+# denoiser on a new VAE: WEIGHTS_ROOT=scripts/weights/next bash scripts/device_train.sh video 8; give the
+# same WEIGHTS_ROOT to device_fetch.sh.
 set -uo pipefail
 
 usage="usage: bash scripts/device_train.sh image|video|image-vae|video-vae MINUTES [train_reference.py options]"
@@ -37,16 +41,22 @@ cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$out" || exit 1
 source scripts/device_env.sh || exit 1
 
-weights=pipelines/reference/weights/$kind/$component
-before=$(sha256sum "$weights/diffusion_pytorch_model.safetensors" | cut -d' ' -f1)
+root=${WEIGHTS_ROOT:-pipelines/reference/weights}
+weights=$root/$kind/$component
+before=none  # a candidate's first run has no weights of this component yet
+[ -f "$weights/diffusion_pytorch_model.safetensors" ] &&
+  before=$(sha256sum "$weights/diffusion_pytorch_model.safetensors" | cut -d' ' -f1)
 # A hard stop a little after --minutes, so that the copying below still runs if training overruns.
 limit=$(awk -v m="$minutes" 'BEGIN { printf "%d", m * 60 + 45 }')
 timeout -s INT -k 20 "$limit" \
-  python3 scripts/train_reference.py "$stage" --minutes "$minutes" --device "${DEVICE:-cuda}" "$@" 2>&1 | tee "$out/train.log"
+  python3 scripts/train_reference.py "$stage" --minutes "$minutes" --device "${DEVICE:-cuda}" --weights "$root" "$@" 2>&1 |
+  tee "$out/train.log"
 status=${PIPESTATUS[0]}
 echo "train_reference.py exited with $status"
 
-after=$(sha256sum "$weights/diffusion_pytorch_model.safetensors" | cut -d' ' -f1)
+after=none
+[ -f "$weights/diffusion_pytorch_model.safetensors" ] &&
+  after=$(sha256sum "$weights/diffusion_pytorch_model.safetensors" | cut -d' ' -f1)
 if [ "$after" = "$before" ]; then
   echo "device_train.sh: the $kind $component did not change: nothing to bring back" >&2
   exit $((status == 0 ? 1 : status))

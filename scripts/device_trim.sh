@@ -7,12 +7,12 @@
 #
 # Kept: the image and video models, the upscaler, the judge and the turbo student (image-tdm-ms), which
 # device_check.sh and device_train.sh use. Moved (to $TRIM, /tmp/diffaccel_trim): the other students, the
-# 15-step upscaler and the upscale baselines. `git status` shows them deleted until `back`.
+# 15-step upscaler and the upscale baselines (a candidate in scripts/weights/next travels). `git status` shows them deleted until `back`.
 set -euo pipefail
 usage="usage: bash scripts/device_trim.sh away|back"
 trim=${TRIM:-/tmp/diffaccel_trim}
 cd "$(dirname "$0")/.."
-paths=(scripts/weights pipelines/reference/weights/upscale15 pipelines/reference/weights/image-tdm
+paths=(scripts/weights/upscale_baselines pipelines/reference/weights/upscale15 pipelines/reference/weights/image-tdm
        pipelines/reference/weights/image-rglcd pipelines/reference/weights/image-lcd)
 case "${1:?$usage}" in
   away)

@@ -80,9 +80,27 @@ def save_grid(samples: np.ndarray, path: Path, columns: int = 8) -> None:
     Image.fromarray(grid).save(path)
 
 
+def load(kind: str, folder: Path | None = None, vae_only: bool = False):
+    """The shipped reference pipeline, or the one in ``folder`` (a candidate trained with
+    ``train_reference.py --weights``) in float32 on the CPU; the prompts and the judge stay the kind's.
+    ``vae_only``: the shipped pipeline with ``folder/vae`` in place of its VAE (a candidate VAE, before any
+    denoiser is trained on it)."""
+    if folder is None:
+        return reference.load(kind)
+    if vae_only:
+        pipe = reference.load(kind)
+        pipe.vae = type(pipe.vae).from_pretrained(folder / "vae", torch_dtype=torch.float32)
+        return pipe
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def evaluate(kind: str, num: int, guidance: float | None, steps: int | None, resolution: int | None,
-             seed_offset: int = 0) -> dict:
-    pipe = reference.load(kind)
+             seed_offset: int = 0, folder: Path | None = None) -> dict:
+    pipe = load(kind, folder)
     judge = judges.load_judge(kind)
     kwargs = reference.call_defaults(kind)
     if guidance is not None:
@@ -101,7 +119,7 @@ def evaluate(kind: str, num: int, guidance: float | None, steps: int | None, res
         scores = judges.adherence(judge, to_judge_input(samples), prompts)
         per_attribute = judges.attribute_accuracy(judge, to_judge_input(samples), prompts)
     return {
-        "model": kind,
+        "model": kind if folder is None else f"{kind} ({folder})",
         "num_prompts": num,
         "call": kwargs,
         "adherence": round(float(np.mean(scores)), 4),
@@ -112,12 +130,12 @@ def evaluate(kind: str, num: int, guidance: float | None, steps: int | None, res
     }
 
 
-def ceiling(kind: str, num: int) -> dict:
+def ceiling(kind: str, num: int, folder: Path | None = None) -> dict:
     """The adherence a perfect denoiser would reach through this VAE: the prompt set's ground-truth renders
     and their reconstructions (encoded to the posterior mean, the latents the denoiser trains on, and
     decoded), both judged. The gap between this and the model's adherence is the denoiser's; the gap below
     the ground truth is the VAE's."""
-    pipe = reference.load(kind)
+    pipe = load(kind, folder, vae_only=True)  # only the VAE takes part
     judge = judges.load_judge(kind)
     call = reference.call_defaults(kind)
     size = call.get("height", 64)
@@ -135,7 +153,7 @@ def ceiling(kind: str, num: int) -> dict:
             rebuilt.append(torch.movedim((decoded.clamp(-1.0, 1.0) + 1.0) / 2.0, 1, -1).numpy())
     rebuilt = np.concatenate(rebuilt)
     mse = ((rebuilt - truth) ** 2).reshape(num, -1).mean(axis=1)
-    result = {"model": kind, "num_prompts": num, "size": size,
+    result = {"model": kind if folder is None else f"{kind} ({folder})", "num_prompts": num, "size": size,
               "vae_psnr_db": round(float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))), 2)}
     with torch.no_grad():
         for name, pixels in (("ground_truth", truth), ("vae_reconstruction", rebuilt)):
@@ -157,15 +175,27 @@ def main(argv=None) -> int:
     parser.add_argument("--ceiling", action="store_true",
                         help="judge the prompts' ground truth and its VAE reconstructions instead of samples "
                              "(default --out docs/reference_<kind>_ceiling.json)")
+    parser.add_argument("--path", type=Path, default=None,
+                        help="evaluate the pipeline in this folder instead of the shipped one (a candidate from "
+                             "train_reference.py --weights DIR: DIR/KIND; --ceiling reads only DIR/KIND/vae); "
+                             "give --out and --grid with it")
     args = parser.parse_args(argv)
+    if args.path is not None:
+        needed = "vae/config.json" if args.ceiling else "model_index.json"
+        if not (args.path / needed).is_file():
+            parser.error(f"--path {args.path}: no {needed} there (a pipeline folder, e.g. scripts/weights/next/video"
+                         f"{'; --ceiling reads only its VAE' if args.ceiling else ''})")
+        if args.out is None or (args.grid is None and not args.ceiling):
+            parser.error("--path needs --out (and --grid unless --ceiling): a candidate must not overwrite the "
+                         "shipped model's figures in docs/")
     torch.set_num_threads(args.threads)
     if args.ceiling:
-        result = ceiling(args.kind, args.num)
+        result = ceiling(args.kind, args.num, args.path)
         out = Path(args.out or ROOT / "docs" / f"reference_{args.kind}_ceiling.json")
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return 0
-    result = evaluate(args.kind, args.num, args.guidance, args.steps, args.resolution)
+    result = evaluate(args.kind, args.num, args.guidance, args.steps, args.resolution, folder=args.path)
     samples = result.pop("samples")
     suffix = "" if args.guidance is None else f"_g{args.guidance:g}"
     grid = Path(args.grid or ROOT / "docs" / f"reference_{args.kind}_grid{suffix}.png")

@@ -154,9 +154,16 @@ def latent_spread(kind: str, z: torch.Tensor) -> torch.Tensor:
 VAE_WARMUP_STEPS = 100  # of every run's fresh optimizer
 
 
+def vae_autocast(device: torch.device) -> dict:
+    """bfloat16 autocast for the VAEs on CUDA only. On a CPU with AMX/AVX512-BF16, bfloat16 autocast gave
+    non-finite gradients in the video VAE's 3-D convolutions at its very first step (measured on a fresh VAE
+    and on the shipped layout alike; float32 gives finite ones), so a CPU trains them in float32."""
+    return autocast_for(device) if device.type == "cuda" else {"device_type": "cpu", "enabled": False}
+
+
 def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, save_every: float = 10.0,
               device: torch.device = torch.device("cpu"), batch_size: int | None = None, fresh: bool = False,
-              workers: int = 0) -> None:
+              workers: int = 0, weights: Path = WEIGHTS, temporal_scale: int | None = None) -> None:
     """Reconstruction (L1 + MSE) with a small KL term; then the latent normalisation the pipeline uses.
     Saves every ``save_every`` minutes and at the end. On CUDA the batch is 8x the CPU's (``batch_size``
     overrides it) and autocast is bfloat16, as for the denoisers. With ``workers`` the batches are drawn
@@ -164,14 +171,19 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
 
     ``decoder_only`` sharpens the decoder while the encoder, and so the latent space the denoiser is
     trained on, stays fixed. ``fresh`` starts from the seed's initialisation instead of the saved VAE: a new
-    latent space, so the denoiser must be retrained on it.
+    latent space, so the denoiser must be retrained on it; ``temporal_scale`` (video, fresh only) picks its
+    time compression (``build.VIDEO_TEMPORAL_SCALES``). The VAE lives in ``weights/kind/vae``.
     """
-    out = WEIGHTS / kind / "vae"
+    out = weights / kind / "vae"
     batch_size = batch_size or (16 if kind == "image" else 4) * (8 if device.type == "cuda" else 1)
-    components = build.image_components(seed) if kind == "image" else build.video_components(seed)
-    vae = components["vae"]
     if fresh and decoder_only:
         raise SystemExit("--fresh and --decoder-only contradict each other: a decoder-only run keeps the saved encoder")
+    if temporal_scale is not None and (kind != "video" or not fresh):
+        raise SystemExit("--temporal-scale sets the architecture of a fresh video VAE (video-vae --fresh); "
+                         "a saved VAE keeps its own")
+    components = (build.image_components(seed) if kind == "image"
+                  else build.video_components(seed, temporal_scale=temporal_scale or 4))
+    vae = components["vae"]
     state = {} if fresh else read_state(out)
     if state:
         vae = type(vae).from_pretrained(out, torch_dtype=torch.float32)
@@ -236,7 +248,7 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
                 x = pixels_to_model(torch.from_numpy(loader.get()).to(device))
             else:
                 x = vae_batch(kind, rng, steps, batch_size).to(device)
-            with torch.autocast(**autocast_for(device)):
+            with torch.autocast(**vae_autocast(device)):
                 with torch.set_grad_enabled(not decoder_only):
                     posterior = vae.encode(x).latent_dist
                 # Decode the posterior mean (what the denoiser is trained on) plus a little noise so the decoder
@@ -245,6 +257,9 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
                 recon = vae.decode(z + 0.05 * latent_spread(kind, z) * torch.randn_like(z)).sample.float()
             kl = posterior.kl().mean() / x[0].numel()
             loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-3 * kl
+            if not math.isfinite(loss.item()):
+                raise SystemExit(f"{kind} vae step {steps}: loss is {loss.item()}; stopping without saving "
+                                 f"(the last save in {out} is kept)")
             # Every run starts a fresh optimizer: warm it up, or its first full-size steps undo a trained VAE
             # (a resumed image VAE fell from about 27 to 16.4 dB in 7 steps without this).
             for group in optimizer.param_groups:
@@ -333,14 +348,14 @@ def positions_per_caption(kind: str, pipe, captions: list[str], features: torch.
     return pipe.tokenizer(captions, padding="longest", return_tensors="pt").attention_mask.sum(1)
 
 
-def train_text_encoder(kind: str, minutes: float, seed: int, batch_size: int = 256) -> None:
+def train_text_encoder(kind: str, minutes: float, seed: int, batch_size: int = 256, weights: Path = WEIGHTS) -> None:
     from diffaccel.pipelines.reference import judge
 
     components = build.image_components(seed) if kind == "image" else build.video_components(seed)
     pipe = (build.image_pipeline if kind == "image" else build.video_pipeline)(components)
-    out = WEIGHTS / kind / "text_encoder"
+    out = weights / kind / "text_encoder"
     state = read_state(out)
-    resumed = pretrained_text_encoder(kind, pipe.text_encoder)
+    resumed = pretrained_text_encoder(kind, pipe.text_encoder, weights, fall_back=False)
     if resumed is not None:
         pipe.text_encoder = resumed
         log(f"resuming the {kind} text encoder after {state['steps']} steps (fresh probe and optimizer)")
@@ -390,9 +405,12 @@ def train_text_encoder(kind: str, minutes: float, seed: int, batch_size: int = 2
     log(f"{kind} text encoder saved: {steps} steps, attribute accuracy {held_out:.4f}")
 
 
-def pretrained_text_encoder(kind: str, current):
-    """The attribute-trained encoder of ``train_text_encoder`` (float32), or None if not trained yet."""
-    folder = WEIGHTS / kind / "text_encoder"
+def pretrained_text_encoder(kind: str, current, weights: Path = WEIGHTS, fall_back: bool = True):
+    """The attribute-trained encoder of ``train_text_encoder`` (float32) in ``weights``, else (``fall_back``,
+    a candidate folder without one of its own) the shipped one; None if not trained yet."""
+    folder = weights / kind / "text_encoder"
+    if fall_back and not folder.is_dir():
+        folder = WEIGHTS / kind / "text_encoder"
     if read_state(folder).get("objective") != TEXT_OBJECTIVE:
         return None
     return type(current).from_pretrained(folder, dtype=torch.float32)
@@ -413,11 +431,12 @@ class ImageRecipe:
     train_text_encoder = True
     device = torch.device("cpu")  # where text embeddings go (``to``)
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, weights: Path = WEIGHTS) -> None:
         from diffusers import AutoencoderKL
 
+        self.weights = weights
         self.components = build.image_components(seed)
-        self.components["vae"] = AutoencoderKL.from_pretrained(WEIGHTS / "image" / "vae", torch_dtype=torch.float32)
+        self.components["vae"] = AutoencoderKL.from_pretrained(weights / "image" / "vae", torch_dtype=torch.float32)
         self.pipe = build.image_pipeline(self.components)
 
     def to(self, device: torch.device) -> "ImageRecipe":
@@ -465,11 +484,13 @@ class VideoRecipe:
     train_text_encoder = False
     device = torch.device("cpu")  # where text embeddings and the latent statistics go (``to``)
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, weights: Path = WEIGHTS) -> None:
         from diffusers import AutoencoderKLWan
 
+        self.weights = weights
         self.components = build.video_components(seed)
-        self.components["vae"] = AutoencoderKLWan.from_pretrained(WEIGHTS / "video" / "vae", torch_dtype=torch.float32)
+        # The VAE as trained (its time compression included: the pipeline reads it from the VAE's config).
+        self.components["vae"] = AutoencoderKLWan.from_pretrained(weights / "video" / "vae", torch_dtype=torch.float32)
         self.pipe = build.video_pipeline(self.components)
         config = self.pipe.vae.config
         self.mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)
@@ -587,7 +608,8 @@ class StepProfile:
 
 def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_BATCH_SIZE,
                    device: torch.device = torch.device("cpu"), workers: int = 0, lr_peak: float = 3e-4,
-                   save_every: float = 5.0, deadline: float | None = None, profile: bool = False) -> None:
+                   save_every: float = 5.0, deadline: float | None = None, profile: bool = False,
+                   weights: Path = WEIGHTS) -> None:
     """Flow matching (v = noise - x0 at t = 1000 sigma) with 10% caption dropout for CFG, and an EMA.
 
     Stops in time to save before ``deadline`` (default: ``minutes`` from now). On the CPU with
@@ -595,15 +617,22 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
     ``BatchLoader``'s streams instead. Off the CPU a fresh optimizer warms up again over 100 steps.
     """
     deadline = deadline if deadline is not None else time.time() + minutes * 60
-    recipe = ImageRecipe(seed) if kind == "image" else VideoRecipe(seed)
+    recipe = ImageRecipe(seed, weights) if kind == "image" else VideoRecipe(seed, weights)
     pipe = recipe.pipe
     pipe.vae.eval().requires_grad_(False)
-    export, work = WEIGHTS / kind, WORK / kind
+    export, work = weights / kind, work_folder(weights, kind)
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = work / "checkpoint.pt"
     shipped = read_state(export / "transformer")
+    if not shipped and weights != WEIGHTS and read_state(WEIGHTS / kind / "transformer"):
+        # A candidate (e.g. a new VAE in another folder) starts from the shipped denoiser's weights.
+        export_from = WEIGHTS / kind
+        log(f"{export} has no transformer yet: starting from the shipped one ({export_from / 'transformer'})")
+    else:
+        export_from = export
+    shipped = read_state(export_from / "transformer")
     steps, trained_minutes, saved = 0, 0.0, None
-    pretrained = pretrained_text_encoder(kind, pipe.text_encoder)
+    pretrained = pretrained_text_encoder(kind, pipe.text_encoder, weights)
     if checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False, map_location="cpu")
         if shipped.get("steps", 0) > saved["steps"]:
@@ -617,15 +646,15 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
         steps, trained_minutes = saved["steps"], saved["minutes"]
         log(f"resuming from {checkpoint} at step {steps}")
     elif shipped:
-        pipe.transformer.load_state_dict(type(pipe.transformer).from_pretrained(export / "transformer").float().state_dict())
+        pipe.transformer.load_state_dict(type(pipe.transformer).from_pretrained(export_from / "transformer").float().state_dict())
         if pretrained is None:
-            pipe.text_encoder.load_state_dict(type(pipe.text_encoder).from_pretrained(export / "text_encoder").float().state_dict())
+            pipe.text_encoder.load_state_dict(type(pipe.text_encoder).from_pretrained(export_from / "text_encoder").float().state_dict())
         steps, trained_minutes = shipped["steps"], shipped["minutes"]
         log(f"resuming from the shipped weights at step {steps} (fresh optimizer)")
     if pretrained is not None:
         pipe.text_encoder = recipe.components["text_encoder"] = pretrained
         recipe.train_text_encoder = False
-        log(f"text encoder: attribute-trained, frozen ({WEIGHTS / kind / 'text_encoder'})")
+        log(f"text encoder: attribute-trained, frozen ({pretrained.config._name_or_path})")
     # Fork the batch workers before this process initialises CUDA (and before the models move there).
     loader = BatchLoader(functools.partial(_loader_batch, kind, seed, batch_size), steps, workers) if workers > 0 else None
     try:
@@ -747,13 +776,19 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
     save()
 
 
+def work_folder(weights: Path, kind: str) -> Path:
+    """Where a denoiser's full checkpoint goes (not committed): work/reference/KIND for the shipped models,
+    work/reference/KIND@FOLDER for a candidate in another ``--weights`` folder."""
+    return WORK / kind if weights == WEIGHTS else WORK / f"{kind}@{weights.name}"
+
+
 def export_pipeline(recipe, ema, export: Path) -> None:
     """The shipped folder: EMA transformer and text encoder in float16; VAE, tokenizer, scheduler as trained."""
     components = dict(recipe.components)
     components["transformer"] = copy.deepcopy(ema).to("cpu", torch.float16)
     components["text_encoder"] = copy.deepcopy(recipe.pipe.text_encoder).to("cpu", torch.float16)
     # The VAE folder is its own stage's output (its decoder may be sharpened meanwhile): save it as it is on disk.
-    components["vae"] = type(recipe.pipe.vae).from_pretrained(WEIGHTS / recipe.kind / "vae")
+    components["vae"] = type(recipe.pipe.vae).from_pretrained(recipe.weights / recipe.kind / "vae")
     pipeline = build.image_pipeline(components) if recipe.kind == "image" else build.video_pipeline(components)
     pipeline.save_pretrained(export)
 
@@ -765,6 +800,30 @@ def default_workers() -> int:
     except AttributeError:
         cores = os.cpu_count() or 4
     return max(1, min(14, cores - 3))
+
+
+# The stages that read each option; any other stage refuses it by name instead of ignoring it.
+OPTION_STAGES = {
+    "kind": ("judge",),
+    "decoder_only": ("image-vae", "video-vae"),
+    "fresh": ("image-vae", "video-vae"),
+    "temporal_scale": ("video-vae",),
+    "device": ("image-vae", "video-vae", "image", "video"),
+    "batch_size": ("image-vae", "video-vae", "image", "video"),
+    "workers": ("image-vae", "video-vae", "image", "video"),
+    "lr": ("image", "video"),
+    "profile": ("image", "video"),
+    "save_every": ("image-vae", "video-vae", "image", "video"),
+    "weights": ("image-vae", "video-vae", "image-text", "video-text", "image", "video"),
+}
+
+
+def refuse_unused_options(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> None:
+    """An option the stage does not read is an error that names it, not a silent no-op."""
+    for name, stages in OPTION_STAGES.items():
+        if args.stage not in stages and getattr(args, name) != parser.get_default(name):
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} does nothing for the {args.stage} stage; it is read by: {', '.join(stages)}")
 
 
 def main(argv=None) -> int:
@@ -790,16 +849,18 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=3e-4, help="image/video: peak learning rate")
     parser.add_argument("--profile", action="store_true",
                         help="image/video: add where each step's time goes (ms per phase) to the progress lines")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS,
+                        help="the model folders this run reads and writes (default: the shipped ones, "
+                             "pipelines/reference/weights); another folder trains a candidate beside them")
+    parser.add_argument("--temporal-scale", type=int, choices=sorted(build.VIDEO_TEMPORAL_SCALES), default=None,
+                        help="video-vae --fresh: the VAE's time compression (default 4, as the shipped VAE)")
     parser.add_argument("--save-every", type=float, default=None,
                         help="image/video: minutes between checkpoints (default 5 on CPU, 2 on CUDA); "
                              "VAE stages: between saves of the weights (default 10)")
     args = parser.parse_args(argv)
     denoiser = args.stage in ("image", "video")
     gpu_capable = denoiser or args.stage.endswith("-vae")
-    if args.profile and not denoiser:
-        raise SystemExit(f"--profile times the denoiser stages' steps (image, video); {args.stage} has no such breakdown")
-    if args.device == "cuda" and not gpu_capable:
-        raise SystemExit(f"--device cuda: only the image, video and VAE stages train on a GPU; run {args.stage} on the CPU")
+    refuse_unused_options(parser, args, argv)
     device = resolve_device(args.device) if gpu_capable else torch.device("cpu")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -807,9 +868,9 @@ def main(argv=None) -> int:
         workers = args.workers if args.workers is not None else (default_workers() if device.type == "cuda" else 0)
         train_vae(args.stage.split("-")[0], args.minutes, args.seed, decoder_only=args.decoder_only,
                   save_every=args.save_every or 10.0, device=device, batch_size=args.batch_size, fresh=args.fresh,
-                  workers=workers)
+                  workers=workers, weights=args.weights.resolve(), temporal_scale=args.temporal_scale)
     elif args.stage.endswith("-text"):
-        train_text_encoder(args.stage.split("-")[0], args.minutes, args.seed)
+        train_text_encoder(args.stage.split("-")[0], args.minutes, args.seed, weights=args.weights.resolve())
     elif denoiser:
         gpu = device.type == "cuda"
         if gpu:
@@ -821,7 +882,7 @@ def main(argv=None) -> int:
         save_every = args.save_every if args.save_every is not None else (2.0 if gpu else 5.0)
         train_denoiser(args.stage, args.minutes, args.seed, batch_size=batch_size, device=device, workers=workers,
                        lr_peak=args.lr, save_every=save_every, deadline=T0 + args.minutes * 60,
-                       profile=args.profile)
+                       profile=args.profile, weights=args.weights.resolve())
     elif args.stage == "judge":
         sys.path.insert(0, str(Path(__file__).parent))
         from train_judge import main as judge_main

@@ -100,3 +100,30 @@ def test_ceiling_judges_the_prompts_ground_truth_and_its_vae_reconstruction():
     assert result["ground_truth"]["adherence"] >= 0.95
     assert 0.5 <= result["vae_reconstruction"]["adherence"] <= result["ground_truth"]["adherence"] + 0.05
     assert 20.0 < result["vae_psnr_db"] < 40.0
+
+
+def test_ceiling_of_a_candidate_vae_reads_its_folder(tmp_path):
+    """`eval_reference.py video --ceiling --path DIR`: the same figures from a copy of the shipped VAE, other
+    figures from a VAE that differs; without --out it refuses to overwrite the shipped model's figures."""
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import eval_reference
+
+    candidate = tmp_path / "video"
+    shutil.copytree(reference.WEIGHTS / "video" / "vae", candidate / "vae")
+    shipped = eval_reference.ceiling("video", 2)
+    copied = eval_reference.ceiling("video", 2, candidate)
+    assert copied["vae_psnr_db"] == shipped["vae_psnr_db"] and str(candidate) in copied["model"]
+    from diffaccel.pipelines.reference import build
+
+    build.video_components(0, temporal_scale=2)["vae"].save_pretrained(candidate / "vae")  # untrained, 2x in time
+    assert eval_reference.ceiling("video", 2, candidate)["vae_psnr_db"] < shipped["vae_psnr_db"] - 5
+    with pytest.raises(SystemExit):
+        eval_reference.main(["video", "--ceiling", "--path", str(candidate), "--num", "2"])
+    out = tmp_path / "c.json"
+    eval_reference.main(["video", "--ceiling", "--path", str(candidate), "--num", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["num_prompts"] == 2

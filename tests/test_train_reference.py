@@ -58,18 +58,88 @@ def test_denoiser_batches_from_workers_match_the_step_stream(trainer):
     assert captions == captions_again and len(captions) == len(pixels) > 0
 
 
-def test_a_resumed_vae_warms_its_fresh_optimizer_up(trainer, tmp_path, monkeypatch):
+def test_a_resumed_vae_warms_its_fresh_optimizer_up(trainer, tmp_path):
     """Resuming a trained VAE must not undo it: full-size first Adam steps took 27 dB to 16 dB in 7 steps."""
     weights = tmp_path / "weights"
     shutil.copytree(trainer.WEIGHTS / "image" / "vae", weights / "image" / "vae")
-    monkeypatch.setattr(trainer, "WEIGHTS", weights)
     before = json.loads((weights / "image" / "vae" / "training_state.json").read_text())
-    trainer.train_vae("image", minutes=0.1, seed=0, batch_size=4)
+    trainer.train_vae("image", minutes=0.1, seed=0, batch_size=4, weights=weights)
     after = json.loads((weights / "image" / "vae" / "training_state.json").read_text())
     assert after["steps"] > before["steps"]
     assert after["psnr_64px"] > before["psnr_64px"] - 1.0, (before, after)
 
 
-def test_profile_is_refused_where_there_is_no_denoiser_step_to_time(trainer):
-    with pytest.raises(SystemExit, match="--profile times the denoiser stages"):
-        trainer.main(["video-vae", "--profile", "--minutes", "0.01"])
+def test_a_vae_whose_loss_turns_nan_stops_without_saving(trainer, tmp_path, monkeypatch):
+    """A non-finite loss must not be trained on and saved over the VAE (bfloat16 autocast on an AMX CPU gave
+    non-finite gradients at the first step; the run trained NaN weights until its first save)."""
+    import types
+
+    import torch
+
+    weights = tmp_path / "weights"
+    shutil.copytree(trainer.WEIGHTS / "image" / "vae", weights / "image" / "vae")
+    before = (weights / "image" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    functional = types.SimpleNamespace(mse_loss=torch.nn.functional.mse_loss,
+                                       l1_loss=lambda a, b: torch.nn.functional.l1_loss(a, b) * float("nan"))
+    monkeypatch.setattr(trainer, "F", functional)
+    with pytest.raises(SystemExit, match="loss is nan; stopping without saving"):
+        trainer.train_vae("image", minutes=0.1, seed=0, batch_size=2, weights=weights)
+    assert (weights / "image" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert trainer.vae_autocast(torch.device("cpu"))["enabled"] is False
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["video-vae", "--profile"], "--profile does nothing for the video-vae stage"),
+    (["image-text", "--workers", "2"], "--workers does nothing for the image-text stage"),
+    (["judge", "--weights", "elsewhere"], "--weights does nothing for the judge stage"),
+    (["video", "--temporal-scale", "2"], "--temporal-scale does nothing for the video stage"),
+    (["video", "--fresh"], "--fresh does nothing for the video stage"),
+])
+def test_an_option_the_stage_does_not_read_is_refused_by_name(trainer, capsys, argv, named):
+    with pytest.raises(SystemExit):
+        trainer.main([*argv, "--minutes", "0.01"])
+    assert named in capsys.readouterr().err
+
+
+def test_temporal_scale_only_shapes_a_fresh_video_vae(trainer, tmp_path):
+    with pytest.raises(SystemExit, match="--temporal-scale sets the architecture of a fresh video VAE"):
+        trainer.main(["video-vae", "--temporal-scale", "2", "--minutes", "0.01", "--weights", str(tmp_path)])
+    assert not (tmp_path / "video").exists()
+
+
+def test_a_video_vae_compressing_time_by_two_keeps_five_of_nine_frames():
+    """The candidate VAE's layout: 9 frames -> 5 latent frames -> 9 frames, and the pipeline reads the factor."""
+    import torch
+    from diffaccel.pipelines.reference import build
+
+    components = build.video_components(0, temporal_scale=2)
+    vae = components["vae"]
+    clip = torch.rand(1, 3, build.VIDEO_FRAMES, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents = vae.encode(clip).latent_dist.mode()
+        assert tuple(latents.shape) == (1, build.VIDEO_LATENT_CHANNELS, 5, 8, 8)
+        assert tuple(vae.decode(latents).sample.shape) == tuple(clip.shape)
+    assert build.video_pipeline(components).vae_scale_factor_temporal == 2
+    assert build.video_components(0)["vae"].config.scale_factor_temporal == 4  # the shipped layout stays the default
+    with pytest.raises(ValueError, match="temporal_scale must be one of"):
+        build.video_components(0, temporal_scale=3)
+
+
+def test_a_candidate_folder_trains_beside_the_shipped_model(trainer, tmp_path):
+    """--weights DIR: a denoiser trained on a candidate VAE starts from the shipped transformer and writes
+    only into DIR (a full pipeline folder), with its checkpoint apart from the shipped model's."""
+    candidate = tmp_path / "next"
+    shutil.copytree(trainer.WEIGHTS / "video" / "vae", candidate / "video" / "vae")
+    shipped = trainer.WEIGHTS / "video" / "transformer" / "training_state.json"
+    shipped_before = shipped.read_text()
+    work = trainer.work_folder(candidate, "video")
+    assert work != trainer.work_folder(trainer.WEIGHTS, "video")
+    try:
+        trainer.train_denoiser("video", minutes=0.4, seed=0, batch_size=6, weights=candidate, save_every=100.0)
+        state = json.loads((candidate / "video" / "transformer" / "training_state.json").read_text())
+        assert state["steps"] > json.loads(shipped_before)["steps"]
+        assert (candidate / "video" / "model_index.json").is_file()
+        assert (work / "checkpoint.pt").is_file()
+        assert shipped.read_text() == shipped_before
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

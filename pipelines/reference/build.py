@@ -118,12 +118,19 @@ def image_pipeline(components: dict):
 
 VIDEO_FRAMES = 9
 VIDEO_LATENT_CHANNELS = 8
+# The VAE's temporal compression: 4 (the shipped model: 9 frames -> 3 latent frames, as Wan 2.1) or 2
+# (9 -> 5, the first stage downsampling space only, as Wan 2.2's VAE): a moving shape smeared over 4
+# frames in one latent frame lost its colour and outline (the 4x VAE's reconstructions: colour 39%).
+VIDEO_TEMPORAL_SCALES = {4: [True, True], 2: [False, True]}
 
 
-def video_components(seed: int = 0) -> dict:
-    """Components of the reference text-to-video pipeline (Wan family), randomly initialised."""
+def video_components(seed: int = 0, temporal_scale: int = 4) -> dict:
+    """Components of the reference text-to-video pipeline (Wan family), randomly initialised; the VAE
+    compresses time by ``temporal_scale`` (``VIDEO_TEMPORAL_SCALES``)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
+    if temporal_scale not in VIDEO_TEMPORAL_SCALES:
+        raise ValueError(f"temporal_scale must be one of {sorted(VIDEO_TEMPORAL_SCALES)}, got {temporal_scale!r}")
     tokenizer = make_tokenizer(padding_side="right")
     text_encoder = small_umt5(len(tokenizer), tokenizer.pad_token_id, seed)
     torch.manual_seed(seed + 1)
@@ -132,10 +139,10 @@ def video_components(seed: int = 0) -> dict:
         z_dim=VIDEO_LATENT_CHANNELS,
         dim_mult=[1, 2, 2],
         num_res_blocks=1,
-        temperal_downsample=[True, True],
+        temperal_downsample=VIDEO_TEMPORAL_SCALES[temporal_scale],
         latents_mean=[0.0] * VIDEO_LATENT_CHANNELS,
         latents_std=[1.0] * VIDEO_LATENT_CHANNELS,
-        scale_factor_temporal=4,
+        scale_factor_temporal=temporal_scale,
         scale_factor_spatial=4,
     )
     torch.manual_seed(seed + 2)
