@@ -148,6 +148,7 @@ def _install(pipe: Any, denoiser: torch.nn.Module, adapter: Any, config: AccelCo
     on failure nothing stays installed."""
     target = AccelTarget(pipe=pipe, denoiser=denoiser, adapter=adapter)
     experts = find_experts(pipe, denoiser)
+    _check_expert_names(config, pipe, experts)
     resolved = _validated(_for_experts(config, pipe, experts), target)
     runtime = _install_runtime(target, resolved)
     runtime.name = next((name for name in DENOISER_ATTRIBUTES if isinstance(getattr(pipe, name, None), torch.nn.Module)
@@ -155,7 +156,7 @@ def _install(pipe: Any, denoiser: torch.nn.Module, adapter: Any, config: AccelCo
     try:
         for name, expert in experts:
             expert_target = AccelTarget(pipe=pipe, denoiser=expert, adapter=adapter_for(expert))
-            expert_config = _validated(resolved.without(*PIPELINE_SLOTS), expert_target)
+            expert_config = _validated(resolved.without(*PIPELINE_SLOTS).for_expert(name), expert_target)
             runtime.add_expert(name, _install_runtime(expert_target, expert_config, primary=runtime))
     except BaseException:
         runtime.remove()
@@ -168,6 +169,18 @@ def _install(pipe: Any, denoiser: torch.nn.Module, adapter: Any, config: AccelCo
         "".join(f", and {name}" for name, _ in experts),
         ", ".join(f"{m.slot}={m.method}" for m in resolved.methods()) or "no method (off)",
     )
+
+
+def _check_expert_names(config: AccelConfig, pipe: Any, experts: list) -> None:
+    """Settings for an expert the pipeline does not have would silently do nothing: refuse them by name."""
+    have = [name for name, _ in experts]
+    for method in config.methods():
+        unknown = sorted(set(method.expert_names()) - set(have))
+        if unknown:
+            raise ValueError(
+                f"{type(method).__name__} has settings for expert(s) {unknown}, which {type(pipe).__name__} does not "
+                f"have; its expert denoisers: {have or 'none (one denoiser)'}."
+            )
 
 
 def _for_experts(config: AccelConfig, pipe: Any, experts: list) -> AccelConfig:

@@ -136,6 +136,16 @@ class MethodConfig:
                 kwargs[f.name] = tuple(value) if isinstance(value, list) else value
         return target(**kwargs)
 
+    def for_expert(self, name: str) -> "MethodConfig":
+        """This config as it applies to an expert denoiser of the pipeline (``name``: its pipeline attribute,
+        e.g. Wan 2.2's ``"transformer_2"``). Most methods apply alike to every denoiser; a method with
+        per-expert settings returns them here."""
+        return self
+
+    def expert_names(self) -> tuple[str, ...]:
+        """The experts this config has settings for; each must be one of the pipeline's (``accelerate`` checks)."""
+        return ()
+
     def replace(self, **changes) -> "MethodConfig":
         """A copy with some fields changed (validated again)."""
         allowed = {f.name for f in fields(self)}
@@ -231,6 +241,11 @@ class AccelConfig:
             raise ValueError(f"Unknown config slot(s) {unknown}; the slots are {list(SLOTS)}.")
         optional = tuple(s for s in self.optional if s not in slots)
         return dataclasses.replace(self, optional=optional, **slots)
+
+    def for_expert(self, name: str) -> "AccelConfig":
+        """Every method as it applies to the expert denoiser ``name`` (``MethodConfig.for_expert``)."""
+        return dataclasses.replace(self, **{slot: getattr(self, slot).for_expert(name)
+                                            for slot in SLOTS if getattr(self, slot) is not None})
 
     def without(self, *slots: str) -> "AccelConfig":
         """A copy with these slots empty (how an optional method is left out)."""

@@ -134,3 +134,58 @@ def test_one_scheduler_tap_drives_both_experts_and_follows_a_replaced_scheduler(
     assert not any(name in vars(old) for name in tapped)  # the old scheduler is left as it was
     diffaccel.remove(case.pipe)
     assert not any(name in vars(case.pipe.scheduler) for name in tapped)
+
+
+def _teacache_skips(case, config) -> dict:
+    diffaccel.accelerate(case.pipe, cache=config)
+    try:
+        run(case, seed=0)
+        models = diffaccel.stats(case.pipe)["models"]
+    finally:
+        diffaccel.remove(case.pipe)
+    return {name: models[name]["blocks_skipped"] for name in ("transformer", "transformer_2")}
+
+
+def test_teacache_takes_each_experts_own_polynomial(case_and_baseline):
+    """A constant polynomial 0 rates every change as nothing (skip), 10 as large (compute): the expert
+    follows its own entry in expert_coefficients, the main denoiser ``coefficients``."""
+    from diffaccel.cache import TeaCacheConfig
+
+    case, _ = case_and_baseline
+    rule = dict(threshold=0.5, warmup_steps=0, force_last_step=False)
+    both = _teacache_skips(case, TeaCacheConfig(coefficients=(0.0,), **rule))
+    assert both["transformer"] > 0 and both["transformer_2"] > 0, both
+    own = _teacache_skips(case, TeaCacheConfig(coefficients=(0.0,), expert_coefficients={"transformer_2": (10.0,)}, **rule))
+    assert own == {"transformer": both["transformer"], "transformer_2": 0}, own
+    swapped = _teacache_skips(case, TeaCacheConfig(coefficients=(10.0,), expert_coefficients={"transformer_2": (0.0,)}, **rule))
+    assert swapped == {"transformer": 0, "transformer_2": both["transformer_2"]}, swapped
+    config = TeaCacheConfig(coefficients=(1.0, 0.0), expert_coefficients={"transformer_2": (2.0, 0.0)})
+    assert diffaccel.AccelConfig.from_dict(diffaccel.AccelConfig(cache=config).to_dict()).cache == config
+
+
+def test_settings_for_an_expert_the_pipeline_lacks_are_refused_by_name(case_and_baseline):
+    from diffaccel.cache import TeaCacheConfig
+    from tiny_pipelines import build
+
+    case, baseline = case_and_baseline
+    with pytest.raises(ValueError, match=r"expert\(s\) \['transformer_3'\].*expert denoisers: \['transformer_2'\]"):
+        diffaccel.accelerate(case.pipe, cache=TeaCacheConfig(expert_coefficients={"transformer_3": (1.0, 0.0)}))
+    assert not hooked(case.pipe.transformer) and np.array_equal(run(case, seed=0), baseline)
+    with pytest.raises(ValueError, match=r"none \(one denoiser\)"):
+        diffaccel.accelerate(build("wan").pipe, cache=TeaCacheConfig(expert_coefficients={"transformer_2": (1.0,)}))
+
+
+@pytest.mark.filterwarnings("ignore:Polyfit may be poorly conditioned")  # 4 steps give few distinct changes
+def test_teacache_calibration_fits_each_expert_on_its_own_steps(case_and_baseline):
+    from diffaccel.cache import calibrate_teacache, calibrate_teacache_experts
+
+    case, baseline = case_and_baseline
+    def runs():  # fresh generators for each calibration
+        return [dict(case.call_kwargs, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1, 2)]
+
+    main, experts = calibrate_teacache_experts(case.pipe, runs(), degree=1)
+    assert set(experts) == {"transformer_2"} and len(main) == 2 and len(experts["transformer_2"]) == 2
+    assert main != experts["transformer_2"]  # two models, two fits
+    assert calibrate_teacache(case.pipe, runs(), degree=1) == main
+    assert not hooked(case.pipe.transformer) and not hooked(case.pipe.transformer_2)
+    assert np.array_equal(run(case, seed=0), baseline)

@@ -4,7 +4,7 @@ from .block_cache import BLOCK_CACHE_HOOK, BlockCacheConfig, BlockCacheState, re
 from .deep_cache import DEEP_CACHE_HOOK, DeepCacheConfig, DeepCacheState
 from .delta_dit import DELTA_DIT_HOOK, DeltaDiTConfig, DeltaDiTState
 from .learned import LEARNED_CACHE_HOOK, LearnedCacheConfig, train_schedule
-from .teacache import TEACACHE_HOOK, TeaCacheConfig, TeaCacheState, calibrate_teacache
+from .teacache import TEACACHE_HOOK, TeaCacheConfig, TeaCacheState, calibrate_teacache, calibrate_teacache_experts
 
 __all__ = [
     "BLOCK_CACHE_HOOK",
@@ -23,5 +23,6 @@ __all__ = [
     "TeaCacheConfig",
     "TeaCacheState",
     "calibrate_teacache",
+    "calibrate_teacache_experts",
     "relative_l1",
 ]

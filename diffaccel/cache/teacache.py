@@ -25,8 +25,10 @@ coarse structure; late ones the detail, so the change reflects what the step wil
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -65,6 +67,12 @@ class TeaCacheConfig(MethodConfig):
         coefficients: the rescaling polynomial, highest degree first (numpy ``poly1d`` order), fitted
             per model by ``calibrate_teacache`` / ``diffaccel tune cache --method teacache``; empty uses
             the raw change (identity).
+        expert_coefficients: for a pipeline with expert denoisers (Wan 2.2: ``transformer`` runs the
+            high-noise steps, ``transformer_2`` the rest), the polynomial of each expert by its pipeline
+            attribute, e.g. ``{"transformer_2": (...)}``; the main denoiser uses ``coefficients``, and so does an
+            expert without an entry. Two experts are two models whose change-to-output relation differs, so
+            each is fitted on its own steps (``calibrate_teacache_experts``). Naming an expert the pipeline
+            does not have is an error.
         warmup_steps: first steps of each call that always compute (official: 1).
         force_last_step: the last step always computes (official: yes).
         max_consecutive: most skips in a row before a forced compute; None for no limit (official).
@@ -91,6 +99,7 @@ class TeaCacheConfig(MethodConfig):
 
     threshold: float = 0.1
     coefficients: tuple[float, ...] = ()
+    expert_coefficients: tuple[tuple[str, tuple[float, ...]], ...] = ()
     warmup_steps: int = 1
     force_last_step: bool = True
     max_consecutive: int | None = None
@@ -121,10 +130,39 @@ class TeaCacheConfig(MethodConfig):
                              f"{self.schedule!r}.")
         if not isinstance(self.force_last_step, bool):
             raise ValueError(f"{name}.force_last_step must be True or False, got {self.force_last_step!r}.")
-        if not isinstance(self.coefficients, tuple) or not all(
-            isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) for c in self.coefficients
-        ):
+        if not _finite_numbers(self.coefficients):
             raise ValueError(f"{name}.coefficients must be a tuple of finite numbers, got {self.coefficients!r}.")
+        object.__setattr__(self, "expert_coefficients", _expert_polynomials(name, self.expert_coefficients))
+
+    def expert_names(self) -> tuple[str, ...]:
+        return tuple(expert for expert, _ in self.expert_coefficients)
+
+    def for_expert(self, name: str) -> "TeaCacheConfig":
+        """The expert's own polynomial in ``coefficients`` (the main one's where it has none)."""
+        own = dict(self.expert_coefficients).get(name, self.coefficients)
+        return dataclasses.replace(self, coefficients=own, expert_coefficients=())
+
+
+def _finite_numbers(values: Any) -> bool:
+    return isinstance(values, tuple) and all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) for c in values)
+
+
+def _expert_polynomials(owner: str, value: Any) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """``expert_coefficients`` as sorted (name, polynomial) pairs, from a mapping or from pairs (a saved config)."""
+    items = value.items() if isinstance(value, Mapping) else value
+    problem = f"{owner}.expert_coefficients must map expert names (e.g. 'transformer_2') to tuples of finite numbers"
+    try:
+        pairs = [(expert, tuple(coefficients)) for expert, coefficients in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"{problem}, got {value!r}.") from None
+    names = [expert for expert, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{problem}; an expert is named twice in {value!r}.")
+    for expert, coefficients in pairs:
+        if not isinstance(expert, str) or not expert or not _finite_numbers(coefficients):
+            raise ValueError(f"{problem}, got {expert!r}: {coefficients!r}.")
+    return tuple(sorted(pairs))
 
 
 def scheduled_compute(schedule: str, ctx) -> bool:
@@ -390,50 +428,76 @@ def calibrate_teacache(pipe: Any, runs: Sequence[dict], degree: int = 4) -> tupl
     ``runs`` are keyword arguments of ``pipe(...)`` (prompt, generator, steps, ...). Every step is
     computed; for consecutive forwards of each CFG branch the indicator's relative-L1 change is paired
     with the block-stack residual's, and ``np.polyfit(x, y, degree)`` maps one to the other. Returns
-    the coefficients, highest degree first, for ``TeaCacheConfig(coefficients=...)``.
+    the coefficients, highest degree first, for ``TeaCacheConfig(coefficients=...)``: the main denoiser's
+    (a pipeline with experts: ``calibrate_teacache_experts``).
     """
+    return calibrate_teacache_experts(pipe, runs, degree)[0]
+
+
+def calibrate_teacache_experts(
+    pipe: Any, runs: Sequence[dict], degree: int = 4
+) -> tuple[tuple[float, ...], dict[str, tuple[float, ...]]]:
+    """``calibrate_teacache`` for every denoiser of the pipeline, each on the steps it ran:
+    ``(coefficients, expert_coefficients)`` for ``TeaCacheConfig`` (the second empty without experts).
+    Wan 2.2's high-noise ``transformer`` and low-noise ``transformer_2`` are two models, so one polynomial
+    fitted on both (or on the first alone) misjudges the other's changes."""
     import diffaccel
 
-    xs: list[float] = []
-    ys: list[float] = []
-    previous_residual: dict[str, torch.Tensor] = {}
-    config = TeaCacheConfig(threshold=0.0)  # never skips: a baseline run that computes the indicator
-    diffaccel.accelerate(pipe, cache=config)
-    runtime = diffaccel.api.runtime_of(pipe)
-    blocks = runtime.adapter.find_blocks(runtime.denoiser)
-    states = runtime._states[-1]
-    captured: dict[str, torch.Tensor] = {}
-
-    def first_pre(module, args, kwargs):
-        captured["input"] = blocks[0].stream_inputs(args, kwargs)[0].detach()
-
-    def last_post(module, args, kwargs, output):
-        ctx = runtime.clock.current
-        residual = blocks[-1].split_output(output)[0].detach() - captured.pop("input")
-        change = states.get(ctx.branch).last_change
-        before = previous_residual.get(ctx.branch)
-        if ctx.step_index == 0:
-            before = None
-        if change is not None and before is not None and before.shape == residual.shape:
-            xs.append(change)
-            ys.append(relative_l1(residual, before))
-        previous_residual[ctx.branch] = residual
-
-    handles = [
-        blocks[0].module.register_forward_pre_hook(first_pre, with_kwargs=True),
-        blocks[-1].module.register_forward_hook(last_post, with_kwargs=True),
-    ]
+    diffaccel.accelerate(pipe, cache=TeaCacheConfig(threshold=0.0))  # never skips: computes the indicator
+    main = diffaccel.api.runtime_of(pipe)
+    collectors = {name: _ChangePairs(runtime) for name, runtime in {None: main, **main.experts}.items()}
     try:
         for kwargs in runs:
-            previous_residual.clear()
+            for collector in collectors.values():
+                collector.previous_residual.clear()
             pipe(**kwargs)
     finally:
-        for handle in handles:
-            handle.remove()
+        for collector in collectors.values():
+            collector.close()
         diffaccel.remove(pipe)
-    if len(xs) <= degree:
-        raise ValueError(
-            f"calibrate_teacache collected {len(xs)} step pairs, too few for a degree-{degree} fit; "
-            f"use more runs or steps."
-        )
-    return tuple(float(c) for c in np.polyfit(np.asarray(xs), np.asarray(ys), degree))
+    fitted = {name: collector.fit(degree) for name, collector in collectors.items()}
+    return fitted.pop(None), fitted
+
+
+class _ChangePairs:
+    """(indicator change, block-stack residual change) of consecutive forwards of one denoiser per CFG
+    branch, from hooks on its first and last block."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime, self.name = runtime, runtime.name
+        self.xs: list[float] = []
+        self.ys: list[float] = []
+        self.previous_residual: dict[str, torch.Tensor] = {}
+        self.states = runtime._states[-1]
+        self.captured: dict[str, torch.Tensor] = {}
+        blocks = runtime.adapter.find_blocks(runtime.denoiser)
+        self.first, self.last = blocks[0], blocks[-1]
+        self.handles = [
+            self.first.module.register_forward_pre_hook(self._first_pre, with_kwargs=True),
+            self.last.module.register_forward_hook(self._last_post, with_kwargs=True),
+        ]
+
+    def _first_pre(self, module, args, kwargs) -> None:
+        self.captured["input"] = self.first.stream_inputs(args, kwargs)[0].detach()
+
+    def _last_post(self, module, args, kwargs, output) -> None:
+        ctx = self.runtime.clock.current
+        residual = self.last.split_output(output)[0].detach() - self.captured.pop("input")
+        change = self.states.get(ctx.branch).last_change
+        before = None if ctx.step_index == 0 else self.previous_residual.get(ctx.branch)
+        if change is not None and before is not None and before.shape == residual.shape:
+            self.xs.append(change)
+            self.ys.append(relative_l1(residual, before))
+        self.previous_residual[ctx.branch] = residual
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def fit(self, degree: int) -> tuple[float, ...]:
+        if len(self.xs) <= degree:
+            raise ValueError(
+                f"calibrate_teacache collected {len(self.xs)} step pairs for {self.name}, too few for a degree-"
+                f"{degree} fit; use more runs or steps."
+            )
+        return tuple(float(c) for c in np.polyfit(np.asarray(self.xs), np.asarray(self.ys), degree))

@@ -23,7 +23,7 @@ import torch
 from .block_cache import BlockCacheConfig
 from .delta_dit import DeltaDiTConfig
 from .learned import schedule_for_budget, train_schedule
-from .teacache import TeaCacheConfig, calibrate_teacache
+from .teacache import TeaCacheConfig, calibrate_teacache_experts
 
 logger = logging.getLogger("diffaccel")
 
@@ -204,10 +204,10 @@ def tune_cache(
         say("TeaCache: fitting the rescaling polynomial on the calibration calls")
         runs = [dict({k: v for k, v in c.items() if k != "seed"}, generator=torch.Generator().manual_seed(c.get("seed", 0)))
                 for c in calibration]
-        coefficients = calibrate_teacache(pipe, runs)
+        coefficients, experts = calibrate_teacache_experts(pipe, runs)  # one polynomial per expert denoiser
         say("TeaCache: bisection on the threshold")
-        _bisect(lambda x: evaluate(TeaCacheConfig(threshold=x, coefficients=coefficients)), 0.0, 2.0,
-                target_psnr, target_speedup, rounds)
+        _bisect(lambda x: evaluate(TeaCacheConfig(threshold=x, coefficients=coefficients, expert_coefficients=experts)),
+                0.0, 2.0, target_psnr, target_speedup, rounds)
     elif method == "delta_dit":
         denoiser = pipe.transformer
         from diffaccel.pipelines import adapter_for
