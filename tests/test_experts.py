@@ -161,6 +161,7 @@ def test_teacache_takes_each_experts_own_polynomial(case_and_baseline):
     assert swapped == {"transformer": 0, "transformer_2": both["transformer_2"]}, swapped
     config = TeaCacheConfig(coefficients=(1.0, 0.0), expert_coefficients={"transformer_2": (2.0, 0.0)})
     assert diffaccel.AccelConfig.from_dict(diffaccel.AccelConfig(cache=config).to_dict()).cache == config
+    assert "expert_coefficients" not in TeaCacheConfig().to_dict()  # earlier configs' farm job ids stay the same
 
 
 def test_settings_for_an_expert_the_pipeline_lacks_are_refused_by_name(case_and_baseline):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from diffusers.hooks.hooks import ModelHook
 
-from diffaccel.config import MethodConfig, check_float, check_int, register_config
+from diffaccel.config import OMIT_WHEN_DEFAULT, MethodConfig, check_float, check_int, register_config
 from diffaccel.guidance.layout import prediction_of, with_prediction
 from diffaccel.pipelines.adapters import BoundBlock, argument_position, get_argument
 from diffaccel.registry import AccelTarget, register_method
@@ -99,7 +99,8 @@ class TeaCacheConfig(MethodConfig):
 
     threshold: float = 0.1
     coefficients: tuple[float, ...] = ()
-    expert_coefficients: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    expert_coefficients: tuple[tuple[str, tuple[float, ...]], ...] = dataclasses.field(
+        default=(), metadata={OMIT_WHEN_DEFAULT: True})
     warmup_steps: int = 1
     force_last_step: bool = True
     max_consecutive: int | None = None
