@@ -19,6 +19,15 @@ picks CUDA when there is one). There the batch is larger (``--batch-size``, defa
 saves every 2 minutes (``--save-every``). ``--minutes`` bounds the whole run, the final save included.
 The VAE stages (image-vae, video-vae) train on a GPU the same way, with 8x the CPU batch.
 ``scripts/device_train.sh`` runs these on the device machine.
+
+A new latent space is trained beside the shipped models, not over them: ``--weights DIR`` reads and writes
+``DIR/<kind>/`` instead (checkpoints in ``work/reference/<kind>@<DIR name>/``), e.g.
+
+    python scripts/train_reference.py video-vae --fresh --temporal-scale 2 --weights scripts/weights/next
+    python scripts/train_reference.py video --weights scripts/weights/next   # starts from the shipped denoiser
+    python scripts/eval_reference.py video --path scripts/weights/next/video --out ... --grid ...
+
+and replaces the shipped folder only once its denoiser beats the shipped model.
 """
 
 from __future__ import annotations
