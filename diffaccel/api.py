@@ -26,7 +26,6 @@ EXPERT_ATTRIBUTES = ("transformer_2",)
 PIPELINE_SLOTS = ("sampling",)
 # Methods (by slot, or by slot and name) that cannot serve a pipeline with experts yet, with the reason.
 NOT_WITH_EXPERTS = {
-    ("parallel", None): "CFG/context parallel shards one denoiser; a second expert would run unsharded",
     ("sampling", "distilled"): "a student replaces one denoiser; the expert's steps would run the teacher at "
                                "the student's step count",
 }

@@ -15,7 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_pipelines import add_lora, build, offload, run  # noqa: E402
+from tiny_pipelines import add_lora, build, offload, run, wan22  # noqa: E402
 
 import diffaccel  # noqa: E402
 
@@ -32,7 +32,8 @@ def main() -> None:
         # A LoRA scenario gets its own pipeline, an offloading one a fresh pipeline (offloading stays on remove).
         key = (family, json.dumps(scenario.get("lora"), sort_keys=True), name if scenario.get("offload") else None)
         if key not in cases:
-            cases[key] = add_lora(build(family), **scenario["lora"]) if scenario.get("lora") else build(family)
+            made = wan22() if family == "wan22" else build(family)  # wan22: two experts, not one of FAMILIES
+            cases[key] = add_lora(made, **scenario["lora"]) if scenario.get("lora") else made
         case = cases[key]
         mode, order = (scenario["offload"] if scenario.get("offload") else (None, None))
         if order == "before":

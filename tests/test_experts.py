@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import diffaccel
-from diffaccel import AdaptiveGuidanceConfig, BlockCacheConfig, BottleneckConfig, ParallelConfig
+from diffaccel import AdaptiveGuidanceConfig, BlockCacheConfig, BottleneckConfig
+from diffaccel.sampling.distilled import DistilledConfig
 from diffaccel.runtime import RUNTIME_HOOK
 from tiny_pipelines import run, wan22
 
@@ -92,8 +93,8 @@ def test_preset_turbo_runs_and_the_sampling_method_is_installed_once(case_and_ba
 
 def test_methods_that_cannot_serve_two_experts_are_refused_by_name(case_and_baseline):
     case, baseline = case_and_baseline
-    with pytest.raises(ValueError, match="transformer_2.*shards one denoiser"):
-        diffaccel.accelerate(case.pipe, parallel=ParallelConfig(cfg=2))
+    with pytest.raises(ValueError, match="transformer_2.*a student replaces one denoiser"):
+        diffaccel.accelerate(case.pipe, sampling=DistilledConfig(student="students/any"))
     assert not hooked(case.pipe.transformer) and not hooked(case.pipe.transformer_2)
     assert np.array_equal(run(case, seed=0), baseline)
 

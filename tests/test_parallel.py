@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.distributed as dist
-from tiny_pipelines import add_lora, build, run
+from tiny_pipelines import add_lora, build, run, wan22
 
 import diffaccel
 from diffaccel import ParallelConfig
@@ -39,6 +39,9 @@ SCENARIOS = [
 ]
 
 
+# Wan 2.2's two experts: each denoiser gets the parallel hooks of its own (and its caches).
+EXPERTS = [dict(name="cfg_wan22_cache", family="wan22", config={"parallel": {"method": "cfg"}, "cache": CACHE}),
+           dict(name="ulysses_wan22_cache", family="wan22", config={"parallel": {"method": "context"}, "cache": CACHE})]
 HYBRID = [dict(name="hybrid_wan_cache", family="wan", config={"parallel": {"method": "hybrid", "cfg": 2, "ulysses": 2}, "cache": CACHE})]
 
 
@@ -62,7 +65,8 @@ def torchrun_results(tmp_path_factory):
 
 
 def _single_process(family, config, lora=None, **overrides):
-    case = add_lora(build(family), **lora) if lora else build(family)
+    made = wan22() if family == "wan22" else build(family)
+    case = add_lora(made, **lora) if lora else made
     config = {k: v for k, v in config.items() if k != "parallel"}
     diffaccel.accelerate(case.pipe, config)
     try:
@@ -132,6 +136,24 @@ def test_hybrid_cfg_times_ulysses_on_four_ranks(tmp_path):
     np.testing.assert_allclose(out, single, atol=1e-4)
     assert stats["parallel_cfg_speculated"] == stats["steps"] - 1
     assert stats["blocks_skipped"] > 0 and single_stats["blocks_skipped"] > 0
+
+
+def test_parallel_shards_both_experts_of_wan22(tmp_path):
+    """Wan 2.2 (A14B) in a render farm: CFG parallel and Ulysses run on both experts, each with its own
+    speculation and caches, and equal one process."""
+    folder = _torchrun(tmp_path, EXPERTS, 2)
+    single, single_stats = _single_process("wan22", {"cache": CACHE})
+    out, stats = _result(folder, "cfg_wan22_cache")
+    np.testing.assert_allclose(out, single, atol=1e-4)
+    for name in ("transformer", "transformer_2"):
+        model = stats["models"][name]
+        # Each expert runs two of the four steps: its first on both ranks, its second speculated.
+        assert model["parallel_cfg_exchanges"] == 1 and model["parallel_cfg_speculated"] == 1, (name, model)
+        assert model["blocks_skipped"] > 0, (name, model)
+    out, stats = _result(folder, "ulysses_wan22_cache")
+    np.testing.assert_allclose(out, single, atol=1e-4)
+    for name in ("transformer", "transformer_2"):
+        assert stats["models"][name]["blocks_skipped"] == single_stats["models"][name]["blocks_skipped"] > 0
 
 
 @pytest.mark.parametrize("parallel, family", [("cfg", "wan"), ("context", "flux"), ("context", "wan")])
