@@ -4,6 +4,7 @@
 #
 #     bash scripts/device_trim.sh away    # before the device call (prints the size that will travel)
 #     bash scripts/device_trim.sh back    # after it, always
+#     TRIM_EXTRA="path ..." bash scripts/device_trim.sh away|back   # move these too
 #
 # Kept: the image and video models, the upscaler, the judge and the turbo student (image-tdm-ms), which
 # device_check.sh and device_train.sh use. Moved (to $TRIM, /tmp/diffaccel_trim): the other students, the
@@ -14,6 +15,10 @@ trim=${TRIM:-/tmp/diffaccel_trim}
 cd "$(dirname "$0")/.."
 paths=(scripts/weights/upscale_baselines pipelines/reference/weights/upscale15 pipelines/reference/weights/image-tdm
        pipelines/reference/weights/image-rglcd pipelines/reference/weights/image-lcd)
+# More to move, e.g. the shipped video transformer while a candidate with a transformer of its own trains:
+# TRIM_EXTRA="pipelines/reference/weights/video/transformer" (give the same value to 'back').
+read -r -a extra <<<"${TRIM_EXTRA:-}"
+paths+=("${extra[@]}")
 case "${1:?$usage}" in
   away)
     for p in "${paths[@]}"; do
