@@ -88,12 +88,25 @@ def test_a_vae_whose_loss_turns_nan_stops_without_saving(trainer, tmp_path, monk
     assert trainer.vae_autocast(torch.device("cpu"))["enabled"] is False
 
 
+def test_foreground_weights_mark_the_shape_not_the_background(trainer):
+    import torch
+
+    clip = torch.full((2, 3, 5, 16, 16), -0.6)
+    clip[:, 0] = 0.4  # a flat coloured background
+    clip[0, :, 2, 3:7, 5:9] = torch.tensor([1.0, -1.0, 0.2]).view(3, 1, 1)  # one 4x4 shape in one frame
+    weights = trainer.foreground_weights(clip, 10.0)
+    assert weights.shape == (2, 1, 5, 16, 16)
+    assert float(weights[0, 0, 2, 3:7, 5:9].min()) == 11.0 and int((weights[0] > 1).sum()) == 16
+    assert bool((weights[1] == 1).all())  # no shape, no extra weight
+
+
 @pytest.mark.parametrize("argv, named", [
     (["video-vae", "--profile"], "--profile does nothing for the video-vae stage"),
     (["image-text", "--workers", "2"], "--workers does nothing for the image-text stage"),
     (["judge", "--weights", "elsewhere"], "--weights does nothing for the judge stage"),
     (["video", "--temporal-scale", "2"], "--temporal-scale does nothing for the video stage"),
     (["video", "--fresh"], "--fresh does nothing for the video stage"),
+    (["video", "--foreground-weight", "4"], "--foreground-weight does nothing for the video stage"),
 ])
 def test_an_option_the_stage_does_not_read_is_refused_by_name(trainer, capsys, argv, named):
     with pytest.raises(SystemExit):
