@@ -343,21 +343,12 @@ def command_checks(out: Path, device: torch.device) -> None:
          "--no-progress", "--lora-rank", "8", "--sparse-attention", '{"block_size": 16}'], timeout=300))
 
     def vae_training():
-        # train_reference.py writes the shipped weights and its checkpoint folder: put both back afterwards,
-        # so that running this check in a checkout leaves it as it was.
-        weights, work = ROOT / "pipelines/reference/weights/video/vae", ROOT / "work/reference/video-vae"
-        backup = out / "video_vae_backup"
-        shutil.rmtree(backup, ignore_errors=True)
-        shutil.copytree(weights, backup)
-        had_work = work.exists()
-        try:
-            proc = subprocess.run([sys.executable, "scripts/train_reference.py", "video-vae", "--device", dev,
-                                   "--minutes", "1", "--fresh"], capture_output=True, text=True, env=env,
-                                  timeout=200, cwd=ROOT)
-        finally:
-            shutil.copytree(backup, weights, dirs_exist_ok=True)
-            if not had_work:
-                shutil.rmtree(work, ignore_errors=True)
+        # A fresh VAE trained into a folder of its own (--weights): the shipped weights are never touched.
+        weights = out / "vae_check_weights"
+        shutil.rmtree(weights, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "scripts/train_reference.py", "video-vae", "--device", dev,
+                               "--minutes", "1", "--fresh", "--weights", str(weights.resolve())], capture_output=True,
+                              text=True, env=env, timeout=200, cwd=ROOT)
         tail = (proc.stdout + proc.stderr)[-1500:]
         assert proc.returncode == 0, f"exit {proc.returncode}: {tail}"
         return {"detail": last_line(tail), "tail": tail}

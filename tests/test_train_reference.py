@@ -107,6 +107,7 @@ def test_foreground_weights_mark_the_shape_not_the_background(trainer):
     (["video", "--temporal-scale", "2"], "--temporal-scale does nothing for the video stage"),
     (["video", "--fresh"], "--fresh does nothing for the video stage"),
     (["video", "--foreground-weight", "4"], "--foreground-weight does nothing for the video stage"),
+    (["video-text", "--lr", "1e-4"], "--lr does nothing for the video-text stage"),
 ])
 def test_an_option_the_stage_does_not_read_is_refused_by_name(trainer, capsys, argv, named):
     with pytest.raises(SystemExit):
