@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,37 +23,53 @@ def trainer():
     sys.modules.pop("train_reference", None)
 
 
-def _draw(trainer, loader, steps):
+# The worker checks fork a pool, so they run in a fresh interpreter: forked after this test process's earlier
+# tests (torch thread pools, gloo, many pipelines), the pool's workers have died and left it waiting for ever.
+WORKER_CHECKS = r"""
+import functools, importlib.util, sys
+import numpy as np, torch
+spec = importlib.util.spec_from_file_location("train_reference", sys.argv[1])
+trainer = importlib.util.module_from_spec(spec)
+sys.modules["train_reference"] = trainer  # the workers' tasks are pickled by module name
+spec.loader.exec_module(trainer)
+
+def draw_all(draw, first, workers, steps):
+    loader = trainer.BatchLoader(draw, first, workers=workers)
     try:
         return [loader.get() for _ in range(steps)]
     finally:
         loader.close()
 
+draw = functools.partial(trainer._vae_loader_batch, "image", 0, 4)
+one, two = draw_all(draw, 3, 1, 3), draw_all(draw, 3, 2, 3)
+for a, b, step in zip(one, two, range(3, 6)):
+    assert a.shape == (4, 64, 64, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, trainer._vae_loader_batch("image", 0, 4, step))
+assert not np.array_equal(one[0], one[1])
+# Every 8th image batch is 128 px, a quarter as many; model input is channels-first in [-1, 1].
+big = trainer._vae_loader_batch("image", 0, 8, 7)
+assert big.shape == (2, 128, 128, 3)
+x = trainer.pixels_to_model(torch.from_numpy(big))
+assert tuple(x.shape) == (2, 3, 128, 128) and float(x.min()) >= -1 and float(x.max()) <= 1
+clip = trainer.pixels_to_model(torch.from_numpy(trainer._vae_loader_batch("video", 0, 1, 0)))
+assert tuple(clip.shape) == (1, 3, 9, 64, 64)
 
-def test_vae_batches_from_workers_depend_on_the_step_alone(trainer):
-    draw = functools.partial(trainer._vae_loader_batch, "image", 0, 4)
-    one = _draw(trainer, trainer.BatchLoader(draw, 3, workers=1), 3)
-    two = _draw(trainer, trainer.BatchLoader(draw, 3, workers=2), 3)
-    for a, b, step in zip(one, two, range(3, 6)):
-        assert a.shape == (4, 64, 64, 3) and a.dtype == np.float32
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(a, trainer._vae_loader_batch("image", 0, 4, step))
-    assert not np.array_equal(one[0], one[1])
-    # Every 8th image batch is 128 px, a quarter as many; model input is channels-first in [-1, 1].
-    big = trainer._vae_loader_batch("image", 0, 8, 7)
-    assert big.shape == (2, 128, 128, 3)
-    x = trainer.pixels_to_model(__import__("torch").from_numpy(big))
-    assert tuple(x.shape) == (2, 3, 128, 128) and float(x.min()) >= -1 and float(x.max()) <= 1
-    clip = trainer.pixels_to_model(__import__("torch").from_numpy(trainer._vae_loader_batch("video", 0, 1, 0)))
-    assert tuple(clip.shape) == (1, 3, 9, 64, 64)
+(pixels, captions), = draw_all(functools.partial(trainer._loader_batch, "image", 0, 8), 3, 1, 1)
+again, captions_again = trainer._loader_batch("image", 0, 8, 3)
+np.testing.assert_array_equal(pixels, again)
+assert captions == captions_again and len(captions) == len(pixels) > 0
+print("worker checks passed")
+"""
 
 
-def test_denoiser_batches_from_workers_match_the_step_stream(trainer):
-    draw = functools.partial(trainer._loader_batch, "image", 0, 8)
-    (pixels, captions), = _draw(trainer, trainer.BatchLoader(draw, 3, workers=1), 1)
-    again, captions_again = trainer._loader_batch("image", 0, 8, 3)
-    np.testing.assert_array_equal(pixels, again)
-    assert captions == captions_again and len(captions) == len(pixels) > 0
+def test_batches_from_workers_depend_on_the_step_alone():
+    """VAE and denoiser batches drawn by 1 or 2 ``BatchLoader`` workers equal the in-process draw of each step."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", WORKER_CHECKS, str(ROOT / "scripts" / "train_reference.py")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "worker checks passed" in done.stdout, done.stderr[-3000:]
 
 
 def test_a_resumed_vae_warms_its_fresh_optimizer_up(trainer, tmp_path):
