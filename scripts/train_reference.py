@@ -456,6 +456,15 @@ def sample_sigmas(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.sigmoid(torch.randn(n, generator=generator))
 
 
+def vae_folder(weights: Path, kind: str) -> Path:
+    """The VAE a denoiser trains on: ``weights/<kind>/vae``, which a candidate folder must have first."""
+    folder = weights / kind / "vae"
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"{folder} holds no VAE: a denoiser trains on its folder's latent space, so train that "
+                         f"first (python scripts/train_reference.py {kind}-vae --fresh --weights {weights})")
+    return folder
+
+
 class ImageRecipe:
     """CogView4: text encoder trained jointly; 64 px batches, every 4th batch 128 px."""
 
@@ -468,7 +477,7 @@ class ImageRecipe:
 
         self.weights = weights
         self.components = build.image_components(seed)
-        self.components["vae"] = AutoencoderKL.from_pretrained(weights / "image" / "vae", torch_dtype=torch.float32)
+        self.components["vae"] = AutoencoderKL.from_pretrained(vae_folder(weights, "image"), torch_dtype=torch.float32)
         self.pipe = build.image_pipeline(self.components)
 
     def to(self, device: torch.device) -> "ImageRecipe":
@@ -522,7 +531,7 @@ class VideoRecipe:
         self.weights = weights
         self.components = build.video_components(seed)
         # The VAE as trained (its time compression included: the pipeline reads it from the VAE's config).
-        self.components["vae"] = AutoencoderKLWan.from_pretrained(weights / "video" / "vae", torch_dtype=torch.float32)
+        self.components["vae"] = AutoencoderKLWan.from_pretrained(vae_folder(weights, "video"), torch_dtype=torch.float32)
         self.pipe = build.video_pipeline(self.components)
         config = self.pipe.vae.config
         self.mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)
@@ -578,14 +587,18 @@ class BatchLoader:
     ``draw(step)`` (picklable: a module-level function or a partial of one; ``_loader_batch`` for the
     denoisers, ``_vae_loader_batch`` for the VAEs) makes step k's batch from (seed, k) alone, so the data
     does not depend on the number of workers. The pool is forked before this process touches the GPU; the
-    workers never use torch.
+    workers never use torch. A ``ProcessPoolExecutor``, not a ``multiprocessing.Pool``: a worker that dies
+    (killed for memory, a crash in a native library) then fails the step with ``BrokenProcessPool`` instead
+    of leaving the training loop waiting for ever on a task the dead worker took with it.
     """
 
     def __init__(self, draw, first_step: int, workers: int) -> None:
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         self.draw = draw
-        self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_sigint)
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                        initializer=_ignore_sigint)
         self.step = first_step
         self.pending: collections.deque = collections.deque()
         self.wait = 0.0  # seconds the training loop waited for data
@@ -593,19 +606,25 @@ class BatchLoader:
             self._submit()
 
     def _submit(self) -> None:
-        self.pending.append(self.pool.apply_async(self.draw, (self.step,)))
+        self.pending.append((self.step, self.pool.submit(self.draw, self.step)))
         self.step += 1
 
     def get(self):
+        from concurrent.futures.process import BrokenProcessPool
+
         t = time.time()
-        result = self.pending.popleft().get()
+        step, future = self.pending.popleft()
+        try:
+            result = future.result()
+        except BrokenProcessPool as error:
+            raise RuntimeError(f"a data worker died while drawing step {step}'s batch (killed for memory? "
+                               f"rerun with fewer --workers, or 0 to draw in this process)") from error
         self.wait += time.time() - t
         self._submit()
         return result
 
     def close(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class StepProfile:

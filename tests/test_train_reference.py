@@ -59,12 +59,21 @@ assert tuple(clip.shape) == (1, 3, 9, 64, 64)
 again, captions_again = trainer._loader_batch("image", 0, 8, 3)
 np.testing.assert_array_equal(pixels, again)
 assert captions == captions_again and len(captions) == len(pixels) > 0
+# A worker that dies fails the step by name instead of leaving the loop waiting for ever.
+import os
+try:
+    draw_all(os._exit, 3, 1, 1)  # the worker exits with status 3 while drawing step 3
+except RuntimeError as error:
+    assert "step 3" in str(error) and "worker died" in str(error), error
+else:
+    raise AssertionError("a dead worker went unnoticed")
 print("worker checks passed")
 """
 
 
 def test_batches_from_workers_depend_on_the_step_alone():
-    """VAE and denoiser batches drawn by 1 or 2 ``BatchLoader`` workers equal the in-process draw of each step."""
+    """VAE and denoiser batches drawn by 1 or 2 ``BatchLoader`` workers equal the in-process draw of each step;
+    a worker that dies is an error naming the step."""
     import subprocess
 
     done = subprocess.run([sys.executable, "-c", WORKER_CHECKS, str(ROOT / "scripts" / "train_reference.py")],
