@@ -15,48 +15,58 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def trainer():
+    """The command line, ``scripts/train_reference.py`` (it puts scripts/ on sys.path for its stages)."""
     spec = importlib.util.spec_from_file_location("train_reference", ROOT / "scripts" / "train_reference.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["train_reference"] = module  # the workers' tasks are pickled by module name
     spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("train_reference", None)
+    return module
+
+
+@pytest.fixture(scope="module")
+def stages(trainer):
+    """The stages' modules, ``scripts/reference_training/``."""
+    import importlib
+    import types
+
+    names = ("common", "loader", "vae", "text", "denoiser")
+    return types.SimpleNamespace(**{n: importlib.import_module(f"reference_training.{n}") for n in names})
 
 
 # The worker checks fork a pool, so they run in a fresh interpreter: forked after this test process's earlier
 # tests (torch thread pools, gloo, many pipelines), the pool's workers have died and left it waiting for ever.
 WORKER_CHECKS = r"""
-import functools, importlib.util, sys
+import functools, sys
 import numpy as np, torch
-spec = importlib.util.spec_from_file_location("train_reference", sys.argv[1])
-trainer = importlib.util.module_from_spec(spec)
-sys.modules["train_reference"] = trainer  # the workers' tasks are pickled by module name
-spec.loader.exec_module(trainer)
+sys.path.insert(0, sys.argv[1])  # scripts/
+from reference_training.common import pixels_to_model
+from reference_training.denoiser import _loader_batch
+from reference_training.loader import BatchLoader
+from reference_training.vae import _vae_loader_batch
 
 def draw_all(draw, first, workers, steps):
-    loader = trainer.BatchLoader(draw, first, workers=workers)
+    loader = BatchLoader(draw, first, workers=workers)
     try:
         return [loader.get() for _ in range(steps)]
     finally:
         loader.close()
 
-draw = functools.partial(trainer._vae_loader_batch, "image", 0, 4)
+draw = functools.partial(_vae_loader_batch, "image", 0, 4)
 one, two = draw_all(draw, 3, 1, 3), draw_all(draw, 3, 2, 3)
 for a, b, step in zip(one, two, range(3, 6)):
     assert a.shape == (4, 64, 64, 3) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(a, trainer._vae_loader_batch("image", 0, 4, step))
+    np.testing.assert_array_equal(a, _vae_loader_batch("image", 0, 4, step))
 assert not np.array_equal(one[0], one[1])
 # Every 8th image batch is 128 px, a quarter as many; model input is channels-first in [-1, 1].
-big = trainer._vae_loader_batch("image", 0, 8, 7)
+big = _vae_loader_batch("image", 0, 8, 7)
 assert big.shape == (2, 128, 128, 3)
-x = trainer.pixels_to_model(torch.from_numpy(big))
+x = pixels_to_model(torch.from_numpy(big))
 assert tuple(x.shape) == (2, 3, 128, 128) and float(x.min()) >= -1 and float(x.max()) <= 1
-clip = trainer.pixels_to_model(torch.from_numpy(trainer._vae_loader_batch("video", 0, 1, 0)))
+clip = pixels_to_model(torch.from_numpy(_vae_loader_batch("video", 0, 1, 0)))
 assert tuple(clip.shape) == (1, 3, 9, 64, 64)
 
-(pixels, captions), = draw_all(functools.partial(trainer._loader_batch, "image", 0, 8), 3, 1, 1)
-again, captions_again = trainer._loader_batch("image", 0, 8, 3)
+(pixels, captions), = draw_all(functools.partial(_loader_batch, "image", 0, 8), 3, 1, 1)
+again, captions_again = _loader_batch("image", 0, 8, 3)
 np.testing.assert_array_equal(pixels, again)
 assert captions == captions_again and len(captions) == len(pixels) > 0
 # A worker that dies fails the step by name instead of leaving the loop waiting for ever.
@@ -76,23 +86,23 @@ def test_batches_from_workers_depend_on_the_step_alone():
     a worker that dies is an error naming the step."""
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", WORKER_CHECKS, str(ROOT / "scripts" / "train_reference.py")],
+    done = subprocess.run([sys.executable, "-c", WORKER_CHECKS, str(ROOT / "scripts")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "worker checks passed" in done.stdout, done.stderr[-3000:]
 
 
-def test_a_resumed_vae_warms_its_fresh_optimizer_up(trainer, tmp_path):
+def test_a_resumed_vae_warms_its_fresh_optimizer_up(stages, tmp_path):
     """Resuming a trained VAE must not undo it: full-size first Adam steps took 27 dB to 16 dB in 7 steps."""
     weights = tmp_path / "weights"
-    shutil.copytree(trainer.WEIGHTS / "image" / "vae", weights / "image" / "vae")
+    shutil.copytree(stages.common.WEIGHTS / "image" / "vae", weights / "image" / "vae")
     before = json.loads((weights / "image" / "vae" / "training_state.json").read_text())
-    trainer.train_vae("image", minutes=0.1, seed=0, batch_size=4, weights=weights)
+    stages.vae.train_vae("image", minutes=0.1, seed=0, batch_size=4, weights=weights)
     after = json.loads((weights / "image" / "vae" / "training_state.json").read_text())
     assert after["steps"] > before["steps"]
     assert after["psnr_64px"] > before["psnr_64px"] - 1.0, (before, after)
 
 
-def test_a_vae_whose_loss_turns_nan_stops_without_saving(trainer, tmp_path, monkeypatch):
+def test_a_vae_whose_loss_turns_nan_stops_without_saving(stages, tmp_path, monkeypatch):
     """A non-finite loss must not be trained on and saved over the VAE (bfloat16 autocast on an AMX CPU gave
     non-finite gradients at the first step; the run trained NaN weights until its first save)."""
     import types
@@ -100,24 +110,24 @@ def test_a_vae_whose_loss_turns_nan_stops_without_saving(trainer, tmp_path, monk
     import torch
 
     weights = tmp_path / "weights"
-    shutil.copytree(trainer.WEIGHTS / "image" / "vae", weights / "image" / "vae")
+    shutil.copytree(stages.common.WEIGHTS / "image" / "vae", weights / "image" / "vae")
     before = (weights / "image" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     functional = types.SimpleNamespace(mse_loss=torch.nn.functional.mse_loss,
                                        l1_loss=lambda a, b: torch.nn.functional.l1_loss(a, b) * float("nan"))
-    monkeypatch.setattr(trainer, "F", functional)
+    monkeypatch.setattr(stages.vae, "F", functional)
     with pytest.raises(SystemExit, match="loss is nan; stopping without saving"):
-        trainer.train_vae("image", minutes=0.1, seed=0, batch_size=2, weights=weights)
+        stages.vae.train_vae("image", minutes=0.1, seed=0, batch_size=2, weights=weights)
     assert (weights / "image" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == before
-    assert trainer.vae_autocast(torch.device("cpu"))["enabled"] is False
+    assert stages.vae.vae_autocast(torch.device("cpu"))["enabled"] is False
 
 
-def test_foreground_weights_mark_the_shape_not_the_background(trainer):
+def test_foreground_weights_mark_the_shape_not_the_background(stages):
     import torch
 
     clip = torch.full((2, 3, 5, 16, 16), -0.6)
     clip[:, 0] = 0.4  # a flat coloured background
     clip[0, :, 2, 3:7, 5:9] = torch.tensor([1.0, -1.0, 0.2]).view(3, 1, 1)  # one 4x4 shape in one frame
-    weights = trainer.foreground_weights(clip, 10.0)
+    weights = stages.vae.foreground_weights(clip, 10.0)
     assert weights.shape == (2, 1, 5, 16, 16)
     assert float(weights[0, 0, 2, 3:7, 5:9].min()) == 11.0 and int((weights[0] > 1).sum()) == 16
     assert bool((weights[1] == 1).all())  # no shape, no extra weight
@@ -162,17 +172,17 @@ def test_a_video_vae_compressing_time_by_two_keeps_five_of_nine_frames():
         build.video_components(0, temporal_scale=3)
 
 
-def test_a_candidate_folder_trains_beside_the_shipped_model(trainer, tmp_path):
+def test_a_candidate_folder_trains_beside_the_shipped_model(stages, tmp_path):
     """--weights DIR: a denoiser trained on a candidate VAE starts from the shipped transformer and writes
     only into DIR (a full pipeline folder), with its checkpoint apart from the shipped model's."""
     candidate = tmp_path / "next"
-    shutil.copytree(trainer.WEIGHTS / "video" / "vae", candidate / "video" / "vae")
-    shipped = trainer.WEIGHTS / "video" / "transformer" / "training_state.json"
+    shutil.copytree(stages.common.WEIGHTS / "video" / "vae", candidate / "video" / "vae")
+    shipped = stages.common.WEIGHTS / "video" / "transformer" / "training_state.json"
     shipped_before = shipped.read_text()
-    work = trainer.work_folder(candidate, "video")
-    assert work != trainer.work_folder(trainer.WEIGHTS, "video")
+    work = stages.common.work_folder(candidate, "video")
+    assert work != stages.common.work_folder(stages.common.WEIGHTS, "video")
     try:
-        trainer.train_denoiser("video", minutes=0.4, seed=0, batch_size=6, weights=candidate, save_every=100.0)
+        stages.denoiser.train_denoiser("video", minutes=0.4, seed=0, batch_size=6, weights=candidate, save_every=100.0)
         state = json.loads((candidate / "video" / "transformer" / "training_state.json").read_text())
         assert state["steps"] > json.loads(shipped_before)["steps"]
         assert (candidate / "video" / "model_index.json").is_file()
