@@ -172,21 +172,43 @@ def test_a_video_vae_compressing_time_by_two_keeps_five_of_nine_frames():
         build.video_components(0, temporal_scale=3)
 
 
-def test_a_candidate_folder_trains_beside_the_shipped_model(stages, tmp_path):
+def test_a_candidate_folder_trains_beside_the_shipped_model(stages, tmp_path, monkeypatch):
     """--weights DIR: a denoiser trained on a candidate VAE starts from the shipped transformer and writes
     only into DIR (a full pipeline folder), with its checkpoint apart from the shipped model's."""
+    # Checkpoints into this test's folder: work/reference/video@next may hold a real candidate's run.
+    monkeypatch.setattr(stages.common, "WORK", tmp_path / "work")
     candidate = tmp_path / "next"
     shutil.copytree(stages.common.WEIGHTS / "video" / "vae", candidate / "video" / "vae")
     shipped = stages.common.WEIGHTS / "video" / "transformer" / "training_state.json"
     shipped_before = shipped.read_text()
     work = stages.common.work_folder(candidate, "video")
-    assert work != stages.common.work_folder(stages.common.WEIGHTS, "video")
-    try:
-        stages.denoiser.train_denoiser("video", minutes=0.4, seed=0, batch_size=6, weights=candidate, save_every=100.0)
-        state = json.loads((candidate / "video" / "transformer" / "training_state.json").read_text())
-        assert state["steps"] > json.loads(shipped_before)["steps"]
-        assert (candidate / "video" / "model_index.json").is_file()
-        assert (work / "checkpoint.pt").is_file()
-        assert shipped.read_text() == shipped_before
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    assert work == tmp_path / "work" / "video@next" != stages.common.work_folder(stages.common.WEIGHTS, "video")
+    stages.denoiser.train_denoiser("video", minutes=0.4, seed=0, batch_size=6, weights=candidate, save_every=100.0)
+    state = json.loads((candidate / "video" / "transformer" / "training_state.json").read_text())
+    assert state["steps"] > json.loads(shipped_before)["steps"]
+    assert (candidate / "video" / "model_index.json").is_file()
+    assert (work / "checkpoint.pt").is_file()
+    assert shipped.read_text() == shipped_before
+
+
+def test_video_captions_are_encoded_once_each_and_as_the_pipeline_encodes_them(stages):
+    """The video recipe's text cache: the same embeddings as a batched ``encode_prompt`` (512 tokens, pads
+    zeroed), and the frozen encoder runs once per distinct caption."""
+    import torch
+
+    recipe = stages.denoiser.VideoRecipe(0)
+    recipe.pipe.text_encoder.eval()  # frozen, as train_denoiser holds it
+    calls = []
+    recipe.pipe.text_encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    captions = ["a small red circle moving to the right, on a blue background", "",
+                "a large white square moving up slowly, on a black background",
+                "a small red circle moving to the right, on a blue background"]
+    cached = recipe.text(captions)
+    assert calls == [1, 1, 1]  # three distinct captions, each encoded alone
+    again = recipe.text(captions[::-1])
+    assert len(calls) == 3 and torch.equal(again, cached.flip(0))
+    with torch.no_grad():
+        direct = recipe.pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=512)[0]
+    assert cached.shape == direct.shape == (4, 512, direct.shape[-1])
+    torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-5)
+    assert bool((cached[0, 40:] == 0).all())  # the pads stay zero
