@@ -304,6 +304,9 @@ def _add_distill(subparsers) -> None:
                    "sampling) or fresh noise (0: LCM-style sampling)")
     p.add_argument("--fake-regulariser", type=float, default=None, metavar="LAMBDA",
                    help="tdm: λ·‖v_fake − v_real‖² added to the fake score's loss (Video-BLADE's --lambda_reg; default 0)")
+    p.add_argument("--fake-weighting", default=None, choices=["velocity", "min_snr"],
+                   help="tdm: the fake score's loss: velocity MSE (default; the authors' flow-model code) or min_snr, "
+                   "x0 MSE x min(SNR, 5) x an importance weight (their DDPM demo for PixArt)")
     p.add_argument("--fake-loss-limit", type=float, default=None, metavar="L",
                    help="tdm: skip a fake-score step whose loss exceeds L (Video-BLADE's guard uses 2.0; default: none)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale baked in (default: the teacher's); with "
@@ -358,11 +361,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
                 raise ValueError(f"--sparse-attention {args.sparse_attention!r} is not JSON ({error.msg}); give the "
                                  f"BlockSparseAttentionConfig fields, e.g. '{{\"block_size\": 64}}'.") from None
         tdm_only = {k: v for k, v in (("eta", args.eta), ("fake_regulariser", args.fake_regulariser),
-                                      ("fake_loss_limit", args.fake_loss_limit)) if v is not None}
+                                      ("fake_loss_limit", args.fake_loss_limit),
+                                      ("fake_weighting", args.fake_weighting)) if v is not None}
         config = TDMConfig(student_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, **tdm_only, **given)
     else:
         for option, value in (("--eta", args.eta), ("--fake-regulariser", args.fake_regulariser),
-                              ("--fake-loss-limit", args.fake_loss_limit)):
+                              ("--fake-loss-limit", args.fake_loss_limit), ("--fake-weighting", args.fake_weighting)):
             if value is not None:
                 raise ValueError(f"{option} is an option of --method tdm.")
         if args.sparse_attention is not None:

@@ -103,7 +103,7 @@ def test_each_update_lowers_its_own_loss_on_a_fixed_batch():
     batch = trainer.prepare(0)
     with torch.no_grad():
         x0 = trainer.student_x0(batch.sample, batch.stages, batch.cond)
-        noisy, t = trainer._noisy_view(x0, batch.sample, batch.stages, torch.Generator().manual_seed(1))
+        noisy, t, _ = trainer._noisy_view(x0, batch.sample, batch.stages, torch.Generator().manual_seed(1))
         fake_before = trainer.fake_loss(noisy, t, x0, batch.cond)
     trainer.fake_update(batch, x0)
     with torch.no_grad():
@@ -131,7 +131,7 @@ def _fake_after_updates(updates: int, **changes):
         x0 = trainer.student_x0(batch.sample, batch.stages, batch.cond)
     for _ in range(updates):
         trainer.fake_update(batch, x0)
-    noisy, t = trainer._noisy_view(x0, batch.sample, batch.stages, torch.Generator().manual_seed(1))
+    noisy, t, _ = trainer._noisy_view(x0, batch.sample, batch.stages, torch.Generator().manual_seed(1))
     with torch.no_grad():
         matching = trainer.fake_loss(noisy, t, x0, batch.cond)
         fake = trainer.fake_velocity(noisy, t, batch.cond)
@@ -149,10 +149,48 @@ def test_the_fake_regulariser_holds_the_fake_score_near_the_teacher():
     batch = trainer.prepare(1)
     with torch.no_grad():
         x0 = trainer.student_x0(batch.sample, batch.stages, batch.cond)
-        noisy, t = trainer._noisy_view(x0, batch.sample, batch.stages, torch.Generator().manual_seed(2))
+        noisy, t, _ = trainer._noisy_view(x0, batch.sample, batch.stages, torch.Generator().manual_seed(2))
         matching, regulariser = trainer.fake_losses(noisy, t, x0, batch.cond)
     assert torch.equal(matching, trainer.fake_loss(noisy, t, x0, batch.cond)) and float(regulariser) > 0
     assert _trainer().fake_losses(noisy, t, x0, batch.cond)[1] is None  # λ = 0: no teacher call at all
+
+
+def test_min_snr_weighting_is_the_ddpm_demos_x0_loss():
+    """fake_weighting "min_snr" (the official DDPM demo): per sample x0 MSE × min(((1 − t)/t)², 5) × the
+    importance weight exp(−½·mean ε_eff²)/exp(−½·mean z²)."""
+    from diffaccel.distill.tdm import min_snr_x0_loss
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps, z = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    t = torch.tensor([0.1, 0.8])
+    noisy = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    fake_v = torch.randn(2, 4, 3, 3, generator=g)
+    fake_x0 = noisy - t.view(-1, 1, 1, 1) * fake_v
+    mse = (fake_x0 - x0).pow(2).flatten(1).mean(1)
+    snr = torch.tensor([min(81.0, 5.0), (0.2 / 0.8) ** 2])  # t = 0.1 is capped at 5
+    importance = torch.exp(-0.5 * (eps.pow(2).flatten(1).mean(1) - z.pow(2).flatten(1).mean(1)))
+    expected = (mse * snr * importance).mean()
+    torch.testing.assert_close(min_snr_x0_loss(noisy, t, x0, fake_v, z), expected)
+    # The fake score's true x0 gives zero loss whatever the weights.
+    assert float(min_snr_x0_loss(noisy, t, x0, (noisy - x0) / t.view(-1, 1, 1, 1), z)) < 1e-10
+
+
+def test_a_min_snr_fake_update_lowers_its_loss_and_bad_weightings_are_refused():
+    trainer = _trainer(fake_learning_rate=1e-3, fake_weighting="min_snr")
+    batch = trainer.prepare(0)
+    with torch.no_grad():
+        x0 = trainer.student_x0(batch.sample, batch.stages, batch.cond)
+        noisy, t, z = trainer._noisy_view(x0, batch.sample, batch.stages, torch.Generator().manual_seed(1))
+        before = trainer.fake_loss(noisy, t, x0, batch.cond, diffusion_noise=z)
+        velocity = _trainer().fake_loss(noisy, t, x0, batch.cond)
+    assert not torch.allclose(before, velocity)  # another loss than the default's
+    trainer.fake_update(batch, x0)
+    with torch.no_grad():
+        assert trainer.fake_loss(noisy, t, x0, batch.cond, diffusion_noise=z) < before
+    with pytest.raises(ValueError, match="needs the diffusion noise"):
+        trainer.fake_loss(noisy, t, x0, batch.cond)
+    with pytest.raises(ValueError, match="fake_weighting"):
+        TDMConfig(fake_weighting="snr")
 
 
 def test_a_fake_step_above_the_loss_limit_is_skipped_and_counted():
@@ -235,6 +273,9 @@ def test_cli_distills_with_tdm_and_refuses_options_of_other_methods(tmp_path, ca
     assert "--fake-loss-limit is an option of --method tdm" in capsys.readouterr().err
     tuned = tmp_path / "tuned"
     assert main([*base[:-4], str(tuned), "--no-progress", "--threads", "1", "--max-steps", "1",
-                 "--fake-regulariser", "0.02", "--fake-loss-limit", "2"]) == 0
+                 "--fake-regulariser", "0.02", "--fake-loss-limit", "2", "--fake-weighting", "min_snr"]) == 0
     config = StudentCard.load(tuned).training["config"]
     assert config["fake_regulariser"] == 0.02 and config["fake_loss_limit"] == 2.0
+    assert config["fake_weighting"] == "min_snr"
+    assert main(["distill", "--fake-weighting", "min_snr", "--out", str(tmp_path / "l"), "--max-steps", "1"]) == 2
+    assert "--fake-weighting is an option of --method tdm" in capsys.readouterr().err

@@ -167,6 +167,9 @@ class RewardConfig(_Serialisable):
 
 
 
+FAKE_WEIGHTINGS = ("velocity", "min_snr")  # TDMConfig.fake_weighting
+
+
 @dataclass(frozen=True)
 class TDMConfig(_Serialisable):
     """Trajectory distribution matching (TDM, Luo et al. 2025): a data-free few-step student.
@@ -182,7 +185,9 @@ class TDMConfig(_Serialisable):
     ``fake_regulariser``: λ of Video-BLADE's ‖v_fake − v_real‖² term (``--lambda_reg``: the teacher's velocity
     without CFG at the same point), added to the fake score's loss to keep it near the teacher; 0 there, as
     here. ``fake_loss_limit``: a fake-score step whose loss exceeds it is skipped (Video-BLADE's guard, at
-    2.0; None: never), counted as ``fake_skipped`` in the progress.
+    2.0; None: never), counted as ``fake_skipped`` in the progress. ``fake_weighting``: the fake score's
+    loss, "velocity" (velocity MSE, the authors' flow-model code) or "min_snr" (x0 MSE × min(SNR, 5) × an
+    importance weight, their DDPM demo for PixArt; ``tdm.min_snr_x0_loss``).
     ``sizes``: square sizes trained in turn, one per iteration (iteration i at ``sizes[i % n]``), the
     first being the student's default; None trains at ``height`` × ``width`` alone. ``init_student``
     starts the student from another student's LoRA (a folder or a shipped name such as "image-tdm", of
@@ -204,6 +209,7 @@ class TDMConfig(_Serialisable):
     fake_updates: int = 1
     fake_regulariser: float = 0.0
     fake_loss_limit: float | None = None
+    fake_weighting: str = "velocity"
     separate: bool = True
     max_sigma: float = 0.98
     huber_c: float = 1e-3
@@ -236,3 +242,5 @@ class TDMConfig(_Serialisable):
         need(self.fake_loss_limit is None or self.fake_loss_limit > 0, "fake_loss_limit",
              "must be positive (None: no guard)")
         need(0.0 < self.max_sigma <= 1.0, "max_sigma", "must lie in (0, 1]")
+        need(self.fake_weighting in FAKE_WEIGHTINGS, "fake_weighting",
+             f"must be one of {FAKE_WEIGHTINGS} (velocity MSE, or the DDPM demo's min-SNR x0 MSE)")

@@ -66,6 +66,22 @@ def matching_loss(x0: torch.Tensor, target: torch.Tensor, real_x0: torch.Tensor,
     return (torch.sqrt(diff.pow(2) + scaled**2) - scaled).mean(dim=1) / weight
 
 
+def min_snr_x0_loss(noisy: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, fake_velocity: torch.Tensor,
+                    diffusion_noise: torch.Tensor, snr_cap: float = 5.0) -> torch.Tensor:
+    """The official TDM DDPM demo's fake-score loss in flow form: per sample, mean (x0_fake − x̂0)² times
+    min(SNR, 5), SNR = ((1 − t)/t)², times the importance weight exp(−½·mean ε_eff²) / exp(−½·mean z²) (no
+    gradient), ε_eff = (x_t − (1 − t)·x̂0)/t the noise x_t holds and z the fresh noise that diffused it."""
+    s = expand_like(t, noisy)
+    fake_x0 = noisy.float() - s * fake_velocity.float()
+    per_sample = (fake_x0 - x0.float()).pow(2).flatten(1).mean(dim=1)
+    snr = ((1.0 - t.float()) / t.float()).pow(2).clamp(max=snr_cap)
+    with torch.no_grad():
+        effective = noise_estimate(noisy.float(), t.float(), x0.float()).pow(2).flatten(1).mean(dim=1)
+        fresh = diffusion_noise.float().pow(2).flatten(1).mean(dim=1)
+        importance = torch.exp(-0.5 * (effective - fresh))
+    return (per_sample * snr * importance).mean()
+
+
 @dataclass
 class TDMBatch:
     cond: torch.Tensor
@@ -194,16 +210,17 @@ class TDMTrainer:
         return after, low + u * (high - low).clamp(min=0.0)
 
     def _noisy_view(self, x0: torch.Tensor, sample: torch.Tensor, stages: torch.Tensor,
-                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """x̂0 → the next stage's point (η re-noise) → diffused to its matching level t; returns (x_t, t).
-        Gradient reaches x_t only through x̂0."""
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x̂0 → the next stage's point (η re-noise) → diffused to its matching level t; returns (x_t, t, z),
+        z the fresh noise of that last diffusion. Gradient reaches x_t only through x̂0."""
         device = sample.device
         here = self.sigmas[stages].to(device)
         fresh = torch.randn(sample.shape, generator=gen).to(device)
         after, t = self.matching_levels(stages, torch.rand(len(stages), generator=gen))
         after, t = after.to(device), t.to(device)
         nxt = renoise(x0, noise_estimate(sample, here, x0.detach()), fresh, after, self.config.eta)
-        return diffuse(nxt, after, t, torch.randn(sample.shape, generator=gen).to(device)), t
+        z = torch.randn(sample.shape, generator=gen).to(device)
+        return diffuse(nxt, after, t, z), t, z
 
     def _learning_rate(self, base: float) -> float:
         warmup = self.config.warmup_steps
@@ -227,8 +244,8 @@ class TDMTrainer:
         """One flow-matching step of the fake score towards the student's estimates ``x0``; returns its
         matching loss. Above ``fake_loss_limit`` (judged on the mean over processes, so all agree) the step
         is skipped and counted."""
-        noisy, t = self._noisy_view(x0, batch.sample, batch.stages, batch.generator)
-        matching, regulariser = self.fake_losses(noisy, t, x0, batch.cond)
+        noisy, t, z = self._noisy_view(x0, batch.sample, batch.stages, batch.generator)
+        matching, regulariser = self.fake_losses(noisy, t, x0, batch.cond, diffusion_noise=z)
         value = matching.detach()
         if self.accelerator.num_processes > 1:
             value = self.accelerator.reduce(value, "mean")
@@ -245,19 +262,28 @@ class TDMTrainer:
         self.fake_optimizer.step()
         return value
 
-    def fake_loss(self, noisy: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Velocity MSE towards the student's x̂0, the form of the authors' flow-model code (Video-BLADE's Wan
-        trainer, TDM-R1). Their DDPM demo (PixArt) instead weights an x0 MSE by min(SNR, 5) and a Gaussian
-        density ratio of the noise (its importance weight); neither is used here."""
-        return self.fake_losses(noisy, t, x0, cond, regularise=False)[0]
+    def fake_loss(self, noisy: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor,
+                  diffusion_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake score's matching loss towards the student's x̂0 (``fake_weighting``): "velocity", the
+        velocity MSE of the authors' flow-model code (Video-BLADE's Wan trainer, TDM-R1); "min_snr", their DDPM
+        demo's (PixArt): per sample, the x0 MSE times min(SNR, 5) times the importance weight
+        exp(−½·mean ε_eff²) / exp(−½·mean z²), ε_eff the noise x_t holds given x̂0 and z the fresh noise
+        that diffused it (``diffusion_noise``, which "min_snr" needs)."""
+        return self.fake_losses(noisy, t, x0, cond, regularise=False, diffusion_noise=diffusion_noise)[0]
 
     def fake_losses(self, noisy: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor,
-                    regularise: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    regularise: bool = True, diffusion_noise: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the matching loss of ``fake_loss``, and with a ``fake_regulariser`` the MSE between the fake and
         the teacher's unguided velocity at the same point, else None)."""
         target = (noisy - x0) / expand_like(t, noisy)  # v = (x_t − x0)/t on the flow's straight path
         fake = self.fake_velocity(noisy, t, cond).float()
-        matching = torch.nn.functional.mse_loss(fake, target.float())
+        if self.config.fake_weighting == "velocity":
+            matching = torch.nn.functional.mse_loss(fake, target.float())
+        else:
+            if diffusion_noise is None:
+                raise ValueError("fake_weighting 'min_snr' needs the diffusion noise of x_t for its importance weight.")
+            matching = min_snr_x0_loss(noisy, t, x0, fake, diffusion_noise)
         if not (regularise and self.config.fake_regulariser > 0):
             return matching, None
         with torch.no_grad():
@@ -272,7 +298,7 @@ class TDMTrainer:
         x̂0 + x0_real − x0_fake, and the teacher's x0_real, which scales the step)."""
         if x0 is None:
             x0 = self.student_x0(batch.sample, batch.stages, batch.cond)
-        noisy, t = self._noisy_view(x0.detach(), batch.sample, batch.stages, batch.generator)
+        noisy, t, _ = self._noisy_view(x0.detach(), batch.sample, batch.stages, batch.generator)
         with torch.no_grad():
             real = self.real_x0(noisy, t, batch.cond, batch.uncond)
             fake = x0_from_velocity(noisy, t, self.fake_velocity(noisy, t, batch.cond))
