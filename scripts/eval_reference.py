@@ -99,7 +99,7 @@ def load(kind: str, folder: Path | None = None, vae_only: bool = False):
 
 
 def evaluate(kind: str, num: int, guidance: float | None, steps: int | None, resolution: int | None,
-             seed_offset: int = 0, folder: Path | None = None) -> dict:
+             seed_offset: int = 0, folder: Path | None = None, frames: int | None = None) -> dict:
     pipe = load(kind, folder)
     judge = judges.load_judge(kind)
     kwargs = reference.call_defaults(kind)
@@ -109,6 +109,8 @@ def evaluate(kind: str, num: int, guidance: float | None, steps: int | None, res
         kwargs["num_inference_steps"] = steps
     if resolution is not None:
         kwargs["height"] = kwargs["width"] = resolution
+    if frames is not None:
+        kwargs["num_frames"] = frames
     prompts = scenes.prompt_set(num, clip=kind == "video")
     fraction = transformer_time_fraction(pipe, kwargs, prompts[0])
     seeds = [seed_offset + i for i in range(num)]
@@ -130,7 +132,8 @@ def evaluate(kind: str, num: int, guidance: float | None, steps: int | None, res
     }
 
 
-def ceiling(kind: str, num: int, folder: Path | None = None) -> dict:
+def ceiling(kind: str, num: int, folder: Path | None = None, resolution: int | None = None,
+            frames: int | None = None) -> dict:
     """The adherence a perfect denoiser would reach through this VAE: the prompt set's ground-truth renders
     and their reconstructions (encoded to the posterior mean, the latents the denoiser trains on, and
     decoded), both judged. The gap between this and the model's adherence is the denoiser's; the gap below
@@ -138,11 +141,12 @@ def ceiling(kind: str, num: int, folder: Path | None = None) -> dict:
     pipe = load(kind, folder, vae_only=True)  # only the VAE takes part
     judge = judges.load_judge(kind)
     call = reference.call_defaults(kind)
-    size = call.get("height", 64)
+    size = resolution or call.get("height", 64)
+    frames = frames or call.get("num_frames", 9)
     chosen = scenes.prompt_scenes(num, clip=kind == "video")
     prompts = [scenes.caption(scene) for scene in chosen]
     if kind == "video":
-        truth = np.stack([scenes.render_clip(scene, size, call.get("num_frames", 9)) for scene in chosen])
+        truth = np.stack([scenes.render_clip(scene, size, frames) for scene in chosen])
     else:
         truth = np.stack([scenes.render_image(scene, size) for scene in chosen])
     rebuilt = []
@@ -154,6 +158,7 @@ def ceiling(kind: str, num: int, folder: Path | None = None) -> dict:
     rebuilt = np.concatenate(rebuilt)
     mse = ((rebuilt - truth) ** 2).reshape(num, -1).mean(axis=1)
     result = {"model": kind if folder is None else f"{kind} ({folder})", "num_prompts": num, "size": size,
+              **({"frames": frames} if kind == "video" else {}),
               "vae_psnr_db": round(float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))), 2)}
     with torch.no_grad():
         for name, pixels in (("ground_truth", truth), ("vae_reconstruction", rebuilt)):
@@ -169,6 +174,9 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None,
+                        help="video: frames per clip (default the model's, 9; e.g. 17 at --resolution 128, the long "
+                             "clips of train_reference.py --long-every); the judge resamples clips to 9 frames")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="JSON result path (default docs/reference_<kind>_eval.json)")
     parser.add_argument("--grid", default=None, help="grid image path (default docs/reference_<kind>_grid.png)")
@@ -188,14 +196,19 @@ def main(argv=None) -> int:
         if args.out is None or (args.grid is None and not args.ceiling):
             parser.error("--path needs --out (and --grid unless --ceiling): a candidate must not overwrite the "
                          "shipped model's figures in docs/")
+    if args.frames is not None and (args.kind != "video" or args.frames < 2):
+        parser.error("--frames is the clip length of the video model (at least 2)")
+    if args.ceiling and (args.guidance is not None or args.steps is not None):
+        parser.error("--ceiling runs no denoiser: --guidance and --steps do nothing there")
     torch.set_num_threads(args.threads)
     if args.ceiling:
-        result = ceiling(args.kind, args.num, args.path)
+        result = ceiling(args.kind, args.num, args.path, args.resolution, args.frames)
         out = Path(args.out or ROOT / "docs" / f"reference_{args.kind}_ceiling.json")
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return 0
-    result = evaluate(args.kind, args.num, args.guidance, args.steps, args.resolution, folder=args.path)
+    result = evaluate(args.kind, args.num, args.guidance, args.steps, args.resolution, folder=args.path,
+                      frames=args.frames)
     samples = result.pop("samples")
     suffix = "" if args.guidance is None else f"_g{args.guidance:g}"
     grid = Path(args.grid or ROOT / "docs" / f"reference_{args.kind}_grid{suffix}.png")

@@ -67,6 +67,7 @@ OPTION_STAGES = {
     "workers": ("image-vae", "video-vae", "image", "video"),
     "lr": ("image-vae", "video-vae", "image", "video"),
     "profile": ("image", "video"),
+    "long_every": ("video",),
     "save_every": ("image-vae", "video-vae", "image", "video"),
     "weights": ("image-vae", "video-vae", "image-text", "video-text", "image", "video"),
 }
@@ -112,6 +113,9 @@ def main(argv=None) -> int:
                         help="video-vae --fresh: the VAE's time compression (default 4, as the shipped VAE)")
     parser.add_argument("--foreground-weight", type=float, default=0.0,
                         help="VAE stages: weigh the shapes' pixels 1 + this in the reconstruction loss (default 0)")
+    parser.add_argument("--long-every", type=int, default=0, metavar="N",
+                        help="video: every N-th step trains on 128 px x 17-frame clips, a 24th of the batch (about "
+                             "the same tokens), so that the model works at a long sequence (default 0: never)")
     parser.add_argument("--save-every", type=float, default=None,
                         help="image/video: minutes between checkpoints (default 5 on CPU, 2 on CUDA); "
                              "VAE stages: between saves of the weights (default 10)")
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
         save_every = args.save_every if args.save_every is not None else (2.0 if gpu else 5.0)
         train_denoiser(args.stage, args.minutes, args.seed, batch_size=batch_size, device=device, workers=workers,
                        lr_peak=args.lr or 3e-4, save_every=save_every, deadline=T0 + args.minutes * 60,
-                       profile=args.profile, weights=args.weights.resolve())
+                       profile=args.profile, weights=args.weights.resolve(), long_every=args.long_every)
     elif args.stage == "judge":
         from train_judge import main as judge_main
 

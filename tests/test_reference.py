@@ -127,3 +127,9 @@ def test_ceiling_of_a_candidate_vae_reads_its_folder(tmp_path):
     out = tmp_path / "c.json"
     eval_reference.main(["video", "--ceiling", "--path", str(candidate), "--num", "2", "--out", str(out)])
     assert json.loads(out.read_text())["num_prompts"] == 2
+    # Long clips (train_reference.py --long-every): the size and frames reach the renders and the record.
+    eval_reference.main(["video", "--ceiling", "--num", "1", "--resolution", "128", "--frames", "17", "--out", str(out)])
+    assert (json.loads(out.read_text())["size"], json.loads(out.read_text())["frames"]) == (128, 17)
+    for bad in (["image", "--frames", "17"], ["video", "--ceiling", "--steps", "4"]):
+        with pytest.raises(SystemExit):
+            eval_reference.main([*bad, "--num", "1", "--out", str(out)])

@@ -141,6 +141,7 @@ def test_foreground_weights_mark_the_shape_not_the_background(stages):
     (["video", "--fresh"], "--fresh does nothing for the video stage"),
     (["video", "--foreground-weight", "4"], "--foreground-weight does nothing for the video stage"),
     (["video-text", "--lr", "1e-4"], "--lr does nothing for the video-text stage"),
+    (["image", "--long-every", "4"], "--long-every does nothing for the image stage"),
 ])
 def test_an_option_the_stage_does_not_read_is_refused_by_name(trainer, capsys, argv, named):
     with pytest.raises(SystemExit):
@@ -183,9 +184,11 @@ def test_a_candidate_folder_trains_beside_the_shipped_model(stages, tmp_path, mo
     shipped_before = shipped.read_text()
     work = stages.common.work_folder(candidate, "video")
     assert work == tmp_path / "work" / "video@next" != stages.common.work_folder(stages.common.WEIGHTS, "video")
-    stages.denoiser.train_denoiser("video", minutes=0.4, seed=0, batch_size=6, weights=candidate, save_every=100.0)
+    stages.denoiser.train_denoiser("video", minutes=0.4, seed=0, batch_size=6, weights=candidate, save_every=100.0,
+                                   long_every=1)  # every step on one long clip
     state = json.loads((candidate / "video" / "transformer" / "training_state.json").read_text())
-    assert state["steps"] > json.loads(shipped_before)["steps"]
+    trained = state["steps"] - json.loads(shipped_before)["steps"]
+    assert trained >= 1 and state["long_steps"] == trained and state["long_clips"] == "128 px x 17 frames"
     assert (candidate / "video" / "model_index.json").is_file()
     assert (work / "checkpoint.pt").is_file()
     assert shipped.read_text() == shipped_before
@@ -212,3 +215,19 @@ def test_video_captions_are_encoded_once_each_and_as_the_pipeline_encodes_them(s
     assert cached.shape == direct.shape == (4, 512, direct.shape[-1])
     torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-5)
     assert bool((cached[0, 40:] == 0).all())  # the pads stay zero
+
+
+def test_long_clips_come_every_nth_step_with_about_the_same_tokens(stages):
+    """--long-every N: step k draws 128 px x 17-frame clips when k % N == N - 1, a 24th of the batch (at least
+    one); in a worker as in the training process, and nothing changes with N = 0."""
+    import numpy as np
+
+    denoiser = stages.denoiser
+    draw = lambda step, every: denoiser._loader_batch("video", 0, 48, step, long_every=every)  # noqa: E731
+    short, long = draw(2, 4)[0], draw(3, 4)[0]
+    assert short.shape == (16, 9, 64, 64, 3) and long.shape == (2, 17, 128, 128, 3)
+    np.testing.assert_array_equal(draw(2, 0)[0], short)  # off: the usual stream
+    assert draw(3, 0)[0].shape == (16, 9, 64, 64, 3)
+    assert denoiser.VideoRecipe.sample(np.random.default_rng(0), 0, 12, long_every=1)[0].shape == (1, 17, 128, 128, 3)
+    with pytest.raises(SystemExit, match="long clips are a video option"):
+        denoiser.train_denoiser("image", minutes=0.1, seed=0, long_every=4)

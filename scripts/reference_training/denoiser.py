@@ -81,17 +81,27 @@ class ImageRecipe:
         )[0]
 
 
+# --long-every: the long clips' size and frames (2,304 tokens a clip on the 2x-in-time VAE's latents, 1,280 on the
+# 4x one's), where attention dominates a step and block-sparse attention pays (issue 8's bench length).
+LONG_CLIPS = (128, 17)
+
+
+def is_long_step(step: int, long_every: int) -> bool:
+    return bool(long_every) and step % long_every == long_every - 1
+
+
 class VideoRecipe:
-    """Wan: frozen text encoder (bidirectional UMT5), 9-frame 64 px clips."""
+    """Wan: frozen text encoder (bidirectional UMT5), 9-frame 64 px clips; with ``long_every`` every
+    long_every-th step draws long clips (``LONG_CLIPS``) instead."""
 
     kind = "video"
     train_text_encoder = False
     device = torch.device("cpu")  # where text embeddings and the latent statistics go (``to``)
 
-    def __init__(self, seed: int, weights: Path = WEIGHTS) -> None:
+    def __init__(self, seed: int, weights: Path = WEIGHTS, long_every: int = 0) -> None:
         from diffusers import AutoencoderKLWan
 
-        self.weights = weights
+        self.weights, self.long_every = weights, long_every
         self.components = build.video_components(seed)
         # The VAE as trained (its time compression included: the pipeline reads it from the VAE's config).
         self.components["vae"] = AutoencoderKLWan.from_pretrained(vae_folder(weights, "video"), torch_dtype=torch.float32)
@@ -108,15 +118,21 @@ class VideoRecipe:
         return self
 
     @staticmethod
-    def sample(rng, steps: int, batch_size: int):
-        """Clips (n, F, H, W, 3) in [0, 1] as numpy, and captions."""
-        pixels, captions, _ = scenes.sample_batch(rng, batch_size // 3, 64, clip=True, frames=build.VIDEO_FRAMES)
+    def sample(rng, steps: int, batch_size: int, long_every: int = 0):
+        """Clips (n, F, H, W, 3) in [0, 1] as numpy, and captions: a third of ``batch_size`` 9-frame 64 px
+        clips, or on every ``long_every``-th step a 24th of it (at least one) of ``LONG_CLIPS``, which keeps
+        the tokens of a step about the same (7.2x a clip on the 2x-in-time VAE's latents)."""
+        if is_long_step(steps, long_every):
+            (resolution, frames), n = LONG_CLIPS, max(1, batch_size // 24)
+        else:
+            resolution, frames, n = 64, build.VIDEO_FRAMES, batch_size // 3
+        pixels, captions, _ = scenes.sample_batch(rng, n, resolution, clip=True, frames=frames)
         return pixels, captions
 
     to_model = staticmethod(pixels_to_model)
 
     def batch(self, rng, steps: int, batch_size: int):
-        pixels, captions = self.sample(rng, steps, batch_size)
+        pixels, captions = self.sample(rng, steps, batch_size, self.long_every)
         return self.to_model(torch.from_numpy(pixels)), captions
 
     def latents(self, x, generator):
@@ -147,11 +163,12 @@ class VideoRecipe:
         return transformer(hidden_states=xt, encoder_hidden_states=embeds, timestep=sigma * 1000, return_dict=False)[0]
 
 
-def _loader_batch(kind: str, seed: int, batch_size: int, step: int):
+def _loader_batch(kind: str, seed: int, batch_size: int, step: int, long_every: int = 0):
     """One step's batch, drawn in a worker process from the stream (seed, step): pixels (numpy) and the
     captions, 10% of them dropped for CFG. Numpy only: nothing here touches torch or the GPU."""
     rng = np.random.default_rng([seed, 1000, step])
-    pixels, captions = (ImageRecipe if kind == "image" else VideoRecipe).sample(rng, step, batch_size)
+    pixels, captions = (ImageRecipe.sample(rng, step, batch_size) if kind == "image"
+                        else VideoRecipe.sample(rng, step, batch_size, long_every))
     return pixels, [c if rng.random() >= 0.1 else "" for c in captions]
 
 
@@ -190,15 +207,18 @@ class StepProfile:
 def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_BATCH_SIZE,
                    device: torch.device = torch.device("cpu"), workers: int = 0, lr_peak: float = 3e-4,
                    save_every: float = 5.0, deadline: float | None = None, profile: bool = False,
-                   weights: Path = WEIGHTS) -> None:
+                   weights: Path = WEIGHTS, long_every: int = 0) -> None:
     """Flow matching (v = noise - x0 at t = 1000 sigma) with 10% caption dropout for CFG, and an EMA.
+    ``long_every`` (video): every long_every-th step trains on long clips (``VideoRecipe.sample``).
 
     Stops in time to save before ``deadline`` (default: ``minutes`` from now). On the CPU with
     ``workers=0`` (the defaults) every step is what it always was; with workers the batches come from
     ``BatchLoader``'s streams instead. Off the CPU a fresh optimizer warms up again over 100 steps.
     """
     deadline = deadline if deadline is not None else time.time() + minutes * 60
-    recipe = ImageRecipe(seed, weights) if kind == "image" else VideoRecipe(seed, weights)
+    if long_every < 0 or (long_every and kind != "video"):
+        raise SystemExit(f"--long-every {long_every}: long clips are a video option (a step count >= 1; 0: none)")
+    recipe = ImageRecipe(seed, weights) if kind == "image" else VideoRecipe(seed, weights, long_every)
     pipe = recipe.pipe
     pipe.vae.eval().requires_grad_(False)
     export, work = weights / kind, work_folder(weights, kind)
@@ -211,7 +231,7 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
     else:
         export_from = export
     shipped = read_state(export_from / "transformer")
-    steps, trained_minutes, saved = 0, 0.0, None
+    steps, trained_minutes, long_steps, saved = 0, 0.0, 0, None
     pretrained = pretrained_text_encoder(kind, pipe.text_encoder, weights)
     if checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False, map_location="cpu")
@@ -223,20 +243,21 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
         pipe.transformer.load_state_dict(saved["transformer"])
         if pretrained is None:
             pipe.text_encoder.load_state_dict(saved["text_encoder"])
-        steps, trained_minutes = saved["steps"], saved["minutes"]
+        steps, trained_minutes, long_steps = saved["steps"], saved["minutes"], saved.get("long_steps", 0)
         log(f"resuming from {checkpoint} at step {steps}")
     elif shipped:
         pipe.transformer.load_state_dict(type(pipe.transformer).from_pretrained(export_from / "transformer").float().state_dict())
         if pretrained is None:
             pipe.text_encoder.load_state_dict(type(pipe.text_encoder).from_pretrained(export_from / "text_encoder").float().state_dict())
-        steps, trained_minutes = shipped["steps"], shipped["minutes"]
+        steps, trained_minutes, long_steps = shipped["steps"], shipped["minutes"], shipped.get("long_steps", 0)
         log(f"resuming from the shipped weights at step {steps} (fresh optimizer)")
     if pretrained is not None:
         pipe.text_encoder = recipe.components["text_encoder"] = pretrained
         recipe.train_text_encoder = False
         log(f"text encoder: attribute-trained, frozen ({pretrained.config._name_or_path})")
     # Fork the batch workers before this process initialises CUDA (and before the models move there).
-    loader = BatchLoader(functools.partial(_loader_batch, kind, seed, batch_size), steps, workers) if workers > 0 else None
+    loader = (BatchLoader(functools.partial(_loader_batch, kind, seed, batch_size, long_every=long_every), steps, workers)
+              if workers > 0 else None)
     try:
         transformer, text_encoder = pipe.transformer, pipe.text_encoder
         transformer.to(device)  # all no-ops on the CPU
@@ -277,11 +298,15 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
             began = time.time()
             elapsed = trained_minutes + (began - start) / 60
             state = {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
-                     "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "steps": steps, "minutes": elapsed}
+                     "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "steps": steps, "minutes": elapsed,
+                     "long_steps": long_steps}
             torch.save(state if device.type == "cpu" else to_cpu(state), checkpoint)
             export_pipeline(recipe, ema, export)
-            write_state(export / "transformer", {"steps": steps, "minutes": round(elapsed, 1), "seed": seed,
-                                                 "loss_last_200": round(float(np.mean(losses[-200:] or [0])), 4)})
+            record = {"steps": steps, "minutes": round(elapsed, 1), "seed": seed,
+                      "loss_last_200": round(float(np.mean(losses[-200:] or [0])), 4)}
+            if long_steps:
+                record.update(long_steps=long_steps, long_clips=f"{LONG_CLIPS[0]} px x {LONG_CLIPS[1]} frames")
+            write_state(export / "transformer", record)
             save_seconds = time.time() - began
             log(f"checkpoint at step {steps} ({elapsed:.1f} min); loss {np.mean(losses[-200:] or [0]):.4f} "
                 f"(saved in {save_seconds:.1f} s)")
@@ -330,6 +355,7 @@ def train_denoiser(kind: str, minutes: float, seed: int, batch_size: int = CPU_B
                 for p_ema, p in zip(ema.parameters(), transformer.parameters()):
                     p_ema.lerp_(p, 1 - decay)
             timer.mark("ema")
+            long_steps += is_long_step(steps, long_every)
             steps += 1
             run_steps += 1
             losses.append(value)
