@@ -142,7 +142,8 @@ class VideoRecipe:
         """The prompts as ``WanPipeline.__call__`` encodes them: padded to 512 tokens (``encode_prompt``'s own
         default is 226), the pads' rows zeroed. The encoder is frozen and a caption's rows depend on it alone,
         so each distinct caption is encoded once, by itself (so the cache does not depend on which batch met it
-        first): the clips' captions are 2,688 combinations, and encoding them took a fifth of a CPU step."""
+        first): the clips' captions are 2,688 combinations. Encoding a 10-clip CPU batch took 357 ms (warm, two
+        threads) of a ~2.3 s step; a cached batch takes 0.1 ms."""
         if self.pipe.text_encoder.training:
             raise RuntimeError("the video text encoder is frozen while the denoiser trains: put it in eval mode")
         for caption in dict.fromkeys(captions):
