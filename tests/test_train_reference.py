@@ -99,7 +99,9 @@ def test_a_resumed_vae_warms_its_fresh_optimizer_up(stages, tmp_path):
     stages.vae.train_vae("image", minutes=0.1, seed=0, batch_size=4, weights=weights)
     after = json.loads((weights / "image" / "vae" / "training_state.json").read_text())
     assert after["steps"] > before["steps"]
-    assert after["psnr_64px"] > before["psnr_64px"] - 1.0, (before, after)
+    # Without the warm-up the first ~40 steps take 26.3 dB to 14-16 dB; with it a run swings by up to about 1.5 dB
+    # (lr 1e-3 swings 2 dB between saves), more the more steps a fast machine fits in the 6 s.
+    assert after["psnr_64px"] > before["psnr_64px"] - 3.0, (before, after)
 
 
 def test_a_vae_whose_loss_turns_nan_stops_without_saving(stages, tmp_path, monkeypatch):
