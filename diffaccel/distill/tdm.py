@@ -71,8 +71,7 @@ def min_snr_x0_loss(noisy: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, fake
     """The official TDM DDPM demo's fake-score loss in flow form: per sample, mean (x0_fake − x̂0)² times
     min(SNR, 5), SNR = ((1 − t)/t)², times the importance weight exp(−½·mean ε_eff²) / exp(−½·mean z²) (no
     gradient), ε_eff = (x_t − (1 − t)·x̂0)/t the noise x_t holds and z the fresh noise that diffused it."""
-    s = expand_like(t, noisy)
-    fake_x0 = noisy.float() - s * fake_velocity.float()
+    fake_x0 = x0_from_velocity(noisy.float(), t, fake_velocity.float())
     per_sample = (fake_x0 - x0.float()).pow(2).flatten(1).mean(dim=1)
     snr = ((1.0 - t.float()) / t.float()).pow(2).clamp(max=snr_cap)
     with torch.no_grad():

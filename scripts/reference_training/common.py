@@ -17,6 +17,8 @@ WORK = ROOT / "work" / "reference"
 # bfloat16 autocast halves a training step on CPUs with AVX512-BF16/AMX (measured: 2.1-2.6 s -> 1.3 s
 # per image-denoiser step) but is emulated, and several times slower, on AVX2-only CPUs: use it only
 # where the CPU has it. Master weights, optimizer and losses stay float32 either way.
+
+
 def _cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()

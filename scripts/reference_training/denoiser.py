@@ -21,11 +21,10 @@ from .common import (CPU_BATCH_SIZE, WEIGHTS, autocast_for, log, pixels_to_model
 from .loader import BatchLoader
 from .text import pretrained_text_encoder
 
+
 def sample_sigmas(n: int, generator: torch.Generator) -> torch.Tensor:
     """Logit-normal noise levels (SD3's training distribution)."""
     return torch.sigmoid(torch.randn(n, generator=generator))
-
-
 
 
 class ImageRecipe:
@@ -171,8 +170,6 @@ def _loader_batch(kind: str, seed: int, batch_size: int, step: int, long_every: 
     pixels, captions = (ImageRecipe.sample(rng, step, batch_size) if kind == "image"
                         else VideoRecipe.sample(rng, step, batch_size, long_every))
     return pixels, [c if rng.random() >= 0.1 else "" for c in captions]
-
-
 
 
 class StepProfile:

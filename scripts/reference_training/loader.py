@@ -6,6 +6,7 @@ import collections
 import os
 import time
 
+
 def _ignore_sigint() -> None:
     import signal
 

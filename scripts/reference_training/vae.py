@@ -17,6 +17,7 @@ from diffaccel.pipelines.reference import build, scenes
 from .common import WEIGHTS, autocast_for, log, pixels_to_model, read_state, write_state
 from .loader import BatchLoader
 
+
 def vae_pixels(kind: str, rng: np.random.Generator, steps: int, batch_size: int) -> np.ndarray:
     """Images (n, H, W, 3) at 64 px (every 8th batch 128 px, a quarter as many), or clips (n, F, H, W, 3),
     in [0, 1]. Numpy only, so that ``_vae_loader_batch`` can draw it in a worker."""
