@@ -107,7 +107,7 @@ def kernel_checks(device: torch.device) -> None:
             tor = block_sparse_attention_torch(q, k, v, mask, block, key_lengths=lengths)
             err_tri = (tri.float() - ref).abs().max().item()
             err_tor = (tor.float() - ref).abs().max().item()
-            tol = 2e-2 if dtype != torch.float32 else 2e-3
+            tol = 2e-2 if dtype != torch.float32 else 1e-4  # float32: IEEE products (PyTorch's default)
             assert tri.dtype == dtype and tri.shape == q.shape, (tri.dtype, tri.shape)
             assert err_tri < tol and err_tor < tol, f"max error triton {err_tri:.2e}, torch {err_tor:.2e} > {tol}"
             return {"detail": f"max |err| triton {err_tri:.1e}, torch {err_tor:.1e}"}
@@ -120,6 +120,25 @@ def kernel_checks(device: torch.device) -> None:
     one(5184 + 77, 3, 128, torch.bfloat16, 64, 0.15, 0)  # odd length (padding), d 128, 64-token blocks
     one(3000, 2, 64, torch.float16, 128, 0.5, 333)  # text padding: per-sample key lengths
     one(1000, 2, 96, torch.bfloat16, 64, 1.0, 0)  # every block kept, a head dim that is no power of two
+
+    def float32_follows_tf32_setting():
+        g = torch.Generator(device="cpu").manual_seed(7)
+        q, k, v = (torch.randn(1, 4, 4096, 64, generator=g).to(device) for _ in range(3))
+        mask = torch.rand(1, 4, 32, 32, generator=g).to(device) < 0.3
+        ref = masked_dense_reference(q, k, v, mask, 128)
+        errors = {}
+        saved = torch.backends.cuda.matmul.allow_tf32
+        try:
+            for allowed in (False, True):
+                torch.backends.cuda.matmul.allow_tf32 = allowed
+                out, _ = block_sparse_attention(q, k, v, mask, 128, implementation="triton")
+                errors[allowed] = (out - ref).abs().max().item()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+        assert errors[False] < 1e-4 and errors[True] < 2e-3 and errors[True] > errors[False], errors
+        return {"detail": f"float32 max |err| IEEE {errors[False]:.1e}, TF32 allowed {errors[True]:.1e}"}
+
+    check("kernel", "float32 precision follows allow_tf32", float32_follows_tf32_setting)
 
     def autograd_refuses_triton():
         q = torch.randn(1, 2, 256, 64, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -167,3 +167,22 @@ def test_triton_kernel_interpreted_matches_reference():
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("ok ") == 6, done.stdout
+
+
+def test_triton_float32_precision_follows_torch_and_refuses_unknown_values():
+    """Float32 products are IEEE unless PyTorch allows TF32, as for torch.matmul; an override is checked."""
+    from diffaccel.kernels.block_sparse_triton import block_sparse_attention_triton, float32_precision
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert float32_precision() == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert float32_precision() == "tf32"
+        assert float32_precision("ieee") == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    q, k, v, _ = _qkv(1, 1, 32, 16, 1)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        block_sparse_attention_triton(q.half(), k.half(), v.half(), torch.ones(1, 1, 2, 2, dtype=torch.bool), 16,
+                                      precision="fp64")

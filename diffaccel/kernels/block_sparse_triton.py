@@ -4,6 +4,11 @@ FlashAttention-2 style: one program per (query tile, batch*head); it walks only 
 query block keeps (``BlockLayout``), with an online softmax in fp32. Keys past the sequence end are
 masked, so any sequence length works; head dims that are not a power of two are padded in registers.
 
+Float32 inputs follow PyTorch's matmul precision setting, as ``torch.matmul`` and SDPA do: IEEE float32
+products by default, TF32 tensor-core products once the user allows them
+(``torch.backends.cuda.matmul.allow_tf32 = True`` or ``torch.set_float32_matmul_precision("high")``).
+``precision=`` overrides it per call. Half-precision inputs are unaffected.
+
 With ``TRITON_INTERPRET=1`` set before Triton is imported, the same kernel runs on CPU tensors under
 Triton's interpreter; that is how the tests check it on machines without a GPU.
 """
@@ -28,7 +33,7 @@ def _block_sparse_attention_fwd(
     stride_ob, stride_oh, stride_om, stride_od,
     heads, seq_q, seq_k, n_q_blocks, n_k_blocks, scale_log2,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -61,7 +66,7 @@ def _block_sparse_attention_fwd(
                 mask=n_ok[None, :] & d_ok[:, None],
                 other=0.0,
             )
-            qk = tl.dot(q, kt) * scale_log2
+            qk = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -74,13 +79,30 @@ def _block_sparse_attention_fwd(
                 other=0.0,
             )
             acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(vt.dtype), vt, acc)
+            acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=PRECISION)
             m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & d_ok[None, :])
+
+
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def float32_precision(precision: str | None = None) -> str:
+    """The ``tl.dot`` input precision for float32 inputs: ``precision`` if given, else PyTorch's setting.
+
+    Triton's own default is TF32, which PyTorch only uses when allowed; following PyTorch keeps a float32
+    call as exact as the dense SDPA it replaces (TF32 costs about 1e-3 of absolute error).
+    """
+    if precision is None:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)} (or None: follow "
+                         f"torch.backends.cuda.matmul.allow_tf32), got {precision!r}.")
+    return precision
 
 
 def _tile_sizes(block_size: int, head_dim: int) -> tuple[int, int]:
@@ -106,8 +128,17 @@ def block_sparse_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     key_lengths: torch.Tensor | None = None,
+    precision: str | None = None,
 ) -> torch.Tensor:
-    """Run the kernel: compiled on CUDA tensors, under Triton's interpreter on CPU tensors."""
+    """Run the kernel: compiled on CUDA tensors, under Triton's interpreter on CPU tensors.
+
+    ``precision`` ("ieee", "tf32", "tf32x3") sets how float32 products are computed; None follows
+    ``torch.backends.cuda.matmul.allow_tf32``.
+    """
+    # half-precision products always run on tensor cores; keep Triton's default there (one compiled variant)
+    precision = float32_precision(precision)
+    if q.dtype != torch.float32:
+        precision = "tf32"
     check_block_mask(block_mask, q, k, block_size)
     b, h, sq, d = q.shape
     sk = k.shape[2]
@@ -127,7 +158,7 @@ def block_sparse_attention_triton(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         h, sq, sk, nq, nk, scale * 1.4426950408889634,
     )
-    meta = dict(HEAD_D=d, BLOCK_D=block_d, BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n)
+    meta = dict(HEAD_D=d, BLOCK_D=block_d, BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision)
     if q.device.type != "cuda":
         if not interpreting():
             raise RuntimeError(
