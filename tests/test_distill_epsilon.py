@@ -3,6 +3,7 @@ in LCM-LoRA, through the flow view the trainers work in, and a student sampled b
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -203,22 +204,71 @@ def test_pixart_teacher_is_called_as_its_pipeline_calls_it_and_its_lcm_student_s
 
     pipe.save_pretrained(tmp_path / "my-pixart")
     images = colour_images(tmp_path / "images")
-    with pytest.raises(ValueError, match="no LoRA support in diffusers"):
-        distill(str(tmp_path / "my-pixart"), tmp_path / "lora", LCDConfig(lora_rank=4, batch_size=2, height=64, width=64),
-                data=images, max_steps=1, progress=False)
-    # diffusers has no LoRA loader for PixArt: its student is a full one (PixArt-LCM is too)
-    out_dir = distill(str(tmp_path / "my-pixart"), tmp_path / "s",
-                      LCDConfig(lora_rank=0, batch_size=2, solver_steps=10, height=64, width=64),
-                      data=images, max_steps=1, progress=False)
-    assert (out_dir / "transformer").is_dir()
-    student = load_student(load_model(str(tmp_path / "my-pixart")).pipe, out_dir)
-    told = []
-    handle = student.transformer.register_forward_pre_hook(lambda m, a, kw: told.append(float(kw["timestep"][0])),
-                                                           with_kwargs=True)
-    image = student(PROMPT, output_type="np", use_resolution_binning=False, clean_caption=False,
-                    **student_call_defaults(student)).images
-    handle.remove()
-    assert told == [999.0, 759.0, 499.0, 259.0] and np.isfinite(image).all()
+    call = dict(output_type="np", use_resolution_binning=False, clean_caption=False)
+    # a full student (as PixArt-LCM) and an LCM-LoRA: diffusers has no LoRA loader for PixArt, diffaccel adds one
+    for rank in (0, 4):
+        out_dir = distill(str(tmp_path / "my-pixart"), tmp_path / f"s{rank}",
+                          LCDConfig(lora_rank=rank, batch_size=2, solver_steps=10, height=64, width=64),
+                          data=images, max_steps=1, progress=False)
+        assert (out_dir / "transformer").is_dir() == (rank == 0)
+        assert (out_dir / "pytorch_lora_weights.safetensors").is_file() == (rank > 0)
+        student = load_student(load_model(str(tmp_path / "my-pixart")).pipe, out_dir)
+        told = []
+        handle = student.transformer.register_forward_pre_hook(lambda m, a, kw: told.append(float(kw["timestep"][0])),
+                                                               with_kwargs=True)
+        image = student(PROMPT, **call, **student_call_defaults(student)).images
+        handle.remove()
+        assert told == [999.0, 759.0, 499.0, 259.0] and np.isfinite(image).all()
+        assert type(student.transformer) is type(pipe.transformer)  # the LoRA fused, the class plain again
+
+
+def test_a_pixart_lora_student_loads_as_it_trained_and_unloads_to_the_teacher(tmp_path):
+    """PixArt's transformer has no adapter methods in diffusers: the LoRA a trainer adds is saved in the
+    diffusers layout, fused on load to the same output the adapter gave in training, and removed again
+    bit for bit (sampling='distilled' is removable)."""
+    import diffaccel
+    from diffaccel.distill.adapters import remove_adapter_support, with_adapter_support
+    from diffaccel.distill.lcd import add_lora
+    from diffaccel.distill.student import LORA_WEIGHTS, save_student
+    from diffaccel.sampling import DistilledConfig
+    import tiny_pipelines
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    pipe = tiny_pipelines.pixart_sigma().pipe
+    transformer = pipe.transformer
+    plain_class = type(transformer)
+    teacher_state = {k: v.clone() for k, v in transformer.state_dict().items()}
+    trained = copy.deepcopy(transformer)
+    add_lora(trained, 4, None, seed=0, targets=("to_q", "to_v", "ff.net.2", "proj_out"))
+    assert type(trained).__name__ == plain_class.__name__ and isinstance(trained, plain_class)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(encoder_hidden_states=torch.randn(1, 5, 32), timestep=torch.tensor([500]),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    with torch.no_grad():
+        want = trained(x, **kwargs).sample
+        assert (transformer(x, **kwargs).sample - want).abs().max() > 2e-2  # the adapter changes the output
+    layers = {k: v.half().float() for k, v in get_peft_model_state_dict(trained, adapter_name="lcd").items()}
+    card = StudentCard(method="lcd", teacher="tiny", pipeline=type(pipe).__name__, default_steps=4, guidance_scale=4.5,
+                       lora_rank=4, scheduler="LCMScheduler", height=64, width=64)
+    save_student(tmp_path / "s", card, layers, type(pipe))
+    assert all(k.startswith("transformer.") for k in load_file(str(tmp_path / "s" / LORA_WEIGHTS)))
+
+    accelerated = diffaccel.accelerate(pipe, sampling=DistilledConfig(student=str(tmp_path / "s")))
+    assert type(pipe.transformer) is plain_class and not getattr(pipe.transformer, "peft_config", None)
+    with torch.no_grad():
+        got = pipe.transformer(x, **kwargs).sample
+    assert torch.allclose(got, want, atol=2e-3), (got - want).abs().max()
+    diffaccel.remove(accelerated)
+    assert all(torch.equal(v, teacher_state[k]) for k, v in pipe.transformer.state_dict().items())
+
+    with_adapter_support(transformer)
+    remove_adapter_support(transformer)
+    assert type(transformer) is plain_class
 
 
 def test_tdm_rollout_of_an_sd_teacher_is_the_pipelines_trailing_ddim_sampling():
@@ -265,3 +315,30 @@ def test_tdm_student_of_an_sd_folder_loads_with_trailing_ddim(sd_folder, tmp_pat
     assert told == [999.0, 749.0, 499.0, 249.0] and np.isfinite(first).all()
     torch.manual_seed(123)  # DDIM (η = 1) draws nothing between steps: the global RNG cannot matter
     assert np.array_equal(student(PROMPT, generator=torch.Generator().manual_seed(0), **call).images, first)
+
+
+def test_tdm_student_of_a_pixart_folder_trains_lora_and_samples_with_trailing_ddim(tmp_path):
+    """TDM's own setting (PixArt-α): the student and the fake score are LoRA adapters of the teacher, which
+    diffusers gives PixArt no methods for; the saved student loads and samples 4 trailing DDIM steps."""
+    import tiny_pipelines
+
+    from diffaccel.cli import main
+    from diffaccel.loading import load_model
+
+    tiny_pipelines.pixart_alpha().pipe.save_pretrained(tmp_path / "my-pixart")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "tdm"
+    assert main(["distill", "--method", "tdm", "--teacher", str(tmp_path / "my-pixart"), "--prompts", str(prompts),
+                 "--resolution", "64", "--lora-rank", "4", "--batch-size", "2", "--out", str(out), "--max-steps", "1",
+                 "--no-progress", "--threads", "1"]) == 0
+    card = StudentCard.load(out)
+    assert card.scheduler == "DDIMScheduler" and card.lora_rank == 4
+    student = load_student(load_model(str(tmp_path / "my-pixart")).pipe, out)
+    told = []
+    handle = student.transformer.register_forward_pre_hook(lambda m, a, kw: told.append(float(kw["timestep"][0])),
+                                                           with_kwargs=True)
+    image = student(PROMPT, output_type="np", use_resolution_binning=False, clean_caption=False,
+                    generator=torch.Generator().manual_seed(0), **student_call_defaults(student)).images
+    handle.remove()
+    assert told == [999.0, 749.0, 499.0, 249.0] and np.isfinite(image).all()

@@ -20,6 +20,7 @@ import torch
 from .config import LCDConfig
 from .consistency import consistency_function, euler_step, pseudo_huber
 from .data import DataSource, require_images
+from .adapters import with_adapter_support
 from .guidance_embedding import add_guidance_embedding, guidance_projection, projection_key
 from .teacher import FlowTeacher
 
@@ -45,10 +46,7 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None, seed:
         from peft import LoraConfig
     except ImportError as error:  # pragma: no cover - peft is a dependency
         raise ImportError("A LoRA student needs peft: pip install peft") from error
-    if not hasattr(transformer, "add_adapter"):
-        raise ValueError(f"{type(transformer).__name__} has no LoRA support in diffusers (no PeftAdapterMixin, and its "
-                         f"pipeline no LoRA loader), so a LoRA student could not be loaded back: distil a full student "
-                         f"(lcd with lora_rank 0, `--lora-rank 0`; tdm trains LoRA adapters only).")
+    with_adapter_support(transformer)  # PixArt's transformer has no adapter methods in diffusers
     transformer.requires_grad_(False)
     with torch.random.fork_rng(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter, on purpose

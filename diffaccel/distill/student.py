@@ -2,7 +2,8 @@
 
 A student folder holds ``student.json`` (a ``StudentCard``: method, teacher, default steps, the CFG scale
 baked in) and either ``pytorch_lora_weights.safetensors`` (a LoRA in the diffusers format, loadable with
-the pipeline's own ``load_lora_weights``) or ``transformer/`` (``unet/`` for a UNet teacher: a full
+the pipeline's own ``load_lora_weights``, or the transformer's ``load_lora_adapter`` where the pipeline has no
+LoRA loader, as PixArt's) or ``transformer/`` (``unet/`` for a UNet teacher: a full
 ``save_pretrained`` folder).
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapters import fuse_and_unload_lora, load_lora_into, save_lora
 from .guidance_embedding import WEIGHTS as GUIDANCE_WEIGHTS
 from .guidance_embedding import add_guidance_embedding, check_scale, guidance_hook, remove_guidance_embedding
 
@@ -101,8 +103,7 @@ def save_student(folder: str | Path, card: StudentCard, weights: dict[str, torch
         # peft names (lora_A / lora_B), as diffusers' own LoRA training scripts save them: the loader maps
         # them back onto every targeted layer (the older lora.down / lora.up names lose the attention ones).
         layers = {k: v.to(torch.float16) for k, v in weights.items()}
-        pipeline_class.save_lora_weights(folder, **{f"{component_of(card)}_lora_layers": layers},
-                                         weight_name=LORA_WEIGHTS)
+        save_lora(folder, LORA_WEIGHTS, component_of(card), layers, pipeline_class)
     else:
         if transformer is None:
             raise ValueError("A full student is saved from a denoiser of the teacher's class.")
@@ -173,15 +174,14 @@ def install_student_weights(pipe: Any, folder: str | Path, card: StudentCard, ke
     transformer = getattr(pipe, component)
     saved: dict[str, torch.Tensor] = {}
     if card.lora_rank:
-        pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS, adapter_name="diffaccel_student")
+        load_lora_into(pipe, component, folder, LORA_WEIGHTS, adapter_name="diffaccel_student")
         if keep_original:  # the layers the LoRA wraps: their base weights are what fusing changes
             for name, module in transformer.named_modules():
                 base = getattr(module, "base_layer", None)
                 if base is not None and hasattr(module, "lora_A"):
                     for param_name, param in base.named_parameters(recurse=False):
                         saved[f"{name}.{param_name}"] = param.detach().to("cpu", copy=True)
-        pipe.fuse_lora(lora_scale=1.0, components=[component])
-        pipe.unload_lora_weights()  # the fused weights stay; the transformer is plain again
+        fuse_and_unload_lora(pipe, component)  # the fused weights stay; the transformer is plain again
     else:
         full = type(transformer).from_pretrained(folder / component, torch_dtype=transformer.dtype)
         if keep_original:

@@ -140,9 +140,9 @@ class DistilledHandler:
         pipe = target.pipe
         name = base_class(pipe).__name__
         denoiser = target.denoiser
-        if not (hasattr(pipe, "transformer") or hasattr(pipe, "unet")) or not hasattr(pipe, "load_lora_weights"):
-            raise ValueError(f"sampling='distilled' cannot serve {name}: students are distilled transformers or UNets "
-                             f"loaded through the pipeline's LoRA loader, and this pipeline lacks one of the two.")
+        if not (hasattr(pipe, "transformer") or hasattr(pipe, "unet")):
+            raise ValueError(f"sampling='distilled' cannot serve {name}: students are distilled transformers or UNets, "
+                             f"and this pipeline has neither.")
         check_student(pipe, student_folder(config.student), pipeline_name=name)
         if getattr(denoiser, "peft_config", None):
             raise ValueError(f"sampling='distilled': {name}'s denoiser already holds LoRA adapters "
