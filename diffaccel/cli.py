@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from diffaccel.lora import add_lora_option, apply_loras, parse_loras
+
 logger = logging.getLogger("diffaccel")
 
 
@@ -52,6 +54,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--upscale-steps", type=int, default=None, help="steps of the upscaler (default: its T, 4)")
     p.add_argument("--distilled", default=None, metavar="DIR",
                    help="a student made by `diffaccel distill` from this model: generate with it (its steps, CFG baked in)")
+    add_lora_option(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -87,6 +90,7 @@ def _model_options(p, generating: bool = True) -> None:
     p.add_argument("--frames", type=int, default=None, help="number of frames (video models)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    add_lora_option(p)
     if generating:
         p.add_argument("--preset", default=None, help="acceleration preset of the generated samples (default off)")
         p.add_argument("--config", default=None, help="an AccelConfig file (.json/.yaml), overrides --preset")
@@ -246,6 +250,7 @@ def _add_farm(subparsers) -> None:
     p.add_argument("--retries", type=int, default=1, help="more tries of an item that raised, within this run (default 1)")
     p.add_argument("--max-items", type=int, default=None, help="render at most this many of the remaining items")
     p.add_argument("--ray-address", default=None, help="a Ray cluster to join (default: one running here, else a new local one)")
+    add_lora_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=farm_command)
 
@@ -461,6 +466,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = args.config if args.config else (args.preset or "fast")
     diffaccel.resolve_config(config)  # fail on a bad preset/config before loading a model
+    loras = parse_loras(args.lora)  # a missing LoRA file fails here too
 
     reference = reference_name(args)
     if reference is not None:
@@ -479,6 +485,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.guidance is not None and student_of(pipe).guidance_embedding:
             set_student_guidance(pipe, args.guidance)  # the scale it embeds; the call itself stays at guidance 1
             args = argparse.Namespace(**{**vars(args), "guidance": None})
+    # after a student, whose full weights would replace them: a style LoRA goes on top of the few-step model
+    apply_loras(pipe, loras)
     pipe.set_progress_bar_config(disable=False)
     output_path = check_output_path(args.output, video)
     diffaccel.accelerate(pipe, config)  # by name: a preset's UNet recipe on a UNet

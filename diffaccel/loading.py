@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 @dataclass
@@ -43,9 +43,22 @@ def is_video_pipeline(pipe: Any) -> bool:
         return "num_frames" in inspect.signature(pipe.__call__).parameters
 
 
-def load_model(spec: str | None, device: str | None = None, dtype: str = "auto", video: bool = False) -> LoadedModel:
+def load_model(spec: str | None, device: str | None = None, dtype: str = "auto", video: bool = False,
+               loras: Sequence[Any] = ()) -> LoadedModel:
     """``spec`` None -> the embedded image (or, with ``video``, video) model; "image"/"video" (or a student
-    such as "image-lcd") -> that embedded model; anything else -> ``DiffusionPipeline.from_pretrained(spec)``."""
+    such as "image-lcd") -> that embedded model; anything else -> ``DiffusionPipeline.from_pretrained(spec)``.
+    ``loras`` (``LoraSpec``s) are fused into it; the name then lists them, so results made with and
+    without a LoRA never share a record."""
+    loaded = _load_model(spec, device, dtype, video)
+    if loras:
+        from .lora import apply_loras, describe_loras
+
+        apply_loras(loaded.pipe, loras)
+        loaded.name += describe_loras(loras)
+    return loaded
+
+
+def _load_model(spec: str | None, device: str | None, dtype: str, video: bool) -> LoadedModel:
     from diffaccel.pipelines import reference
 
     device = device or default_device()

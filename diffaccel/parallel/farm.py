@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from diffaccel.lora import parse_loras
+
 from .engines import ENGINES, EngineOptions, FarmError, make_engine
 from .items import PromptLine, WorkItem, read_prompt_lines, work_items
 from .job import FarmJob, make_job
@@ -113,7 +115,8 @@ def farm_command(args) -> int:
     """``diffaccel farm``: exit 0 when no item failed, 1 when some did (their rows say why; a rerun retries them)."""
     job = make_job(args.model, args.config or args.preset,
                    {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.height,
-                    "width": args.width, "num_frames": args.frames}, dtype=args.dtype, fps=args.fps)
+                    "width": args.width, "num_frames": args.frames}, dtype=args.dtype, fps=args.fps,
+                   loras=parse_loras(args.lora))
     prompts = read_prompt_lines(args.prompts, seed=args.seed, negative_prompt=args.negative_prompt)
     options = EngineOptions(workers=args.workers, devices_per_replica=args.devices_per_replica, device=args.device,
                             retries=args.retries, progress=not args.no_progress, ray_address=args.ray_address)

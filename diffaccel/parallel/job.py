@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffaccel.lora import LoraSpec, describe_loras
+
 from .manifest import JobRecord
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -30,6 +32,7 @@ class FarmJob:
     dtype: str = "auto"
     fps: int = 8
     preset: str | None = None
+    loras: tuple[LoraSpec, ...] = ()  # fused into every replica's pipeline, in this order
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -47,7 +50,8 @@ class FarmJob:
         """The model as results name it (``reference-image`` for the embedded image model)."""
         from diffaccel.pipelines import reference
 
-        return f"reference-{self.model}" if _is_embedded(self.model, reference.NAMES) else self.model
+        base = f"reference-{self.model}" if _is_embedded(self.model, reference.NAMES) else self.model
+        return base + describe_loras(self.loras)
 
     def accel_config(self):
         """What ``accelerate`` takes: the preset's name when the job has one, else the config."""
@@ -60,7 +64,8 @@ class FarmJob:
         import diffaccel
 
         return JobRecord(model=self.name, revision=model_revision(self.model), config=self.config, call=self.call,
-                         dtype=self.dtype, fps=self.fps, diffaccel=diffaccel.__version__)
+                         dtype=self.dtype, fps=self.fps, diffaccel=diffaccel.__version__,
+                         loras=[{**lora.to_dict(), "revision": lora.revision()} for lora in self.loras])
 
 
 def model_revision(model: str) -> str | None:
@@ -92,7 +97,7 @@ def _is_embedded(model: str, names: tuple[str, ...]) -> bool:
 
 
 def make_job(model: str | None, config: Any, overrides: dict[str, Any] | None = None, dtype: str = "auto",
-             fps: int = 8) -> FarmJob:
+             fps: int = 8, loras: tuple[LoraSpec, ...] = ()) -> FarmJob:
     """Resolve what the user named into a job, without loading the model: the embedded models'
     trained call defaults under the user's ``overrides`` (None values ignored); a local folder is
     made absolute so the fingerprint does not depend on the working directory."""
@@ -113,4 +118,5 @@ def make_job(model: str | None, config: Any, overrides: dict[str, Any] | None = 
     config = config or "fast"
     accel = diffaccel.resolve_config(config)  # a bad preset or config fails here, before any loading
     preset = config if isinstance(config, str) and config in diffaccel.PRESETS else None
-    return FarmJob(model=model, config=accel.to_dict(), call=call, dtype=dtype, fps=fps, preset=preset)
+    return FarmJob(model=model, config=accel.to_dict(), call=call, dtype=dtype, fps=fps, preset=preset,
+                   loras=tuple(loras))

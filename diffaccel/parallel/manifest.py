@@ -37,9 +37,13 @@ class JobRecord:
     dtype: str
     fps: int
     diffaccel: str
+    loras: list = field(default_factory=list)  # LoRAs fused into the model: source, scale, file, content hash
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        if not record["loras"]:
+            del record["loras"]  # a job without LoRAs keeps the fingerprint it had before LoRAs were recorded
+        return record
 
     def fingerprint(self) -> str:
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

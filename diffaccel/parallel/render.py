@@ -29,11 +29,12 @@ def load_pipeline(job: FarmJob, device: str | None = None, devices: Sequence[int
     from diffaccel.loading import load_model
 
     if len(devices) <= 1:
-        return load_model(job.model, device, job.dtype).pipe
+        return load_model(job.model, device, job.dtype, loras=job.loras).pipe
     import torch
     from diffusers import DiffusionPipeline
 
     from diffaccel.loading import torch_dtype
+    from diffaccel.lora import apply_loras
     from diffaccel.pipelines import reference
 
     missing = [d for d in devices if d >= torch.cuda.device_count()]
@@ -42,8 +43,10 @@ def load_pipeline(job: FarmJob, device: str | None = None, devices: Sequence[int
                          f"{torch.cuda.device_count()} CUDA device(s).")
     source = reference.path(job.model) if job.name != job.model else job.model
     max_memory = {d: torch.cuda.get_device_properties(d).total_memory for d in devices}
-    return DiffusionPipeline.from_pretrained(source, dtype=torch_dtype(job.dtype, "cuda"), device_map="balanced",
+    pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype(job.dtype, "cuda"), device_map="balanced",
                                              max_memory=max_memory)
+    apply_loras(pipe, job.loras)
+    return pipe
 
 
 def file_sha256(path: Path) -> str:
