@@ -466,7 +466,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = args.config if args.config else (args.preset or "fast")
     diffaccel.resolve_config(config)  # fail on a bad preset/config before loading a model
-    loras = parse_loras(args.lora)  # a missing LoRA file fails here too
+    loras = parse_loras(args.lora, args.lora_2)  # a missing LoRA file fails here too
 
     reference = reference_name(args)
     if reference is not None:

@@ -32,6 +32,9 @@ class LoraSpec:
     source: str
     scale: float = 1.0
     weight_name: str | None = None
+    # for the second expert (``transformer_2``, the low-noise steps of Wan 2.2 A14B), whose LoRAs come as
+    # a file of their own; diffusers' ``load_into_transformer_2``
+    second_expert: bool = False
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -40,7 +43,7 @@ class LoraSpec:
             raise ValueError(f"LoRA scale must be a finite number, got {self.scale} for {self.source!r}.")
 
     @classmethod
-    def parse(cls, text: str) -> "LoraSpec":
+    def parse(cls, text: str, second_expert: bool = False) -> "LoraSpec":
         """``PATH`` or ``PATH:SCALE`` (a trailing ``:number``; any other colon belongs to the path)."""
         match = _SCALE.match(text)
         source, scale = (match["source"], float(match["scale"])) if match else (text, 1.0)
@@ -48,10 +51,10 @@ class LoraSpec:
         if path.suffix == ".safetensors":
             if not path.is_file():
                 raise ValueError(f"LoRA file {source!r} does not exist.")
-            return cls(str(path.resolve().parent), scale, path.name)
+            return cls(str(path.resolve().parent), scale, path.name, second_expert)
         if path.exists():
-            return cls(str(path.resolve()), scale)
-        return cls(source, scale)  # a hub id: diffusers resolves it (from the local cache when offline)
+            return cls(str(path.resolve()), scale, None, second_expert)
+        return cls(source, scale, None, second_expert)  # a hub id: diffusers resolves it (from the local cache)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,15 +72,16 @@ class LoraSpec:
         return "sha256:" + digest.hexdigest()[:16]
 
 
-def parse_loras(texts: Sequence[str] | None) -> tuple[LoraSpec, ...]:
-    """The CLI's repeated ``--lora`` values."""
-    return tuple(LoraSpec.parse(text) for text in texts or ())
+def parse_loras(texts: Sequence[str] | None, second_expert_texts: Sequence[str] | None = None) -> tuple[LoraSpec, ...]:
+    """The CLI's repeated ``--lora`` values, then its ``--lora-2`` ones (the second expert's)."""
+    return (tuple(LoraSpec.parse(text) for text in texts or ())
+            + tuple(LoraSpec.parse(text, second_expert=True) for text in second_expert_texts or ()))
 
 
 def describe_loras(loras: Sequence[LoraSpec]) -> str:
     """What a result's model name gains from its LoRAs: `` + LoRA SOURCE×SCALE`` each."""
-    return "".join(f" + LoRA {lora.source}{'/' + lora.weight_name if lora.weight_name else ''}×{lora.scale:g}"
-                   for lora in loras)
+    return "".join(f" + LoRA{'-2' if lora.second_expert else ''} "
+                   f"{lora.source}{'/' + lora.weight_name if lora.weight_name else ''}×{lora.scale:g}" for lora in loras)
 
 
 def add_lora_option(parser: Any) -> None:
@@ -85,6 +89,8 @@ def add_lora_option(parser: Any) -> None:
     parser.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
                         help="a LoRA to fuse into the model first (diffusers format: a folder, a .safetensors file "
                         "or a cached hub id; SCALE default 1); repeat for several")
+    parser.add_argument("--lora-2", action="append", default=None, metavar="PATH[:SCALE]",
+                        help="a LoRA for the second expert (transformer_2: Wan 2.2 A14B's low-noise steps), as --lora")
 
 
 def apply_loras(pipe: Any, loras: Sequence[LoraSpec]) -> None:
@@ -104,6 +110,9 @@ def apply_loras(pipe: Any, loras: Sequence[LoraSpec]) -> None:
                          None)
         if component is None:
             raise ValueError(f"{type(pipe).__name__} has no LoRA loader and no transformer or UNet to load a LoRA into.")
+    if any(lora.second_expert for lora in loras) and getattr(pipe, "transformer_2", None) is None:
+        raise ValueError(f"A LoRA for the second expert (--lora-2) needs a pipeline with a transformer_2 (Wan 2.2 "
+                         f"A14B); {type(pipe).__name__} has none.")
     held = {part: names_ for part, names_ in _attached_adapters(pipe, component).items() if names_}
     if held:
         raise ValueError(f"{type(pipe).__name__} already holds LoRA adapters ({held}); fuse or unload them before "
@@ -118,7 +127,9 @@ def apply_loras(pipe: Any, loras: Sequence[LoraSpec]) -> None:
     scales = [lora.scale for lora in loras]
     if has_loader:
         pipe.set_adapters(names, adapter_weights=scales)
-        pipe.fuse_lora(adapter_names=names)
+        # every component a LoRA went into: a loader's default list can be ["transformer"] alone (Wan's)
+        components = [part for part, held in pipe.get_list_adapters().items() if held]
+        pipe.fuse_lora(components=components, adapter_names=names)
         pipe.unload_lora_weights()
     else:
         getattr(pipe, component).set_adapters(names, weights=scales)
@@ -132,6 +143,8 @@ def _load_all(pipe: Any, loras: Sequence[LoraSpec], names: list[str], component:
         weight_name = lora.weight_name or (None if has_loader else _weight_file(lora))
         options = {"weight_name": weight_name} if weight_name else {}
         try:
+            if lora.second_expert:
+                options["load_into_transformer_2"] = True
             if has_loader:
                 pipe.load_lora_weights(lora.source, adapter_name=name, **options)
             else:

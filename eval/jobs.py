@@ -103,7 +103,7 @@ def fid_command(args) -> int:
         files = list_samples(args.fake)
         result["fake"] = str(args.fake)
     else:
-        loaded = load_model(args.model, args.device, args.dtype, loras=parse_loras(args.lora))
+        loaded = load_model(args.model, args.device, args.dtype, loras=parse_loras(args.lora, args.lora_2))
         prompts = read_prompts(args.prompts, args.prompt_set, args.num)
         diffaccel.accelerate(loaded.pipe, _accel_spec(args))
         accel = diffaccel.config_of(loaded.pipe)  # what runs on this pipeline (a preset's UNet recipe, its fallbacks)
@@ -146,7 +146,7 @@ def _generate_all(pipe, prompts, seeds, call_kwargs) -> np.ndarray:
 
 def fidelity_command(args) -> int:
     """Accelerated vs baseline on the same prompts and seeds: PSNR / SSIM (/ LPIPS) per sample."""
-    loaded = load_model(args.model, args.device, args.dtype, loras=parse_loras(args.lora))
+    loaded = load_model(args.model, args.device, args.dtype, loras=parse_loras(args.lora, args.lora_2))
     prompts = read_prompts(args.prompts, args.prompt_set, args.num)
     seeds = [args.seed + i for i in range(len(prompts))]
     kwargs = _call_kwargs(loaded, args)
@@ -202,7 +202,7 @@ def vbench_command(args) -> int:
         clips = _read_clips(args.videos)
         result: dict[str, Any] = {"videos": str(args.videos)}
     else:
-        loaded = load_model(args.model, args.device, args.dtype, video=True, loras=parse_loras(args.lora))
+        loaded = load_model(args.model, args.device, args.dtype, video=True, loras=parse_loras(args.lora, args.lora_2))
         if not loaded.is_video:
             raise ValueError(f"{loaded.name} is not a video pipeline.")
         prompts = read_prompts(args.prompts, args.prompt_set or "reference-video", args.num)
@@ -243,7 +243,7 @@ def bench_command(args) -> int:
     """Speed and quality of several configs on one model; report.md/json and two plots."""
     from .bench import add_quality, run_bench, write_report
 
-    loaded = load_model(args.model, args.device, args.dtype, loras=parse_loras(args.lora))
+    loaded = load_model(args.model, args.device, args.dtype, loras=parse_loras(args.lora, args.lora_2))
     prompts = read_prompts(args.prompts, args.prompt_set or ("reference-video" if loaded.is_video else None), args.num)
     configs = []
     for spec in args.configs.split(","):

@@ -184,3 +184,24 @@ def test_a_failed_load_leaves_the_pipeline_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="already holds LoRA adapters.*theirs"):
         apply_loras(sd3, [LoraSpec(str(good))])
     assert "theirs" in sd3.get_list_adapters()["transformer"]
+
+
+def test_a_two_expert_pipeline_takes_a_lora_per_expert(tmp_path):
+    """Wan 2.2 A14B's LoRAs come in pairs: ``--lora`` goes into ``transformer`` (high-noise steps) and
+    ``--lora-2`` into ``transformer_2`` (low-noise steps), each fused at its scale: W + scale·B·A."""
+    import tiny_pipelines
+    from safetensors.torch import load_file
+
+    pipe = tiny_pipelines.wan22().pipe
+    high = make_lora(pipe, tmp_path / "high", seed=1)
+    low = make_lora(pipe, tmp_path / "low", seed=2)
+    layer = "blocks.0.attn1.to_q"
+    before = {name: getattr(pipe, name).state_dict()[f"{layer}.weight"].clone() for name in ("transformer", "transformer_2")}
+    apply_loras(pipe, parse_loras([f"{high}:1.0"], [f"{low}:0.5"]))
+    for name, folder, scale in (("transformer", high, 1.0), ("transformer_2", low, 0.5)):
+        state = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+        delta = state[f"transformer.{layer}.lora_B.weight"].float() @ state[f"transformer.{layer}.lora_A.weight"].float()
+        got = getattr(pipe, name).state_dict()[f"{layer}.weight"]
+        assert torch.allclose(got, before[name] + scale * delta, atol=1e-5), name
+    with pytest.raises(ValueError, match="--lora-2.*transformer_2.*StableDiffusion3Pipeline has none"):
+        apply_loras(tiny_pipelines.sd3().pipe, parse_loras([], [str(low)]))
