@@ -389,3 +389,28 @@ def test_a_preset_job_gives_a_unet_its_unet_recipe(tmp_path):
     assert isinstance(diffaccel.config_of(renderer.pipe).cache, DeepCacheConfig)
     diffaccel.preset("fast").to_file(tmp_path / "cfg.yaml")
     assert make_job("image", str(tmp_path / "cfg.yaml")).preset is None  # a config file is applied as written
+
+
+def test_a_compiled_job_compiles_each_replica_and_is_its_own_job(tmp_path):
+    """--compile reaches every replica (its denoiser's blocks compiled after acceleration) and is part of the
+    job's identity (compiled kernels round differently); a job without it keeps its old fingerprint."""
+    import torch
+
+    from diffaccel.parallel.render import Renderer
+    from tiny_pipelines import build
+
+    plain = make_job("image", "fast")
+    assert "compile" not in plain.record().to_dict()
+    compiled = make_job("image", "fast", compile="blocks", compile_backend="aot_eager")
+    assert compiled.record().to_dict()["compile"] == {"mode": "blocks", "backend": "aot_eager"}
+    assert compiled.record().fingerprint() != plain.record().fingerprint()
+    with pytest.raises(ValueError, match="FarmJob.compile must be one of"):
+        make_job("image", "fast", compile="max")
+    case = build("pixart_alpha")
+    torch._dynamo.reset()
+    try:
+        renderer = Renderer(compiled, tmp_path, "w0", pipe=case.pipe)
+        blocks = renderer.pipe.transformer.transformer_blocks
+        assert all(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
+    finally:
+        torch._dynamo.reset()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffaccel.compiling import COMPILE_MODES
 from diffaccel.lora import LoraSpec, describe_loras
 
 from .manifest import JobRecord
@@ -33,10 +34,14 @@ class FarmJob:
     fps: int = 8
     preset: str | None = None
     loras: tuple[LoraSpec, ...] = ()  # fused into every replica's pipeline, in this order
+    compile: str = "off"  # torch.compile of each replica's denoisers after acceleration: off, blocks, full
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"FarmJob.dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"FarmJob.compile must be one of {COMPILE_MODES}, got {self.compile!r}.")
         if self.fps < 1:
             raise ValueError(f"FarmJob.fps must be >= 1, got {self.fps}.")
         if self.config.get("parallel"):
@@ -65,7 +70,9 @@ class FarmJob:
 
         return JobRecord(model=self.name, revision=model_revision(self.model), config=self.config, call=self.call,
                          dtype=self.dtype, fps=self.fps, diffaccel=diffaccel.__version__,
-                         loras=[{**lora.to_dict(), "revision": lora.revision()} for lora in self.loras])
+                         loras=[{**lora.to_dict(), "revision": lora.revision()} for lora in self.loras],
+                         compile=None if self.compile == "off" else {"mode": self.compile,
+                                                                     "backend": self.compile_backend})
 
 
 def model_revision(model: str) -> str | None:
@@ -97,7 +104,8 @@ def _is_embedded(model: str, names: tuple[str, ...]) -> bool:
 
 
 def make_job(model: str | None, config: Any, overrides: dict[str, Any] | None = None, dtype: str = "auto",
-             fps: int = 8, loras: tuple[LoraSpec, ...] = ()) -> FarmJob:
+             fps: int = 8, loras: tuple[LoraSpec, ...] = (), compile: str = "off",
+             compile_backend: str = "inductor") -> FarmJob:
     """Resolve what the user named into a job, without loading the model: the embedded models'
     trained call defaults under the user's ``overrides`` (None values ignored); a local folder is
     made absolute so the fingerprint does not depend on the working directory."""
@@ -119,4 +127,4 @@ def make_job(model: str | None, config: Any, overrides: dict[str, Any] | None = 
     accel = diffaccel.resolve_config(config)  # a bad preset or config fails here, before any loading
     preset = config if isinstance(config, str) and config in diffaccel.PRESETS else None
     return FarmJob(model=model, config=accel.to_dict(), call=call, dtype=dtype, fps=fps, preset=preset,
-                   loras=tuple(loras))
+                   loras=tuple(loras), compile=compile, compile_backend=compile_backend)

@@ -38,11 +38,13 @@ class JobRecord:
     fps: int
     diffaccel: str
     loras: list = field(default_factory=list)  # LoRAs fused into the model: source, scale, file, content hash
+    compile: dict | None = None  # torch.compile of the denoisers (mode, backend): compiled kernels round differently
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
-        if not record["loras"]:
-            del record["loras"]  # a job without LoRAs keeps the fingerprint it had before LoRAs were recorded
+        for name in ("loras", "compile"):
+            if not record[name]:
+                del record[name]  # a job without them keeps the fingerprint it had before they were recorded
         return record
 
     def fingerprint(self) -> str:

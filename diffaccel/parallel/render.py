@@ -76,6 +76,7 @@ class Renderer:
     def __init__(self, job: FarmJob, out: str | Path, worker: str, device: str | None = None,
                  devices: Sequence[int] = (), pipe: Any = None, retries: int = 0) -> None:
         import diffaccel
+        from diffaccel.compiling import compile_denoisers
         from diffaccel.loading import is_video_pipeline
 
         if retries < 0:
@@ -84,6 +85,7 @@ class Renderer:
         self.pipe = pipe if pipe is not None else load_pipeline(job, device, devices)
         self.is_video = is_video_pipeline(self.pipe)
         diffaccel.accelerate(self.pipe, job.accel_config())
+        compile_denoisers(self.pipe, job.compile, backend=job.compile_backend)
         self.pipe.set_progress_bar_config(disable=True)
         self.accepted = set(inspect.signature(self.pipe.__call__).parameters)
         refused = sorted(set(job.call) - self.accepted)
