@@ -138,6 +138,8 @@ def apply_loras(pipe: Any, loras: Sequence[LoraSpec]) -> None:
 
 
 def _load_all(pipe: Any, loras: Sequence[LoraSpec], names: list[str], component: str | None) -> None:
+    from diffaccel.distill.adapters import load_lora_into
+
     has_loader = component is None
     for name, lora in zip(names, loras):
         weight_name = lora.weight_name or (None if has_loader else _weight_file(lora))
@@ -145,10 +147,7 @@ def _load_all(pipe: Any, loras: Sequence[LoraSpec], names: list[str], component:
         try:
             if lora.second_expert:
                 options["load_into_transformer_2"] = True
-            if has_loader:
-                pipe.load_lora_weights(lora.source, adapter_name=name, **options)
-            else:
-                getattr(pipe, component).load_lora_adapter(lora.source, prefix=component, adapter_name=name, **options)
+            load_lora_into(pipe, component, lora.source, adapter_name=name, **options)
         except (OSError, ValueError, KeyError) as error:
             raise ValueError(f"Cannot load the LoRA {lora.source!r} into {type(pipe).__name__}: "
                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error

@@ -58,15 +58,15 @@ def save_lora(folder: Path, weight_name: str, component: str, layers: dict[str, 
     save_file(state, str(Path(folder) / weight_name), metadata={"format": "pt"})
 
 
-def load_lora_into(pipe: Any, component: str, folder: Path, weight_name: str, adapter_name: str) -> None:
-    """Load a saved LoRA into ``pipe``'s ``component``: the pipeline's ``load_lora_weights`` when it has a
-    LoRA loader, else the denoiser's own ``load_lora_adapter`` (with adapter support added)."""
+def load_lora_into(pipe: Any, component: str, source: str | Path, adapter_name: str, **options: Any) -> None:
+    """Load a LoRA into ``pipe``'s ``component``: the pipeline's ``load_lora_weights`` when it has a LoRA
+    loader, else the denoiser's own ``load_lora_adapter`` (with adapter support added). ``options`` go to
+    the loader (``weight_name``, ``load_into_transformer_2``)."""
     if hasattr(pipe, "load_lora_weights"):
-        pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=adapter_name)
+        pipe.load_lora_weights(source, adapter_name=adapter_name, **options)
         return
     denoiser = with_adapter_support(getattr(pipe, component))
-    denoiser.load_lora_adapter(str(folder), weight_name=weight_name, prefix=component, adapter_name=adapter_name,
-                               local_files_only=True)
+    denoiser.load_lora_adapter(str(source), prefix=component, adapter_name=adapter_name, **options)
 
 
 def fuse_and_unload_lora(pipe: Any, component: str) -> None:

@@ -174,7 +174,7 @@ def install_student_weights(pipe: Any, folder: str | Path, card: StudentCard, ke
     transformer = getattr(pipe, component)
     saved: dict[str, torch.Tensor] = {}
     if card.lora_rank:
-        load_lora_into(pipe, component, folder, LORA_WEIGHTS, adapter_name="diffaccel_student")
+        load_lora_into(pipe, component, folder, adapter_name="diffaccel_student", weight_name=LORA_WEIGHTS)
         if keep_original:  # the layers the LoRA wraps: their base weights are what fusing changes
             for name, module in transformer.named_modules():
                 base = getattr(module, "base_layer", None)
