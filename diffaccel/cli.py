@@ -293,7 +293,7 @@ def _add_distill(subparsers) -> None:
                    "square (with --width; default: the teacher's, e.g. Wan's 480 x 832)")
     p.add_argument("--width", type=int, default=None, help="training and sampling width (with --height)")
     p.add_argument("--frames", type=int, default=None,
-                   help="a video teacher's clip length (1 + 4k for Wan; default: the teacher's)")
+                   help="a video teacher's clip length (1 + k·the VAE's time factor: 1 + 4k for Wan 2.1, 1 + 2k for the reference model; default: the teacher's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                    help="the teacher's frozen weights (default float32; auto: bfloat16 on a GPU); LoRA adapters train "
                    "in float32 over them; a full student (--lora-rank 0) needs float32")

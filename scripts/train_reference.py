@@ -26,7 +26,7 @@ The VAE stages (image-vae, video-vae) train on a GPU the same way, with 8x the C
 A new latent space is trained beside the shipped models, not over them: ``--weights DIR`` reads and writes
 ``DIR/<kind>/`` instead (checkpoints in ``work/reference/<kind>@<DIR name>/``), e.g.
 
-    python scripts/train_reference.py video-vae --fresh --temporal-scale 2 --weights scripts/weights/next
+    python scripts/train_reference.py video-vae --fresh --weights scripts/weights/next
     python scripts/train_reference.py video --weights scripts/weights/next   # starts from the shipped denoiser
     python scripts/eval_reference.py video --path scripts/weights/next/video --out ... --grid ...
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                         help="the model folders this run reads and writes (default: the shipped ones, "
                              "pipelines/reference/weights); another folder trains a candidate beside them")
     parser.add_argument("--temporal-scale", type=int, choices=sorted(build.VIDEO_TEMPORAL_SCALES), default=None,
-                        help="video-vae --fresh: the VAE's time compression (default 4, as the shipped VAE)")
+                        help="video-vae --fresh: the VAE's time compression (default 2, as the shipped VAE)")
     parser.add_argument("--foreground-weight", type=float, default=0.0,
                         help="VAE stages: weigh the shapes' pixels 1 + this in the reconstruction loss (default 0)")
     parser.add_argument("--long-every", type=int, default=0, metavar="N",

@@ -158,7 +158,7 @@ def test_temporal_scale_only_shapes_a_fresh_video_vae(trainer, tmp_path):
 
 
 def test_a_video_vae_compressing_time_by_two_keeps_five_of_nine_frames():
-    """The candidate VAE's layout: 9 frames -> 5 latent frames -> 9 frames, and the pipeline reads the factor."""
+    """The shipped VAE's layout: 9 frames -> 5 latent frames -> 9 frames, and the pipeline reads the factor."""
     import torch
     from diffaccel.pipelines.reference import build
 
@@ -170,7 +170,8 @@ def test_a_video_vae_compressing_time_by_two_keeps_five_of_nine_frames():
         assert tuple(latents.shape) == (1, build.VIDEO_LATENT_CHANNELS, 5, 8, 8)
         assert tuple(vae.decode(latents).sample.shape) == tuple(clip.shape)
     assert build.video_pipeline(components).vae_scale_factor_temporal == 2
-    assert build.video_components(0)["vae"].config.scale_factor_temporal == 4  # the shipped layout stays the default
+    assert build.video_components(0)["vae"].config.scale_factor_temporal == 2  # the shipped layout is the default
+    assert build.video_components(0, temporal_scale=4)["vae"].config.scale_factor_temporal == 4  # the earlier one
     with pytest.raises(ValueError, match="temporal_scale must be one of"):
         build.video_components(0, temporal_scale=3)
 

@@ -124,7 +124,7 @@ VIDEO_LATENT_CHANNELS = 8
 VIDEO_TEMPORAL_SCALES = {4: [True, True], 2: [False, True]}
 
 
-def video_components(seed: int = 0, temporal_scale: int = 4) -> dict:
+def video_components(seed: int = 0, temporal_scale: int = 2) -> dict:
     """Components of the reference text-to-video pipeline (Wan family), randomly initialised; the VAE
     compresses time by ``temporal_scale`` (``VIDEO_TEMPORAL_SCALES``)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel

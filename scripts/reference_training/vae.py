@@ -89,7 +89,7 @@ def train_vae(kind: str, minutes: float, seed: int, decoder_only: bool = False, 
         raise SystemExit("--temporal-scale sets the architecture of a fresh video VAE (video-vae --fresh); "
                          "a saved VAE keeps its own")
     components = (build.image_components(seed) if kind == "image"
-                  else build.video_components(seed, temporal_scale=temporal_scale or 4))
+                  else build.video_components(seed, temporal_scale=temporal_scale or 2))
     vae = components["vae"]
     state = {} if fresh else read_state(out)
     if state:
