@@ -251,6 +251,10 @@ def _add_farm(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--retries", type=int, default=1, help="more tries of an item that raised, within this run (default 1)")
     p.add_argument("--max-items", type=int, default=None, help="render at most this many of the remaining items")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="items per pipeline call, among consecutive items with the same call arguments (default 1). "
+                   "More keeps a GPU busier; a batch's caches and adaptive guidance decide for the whole batch, so "
+                   "outputs differ slightly from single calls and the batch size is part of the job")
     p.add_argument("--ray-address", default=None, help="a Ray cluster to join (default: one running here, else a new local one)")
     add_lora_option(p)
     add_compile_options(p)

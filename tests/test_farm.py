@@ -22,6 +22,7 @@ from PIL import Image
 from diffaccel.cli import main
 from diffaccel.parallel.engines import EngineOptions, RayEngine
 from diffaccel.parallel.farm import FarmJob, make_job, read_prompt_lines, run_farm
+from diffaccel.parallel.items import PromptLine
 from diffaccel.parallel.items import work_items
 from diffaccel.parallel.manifest import ManifestRow, ManifestWriter, open_job, read_manifest
 from diffaccel.parallel.render import file_sha256
@@ -299,6 +300,7 @@ def test_video_items_are_mp4(tmp_path):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="applies on a CPU machine")),
     (["--workers", "2"], r"--engine local runs one worker in this process, not 2"),
     (["--preset", "warp"], r"warp"),
+    (["--batch-size", "0"], r"FarmJob.batch_size must be >= 1, got 0"),
 ])
 def test_cli_errors_before_loading_anything(tmp_path, capsys, extra, message):
     (tmp_path / "p.txt").write_text("a red circle\n")
@@ -356,7 +358,7 @@ def test_torchrun_engine_splits_40_prompts_over_2_ranks(tmp_path):
     prompts = write_txt(tmp_path / "p.txt", 40)
     out = tmp_path / "out"
     command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "diffaccel.cli", "farm", "--prompts",
-               str(prompts), "--out", str(out), "--engine", "torchrun", *ARGS]
+               str(prompts), "--out", str(out), "--engine", "torchrun", "--batch-size", "4", *ARGS]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=one_thread_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "farm: 40 items: 40 done, 0 skipped" in done.stdout
@@ -365,16 +367,19 @@ def test_torchrun_engine_splits_40_prompts_over_2_ranks(tmp_path):
     for row in read_manifest(out):
         per_rank[row.worker] = per_rank.get(row.worker, 0) + 1
     assert sorted(per_rank.values()) == [20, 20]
+    assert {row.batch for row in read_manifest(out)} == {4}  # each rank's 20 items in 5 calls
 
 
 def test_ray_engine_with_fractional_cpus(tmp_path):
     pytest.importorskip("ray")
     prompts = read_prompt_lines(write_txt(tmp_path / "p.txt", 40))
     options = EngineOptions(workers=2, progress=False, ray_address="local")
-    summary = run_farm(job(), prompts, tmp_path, "ray", options)
+    batched = make_job("image", "fast", CALL, batch_size=3)
+    summary = run_farm(batched, prompts, tmp_path, "ray", options)
     assert (summary.done, summary.failed) == (40, 0)
     check_two_workers(tmp_path, "ray-")
-    again = run_farm(job(), prompts, tmp_path, "local", EngineOptions(progress=False))  # nothing left: loads nothing
+    assert sorted(row.batch for row in read_manifest(tmp_path)).count(3) == 39  # 13 calls of 3, one of 1
+    again = run_farm(batched, prompts, tmp_path, "local", EngineOptions(progress=False))  # nothing left: loads nothing
     assert (again.done, again.skipped) == (0, 40)
 
 
@@ -414,3 +419,89 @@ def test_a_compiled_job_compiles_each_replica_and_is_its_own_job(tmp_path):
         assert all(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
     finally:
         torch._dynamo.reset()
+
+
+# --- batching ---------------------------------------------------------------------------------
+
+def counting_calls(pipe, monkeypatch, fails=lambda prompts: False):
+    """Record how many prompts each pipeline call took; raise where ``fails(prompts)``."""
+    sizes = []
+    original = type(pipe).__call__
+
+    @functools.wraps(original)
+    def counted(self, *args, **kwargs):
+        prompts = kwargs["prompt"] if isinstance(kwargs.get("prompt"), list) else [kwargs.get("prompt")]
+        sizes.append(len(prompts))
+        if fails(prompts):
+            raise RuntimeError("simulated device error")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", counted)
+    return sizes
+
+
+def test_batches_are_runs_of_items_with_the_same_call():
+    from diffaccel.parallel.items import batches
+
+    lines = [{}, {}, {}, {"guidance_scale": 2.0}, {}, {"negative_prompt": "blurry"}, {"negative_prompt": "dark"}]
+    prompts = [PromptLine(f"p{i}", i, line.pop("negative_prompt", None), line, i) for i, line in enumerate(lines)]
+    items = work_items(prompts, "m", {}, {"num_inference_steps": 2})
+    assert [[item.index for item in batch] for batch in batches(items, 2)] == [[0, 1], [2], [3], [4], [5, 6]]
+    assert [len(batch) for batch in batches(items, 1)] == [1] * 7
+    with pytest.raises(ValueError, match="batch size must be >= 1"):
+        batches(items, 0)
+
+
+def test_batched_calls_keep_each_items_seed_and_file(pipe, tmp_path, monkeypatch):
+    """--batch-size 3: 7 items in 4 calls (line 3 has a call of its own); each item's output is the one a
+    single call with its seed gives. The items share one prompt, so the batch pads no prompt to another's
+    length (CogView4 pads a batch's prompts to its longest, which changes a shorter prompt's conditioning)."""
+    prompt = scene_prompts(1)[0]
+    lines = tmp_path / "p.jsonl"
+    lines.write_text("\n".join(json.dumps({"prompt": prompt, "seed": 10 + i, **({"guidance_scale": 2.0} if i == 3 else {})})
+                               for i in range(7)) + "\n")
+    single = run_farm(job("off"), read_prompt_lines(lines), tmp_path / "single", "local", EngineOptions(progress=False),
+                      pipe=pipe)
+    sizes = counting_calls(pipe, monkeypatch)
+    batched_job = make_job("image", "off", CALL, batch_size=3)
+    batched = run_farm(batched_job, read_prompt_lines(lines), tmp_path / "batched", "local",
+                       EngineOptions(progress=False), pipe=pipe)
+    assert single.done == batched.done == 7 and sizes == [3, 1, 3]
+    rows = check_complete(tmp_path / "batched", 7)
+    assert sorted(row.batch for row in rows) == [1, 3, 3, 3, 3, 3, 3]
+    pixels = {}
+    for name in ("single", "batched"):
+        pixels[name] = {row.id: np.asarray(Image.open(tmp_path / name / row.path), dtype=np.int16)
+                        for row in done_rows(tmp_path / name)[0]}
+    assert pixels["single"].keys() == pixels["batched"].keys()  # the same items, the same files
+    for ident, image in pixels["single"].items():
+        assert np.abs(image - pixels["batched"][ident]).max() <= 1  # float rounding of a batched matmul at most
+    first, second = list(pixels["single"].values())[:2]
+    assert np.abs(first - second).max() > 10  # the seeds differ, and so do the outputs
+
+
+def test_a_failed_batch_is_redone_item_by_item(pipe, tmp_path, monkeypatch):
+    prompts = write_txt(tmp_path / "p.txt", 4)
+    bad = scene_prompts(4)[1]
+    sizes = counting_calls(pipe, monkeypatch, fails=lambda prompts: bad in prompts and len(prompts) > 1)
+    summary = run_farm(make_job("image", "fast", CALL, batch_size=2), read_prompt_lines(prompts), tmp_path / "a",
+                       "local", EngineOptions(progress=False, retries=0), pipe=pipe)
+    assert (summary.done, summary.failed) == (4, 0) and sizes == [2, 1, 1, 2]
+    assert sorted(row.batch for row in read_manifest(tmp_path / "a")) == [1, 1, 2, 2]
+
+    monkeypatch.undo()
+    counting_calls(pipe, monkeypatch, fails=lambda prompts: bad in prompts)  # the item itself is bad
+    summary = run_farm(make_job("image", "fast", CALL, batch_size=2), read_prompt_lines(prompts), tmp_path / "b",
+                       "local", EngineOptions(progress=False, retries=0), pipe=pipe)
+    assert (summary.done, summary.failed) == (3, 1)
+    (failed,) = [row for row in read_manifest(tmp_path / "b") if row.status == "failed"]
+    assert failed.prompt == bad and failed.error == "RuntimeError: simulated device error"
+
+
+def test_the_batch_size_is_part_of_the_job(tmp_path):
+    single, batched = make_job("image", "fast", CALL), make_job("image", "fast", CALL, batch_size=4)
+    assert "batch_size" not in single.record().to_dict()  # unbatched jobs keep the fingerprint they had
+    assert batched.record().to_dict()["batch_size"] == 4
+    open_job(tmp_path, single.record())
+    with pytest.raises(ValueError, match=r"fields that differ: \['batch_size'\]"):
+        open_job(tmp_path, batched.record())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from .items import WorkItem
+from .items import WorkItem, batches
 from .job import FarmJob
 from .manifest import ManifestRow, worker_name
 from .render import Renderer
@@ -74,13 +74,14 @@ def cuda_block(k: int, replica: int) -> tuple[int, ...]:
 
 
 def render_all(renderer: Renderer, items: Sequence[WorkItem], progress: bool, desc: str) -> list[ManifestRow]:
+    """Every item, ``job.batch_size`` to a pipeline call where they share their call arguments."""
     from tqdm.auto import tqdm
 
-    rows = []
+    rows: list[ManifestRow] = []
     with tqdm(total=len(items), disable=not progress, desc=desc, unit="item") as bar:
-        for item in items:
-            rows.append(renderer.render(item))
-            bar.update(1)
+        for batch in batches(items, renderer.job.batch_size):
+            rows.extend(renderer.render_batch(batch))
+            bar.update(len(batch))
             bar.set_postfix(failed=sum(r.status == "failed" for r in rows))
     return rows
 
@@ -192,8 +193,8 @@ class Replica:
         self.renderer = Renderer(job, out, worker_name("ray", index), "cuda" if cuda else "cpu", devices,
                                  retries=retries)
 
-    def render(self, item: WorkItem) -> ManifestRow:
-        return self.renderer.render(item)
+    def render_batch(self, items: list[WorkItem]) -> list[ManifestRow]:
+        return self.renderer.render_batch(items)
 
 
 class RayEngine:
@@ -244,17 +245,18 @@ class RayEngine:
         if not todo:
             return []
         remote = ray.remote(max_restarts=RAY_MAX_RESTARTS, max_task_retries=RAY_MAX_TASK_RETRIES)(Replica)
-        replicas = min(self.workers, len(todo))
+        calls = batches(todo, job.batch_size)
+        replicas = min(self.workers, len(calls))
         actors = [remote.options(**self.resources).remote(job, str(out), i, self.options.devices_per_replica,
                                                           self.options.retries, replicas)
                   for i in range(replicas)]
         rows: list[ManifestRow] = []
         try:
-            results = ActorPool(actors).map_unordered(lambda actor, item: actor.render.remote(item), list(todo))
+            results = ActorPool(actors).map_unordered(lambda actor, batch: actor.render_batch.remote(batch), calls)
             with tqdm(total=len(todo), disable=not self.options.progress, desc="farm (ray)", unit="item") as bar:
-                for row in results:
-                    rows.append(row)
-                    bar.update(1)
+                for batch_rows in results:
+                    rows.extend(batch_rows)
+                    bar.update(len(batch_rows))
                     bar.set_postfix(failed=sum(r.status == "failed" for r in rows))
         except ray.exceptions.RayError as error:
             raise FarmError(f"a Ray replica failed beyond its {RAY_MAX_RESTARTS} restarts ({type(error).__name__}: "

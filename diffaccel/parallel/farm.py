@@ -116,7 +116,8 @@ def farm_command(args) -> int:
     job = make_job(args.model, args.config or args.preset,
                    {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.height,
                     "width": args.width, "num_frames": args.frames}, dtype=args.dtype, fps=args.fps,
-                   loras=parse_loras(args.lora, args.lora_2), compile=args.compile, compile_backend=args.compile_backend)
+                   loras=parse_loras(args.lora, args.lora_2), compile=args.compile, compile_backend=args.compile_backend,
+                   batch_size=args.batch_size)
     prompts = read_prompt_lines(args.prompts, seed=args.seed, negative_prompt=args.negative_prompt)
     options = EngineOptions(workers=args.workers, devices_per_replica=args.devices_per_replica, device=args.device,
                             retries=args.retries, progress=not args.no_progress, ray_address=args.ray_address)

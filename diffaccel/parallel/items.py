@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 # Per-item call arguments a prompts.jsonl line may set (the same ones the CLI exposes).
 ITEM_PARAMS = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames")
@@ -118,3 +118,19 @@ def work_items(lines: list[PromptLine], model: str, config: dict, call: dict) ->
         ident = item_id(model, config, params, line.prompt, line.negative_prompt, line.seed)
         items.setdefault(ident, WorkItem(ident, line.prompt, line.seed, line.negative_prompt, params, line.index))
     return list(items.values())
+
+
+def batches(items: Sequence[WorkItem], size: int) -> list[list[WorkItem]]:
+    """Items for one pipeline call each: runs of consecutive items with the same call arguments (and a
+    negative prompt on all or none of them, which one list argument needs), at most ``size`` a call, in order."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}.")
+    groups: list[list[WorkItem]] = []
+    for item in items:
+        last = groups[-1] if groups else None
+        if (last is not None and len(last) < size and last[0].params == item.params
+                and (last[0].negative_prompt is None) == (item.negative_prompt is None)):
+            last.append(item)
+        else:
+            groups.append([item])
+    return groups

@@ -36,8 +36,11 @@ class FarmJob:
     loras: tuple[LoraSpec, ...] = ()  # fused into every replica's pipeline, in this order
     compile: str = "off"  # torch.compile of each replica's denoisers after acceleration: off, blocks, full
     compile_backend: str = "inductor"
+    batch_size: int = 1  # items per pipeline call (those sharing their call arguments)
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"FarmJob.batch_size must be >= 1, got {self.batch_size}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"FarmJob.dtype must be one of {DTYPES}, got {self.dtype!r}.")
         if self.compile not in COMPILE_MODES:
@@ -72,7 +75,8 @@ class FarmJob:
                          dtype=self.dtype, fps=self.fps, diffaccel=diffaccel.__version__,
                          loras=[{**lora.to_dict(), "revision": lora.revision()} for lora in self.loras],
                          compile=None if self.compile == "off" else {"mode": self.compile,
-                                                                     "backend": self.compile_backend})
+                                                                     "backend": self.compile_backend},
+                         batch_size=self.batch_size)
 
 
 def model_revision(model: str) -> str | None:
@@ -105,7 +109,7 @@ def _is_embedded(model: str, names: tuple[str, ...]) -> bool:
 
 def make_job(model: str | None, config: Any, overrides: dict[str, Any] | None = None, dtype: str = "auto",
              fps: int = 8, loras: tuple[LoraSpec, ...] = (), compile: str = "off",
-             compile_backend: str = "inductor") -> FarmJob:
+             compile_backend: str = "inductor", batch_size: int = 1) -> FarmJob:
     """Resolve what the user named into a job, without loading the model: the embedded models'
     trained call defaults under the user's ``overrides`` (None values ignored); a local folder is
     made absolute so the fingerprint does not depend on the working directory."""
@@ -127,4 +131,4 @@ def make_job(model: str | None, config: Any, overrides: dict[str, Any] | None = 
     accel = diffaccel.resolve_config(config)  # a bad preset or config fails here, before any loading
     preset = config if isinstance(config, str) and config in diffaccel.PRESETS else None
     return FarmJob(model=model, config=accel.to_dict(), call=call, dtype=dtype, fps=fps, preset=preset,
-                   loras=tuple(loras), compile=compile, compile_backend=compile_backend)
+                   loras=tuple(loras), compile=compile, compile_backend=compile_backend, batch_size=batch_size)

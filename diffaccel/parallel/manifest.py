@@ -39,12 +39,17 @@ class JobRecord:
     diffaccel: str
     loras: list = field(default_factory=list)  # LoRAs fused into the model: source, scale, file, content hash
     compile: dict | None = None  # torch.compile of the denoisers (mode, backend): compiled kernels round differently
+    # Items per pipeline call: a batch's caches and adaptive guidance decide for the whole batch, and batched
+    # kernels round differently, so a batched item's output differs (slightly) from a single call's.
+    batch_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
         for name in ("loras", "compile"):
             if not record[name]:
                 del record[name]  # a job without them keeps the fingerprint it had before they were recorded
+        if record["batch_size"] == 1:
+            del record["batch_size"]
         return record
 
     def fingerprint(self) -> str:
@@ -95,11 +100,12 @@ class ManifestRow:
     worker: str
     path: str | None = None  # relative to the job folder
     sha256: str | None = None
-    seconds: dict = field(default_factory=dict)  # render (the pipeline call), write (encode + hash)
+    seconds: dict = field(default_factory=dict)  # render (the item's share of its call), write (encode + hash)
     attempts: int = 1
     error: str | None = None
     stats: dict = field(default_factory=dict)  # diffaccel.stats of the call
     finished: str = ""  # UTC, ISO 8601
+    batch: int = 1  # items rendered by the same pipeline call (1 also where a failed batch was redone item by item)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

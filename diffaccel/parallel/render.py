@@ -70,7 +70,8 @@ def write_output(path: Path, sample: np.ndarray, is_video: bool, fps: int) -> No
 
 
 class Renderer:
-    """Loads (or takes) a pipeline, accelerates it with the job's config, renders items one by one,
+    """Loads (or takes) a pipeline, accelerates it with the job's config, renders items (one by one, or
+    ``job.batch_size`` at a time where they share their call arguments),
     writing each output to ``out/<shard>/<id>.png|mp4`` and its row to this worker's manifest file."""
 
     def __init__(self, job: FarmJob, out: str | Path, worker: str, device: str | None = None,
@@ -101,7 +102,7 @@ class Renderer:
         error: Exception | None = None
         for attempt in range(1, self.retries + 2):
             try:
-                row = self._render_once(item, attempt)
+                (row,) = self._render_once([item], attempt)
                 break
             except Exception as caught:  # noqa: BLE001 - one bad item must not stop the replica
                 error = caught
@@ -112,28 +113,54 @@ class Renderer:
         self.writer.append(row)
         return row
 
-    def _render_once(self, item: WorkItem, attempt: int) -> ManifestRow:
+    def render_batch(self, items: Sequence[WorkItem]) -> list[ManifestRow]:
+        """Render items that share their call arguments (``items.batches``) in one pipeline call and record
+        them; a batch that raises is redone item by item, so one bad item fails alone."""
+        if len(items) == 1:
+            return [self.render(items[0])]
+        try:
+            rows = self._render_once(items, attempt=1)
+        except Exception as caught:  # noqa: BLE001 - redo the items one by one
+            logger.warning("diffaccel farm: a call of %d items (lines %s) failed (%s: %s); rendering them one by one",
+                           len(items), ", ".join(str(item.index + 1) for item in items), type(caught).__name__, caught)
+            return [self.render(item) for item in items]
+        for row in rows:
+            self.writer.append(row)
+        return rows
+
+    def _render_once(self, items: Sequence[WorkItem], attempt: int) -> list[ManifestRow]:
         import torch
 
         import diffaccel
 
-        kwargs = dict(item.params)
-        if item.negative_prompt is not None:
-            kwargs["negative_prompt"] = item.negative_prompt
+        first = items[0]
+        kwargs = dict(first.params)
+        if first.negative_prompt is not None:
+            negatives = [item.negative_prompt for item in items]
+            kwargs["negative_prompt"] = negatives if len(items) > 1 else negatives[0]
         refused = sorted(set(kwargs) - self.accepted)
         if refused:
             raise ValueError(f"{type(self.pipe).__name__} does not take {refused}.")
+        generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
+        prompts = [item.prompt for item in items]
         start = time.perf_counter()
-        result = self.pipe(prompt=item.prompt, generator=torch.Generator("cpu").manual_seed(item.seed),
-                           output_type="np", **kwargs)
-        rendered = time.perf_counter()
-        sample = np.asarray(result.frames if self.is_video else result.images)[0]
-        path = self.output_path(item)
-        write_output(path, sample, self.is_video, self.job.fps)
-        digest = file_sha256(path)
-        seconds = {"render": round(rendered - start, 4), "write": round(time.perf_counter() - rendered, 4)}
-        return self._row(item, "done", attempts=attempt, path=path.relative_to(self.out).as_posix(), sha256=digest,
-                         seconds=seconds, stats=diffaccel.stats(self.pipe))
+        result = self.pipe(prompt=prompts if len(items) > 1 else prompts[0],
+                           generator=generators if len(items) > 1 else generators[0], output_type="np", **kwargs)
+        share = (time.perf_counter() - start) / len(items)
+        samples = np.asarray(result.frames if self.is_video else result.images)
+        if len(samples) != len(items):
+            raise RuntimeError(f"{type(self.pipe).__name__} returned {len(samples)} outputs for {len(items)} prompts.")
+        stats = diffaccel.stats(self.pipe)
+        rows = []
+        for item, sample in zip(items, samples):
+            written = time.perf_counter()
+            path = self.output_path(item)
+            write_output(path, sample, self.is_video, self.job.fps)
+            digest = file_sha256(path)
+            seconds = {"render": round(share, 4), "write": round(time.perf_counter() - written, 4)}
+            rows.append(self._row(item, "done", attempts=attempt, path=path.relative_to(self.out).as_posix(),
+                                  sha256=digest, seconds=seconds, stats=stats, batch=len(items)))
+        return rows
 
     def _row(self, item: WorkItem, status: str, **values: Any) -> ManifestRow:
         return ManifestRow(id=item.id, status=status, prompt=item.prompt, seed=item.seed,

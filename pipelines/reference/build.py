@@ -118,9 +118,10 @@ def image_pipeline(components: dict):
 
 VIDEO_FRAMES = 9
 VIDEO_LATENT_CHANNELS = 8
-# The VAE's temporal compression: 4 (the shipped model: 9 frames -> 3 latent frames, as Wan 2.1) or 2
-# (9 -> 5, the first stage downsampling space only, as Wan 2.2's VAE): a moving shape smeared over 4
-# frames in one latent frame lost its colour and outline (the 4x VAE's reconstructions: colour 39%).
+# The VAE's temporal compression: 2 (the shipped model since 2026-12-05: 9 frames -> 5 latent frames, the
+# first stage downsampling space only, as Wan 2.2's VAE) or 4 (9 -> 3, as Wan 2.1; the earlier model): a
+# moving shape smeared over 4 frames in one latent frame lost its colour (the 4x VAE's reconstructions:
+# colour 39%, the 2x VAE's 88.5%).
 VIDEO_TEMPORAL_SCALES = {4: [True, True], 2: [False, True]}
 
 
