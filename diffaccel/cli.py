@@ -337,6 +337,7 @@ def _add_distill(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_option(p)  # fused into the teacher: the student learns the LoRA'd model and needs it where it samples
     p.set_defaults(func=cmd_distill)
 
 
@@ -398,7 +399,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise ValueError("Give --data DIR or --prompts FILE, not both (tdm reads only the captions of --data).")
     data = args.prompts if args.prompts is not None else args.data
     start = time.perf_counter()
+    loras = parse_loras(args.lora, args.lora_2)  # a missing LoRA file fails before the teacher loads
     out = distill(args.teacher, args.out, config, method=args.method, reward=reward, data=data, dtype=args.dtype,
+                  loras=loras,
                   gradient_checkpointing=args.gradient_checkpointing, max_minutes=args.max_minutes,
                   max_steps=args.max_steps, resume=args.resume, save_every=args.save_every,
                   progress=not args.no_progress)
@@ -484,8 +487,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe, video = loaded.pipe, loaded.is_video
     defaults = loaded.defaults
     if args.distilled:
-        from diffaccel.distill import load_student, set_student_guidance, student_call_defaults, student_of
+        from diffaccel.distill import StudentCard, load_student, set_student_guidance, student_call_defaults, student_of
 
+        if StudentCard.load(args.distilled).teacher_loras:  # distilled on a LoRA'd teacher: the same LoRAs first
+            apply_loras(pipe, loras)
+            loras = ()
         load_student(pipe, args.distilled)
         defaults = {**defaults, **student_call_defaults(pipe)}
         config = with_student_attention(config, pipe)

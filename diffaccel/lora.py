@@ -72,6 +72,29 @@ class LoraSpec:
         return "sha256:" + digest.hexdigest()[:16]
 
 
+FUSED_ATTRIBUTE = "_diffaccel_loras"  # on a pipeline: the LoRAs ``apply_loras`` fused into it, in order
+
+
+def lora_record(lora: LoraSpec) -> dict[str, Any]:
+    """What identifies a fused LoRA for a student distilled on top of it: its spec and content hash."""
+    return {**lora.to_dict(), "revision": lora.revision()}
+
+
+def same_loras(a: Sequence[dict], b: Sequence[dict]) -> bool:
+    """Whether two lists of ``lora_record``s fuse the same weights: by content hash where both have one (a
+    moved file is the same LoRA), else by source; scale, file name and expert always."""
+    def key(record: dict) -> tuple:
+        where = record.get("revision") or (record["source"], record.get("weight_name"))
+        return where, float(record["scale"]), bool(record.get("second_expert"))
+
+    return [key(r) for r in a] == [key(r) for r in b]
+
+
+def fused_loras(pipe: Any) -> list[dict]:
+    """The ``lora_record``s of what ``apply_loras`` fused into ``pipe`` (empty for a plain pipeline)."""
+    return list(getattr(pipe, FUSED_ATTRIBUTE, ()))
+
+
 def parse_loras(texts: Sequence[str] | None, second_expert_texts: Sequence[str] | None = None) -> tuple[LoraSpec, ...]:
     """The CLI's repeated ``--lora`` values, then its ``--lora-2`` ones (the second expert's)."""
     return (tuple(LoraSpec.parse(text) for text in texts or ())
@@ -134,6 +157,7 @@ def apply_loras(pipe: Any, loras: Sequence[LoraSpec]) -> None:
     else:
         getattr(pipe, component).set_adapters(names, weights=scales)
         fuse_and_unload_lora(pipe, component)
+    setattr(pipe, FUSED_ATTRIBUTE, (*fused_loras(pipe), *(lora_record(lora) for lora in loras)))
     logger.info("diffaccel: fused %s", ", ".join(f"{lora.source} ×{lora.scale:g}" for lora in loras))
 
 

@@ -205,3 +205,68 @@ def test_a_two_expert_pipeline_takes_a_lora_per_expert(tmp_path):
         assert torch.allclose(got, before[name] + scale * delta, atol=1e-5), name
     with pytest.raises(ValueError, match="--lora-2.*transformer_2.*StableDiffusion3Pipeline has none"):
         apply_loras(tiny_pipelines.sd3().pipe, parse_loras([], [str(low)]))
+
+
+def test_a_student_of_a_lora_teacher_learns_it_and_asks_for_it(tmp_path):
+    """`distill --lora`: the LoRA is fused into the teacher, so a full student starts from the LoRA'd weights
+    (not the base ones); the card records it, and the student loads only on a pipeline with the same LoRA
+    fused (by content: a moved copy is the same LoRA; another scale is not). A resume with another LoRA is
+    another run."""
+    from safetensors.torch import load_file
+
+    from diffaccel.distill import LCDConfig, StudentCard, distill, load_student
+    from diffaccel.pipelines import reference
+
+    base = reference.load("image")
+    style = make_lora(base, tmp_path / "style", std=0.2)
+    loras = parse_loras([f"{style}:0.8"])
+    tiny = dict(batch_size=2, solver_steps=10, warmup_steps=0, guidance_scale=4.0)
+    folder = distill("reference:image", tmp_path / "student", LCDConfig(lora_rank=0, **tiny), max_steps=1,
+                     progress=False, loras=loras)
+    card = StudentCard.load(folder)
+    assert "LoRA" in card.teacher and card.teacher_loras[0]["scale"] == 0.8
+    assert card.teacher_loras[0]["revision"].startswith("sha256:")
+
+    styled = reference.load("image")
+    apply_loras(styled, loras)
+    student = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    key = "transformer_blocks.0.attn1.to_q.weight"
+    to_styled = (student[key].float() - styled.transformer.state_dict()[key]).abs().max()
+    to_base = (student[key].float() - base.transformer.state_dict()[key]).abs().max()
+    assert to_styled < 0.01 < to_base  # one step of lr 1e-5 from the LoRA'd teacher, far from the base model
+
+    with pytest.raises(ValueError, match="samples on that teacher with the same LoRA.*has 0 LoRA"):
+        load_student(reference.load("image"), folder)
+    other_scale = reference.load("image")
+    apply_loras(other_scale, parse_loras([f"{style}:0.5"]))
+    with pytest.raises(ValueError, match="that differ"):
+        load_student(other_scale, folder)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "pytorch_lora_weights.safetensors").write_bytes((style / "pytorch_lora_weights.safetensors").read_bytes())
+    copy_of_it = reference.load("image")
+    apply_loras(copy_of_it, parse_loras([f"{moved}:0.8"]))
+    load_student(copy_of_it, folder)  # the same weights at the same scale
+    with pytest.raises(ValueError, match="holds another run"):
+        distill("reference:image", tmp_path / "student", LCDConfig(lora_rank=0, **tiny), max_steps=2, resume=True,
+                progress=False, loras=parse_loras([f"{style}:0.5"]))
+
+
+def test_generate_with_a_student_of_a_lora_teacher(tmp_path, capsys):
+    """The CLI end to end: `distill --lora` then `generate --distilled` with the same `--lora` (fused before
+    the student, as in training) makes an image; without it the student is refused, naming the LoRA."""
+    from diffaccel.cli import main
+
+    from diffaccel.pipelines import reference
+
+    style = make_lora(reference.load("image"), tmp_path / "style")
+    out = tmp_path / "student"
+    assert main(["distill", "--method", "lcd", "--lora-rank", "2", "--steps", "2", "--batch-size", "2", "--max-steps", "1",
+                 "--out", str(out), "--lora", f"{style}:0.7", "--no-progress"]) == 0
+    image = tmp_path / "a.png"
+    assert main(["generate", "a red circle", "-o", str(image), "--distilled", str(out), "--lora", f"{style}:0.7",
+                 "--preset", "off", "--height", "32", "--width", "32"]) == 0
+    assert image.is_file()
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "b.png"), "--distilled", str(out), "--preset", "off",
+                 "--height", "32", "--width", "32"]) == 2
+    assert "style" in capsys.readouterr().err

@@ -15,10 +15,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from diffaccel.lora import LoraSpec, apply_loras, describe_loras, fused_loras
 
 from .config import LCDConfig, RewardConfig, TDMConfig
 from .data import (CaptionedClips, CaptionedImages, DataSource, ProceduralClips, PromptList, data_source, describe,
@@ -131,7 +133,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             reward: RewardConfig | None = None, data: str | Path | DataSource | None = None,
             max_minutes: float | None = None, max_steps: int | None = None, resume: bool = False,
             save_every: float = 3.0, progress: bool = True, dtype: str = "float32",
-            gradient_checkpointing: bool = False) -> Path:
+            gradient_checkpointing: bool = False, loras: Sequence[LoraSpec] = ()) -> Path:
     """Train a student of ``teacher`` into ``out``; returns the folder (a loadable student).
 
     ``teacher``: "reference:image" / "reference:video", or a hub id or local folder of a supported pipeline
@@ -145,7 +147,9 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     its domain.
     ``dtype``: the teacher's frozen weights ("float32", "bfloat16", "float16"; "auto": bfloat16 on a GPU);
     LoRA adapters train in float32 over them either way. ``gradient_checkpointing`` recomputes the
-    transformer's activations in the backward pass (less memory, more time; the same result)."""
+    transformer's activations in the backward pass (less memory, more time; the same result).
+    ``loras``: LoRAs fused into the teacher first (a style or a fine-tune of the user's); the student learns
+    the LoRA'd teacher, and its card asks for the same LoRAs where it is loaded."""
     from tqdm.auto import tqdm
 
     from .lcd import LCDTrainer
@@ -182,6 +186,8 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     many, main = accelerator.num_processes > 1, accelerator.is_main_process
     pipe, name, facts = load_teacher(teacher, device=str(accelerator.device), dtype=dtype)
+    apply_loras(pipe, loras)
+    name += describe_loras(loras)  # a resume with other LoRAs is another run
     resolved = dataclasses.replace(
         config,
         guidance_scale=config.guidance_scale if config.guidance_scale is not None else float(facts["default_guidance"]),
@@ -258,6 +264,7 @@ def distill(teacher: str, out: str | Path, config: Config | None = None, *, meth
             sizes=list(resolved.sizes) if resolved.sizes else None, frames=resolved.frames,
             guidance_embedding=_guidance_embedding_of(resolved),
             attention=getattr(resolved, "sparse_attention", None),
+            teacher_loras=fused_loras(pipe) or None,
             training={"steps": trainer.step, "minutes": round(minutes(), 2), "threads": torch.get_num_threads(),
                       "processes": accelerator.num_processes,
                       "data": describe(source), "dtype": str(adapter.compute_dtype).removeprefix("torch."),

@@ -57,6 +57,9 @@ class StudentCard:
     # the block-sparse attention a sparsity-aware student was trained with and samples with (the fields of
     # a BlockSparseAttentionConfig); None: dense
     attention: dict[str, Any] | None = None
+    # LoRAs fused into the teacher before distilling (``diffaccel.lora.lora_record`` each): the student learned
+    # on top of them, so it samples on a pipeline with the same LoRAs fused; None: the plain teacher
+    teacher_loras: list[dict[str, Any]] | None = None
 
     def guidance_range(self) -> tuple[float, float] | None:
         return None if not self.guidance_embedding else tuple(self.guidance_embedding["range"])
@@ -148,6 +151,16 @@ def check_student(pipe: Any, folder: str | Path, pipeline_name: str | None = Non
         raise ValueError(f"The student in {folder} was distilled from a {card.pipeline}; this is a {name}.")
     if getattr(pipe, STUDENT_ATTRIBUTE, None) is not None:
         raise ValueError("This pipeline already holds a student; load the teacher again to swap students.")
+    if card.teacher_loras:
+        from diffaccel.lora import fused_loras, same_loras
+
+        if not same_loras(card.teacher_loras, fused_loras(pipe)):
+            wanted = ", ".join(f"{r['source']}{'/' + r['weight_name'] if r.get('weight_name') else ''}:{r['scale']:g}"
+                               for r in card.teacher_loras)
+            raise ValueError(f"The student in {folder} was distilled from {card.teacher}: it samples on that teacher with "
+                             f"the same LoRA(s) fused ({wanted}; `--lora` in the CLI, diffaccel.lora.apply_loras in "
+                             f"Python) and no others; this pipeline has {len(fused_loras(pipe))} LoRA(s) fused"
+                             f"{' that differ' if fused_loras(pipe) else ''}.")
     if not card.lora_rank and not (Path(folder) / component_of(card)).is_dir():
         raise ValueError(f"The student in {folder} has no weights: neither {LORA_WEIGHTS} nor {component_of(card)}/.")
     if card.guidance_embedding:

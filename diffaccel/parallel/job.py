@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from diffaccel.compiling import COMPILE_MODES
-from diffaccel.lora import LoraSpec, describe_loras
+from diffaccel.lora import LoraSpec, describe_loras, lora_record
 
 from .manifest import JobRecord
 
@@ -73,7 +73,7 @@ class FarmJob:
 
         return JobRecord(model=self.name, revision=model_revision(self.model), config=self.config, call=self.call,
                          dtype=self.dtype, fps=self.fps, diffaccel=diffaccel.__version__,
-                         loras=[{**lora.to_dict(), "revision": lora.revision()} for lora in self.loras],
+                         loras=[lora_record(lora) for lora in self.loras],
                          compile=None if self.compile == "off" else {"mode": self.compile,
                                                                      "backend": self.compile_backend},
                          batch_size=self.batch_size)
