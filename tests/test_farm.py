@@ -505,3 +505,16 @@ def test_the_batch_size_is_part_of_the_job(tmp_path):
     open_job(tmp_path, single.record())
     with pytest.raises(ValueError, match=r"fields that differ: \['batch_size'\]"):
         open_job(tmp_path, batched.record())
+
+
+def test_the_batch_size_bench_runs_and_reports_every_size(tmp_path):
+    """scripts/bench_farm.py at a toy size: one row per batch size, batch 1 the reference of the others."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_farm
+
+    out = tmp_path / "farm.md"
+    assert bench_farm.main(["--num", "3", "--batch-sizes", "1,2", "--repeats", "1", "--steps", "2", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2 and "identical" in rows[0] and " dB |" in rows[1]
+    with pytest.raises(SystemExit):
+        bench_farm.main(["--batch-sizes", "2,4", "--out", str(out)])
