@@ -23,17 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffaccel.loading import load_model  # noqa: E402
-from diffaccel.parallel.engines import EngineOptions  # noqa: E402
-from diffaccel.parallel.farm import run_farm  # noqa: E402
-from diffaccel.parallel.items import PromptLine  # noqa: E402
-from diffaccel.parallel.job import make_job  # noqa: E402
-from diffaccel.parallel.manifest import read_manifest  # noqa: E402
-from diffaccel.pipelines import reference  # noqa: E402
-from diffaccel.pipelines.reference import judge as judges  # noqa: E402
-from diffaccel.pipelines.reference import scenes  # noqa: E402
+from diffaccel.loading import load_model
+from diffaccel.parallel.engines import EngineOptions
+from diffaccel.parallel.farm import run_farm
+from diffaccel.parallel.items import PromptLine
+from diffaccel.parallel.job import make_job
+from diffaccel.parallel.manifest import read_manifest
+from diffaccel.pipelines import reference
+from diffaccel.pipelines.reference import judge as judges
+from diffaccel.pipelines.reference import scenes
 
 
 def read_outputs(out: Path) -> dict[str, tuple[str, np.ndarray]]:
@@ -46,6 +44,12 @@ def read_outputs(out: Path) -> dict[str, tuple[str, np.ndarray]]:
             pixels = np.asarray(iio.imread(out / row.path, index=None if row.path.endswith(".mp4") else 0))
             outputs[row.id] = (row.prompt, pixels.astype(np.float64) / 255.0)
     return outputs
+
+
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="torch device of the pipeline (cuda on a GPU machine)")
     parser.add_argument("--out", default=None, help="markdown report (default docs/farm_bench_<model>.md)")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     video = reference.info(args.model)["is_video"]
-    pipe = load_model(args.model, "cpu").pipe
+    pipe = load_model(args.model, args.device).pipe
     prompts = [PromptLine(p, i, None, {}, i) for i, p in enumerate(scenes.prompt_set(args.num, clip=video))]
     call = {"num_inference_steps": args.steps} if args.steps else {}
     jobs = {size: make_job(args.model, args.preset, call, batch_size=size) for size in sizes}
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(seconds[1])
     lines = [f"# Render farm throughput against batch size, reference {args.model} model", "",
              f"`python scripts/bench_farm.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-             f"{time.strftime('%Y-%m-%d')}, {platform.machine()} CPU, {torch.get_num_threads()} threads, "
+             f"{time.strftime('%Y-%m-%d')}, {hardware(args.device)}, "
              f"{time.perf_counter() - start:.0f} s. {args.num} prompts (`scenes.prompt_set`), seed i for prompt i, "
              f"preset `{args.preset}`, the model's default call{' with ' + str(call) if call else ''}; local engine, "
              f"one pipeline; {args.repeats} repeats, batch sizes taking turns.", "",

@@ -361,6 +361,19 @@ def command_checks(out: Path, device: torch.device) -> None:
         ["distill", "--method", "tdm", "--teacher", "reference:video", "--out", str(out / "tdm"), "--max-steps", "4",
          "--no-progress", "--lora-rank", "8", "--sparse-attention", '{"block_size": 16}'], timeout=300))
 
+    def farm_batching():
+        # Throughput of the farm's --batch-size on this GPU (the CPU suite checks only correctness).
+        report = out / "farm_bench_image.md"
+        proc = subprocess.run([sys.executable, "scripts/bench_farm.py", "--num", "32", "--batch-sizes", "1,4,16",
+                               "--repeats", "1", "--device", dev, "--out", str(report.resolve())], capture_output=True,
+                              text=True, env=env, timeout=240, cwd=ROOT)
+        tail = (proc.stdout + proc.stderr)[-1500:]
+        assert proc.returncode == 0, f"exit {proc.returncode}: {tail}"
+        rows = [line for line in report.read_text().splitlines() if line.startswith("| 16 ")]
+        return {"detail": rows[0] if rows else last_line(tail), "tail": tail}
+
+    check("commands", "farm --batch-size 1/4/16 throughput (bench_farm)", farm_batching)
+
     def vae_training():
         # A fresh VAE trained into a folder of its own (--weights): the shipped weights are never touched.
         weights = out / "vae_check_weights"
