@@ -29,8 +29,8 @@ from diffaccel.parallel.farm import run_farm
 from diffaccel.parallel.items import PromptLine
 from diffaccel.parallel.job import make_job
 from diffaccel.parallel.manifest import read_manifest
+from diffaccel.eval.metrics import judge_adherence, psnr
 from diffaccel.pipelines import reference
-from diffaccel.pipelines.reference import judge as judges
 from diffaccel.pipelines.reference import scenes
 
 
@@ -50,19 +50,6 @@ def hardware(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return 100.0 if mse == 0 else min(100.0, 10 * np.log10(1.0 / mse))
-
-
-def adherence(kind: str, outputs: dict[str, tuple[str, np.ndarray]]) -> float:
-    judge = judges.load_judge(kind)
-    prompts = [prompt for prompt, _ in outputs.values()]
-    pixels = torch.from_numpy(np.stack([p for _, p in outputs.values()])).float()
-    pixels = pixels.permute(0, 3, 1, 2) if pixels.dim() == 4 else pixels.permute(0, 1, 4, 2, 3)
-    return float(np.mean(judges.adherence(judge, pixels, prompts)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,10 +99,14 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|"]
     for size in sizes:
         median = statistics.median(seconds[size])
-        fidelity = [psnr(outputs[1][ident][1], pixels) for ident, (_, pixels) in outputs[size].items()]
-        closeness = "identical" if size == 1 else f"{np.mean(fidelity):.1f} / {min(fidelity):.1f} dB"
+        ids = list(outputs[size])
+        pixels = np.stack([outputs[size][ident][1] for ident in ids])
+        fidelity = psnr(np.stack([outputs[1][ident][1] for ident in ids]), pixels)
+        closeness = ("identical" if size == 1 else
+                     f"{fidelity.mean:.1f} / {fidelity.per_sample.min():.1f} dB")
+        score = judge_adherence(pixels, [outputs[size][ident][0] for ident in ids], kind=args.model).mean
         lines.append(f"| {size} | {median:.2f} | {args.num / median:.2f} | {base / median:.2f}x | {closeness} | "
-                     f"{adherence(args.model, outputs[size]):.1%} |")
+                     f"{score:.1%} |")
     report = "\n".join(lines) + "\n"
     out = Path(args.out or Path(__file__).resolve().parents[1] / "docs" / f"farm_bench_{args.model}.md")
     out.write_text(report)
