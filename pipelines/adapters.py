@@ -10,6 +10,7 @@ which checks the row against the model's real forward signature.
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,17 +29,27 @@ class BlockSpec:
 
     ``returns`` lists the block's outputs in order: ``("hidden",)`` for a block returning one tensor,
     ``("encoder", "hidden")`` for Flux-style dual-stream blocks that return a tuple.
+
+    ``joined_text="prefix"`` describes a single-stream block that the model feeds one tensor holding the
+    text tokens and then the latent tokens (the model concatenated the two streams before it, as FLUX.2 and
+    Chroma do): its streams are that tensor's two parts, split at the forward's latent token count, so a
+    cached span that starts in the dual-stream blocks and ends here keeps residuals of one shape.
     """
 
     returns: tuple[str, ...] = (HIDDEN,)
     hidden_arg: str = "hidden_states"
     encoder_arg: str | None = None  # set when the block updates and returns the encoder stream
+    joined_text: str | None = None  # "prefix": the hidden argument is [text tokens, latent tokens]
 
     def __post_init__(self) -> None:
         if HIDDEN not in self.returns:
             raise ValueError(f"BlockSpec.returns must contain {HIDDEN!r}, got {self.returns}.")
         if (ENCODER in self.returns) != (self.encoder_arg is not None):
             raise ValueError("BlockSpec: encoder_arg must be set exactly when 'encoder' is among the returns.")
+        if self.joined_text not in (None, "prefix"):
+            raise ValueError(f"BlockSpec.joined_text must be None or 'prefix', got {self.joined_text!r}.")
+        if self.joined_text is not None and self.returns != (HIDDEN,):
+            raise ValueError("BlockSpec: a joined_text block returns its one joined tensor, so returns must be ('hidden',).")
 
     @property
     def returns_tuple(self) -> bool:
@@ -79,7 +90,8 @@ class FamilyAdapter:
                     f"the '{self.name}' adapter does not match this model."
                 )
             for index, block in enumerate(blocks):
-                bound.append(BoundBlock(module=block, spec=block_spec_for(block), list_name=list_name, index=index))
+                bound.append(BoundBlock(module=block, spec=block_spec_for(block), list_name=list_name, index=index,
+                                        owner=weakref.ref(denoiser)))
         return bound
 
 
@@ -91,6 +103,7 @@ class BoundBlock:
     spec: BlockSpec
     list_name: str
     index: int
+    owner: Any = field(default=None, repr=False)  # weak reference to the denoiser (for joined_text blocks)
     _positions: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
@@ -101,6 +114,8 @@ class BoundBlock:
         """The hidden and (where the block carries one) encoder stream this call receives."""
         spec = self.spec
         hidden = get_argument(args, kwargs, spec.hidden_arg, self.position_of(spec.hidden_arg))
+        if spec.joined_text is not None:
+            return self._split_joined(hidden)
         encoder = None
         if spec.encoder_arg is not None:
             encoder = get_argument(args, kwargs, spec.encoder_arg, self.position_of(spec.encoder_arg))
@@ -108,6 +123,8 @@ class BoundBlock:
 
     def split_output(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden, encoder) from what the block returned, in its spec's order."""
+        if self.spec.joined_text is not None:
+            return self._split_joined(output)
         if not self.spec.returns_tuple:
             return output, None
         values = dict(zip(self.spec.returns, output))
@@ -115,10 +132,26 @@ class BoundBlock:
 
     def join_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
         """What the block would return for these streams (used when a skipped block passes through)."""
+        if self.spec.joined_text is not None:
+            return hidden if encoder is None else torch.cat([encoder, hidden], dim=1)
         if not self.spec.returns_tuple:
             return hidden
         values = {HIDDEN: hidden, ENCODER: encoder}
         return tuple(values[name] for name in self.spec.returns)
+
+    def _split_joined(self, joined: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent tokens, text tokens) of a joined [text, latent] sequence."""
+        denoiser = self.owner() if self.owner is not None else None
+        tokens = _LATENT_TOKENS.get(denoiser) if denoiser is not None else None
+        if tokens is None or not 0 < tokens <= joined.shape[1]:
+            raise ValueError(
+                f"diffaccel: block {self.qualified_name} ({type(self.module).__name__}) takes text and latent tokens "
+                f"joined in one sequence of {joined.shape[1]}, and the latent token count of this forward is "
+                f"{'unknown' if tokens is None else tokens}; the block can only be split inside an accelerated "
+                "denoiser's forward whose latent input is packed tokens (B, S, C)."
+            )
+        text = joined.shape[1] - tokens
+        return joined[:, text:], joined[:, :text]
 
     def position_of(self, arg: str) -> int | None:
         """Position of a named forward argument (None if it has none)."""
@@ -162,6 +195,17 @@ def set_argument(args: tuple, kwargs: dict, name: str, position: int | None, val
 
 _ADAPTERS: dict[type, FamilyAdapter] = {}
 _BLOCK_SPECS: dict[type, BlockSpec] = {}
+# The latent token count of the forward each accelerated denoiser is running (set by its runtime), which
+# splits joined_text blocks' sequences.
+_LATENT_TOKENS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def set_latent_tokens(denoiser: torch.nn.Module, tokens: int | None) -> None:
+    """Record (or with None forget) the latent token count of ``denoiser``'s forward in progress."""
+    if tokens is None:
+        _LATENT_TOKENS.pop(denoiser, None)
+    else:
+        _LATENT_TOKENS[denoiser] = tokens
 
 
 def register_block_spec(block_cls: type, spec: BlockSpec) -> None:

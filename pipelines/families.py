@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 HIDDEN_ONLY = BlockSpec(returns=(HIDDEN,))
 ENCODER_THEN_HIDDEN = BlockSpec(returns=(ENCODER, HIDDEN), encoder_arg="encoder_hidden_states")
 HIDDEN_THEN_ENCODER = BlockSpec(returns=(HIDDEN, ENCODER), encoder_arg="encoder_hidden_states")
+JOINED_TEXT_FIRST = BlockSpec(returns=(HIDDEN,), joined_text="prefix")
 
 # (module path, block class name) -> spec
 BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
@@ -36,6 +37,12 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     ),
     ("diffusers.models.transformers.transformer_ltx", "LTXVideoTransformerBlock", HIDDEN_ONLY),
     ("diffusers.models.transformers.transformer_cogview4", "CogView4TransformerBlock", HIDDEN_THEN_ENCODER),
+    # FLUX.2 and Chroma join [text, image] before their single-stream blocks, which take and return that one tensor.
+    ("diffusers.models.transformers.transformer_flux2", "Flux2TransformerBlock", ENCODER_THEN_HIDDEN),
+    ("diffusers.models.transformers.transformer_flux2", "Flux2SingleTransformerBlock", JOINED_TEXT_FIRST),
+    ("diffusers.models.transformers.transformer_chroma", "ChromaTransformerBlock", ENCODER_THEN_HIDDEN),
+    ("diffusers.models.transformers.transformer_chroma", "ChromaSingleTransformerBlock", JOINED_TEXT_FIRST),
+    ("diffusers.models.transformers.transformer_lumina2", "Lumina2TransformerBlock", HIDDEN_ONLY),
 ]
 
 # (module path, denoiser class name) -> adapter
@@ -127,6 +134,43 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             latent_layout="BCHW",
             cfg_layout="separate",
             notes="the embedded reference image model's family",
+            joint_text="prefix",
+        ),
+    ),
+    (
+        "diffusers",
+        "Flux2Transformer2DModel",
+        FamilyAdapter(
+            name="flux2",
+            block_lists=("transformer_blocks", "single_transformer_blocks"),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            notes="FLUX.2 [klein] base runs CFG as separate calls; [dev] and distilled [klein] embed guidance",
+            joint_text="prefix",
+        ),
+    ),
+    (
+        "diffusers",
+        "ChromaTransformer2DModel",
+        FamilyAdapter(
+            name="chroma",
+            block_lists=("transformer_blocks", "single_transformer_blocks"),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            notes="its pipeline runs cond then uncond without a cache context: branches by call order",
+            joint_text="prefix",
+        ),
+    ),
+    (
+        "diffusers",
+        "Lumina2Transformer2DModel",
+        FamilyAdapter(
+            name="lumina2",
+            block_lists=("layers",),
+            latent_layout="BCHW",
+            cfg_layout="separate",
+            notes="the joint layers are cached; the noise and context refiners always run. Its pipeline runs "
+                  "cond then uncond without a cache context: branches by call order",
             joint_text="prefix",
         ),
     ),

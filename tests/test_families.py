@@ -3,6 +3,7 @@ the block cache skips blocks, repeated calls are deterministic, and new sizes / 
 after a call start from clean state."""
 
 import numpy as np
+import torch
 import pytest
 
 import diffaccel
@@ -93,3 +94,62 @@ def test_block_cache_on_a_unet_is_a_clear_error(name):
         diffaccel.accelerate(case.pipe, cache="block")
     assert not hasattr(case.pipe, "_diffaccel_runtime")
     assert np.array_equal(run(case, seed=0), baseline)
+
+
+@pytest.mark.parametrize("name", ["chroma", "flux2_klein"])
+def test_a_span_from_dual_stream_into_joined_blocks_replays_both_streams(name):
+    """FLUX.2 and Chroma join [text, image] before their single-stream blocks. A reused span that starts in
+    the dual-stream blocks and ends in a joined one adds, to each stream's input, that stream's residual of
+    the last computed step: the joined output of the span is exactly [text_in + Δtext, image_in + Δimage]."""
+    case, _ = case_and_baseline(name)
+    denoiser = case.denoiser
+    first_middle = denoiser.transformer_blocks[1]  # block 0 decides; the middle span starts here
+    last = denoiser.single_transformer_blocks[-1]
+    inputs, outputs = [], []
+    handles = [
+        first_middle.register_forward_pre_hook(
+            lambda m, args, kwargs: inputs.append((kwargs["hidden_states"], kwargs["encoder_hidden_states"])),
+            with_kwargs=True),
+        last.register_forward_hook(lambda m, args, kwargs, out: outputs.append(out), with_kwargs=True),
+    ]
+    try:
+        diffaccel.accelerate(case.pipe, cache=EAGER_CACHE)
+        run(case, seed=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+        diffaccel.remove(case.pipe)
+    image_tokens = inputs[0][0].shape[1]
+    # Forwards run cond, uncond per step: step 0 computes (warm-up), step 1 reuses.
+    for computed, reused in ((0, 2), (1, 3)):
+        hidden_in, text_in = inputs[computed]
+        joined = outputs[computed]
+        text = joined.shape[1] - image_tokens
+        delta_image, delta_text = joined[:, text:] - hidden_in, joined[:, :text] - text_in
+        hidden_in, text_in = inputs[reused]
+        expected = torch.cat([text_in + delta_text, hidden_in + delta_image], dim=1)
+        torch.testing.assert_close(outputs[reused], expected)
+
+
+def test_a_joined_block_outside_an_accelerated_forward_is_a_clear_error():
+    from diffaccel.pipelines import adapter_for
+
+    case, _ = case_and_baseline("chroma")
+    blocks = adapter_for(case.denoiser).find_blocks(case.denoiser)
+    joined = [b for b in blocks if b.spec.joined_text]
+    assert [b.list_name for b in joined] == ["single_transformer_blocks"] * len(case.denoiser.single_transformer_blocks)
+    with pytest.raises(ValueError, match="latent token count of this forward is unknown"):
+        joined[0].split_output(torch.zeros(1, 10, 4))
+
+
+def test_per_branch_calls_without_a_cache_context_are_told_apart_by_their_order():
+    """Chroma's pipeline calls cond then uncond with no cache context: each branch keeps its own cache
+    state (the first call of a step is cond), so the cached run equals the two branches cached apart."""
+    case, baseline = case_and_baseline("chroma")
+    diffaccel.accelerate(case.pipe, cache=EAGER_CACHE)
+    run(case, seed=0)
+    stats = diffaccel.stats(case.pipe)
+    steps = case.call_kwargs["num_inference_steps"]
+    assert stats["denoiser_calls_by_branch"] == {"cond": steps, "uncond": steps}
+    assert stats["cache_misses"] == 2 and stats["cache_hits"] == 2 * (steps - 1)  # one warm-up step per branch
+    diffaccel.remove(case.pipe)

@@ -329,7 +329,7 @@ def test_interval_without_a_step_count_guides_every_step_and_says_so(caplog):
 # ------------------------------------------------------------------------------------------ tiny pipelines
 
 BATCHED = ["pixart_alpha", "sd3"]
-PER_BRANCH = ["wan", "flux"]  # Wan's CFG and Flux's true CFG
+PER_BRANCH = ["wan", "flux", "flux2_klein", "chroma", "lumina2"]  # Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context
 FAMILIES = BATCHED + PER_BRANCH
 STEPS = 4
 

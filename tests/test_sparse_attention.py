@@ -274,3 +274,30 @@ def test_cfg_branches_share_one_mask_per_step(family, monkeypatch):
     seen.clear()
     _, stats = _accelerated(case, SIZES[family], BlockSparseAttentionConfig(**config, share_cfg_mask=False))
     assert "attention_masks_shared" not in stats and seen
+
+
+@pytest.mark.parametrize("family", ["flux2_klein", "lumina2"])  # [text, image] joined: FLUX.2 blocks, Lumina 2's layers
+def test_image_families_with_joined_text_run_sparse(family):
+    case = build(family)
+    size = dict(height=128, width=128)
+    baseline = run(case, **size)
+    out, stats = _accelerated(case, size, BlockSparseAttentionConfig(**KEEP_ALL))
+    assert stats["attention_sparse_calls"] > 0
+    np.testing.assert_allclose(out, baseline, atol=2e-4)
+    out, stats = _accelerated(case, size, BlockSparseAttentionConfig(block_size=16, keep="topk", ratio_or_threshold=0.3,
+                                                                     max_density=0.3, dense_steps=0, dense_blocks=()))
+    assert attention_density(stats) < 0.95, stats
+    assert np.isfinite(out).all() and not np.array_equal(out, baseline)
+
+
+def test_a_text_mask_inside_the_sequence_runs_dense_and_says_so(caplog):
+    """Chroma masks its text padding, which sits before the image tokens: not key padding at the end, so
+    every call runs dense, logged and counted, never silently."""
+    case = build("chroma")
+    size = dict(height=128, width=128)
+    baseline = run(case, **size)
+    with caplog.at_level(logging.INFO, logger="diffaccel"):
+        out, stats = _accelerated(case, size, BlockSparseAttentionConfig(block_size=16))
+    assert stats.get("attention_sparse_calls", 0) == 0 and stats["attention_dense_masked"] > 0
+    assert any("attention mask other than key padding" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(out, baseline)

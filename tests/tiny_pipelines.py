@@ -525,6 +525,168 @@ def qwenimage() -> TinyCase:
     )
 
 
+def chroma() -> TinyCase:
+    """Chroma: FLUX.1-style blocks whose single-stream ones take [text, image] joined; its pipeline runs the
+    CFG branches as two calls without a cache context."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _seed(0)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=2,
+        num_single_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    ).eval()
+    vae = kl_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=t5_encoder(d_model=32),
+        tokenizer=t5_tokenizer(),
+        transformer=transformer,
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            negative_prompt="blurry",
+            guidance_scale=3.0,
+            num_inference_steps=4,
+            height=64,
+            width=64,
+            max_sequence_length=32,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=False,
+        cfg_layout="separate",
+    )
+
+
+def flux2_klein() -> TinyCase:
+    """FLUX.2 [klein] base (Qwen3 text encoder, CFG as separate calls in cache contexts); its single-stream
+    blocks take [text, image] joined."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    _seed(0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels, 2x2 patchified by the pipeline
+        num_layers=2,
+        num_single_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,  # three hidden-state layers of a 16-wide text encoder
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8,) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    ).eval()
+    _seed(0)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )).eval()
+    tokenizer = make_tokenizer(model_max_length=512, add_bos=False, add_eos=False)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            guidance_scale=3.0,
+            num_inference_steps=4,
+            height=64,
+            width=64,
+            max_sequence_length=32,
+            text_encoder_out_layers=(1, 2, 3),
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=False,
+        cfg_layout="separate",
+    )
+
+
+def lumina2() -> TinyCase:
+    """Lumina-Image 2.0: one joint stream of [caption, image] tokens after the refiners; its pipeline runs the
+    CFG branches as two calls without a cache context."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    _seed(0)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        num_layers=3,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=2,
+        multiple_of=16,
+        cap_feat_dim=16,
+        axes_dim_rope=(4, 6, 6),
+        axes_lens=(300, 64, 64),
+    ).eval()
+    vae = kl_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035)
+    _seed(0)
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )).eval()
+    pipe = Lumina2Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(model_max_length=256, add_bos=True, add_eos=False),
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            negative_prompt="blurry",
+            guidance_scale=4.0,
+            num_inference_steps=4,
+            height=64,
+            width=64,
+            max_sequence_length=32,
+            system_prompt="",
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=False,
+        cfg_layout="separate",
+    )
+
+
 def wan() -> TinyCase:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
@@ -910,6 +1072,9 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "flux": flux,
     "sana": sana,
     "qwenimage": qwenimage,
+    "chroma": chroma,
+    "flux2_klein": flux2_klein,
+    "lumina2": lumina2,
     "wan": wan,
     "cogvideox": cogvideox,
     "hunyuan_video": hunyuan_video,

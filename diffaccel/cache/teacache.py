@@ -47,8 +47,9 @@ from .calibrators import StreamForecast, check_calibrator
 logger = logging.getLogger("diffaccel")
 
 TEACACHE_HOOK = "diffaccel.teacache"
-# Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan: temb; PixArt/Sana: timestep).
-TIMESTEP_EMBEDDING_ARGS = ("temb", "timestep_proj", "timestep", "emb", "time_emb")
+# Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan/Chroma/Lumina 2: temb;
+# PixArt/Sana: timestep; FLUX.2: the modulation vectors made from it).
+TIMESTEP_EMBEDDING_ARGS = ("temb", "timestep_proj", "timestep", "emb", "time_emb", "temb_mod_img", "temb_mod")
 TEACACHE_DENOISER_HOOK = "diffaccel.teacache.denoiser"
 REUSE = ("residual", "output")
 INDICATORS = ("modulated", "sea")
@@ -198,7 +199,12 @@ def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tenso
             extra = {emb_name: temb}
             if "encoder_hidden_states" in params:
                 extra["encoder_hidden_states"] = encoder
-            out = norm(hidden, **extra)
+            try:
+                out = norm(hidden, **extra)
+            except RuntimeError:
+                # The block hands its norm a slice of the embedding it receives (Chroma: temb[:, :6]), so it
+                # modulates inline as far as the indicator can see: the embedding itself, as for Wan.
+                return temb
             return out[0] if isinstance(out, (tuple, list)) else out
     return temb
 

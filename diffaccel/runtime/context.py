@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 # Branch names. "cond"/"uncond" come from diffusers' cache_context around per-branch calls;
 # a forward that carries both halves of a doubled CFG batch is "cond_uncond"; a pipeline that
-# opens no cache context and runs without CFG is "default".
+# opens no cache context and runs without CFG is "default". A per-branch pipeline that opens no
+# cache context (Chroma, Lumina 2) gets its branches from the order of its calls within a step.
 COND = "cond"
 UNCOND = "uncond"
 COND_UNCOND = "cond_uncond"
@@ -49,6 +50,7 @@ class StepClock:
         self.num_steps: int | None = None
         self._current: StepContext | None = None
         self._in_call = False
+        self.forwards_in_step = 0  # denoiser forwards begun since the step started
 
     @property
     def current(self) -> StepContext:
@@ -74,9 +76,11 @@ class StepClock:
         self.num_steps = num_steps
         self._current = None
         self._in_call = True
+        self.forwards_in_step = 0
 
     def end_step(self) -> None:
         self.step_index += 1
+        self.forwards_in_step = 0
 
     @property
     def in_call(self) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 
-from diffaccel.pipelines.adapters import FamilyAdapter, argument_position, get_argument
+from diffaccel.pipelines.adapters import FamilyAdapter, argument_position, get_argument, set_latent_tokens
 
 from .context import COND, COND_UNCOND, DEFAULT, UNCOND, StepClock, StepContext
 from .state import BranchStates, RunStats
@@ -191,6 +191,7 @@ class Runtime:
             cleanup()
         self._cleanups.clear()
         self._untap_scheduler()
+        set_latent_tokens(self.denoiser, None)
         registry = getattr(self.denoiser, "_diffusers_hook", None)
         if registry is not None:
             registry.invalidate_child_registries_cache()
@@ -309,16 +310,22 @@ class Runtime:
         else:
             timestep_value = None
 
+        forward_in_step = self.clock.forwards_in_step
+        self.clock.forwards_in_step += 1
         if context_name in (COND, UNCOND):
             branch, branches = context_name, (context_name,)
         elif self.adapter.cfg_layout == "batched" and self._is_doubled_cfg_batch(hidden):
             branch, branches = COND_UNCOND, (UNCOND, COND)
+        elif context_name is None and (ordered := self._branch_by_call_order(forward_in_step)) is not None:
+            branch, branches = ordered, (ordered,)
         else:
             branch = context_name if context_name not in (None, COND_UNCOND) else DEFAULT
             branches = (COND,)
 
         batch_size = hidden.shape[0]
         grid = latent_grid(hidden, self.adapter.latent_layout)
+        if self.adapter.latent_layout == "BSC":  # joined_text blocks split their sequence at this count
+            set_latent_tokens(self.denoiser, hidden.shape[1])
         self._check_signature(branch, (grid, batch_size))
 
         for stats in (self.call_stats, self.total_stats):
@@ -327,6 +334,16 @@ class Runtime:
         return self.clock.make_context(
             timestep=timestep_value, branch=branch, branches_in_batch=branches, grid=grid, batch_size=batch_size
         )
+
+    def _branch_by_call_order(self, forward_in_step: int) -> str | None:
+        """The branch of a per-branch pipeline's forward that opened no cache context: within a step the
+        first call is the conditional one and the second the unconditional one (the order of every
+        diffusers pipeline that runs its CFG branches as separate calls, e.g. Chroma and Lumina 2). None
+        where that order does not apply: a batched family, a forward outside a scheduler-driven call, a
+        third call in one step."""
+        if self.adapter.cfg_layout != "separate" or self.clock.num_steps is None or forward_in_step > 1:
+            return None
+        return (COND, UNCOND)[forward_in_step]
 
     def _check_signature(self, branch: str, signature: tuple) -> None:
         """A change of grid or batch inside a call drops that branch's state."""
