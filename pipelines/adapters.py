@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import torch
 
-LatentLayout = Literal["BCHW", "BCFHW", "BFCHW", "BSC"]
+# "CFHW_LIST": a list of per-image (C, F, H, W) latents instead of one batched tensor (Z-Image).
+LatentLayout = Literal["BCHW", "BCFHW", "BFCHW", "BSC", "CFHW_LIST"]
 CfgLayout = Literal["batched", "separate"]
 
 HIDDEN = "hidden"
@@ -71,7 +72,15 @@ class FamilyAdapter:
     # Where text tokens sit in the blocks' self-attention sequence: "none" (video/image tokens only),
     # "prefix" ([text, latent], e.g. Flux, CogVideoX) or "suffix" ([latent, text], e.g. SD3, HunyuanVideo).
     joint_text: str = "none"
+    # The halves of a doubled CFG batch, in order: diffusers' pipelines put the unconditional half first;
+    # Z-Image puts the conditional one first.
+    cfg_batch_order: tuple[str, str] = ("uncond", "cond")
     notes: str = ""
+
+    @property
+    def cfg_batch_is_standard(self) -> bool:
+        """A doubled CFG batch is one tensor, unconditional half first: what guidance and CFG parallel split."""
+        return self.latent_layout != "CFHW_LIST" and self.cfg_batch_order == ("uncond", "cond")
 
     def count_blocks(self, denoiser: torch.nn.Module) -> int:
         """Number of blocks a full forward runs (for statistics); needs no block specs."""

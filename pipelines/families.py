@@ -43,6 +43,7 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     ("diffusers.models.transformers.transformer_chroma", "ChromaTransformerBlock", ENCODER_THEN_HIDDEN),
     ("diffusers.models.transformers.transformer_chroma", "ChromaSingleTransformerBlock", JOINED_TEXT_FIRST),
     ("diffusers.models.transformers.transformer_lumina2", "Lumina2TransformerBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.transformer_z_image", "ZImageTransformerBlock", BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
 ]
 
 # (module path, denoiser class name) -> adapter
@@ -172,6 +173,22 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             notes="the joint layers are cached; the noise and context refiners always run. Its pipeline runs "
                   "cond then uncond without a cache context: branches by call order",
             joint_text="prefix",
+        ),
+    ),
+    (
+        "diffusers",
+        "ZImageTransformer2DModel",
+        FamilyAdapter(
+            name="z_image",
+            block_lists=("layers",),
+            latent_layout="CFHW_LIST",
+            cfg_layout="batched",
+            timestep_arg="t",
+            hidden_arg="x",
+            joint_text="suffix",
+            cfg_batch_order=("cond", "uncond"),
+            notes="the main layers are cached; the noise and context refiners always run. Its CFG batch is a list "
+                  "of per-image latents, conditional first, which adaptive guidance and CFG parallel do not split",
         ),
     ),
     (

@@ -8,6 +8,7 @@ import pytest
 
 import diffaccel
 from diffaccel import BlockCacheConfig
+from diffaccel.api import runtime_of
 from tiny_pipelines import FAMILIES, build, run
 
 TRANSFORMER_FAMILIES = [name for name in FAMILIES if name not in ("sd15", "sdxl")]
@@ -153,3 +154,25 @@ def test_per_branch_calls_without_a_cache_context_are_told_apart_by_their_order(
     assert stats["denoiser_calls_by_branch"] == {"cond": steps, "uncond": steps}
     assert stats["cache_misses"] == 2 and stats["cache_hits"] == 2 * (steps - 1)  # one warm-up step per branch
     diffaccel.remove(case.pipe)
+
+
+def test_z_image_list_latents_cache_and_refuse_what_they_cannot_split():
+    """Z-Image's transformer takes a list of per-image latents and its CFG batch puts the conditional half
+    first: the caches apply (the block cache skips, the whole doubled list is one state), adaptive guidance
+    and output replay are refused by name, and a preset runs without them, saying so."""
+    from diffaccel import AdaptiveGuidanceConfig, TeaCacheConfig
+
+    case, baseline = case_and_baseline("z_image")
+    diffaccel.accelerate(case.pipe, cache=EAGER_CACHE)
+    run(case, seed=0)
+    stats = diffaccel.stats(case.pipe)
+    assert stats["denoiser_calls_by_branch"] == {"cond": 4, "uncond": 4} and stats["blocks_skipped"] > 0
+    with pytest.raises(ValueError, match="list of per-image latents, cond half first"):
+        diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig())
+    with pytest.raises(ValueError, match=r"reuse='output'\) cannot apply to ZImageTransformer2DModel"):
+        diffaccel.accelerate(case.pipe, cache=TeaCacheConfig(reuse="output"))
+    diffaccel.accelerate(case.pipe, "turbo")  # cache kept; guidance and the bottleneck dropped with a warning
+    config = runtime_of(case.pipe).config
+    assert config.cache is not None and config.guidance is None and config.sampling is None
+    diffaccel.remove(case.pipe)
+    assert np.array_equal(run(case, seed=0), baseline)

@@ -687,6 +687,59 @@ def lumina2() -> TinyCase:
     )
 
 
+def z_image() -> TinyCase:
+    """Z-Image: the transformer takes a list of per-image latents and batches CFG conditional first; one joint
+    stream of [image, caption] tokens after the refiners."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    _seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=3,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[300, 64, 64],
+    ).eval()
+    vae = kl_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035)
+    _seed(0)
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )).eval()
+    tokenizer = make_tokenizer(model_max_length=512, add_bos=False, add_eos=False)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            negative_prompt="blurry",
+            guidance_scale=3.0,
+            num_inference_steps=4,
+            height=64,
+            width=64,
+            max_sequence_length=32,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=False,
+        cfg_layout="batched",
+    )
+
+
 def wan() -> TinyCase:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
@@ -1075,6 +1128,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "chroma": chroma,
     "flux2_klein": flux2_klein,
     "lumina2": lumina2,
+    "z_image": z_image,
     "wan": wan,
     "cogvideox": cogvideox,
     "hunyuan_video": hunyuan_video,

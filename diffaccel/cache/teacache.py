@@ -48,8 +48,9 @@ logger = logging.getLogger("diffaccel")
 
 TEACACHE_HOOK = "diffaccel.teacache"
 # Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan/Chroma/Lumina 2: temb;
-# PixArt/Sana: timestep; FLUX.2: the modulation vectors made from it).
-TIMESTEP_EMBEDDING_ARGS = ("temb", "timestep_proj", "timestep", "emb", "time_emb", "temb_mod_img", "temb_mod")
+# PixArt/Sana: timestep; FLUX.2: the modulation vectors made from it; Z-Image: adaln_input).
+TIMESTEP_EMBEDDING_ARGS = ("temb", "timestep_proj", "timestep", "emb", "time_emb", "temb_mod_img", "temb_mod",
+                           "adaln_input")
 TEACACHE_DENOISER_HOOK = "diffaccel.teacache.denoiser"
 REUSE = ("residual", "output")
 INDICATORS = ("modulated", "sea")
@@ -406,6 +407,11 @@ class TeaCacheHandler:
                 f"TeaCacheConfig(indicator='sea') cannot apply to {target.denoiser_name}: its latents come packed "
                 f"into tokens ({target.adapter.latent_layout}), without the frame and pixel axes the SEA filter "
                 f"works on; use indicator='modulated'."
+            )
+        if config.reuse == "output" and target.adapter.latent_layout == "CFHW_LIST":
+            raise ValueError(
+                f"TeaCacheConfig(reuse='output') cannot apply to {target.denoiser_name}: it returns a list of "
+                f"per-image predictions, which this version does not replay; use reuse='residual'."
             )
         first = target.blocks[0].module
         params = inspect.signature(inspect.unwrap(type(first).forward)).parameters

@@ -483,8 +483,16 @@ class AdaptiveGuidanceHook(ModelHook):
 
 class AdaptiveGuidanceHandler:
     def validate(self, config: AdaptiveGuidanceConfig, target: AccelTarget) -> None:
-        """Nothing model-specific to refuse: both CFG layouts are handled, and the adapter row (checked
-        against the forward signature when registered) names the latent argument a doubled batch is cut by."""
+        """Both CFG layouts are handled, and the adapter row (checked against the forward signature when
+        registered) names the latent argument a doubled batch is cut by; a batch in another form is refused."""
+        adapter = target.adapter
+        if adapter.cfg_layout == "batched" and not adapter.cfg_batch_is_standard:
+            raise ValueError(
+                f"guidance={config.method!r} cannot apply to {target.denoiser_name}: its pipeline batches CFG as "
+                f"{'a list of per-image latents' if adapter.latent_layout == 'CFHW_LIST' else 'one tensor'}, "
+                f"{adapter.cfg_batch_order[0]} half first, which this version does not split; run it without "
+                "adaptive guidance (caching applies)."
+            )
 
     def apply(self, config: AdaptiveGuidanceConfig, target: AccelTarget, runtime) -> None:
         states = runtime.new_branch_states(GuidanceState)

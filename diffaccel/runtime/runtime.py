@@ -99,6 +99,8 @@ class DenoiserHook(ModelHook):
 
 def latent_grid(hidden: torch.Tensor, layout: str) -> tuple[int, ...]:
     """The token grid of the latent input: (frames, height, width), (height, width) or (tokens,)."""
+    if layout == "CFHW_LIST":
+        return tuple(hidden[0].shape[1:]) if len(hidden) else ()
     shape = tuple(hidden.shape)
     if layout == "BCHW":
         return shape[2:4]
@@ -298,7 +300,10 @@ class Runtime:
         main._hooked_forwards += 1
         hidden = get_argument(args, kwargs, self.adapter.hidden_arg, self._hidden_position)
         timestep = get_argument(args, kwargs, self.adapter.timestep_arg, self._timestep_position)
-        if not isinstance(hidden, torch.Tensor):
+        if not isinstance(hidden, torch.Tensor) and not (
+            self.adapter.latent_layout == "CFHW_LIST" and isinstance(hidden, (list, tuple))
+            and all(isinstance(item, torch.Tensor) for item in hidden)
+        ):
             raise ValueError(
                 f"diffaccel: {type(self.denoiser).__name__} was called without a tensor "
                 f"'{self.adapter.hidden_arg}' argument; cannot track the denoising step."
@@ -315,14 +320,14 @@ class Runtime:
         if context_name in (COND, UNCOND):
             branch, branches = context_name, (context_name,)
         elif self.adapter.cfg_layout == "batched" and self._is_doubled_cfg_batch(hidden):
-            branch, branches = COND_UNCOND, (UNCOND, COND)
+            branch, branches = COND_UNCOND, self.adapter.cfg_batch_order
         elif context_name is None and (ordered := self._branch_by_call_order(forward_in_step)) is not None:
             branch, branches = ordered, (ordered,)
         else:
             branch = context_name if context_name not in (None, COND_UNCOND) else DEFAULT
             branches = (COND,)
 
-        batch_size = hidden.shape[0]
+        batch_size = len(hidden)
         grid = latent_grid(hidden, self.adapter.latent_layout)
         if self.adapter.latent_layout == "BSC":  # joined_text blocks split their sequence at this count
             set_latent_tokens(self.denoiser, hidden.shape[1])
@@ -394,9 +399,9 @@ class Runtime:
         )
         return self.clock.current
 
-    def _is_doubled_cfg_batch(self, hidden: torch.Tensor) -> bool:
+    def _is_doubled_cfg_batch(self, hidden: torch.Tensor | list[torch.Tensor]) -> bool:
         """A CFG batch is ``cat([latents] * 2)``: an even batch whose halves are identical."""
-        batch = hidden.shape[0]
+        batch = len(hidden)
         if batch % 2:
             return False
         try:
@@ -406,6 +411,8 @@ class Runtime:
         if flag is False:
             return False
         half = batch // 2
+        if isinstance(hidden, (list, tuple)):  # per-image latents (CFHW_LIST)
+            return all(torch.equal(a, b) for a, b in zip(hidden[:half], hidden[half:]))
         return bool(torch.equal(hidden[:half], hidden[half:]))
 
     # ----------------------------------------------------------------------------- reporting

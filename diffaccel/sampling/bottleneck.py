@@ -346,7 +346,8 @@ class BottleneckHandler:
                              f"(shift_terminal / karras / exponential / beta), so a stage's start level is not defined.")
         if target.adapter.latent_layout not in ("BCHW", "BCFHW"):
             raise ValueError(
-                f"sampling='bottleneck' cannot serve {name} yet: its latents are packed tokens "
+                f"sampling='bottleneck' cannot serve {name} yet: its denoiser takes its latents as "
+                f"{'a list of per-image tensors' if target.adapter.latent_layout == 'CFHW_LIST' else 'packed tokens'} "
                 f"({target.adapter.latent_layout}), which this version does not resize."
             )
         params = inspect.signature(type(pipe).__call__).parameters
