@@ -75,6 +75,10 @@ class FamilyAdapter:
     # The halves of a doubled CFG batch, in order: diffusers' pipelines put the unconditional half first;
     # Z-Image puts the conditional one first.
     cfg_batch_order: tuple[str, str] = ("uncond", "cond")
+    # The layout of the pipeline's ``latents=`` argument and of its ``output_type="latent"`` output, where it is
+    # not the denoiser's input layout: "packed2x2" (2x2 latent patches packed into tokens, (B, h/2·w/2, 4C):
+    # Flux, Chroma, Qwen-Image) or "BCHW" (Z-Image, whose pipeline unbinds one tensor into its list).
+    pipeline_latents: str = ""
     notes: str = ""
 
     @property

@@ -65,6 +65,7 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "FluxTransformer2DModel",
         FamilyAdapter(
             name="flux",
+            pipeline_latents="packed2x2",
             block_lists=("transformer_blocks", "single_transformer_blocks"),
             latent_layout="BSC",
             cfg_layout="separate",
@@ -82,6 +83,7 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "QwenImageTransformer2DModel",
         FamilyAdapter(
             name="qwenimage",
+            pipeline_latents="packed2x2",
             block_lists=("transformer_blocks",),
             latent_layout="BSC",
             cfg_layout="separate",
@@ -155,6 +157,7 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "ChromaTransformer2DModel",
         FamilyAdapter(
             name="chroma",
+            pipeline_latents="packed2x2",
             block_lists=("transformer_blocks", "single_transformer_blocks"),
             latent_layout="BSC",
             cfg_layout="separate",
@@ -187,6 +190,7 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             hidden_arg="x",
             joint_text="suffix",
             cfg_batch_order=("cond", "uncond"),
+            pipeline_latents="BCHW",
             notes="the main layers are cached; the noise and context refiners always run. Its CFG batch is a list "
                   "of per-image latents, conditional first, which adaptive guidance and CFG parallel do not split",
         ),

@@ -94,6 +94,53 @@ def test_stages_run_at_their_sizes_and_levels_and_remove_restores(name):
     assert np.array_equal(run(case, seed=0, num_inference_steps=6), baseline)
 
 
+def _latent_tokens(args, kwargs) -> int:
+    """Latent tokens of a denoiser call: packed (B, S, C) tokens, or Z-Image's list of (C, F, H, W) latents
+    (passed positionally)."""
+    latents = kwargs.get("hidden_states", args[0] if args else None)
+    if isinstance(latents, list):
+        return int(np.prod(latents[0].shape[-2:]))
+    return latents.shape[1]
+
+
+@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "z_image"])
+def test_packed_and_listed_latents_are_resized_in_the_pipelines_own_layout(name):
+    """Flux, Chroma and Qwen-Image hand 2x2-packed tokens between stages, Z-Image plain latents that its
+    transformer takes as a list: each stage runs at its token count, one full stage is the plain call."""
+    case = build(name)
+    size = dict(height=128, width=128, num_inference_steps=6)
+    baseline = run(case, seed=0, **size)
+    tokens = []
+    hook = case.denoiser.register_forward_pre_hook(lambda m, a, k: tokens.append(_latent_tokens(a, k)), with_kwargs=True)
+    try:
+        diffaccel.accelerate(case.pipe, sampling=BottleneckConfig(stage_steps=(1, 3, 2)))
+        out = run(case, seed=0, **size)
+    finally:
+        hook.remove()
+    assert out.shape == baseline.shape and np.isfinite(out).all() and not np.array_equal(out, baseline)
+    full, low = max(tokens), min(tokens)
+    assert low * 4 == full
+    branches = len(tokens) // 6
+    assert tokens[::branches] == [full] + [low] * 3 + [full] * 2
+    stats = diffaccel.stats(case.pipe)
+    assert stats["steps"] == 6 and stats["bottleneck_stages"] == 3
+    diffaccel.accelerate(case.pipe, sampling=BottleneckConfig(scales=(1.0,), step_fractions=(1.0,), strengths=(1.0,)))
+    assert np.array_equal(run(case, seed=0, **size), baseline)
+    diffaccel.remove(case.pipe)
+    assert np.array_equal(run(case, seed=0, **size), baseline)
+
+
+def test_two_by_two_packing_is_flux_packing():
+    from diffusers import FluxPipeline
+
+    from diffaccel.sampling.bottleneck import pack_2x2, unpack_2x2
+
+    latents = torch.randn(2, 4, 6, 8)
+    assert torch.equal(pack_2x2(latents), FluxPipeline._pack_latents(latents, 2, 4, 6, 8))
+    assert torch.equal(unpack_2x2(pack_2x2(latents), 6, 8), latents)
+    assert torch.equal(unpack_2x2(pack_2x2(latents), 6, 8), FluxPipeline._unpack_latents(pack_2x2(latents), 48, 64, 8))
+
+
 def test_stage_steps_set_the_steps_at_each_token_count():
     case = build("sd3")
     tokens = []
@@ -174,7 +221,7 @@ def test_composes_with_caching_which_resets_at_each_stage():
     assert stats["cache_misses"] >= 3
 
 
-@pytest.mark.parametrize("name, reason", [("flux", "packed tokens"), ("sd15", "flow matching")])
+@pytest.mark.parametrize("name, reason", [("flux2_klein", "packed tokens"), ("sd15", "flow matching")])
 def test_pipelines_it_cannot_serve_are_refused_with_the_reason(name, reason):
     case = build(name)
     with pytest.raises(ValueError, match=f"sampling='bottleneck' cannot serve .*{reason}"):

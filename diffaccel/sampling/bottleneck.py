@@ -179,20 +179,55 @@ def resize_latents(latents: torch.Tensor, size: tuple[int, int], mode: str) -> t
     return out.reshape(b, f, c, *size).permute(0, 2, 1, 3, 4)
 
 
+def unpack_2x2(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, h/2·w/2, 4C) tokens of 2x2 latent patches (Flux's packing) back to (B, C, h, w) latents."""
+    b, _, d = tokens.shape
+    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) latents to (B, h/2·w/2, 4C) tokens of 2x2 patches, channel-major within a patch (Flux)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
 # ------------------------------------------------------------------------------------------ the wrapper
+
+PIPELINE_LAYOUTS = ("BCHW", "BCFHW", "packed2x2")
 
 
 @dataclass
 class _Geometry:
     spatial_factor: int  # pixels per latent cell
     multiple: int  # stage sizes must be multiples of this many pixels (latent cell x patch)
+    layout: str = "BCHW"  # of the pipeline's latents (PIPELINE_LAYOUTS)
 
 
-def _geometry(pipe) -> _Geometry:
+def pipeline_layout(adapter) -> str:
+    """How the pipeline hands latents in and out: the adapter's ``pipeline_latents`` or its denoiser's layout."""
+    return adapter.pipeline_latents or adapter.latent_layout
+
+
+def _geometry(pipe, layout: str = "BCHW") -> _Geometry:
     factor = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8))
-    patch = getattr(pipe.transformer.config, "patch_size", 1)
+    config = pipe.transformer.config
+    patch = getattr(config, "patch_size", None) or getattr(config, "all_patch_size", None) or 1
     patch = patch[-1] if isinstance(patch, (tuple, list)) else (patch or 1)
-    return _Geometry(factor, factor * int(patch))
+    if layout == "packed2x2":  # the pipeline packs 2x2 latent cells into one token, then the transformer patches
+        patch = 2 * int(patch)
+    return _Geometry(factor, factor * int(patch), layout)
+
+
+def resize_pipeline_latents(latents: torch.Tensor, geometry: _Geometry, current: tuple[int, int],
+                            size: tuple[int, int], mode: str) -> torch.Tensor:
+    """A stage's latents, in the pipeline's own layout, resized from latent size ``current`` to ``size``."""
+    if geometry.layout == "packed2x2":
+        return pack_2x2(resize_latents(unpack_2x2(latents, *current), size, mode))
+    if tuple(latents.shape[-2:]) == size:
+        return latents
+    return resize_latents(latents, size, mode)
 
 
 def _encode_once(pipe, kwargs: dict) -> dict:
@@ -202,6 +237,8 @@ def _encode_once(pipe, kwargs: dict) -> dict:
         return kwargs
     encode = pipe.encode_prompt
     params = inspect.signature(encode).parameters
+    if "negative_prompt" not in params:  # its two outputs are not (positive, negative), e.g. Qwen-Image's (embeds, mask)
+        return kwargs
     guidance = kwargs.get("guidance_scale", call_params["guidance_scale"].default if "guidance_scale" in call_params else 1.0)
     request = {"prompt": kwargs["prompt"]}
     if "do_classifier_free_guidance" in params:  # HunyuanVideo's encoder has no such switch
@@ -259,12 +296,13 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
     call_params = inspect.signature(original_call).parameters
     defaults = {name: p.default for name, p in call_params.items() if p.default is not inspect.Parameter.empty}
     num_steps = kwargs.get("num_inference_steps", defaults.get("num_inference_steps"))
-    height = kwargs.get("height") or defaults.get("height") or pipe.default_sample_size * _geometry(pipe).spatial_factor
-    width = kwargs.get("width") or defaults.get("width") or pipe.default_sample_size * _geometry(pipe).spatial_factor
+    runtime = getattr(pipe, "_diffaccel_runtime", None)
+    geometry = _geometry(pipe, pipeline_layout(runtime.adapter) if runtime is not None else "BCHW")
+    height = kwargs.get("height") or defaults.get("height") or pipe.default_sample_size * geometry.spatial_factor
+    width = kwargs.get("width") or defaults.get("width") or pipe.default_sample_size * geometry.spatial_factor
     output_type = kwargs.get("output_type", defaults.get("output_type", "pil"))
     return_dict = kwargs.get("return_dict", True)
     generator = kwargs.get("generator")
-    geometry = _geometry(pipe)
     if config.stage_steps is not None:
         steps = list(config.stage_steps)
         if "num_inference_steps" in kwargs and int(num_steps) != sum(steps):
@@ -273,7 +311,6 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
     else:
         budget = max(len(config.scales), round(config.steps_ratio * int(num_steps)))
         steps = stage_steps(config.step_fractions, budget)
-    runtime = getattr(pipe, "_diffaccel_runtime", None)
     sizes = stage_sizes(config.scales, int(height), int(width), geometry.multiple)
     tokens = min((h // geometry.multiple) * (w // geometry.multiple) for h, w in sizes)
     if tokens < config.min_stage_tokens:
@@ -290,8 +327,8 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
         last = k == len(steps) - 1
         if latents is not None and k > 0:
             size = (stage_h // geometry.spatial_factor, stage_w // geometry.spatial_factor)
-            if tuple(latents.shape[-2:]) != size:
-                latents = resize_latents(latents, size, config.resample)
+            previous = (sizes[k - 1][0] // geometry.spatial_factor, sizes[k - 1][1] // geometry.spatial_factor)
+            latents = resize_pipeline_latents(latents, geometry, previous, size, config.resample)
             latents = renoise(latents, strength, generator)
         stage = dict(kwargs, height=stage_h, width=stage_w, num_inference_steps=n, latents=latents,
                      output_type=output_type if last else "latent", return_dict=True if not last else return_dict)
@@ -344,11 +381,12 @@ class BottleneckHandler:
                 or config_of.get("use_beta_sigmas"):
             raise ValueError(f"sampling='bottleneck' cannot serve {name}: its scheduler reshapes sigmas "
                              f"(shift_terminal / karras / exponential / beta), so a stage's start level is not defined.")
-        if target.adapter.latent_layout not in ("BCHW", "BCFHW"):
+        layout = pipeline_layout(target.adapter)
+        if layout not in PIPELINE_LAYOUTS:
             raise ValueError(
-                f"sampling='bottleneck' cannot serve {name} yet: its denoiser takes its latents as "
-                f"{'a list of per-image tensors' if target.adapter.latent_layout == 'CFHW_LIST' else 'packed tokens'} "
-                f"({target.adapter.latent_layout}), which this version does not resize."
+                f"sampling='bottleneck' cannot serve {name} yet: it hands its latents over as "
+                f"{'a list of per-image tensors' if layout == 'CFHW_LIST' else 'packed tokens'} "
+                f"({layout}) in a packing this version does not resize (it resizes {', '.join(PIPELINE_LAYOUTS)})."
             )
         params = inspect.signature(type(pipe).__call__).parameters
         missing = [p for p in ("latents", "height", "width", "output_type", "num_inference_steps") if p not in params]
