@@ -43,6 +43,11 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     ("diffusers.models.transformers.transformer_chroma", "ChromaTransformerBlock", ENCODER_THEN_HIDDEN),
     ("diffusers.models.transformers.transformer_chroma", "ChromaSingleTransformerBlock", JOINED_TEXT_FIRST),
     ("diffusers.models.transformers.transformer_lumina2", "Lumina2TransformerBlock", HIDDEN_ONLY),
+    (
+        "diffusers.models.transformers.transformer_hunyuan_video15",
+        "HunyuanVideo15TransformerBlock",
+        HIDDEN_THEN_ENCODER,
+    ),
     ("diffusers.models.transformers.transformer_z_image", "ZImageTransformerBlock", BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
 ]
 
@@ -119,6 +124,19 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             cfg_layout="separate",
             is_video=True,
             joint_text="suffix",
+        ),
+    ),
+    (
+        "diffusers",
+        "HunyuanVideo15Transformer3DModel",
+        FamilyAdapter(
+            name="hunyuan_video15",
+            block_lists=("transformer_blocks",),
+            latent_layout="BCFHW",
+            cfg_layout="separate",
+            is_video=True,
+            joint_text="suffix",
+            notes="its pipeline runs CFG through a diffusers guider (cache contexts pred_cond / pred_uncond)",
         ),
     ),
     (

@@ -329,7 +329,9 @@ def test_interval_without_a_step_count_guides_every_step_and_says_so(caplog):
 # ------------------------------------------------------------------------------------------ tiny pipelines
 
 BATCHED = ["pixart_alpha", "sd3"]
-PER_BRANCH = ["wan", "flux", "flux2_klein", "chroma", "lumina2"]  # Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context
+# Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context; HunyuanVideo 1.5 runs CFG through a
+# diffusers guider (contexts "pred_cond" / "pred_uncond").
+PER_BRANCH = ["wan", "flux", "flux2_klein", "chroma", "lumina2", "hunyuan_video15"]
 FAMILIES = BATCHED + PER_BRANCH
 STEPS = 4
 
@@ -412,8 +414,16 @@ def test_minus_one_after_min_steps_equals_the_conditional_prediction_alone(name)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_minus_one_from_the_start_equals_running_without_guidance(name):
     case, _ = case_and_baseline(name)
-    scale = "true_cfg_scale" if "true_cfg_scale" in case.call_kwargs else "guidance_scale"
-    unguided = run(case, seed=0, **{scale: 1.0})
+    guider = getattr(case.pipe, "guider", None)
+    if guider is not None:  # the scale lives in the pipeline's guider
+        from diffusers import ClassifierFreeGuidance
+
+        case.pipe.guider = ClassifierFreeGuidance(guidance_scale=1.0)
+        unguided = run(case, seed=0)
+        case.pipe.guider = guider
+    else:
+        scale = "true_cfg_scale" if "true_cfg_scale" in case.call_kwargs else "guidance_scale"
+        unguided = run(case, seed=0, **{scale: 1.0})
     diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig(threshold=-1.0))
     assert np.array_equal(run(case, seed=0), unguided)
     assert diffaccel.stats(case.pipe)["denoiser_calls_by_branch"] == {"cond": STEPS}

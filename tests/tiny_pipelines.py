@@ -948,6 +948,75 @@ def hunyuan_video() -> TinyCase:
     )
 
 
+def hunyuan_video15() -> TinyCase:
+    """HunyuanVideo 1.5: CFG through a diffusers guider, whose calls open the cache contexts
+    "pred_cond" / "pred_uncond"; Qwen2.5-VL and ByT5 text encoders (ByT5's tokenizer needs no files)."""
+    from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
+                           HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    _seed(0)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9,  # 4 latent channels + 4 image-condition channels + 1 mask
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=3,
+        num_refiner_layers=1,
+        text_embed_dim=16,
+        text_embed_2_dim=32,
+        image_embed_dim=16,
+        rope_axes_dim=(2, 2, 4),
+        target_size=64,
+        task_type="t2v",
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=2,
+    ).eval()
+    _seed(0)
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )).eval()
+    tokenizer = make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder_2=t5_encoder(d_model=32),
+        tokenizer_2=ByT5Tokenizer(),
+        guider=ClassifierFreeGuidance(guidance_scale=4.0),
+    )
+    pipe.system_message = "describe the video"  # 3 tokens, cropped off as the real 108-token prefix is
+    pipe.prompt_template_encode_start_idx = 3
+    pipe.tokenizer_max_length = 16
+    pipe.tokenizer_2_max_length = 8
+    return TinyCase(
+        pipe=_finish(pipe),
+        call_kwargs=dict(
+            prompt="a red circle",
+            negative_prompt="blurry",
+            num_inference_steps=4,
+            height=32,
+            width=32,
+            num_frames=5,
+            output_type="np",
+        ),
+        denoiser_attr="transformer",
+        is_video=True,
+        cfg_layout="separate",
+    )
+
+
 def ltx() -> TinyCase:
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
 
@@ -1132,6 +1201,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "wan": wan,
     "cogvideox": cogvideox,
     "hunyuan_video": hunyuan_video,
+    "hunyuan_video15": hunyuan_video15,
     "ltx": ltx,
     "sd15": sd15,
     "sdxl": sdxl,

@@ -17,6 +17,9 @@ COND = "cond"
 UNCOND = "uncond"
 COND_UNCOND = "cond_uncond"
 DEFAULT = "default"
+# diffusers' guiders (ClassifierFreeGuidance and the guiders of modular pipelines, HunyuanVideo 1.5,
+# HunyuanImage 2.1) name each denoiser call's cache context after the prediction it makes.
+GUIDER_BRANCHES = {"pred_cond": COND, "pred_uncond": UNCOND}
 
 
 @dataclass(frozen=True)

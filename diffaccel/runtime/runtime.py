@@ -25,7 +25,7 @@ from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManag
 
 from diffaccel.pipelines.adapters import FamilyAdapter, argument_position, get_argument, set_latent_tokens
 
-from .context import COND, COND_UNCOND, DEFAULT, UNCOND, StepClock, StepContext
+from .context import COND, COND_UNCOND, DEFAULT, GUIDER_BRANCHES, UNCOND, StepClock, StepContext
 from .state import BranchStates, RunStats
 
 logger = logging.getLogger("diffaccel")
@@ -315,6 +315,7 @@ class Runtime:
         else:
             timestep_value = None
 
+        context_name = GUIDER_BRANCHES.get(context_name, context_name)
         forward_in_step = self.clock.forwards_in_step
         self.clock.forwards_in_step += 1
         if context_name in (COND, UNCOND):
