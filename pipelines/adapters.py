@@ -81,10 +81,10 @@ class FamilyAdapter:
     pipeline_latents: str = ""
     notes: str = ""
 
-    @property
-    def cfg_batch_is_standard(self) -> bool:
-        """A doubled CFG batch is one tensor, unconditional half first: what guidance and CFG parallel split."""
-        return self.latent_layout != "CFHW_LIST" and self.cfg_batch_order == ("uncond", "cond")
+    def __post_init__(self) -> None:
+        if sorted(self.cfg_batch_order) != ["cond", "uncond"]:
+            raise ValueError(f"FamilyAdapter '{self.name}': cfg_batch_order {self.cfg_batch_order} must name "
+                             f"'cond' and 'uncond' once each.")
 
     def count_blocks(self, denoiser: torch.nn.Module) -> int:
         """Number of blocks a full forward runs (for statistics); needs no block specs."""

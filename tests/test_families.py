@@ -156,10 +156,11 @@ def test_per_branch_calls_without_a_cache_context_are_told_apart_by_their_order(
     diffaccel.remove(case.pipe)
 
 
-def test_z_image_list_latents_cache_and_refuse_what_they_cannot_split():
+def test_z_image_list_latents_with_the_conditional_half_first():
     """Z-Image's transformer takes a list of per-image latents and its CFG batch puts the conditional half
-    first: the caches apply (the block cache skips, the whole doubled list is one state), adaptive guidance
-    and output replay are refused by name, and a preset runs without them, saying so."""
+    first: the block cache skips (the doubled list is one state); adaptive guidance runs the conditional
+    half alone, so γ = -1 is the run without CFG bit for bit and γ > 1 the plain run; output replay is
+    refused by name."""
     from diffaccel import AdaptiveGuidanceConfig, TeaCacheConfig
 
     case, baseline = case_and_baseline("z_image")
@@ -167,12 +168,26 @@ def test_z_image_list_latents_cache_and_refuse_what_they_cannot_split():
     run(case, seed=0)
     stats = diffaccel.stats(case.pipe)
     assert stats["denoiser_calls_by_branch"] == {"cond": 4, "uncond": 4} and stats["blocks_skipped"] > 0
-    with pytest.raises(ValueError, match="list of per-image latents, cond half first"):
-        diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig())
+    diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig(threshold=2.0))
+    assert np.array_equal(run(case, seed=0), baseline)
+    diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig(threshold=-1.0))
+    unguided = run(case, seed=0)
+    assert diffaccel.stats(case.pipe)["denoiser_calls_by_branch"] == {"cond": 4}
+    diffaccel.remove(case.pipe)
+    assert np.array_equal(unguided, run(case, seed=0, guidance_scale=0.0))  # Z-Image's own switch for no CFG
+    diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig(threshold=-1.0, min_steps=2))
+    late = run(case, seed=0)
+    assert diffaccel.stats(case.pipe)["guidance_skipped_uncond"] == 2
+    assert not np.array_equal(late, baseline) and not np.array_equal(late, unguided)
     with pytest.raises(ValueError, match=r"reuse='output'\) cannot apply to ZImageTransformer2DModel"):
         diffaccel.accelerate(case.pipe, cache=TeaCacheConfig(reuse="output"))
-    diffaccel.accelerate(case.pipe, "turbo")  # cache kept; guidance and the bottleneck dropped with a warning
-    config = runtime_of(case.pipe).config
-    assert config.cache is not None and config.guidance is None and config.sampling is None
     diffaccel.remove(case.pipe)
     assert np.array_equal(run(case, seed=0), baseline)
+
+
+def test_a_cfg_batch_order_must_name_both_branches():
+    from diffaccel.pipelines import FamilyAdapter
+
+    with pytest.raises(ValueError, match="must name 'cond' and 'uncond' once each"):
+        FamilyAdapter(name="x", block_lists=("blocks",), latent_layout="BCHW", cfg_layout="batched",
+                      cfg_batch_order=("cond", "cond"))

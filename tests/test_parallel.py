@@ -34,8 +34,8 @@ SCENARIOS = [
            config={"parallel": {"method": parallel}, "cache": CACHE})
       for parallel, family in (("cfg", "wan"), ("context", "flux"), ("context", "wan"))
       for mode in ("group", "sequential", "model") for order in ("before", "after")],
-    # Branches told by call order (Chroma opens no cache context) and by a diffusers guider (HunyuanVideo 1.5);
-    # Z-Image's cond-first list batch is refused.
+    # Branches told by call order (Chroma opens no cache context), by a diffusers guider (HunyuanVideo 1.5), and
+    # Z-Image's doubled list of latents, conditional half first.
     dict(name="cfg_chroma_cache", family="chroma", config={"parallel": {"method": "cfg"}, "cache": CACHE}),
     dict(name="cfg_hunyuan_video15", family="hunyuan_video15", config={"parallel": {"method": "cfg"}}),
     dict(name="cfg_z_image", family="z_image", config={"parallel": {"method": "cfg"}}),
@@ -190,10 +190,16 @@ def test_cfg_parallel_on_branches_told_by_call_order_or_a_guider(torchrun_result
     assert stats["denoiser_calls_by_branch"] == single_stats["denoiser_calls_by_branch"]
 
 
+def test_cfg_parallel_splits_a_list_of_latents_conditional_half_first(torchrun_results):
+    out, stats = _result(torchrun_results, "cfg_z_image")
+    single, _ = _single_process("z_image", {})
+    np.testing.assert_allclose(out, single, atol=1e-4)
+    assert stats["parallel_cfg_exchanges"] == stats["steps"]
+
+
 def test_wrong_degrees_and_missing_plans_are_clear_errors(torchrun_results):
     assert "world size 2" in (torchrun_results / "wrong_degrees.error").read_text()
     assert "no context-parallel plan" in (torchrun_results / "no_plan.error").read_text()
-    assert "list of per-image latents" in (torchrun_results / "cfg_z_image.error").read_text()
 
 
 def test_without_torchrun_it_says_how_to_launch():

@@ -270,6 +270,7 @@ class AdaptiveGuidanceHook(ModelHook):
         self.timestep_position = argument_position(denoiser, adapter.timestep_arg)
         forward = inspect.unwrap(type(denoiser).forward)
         self.positional_names = list(inspect.signature(forward).parameters)[1:]
+        self.cond_half = adapter.cfg_batch_order.index(COND)  # which half of a doubled batch is conditional
         # Called with (step, latents, cond, uncond) at every step where both branches were evaluated;
         # the tuner records plain CFG trajectories through it.
         self.observers: list[Observer] = []
@@ -334,21 +335,26 @@ class AdaptiveGuidanceHook(ModelHook):
         state: GuidanceState = self.states.get(STATE_KEY)
         step = ctx.step_index
         hidden = self._latents(args, kwargs)
-        full = hidden.shape[0]
-        latents = hidden[full // 2 :]
+        listed = isinstance(hidden, (list, tuple))  # per-image latents (Z-Image)
+        full = len(hidden)
+        at = self.cond_half  # diffusers' order [uncond, cond]: 1; Z-Image's [cond, uncond]: 0
+        latents = hidden[full // 2 * at : full // 2 * (at + 1)]
+        latents = torch.stack(list(latents)) if listed else latents
         action = self._plan(state, ctx, latents)
         if action == COMPUTE:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            uncond, cond = prediction_of(output).chunk(2)  # diffusers' order: [uncond, cond]
+            halves = prediction_of(output).chunk(2)
+            cond, uncond = halves[at], halves[1 - at]
             self._record_pair(state, step, latents, cond, output, uncond, real=True)
             return output
         self.runtime.narrow_forward((COND,))
-        half_args, half_kwargs = cond_half_arguments(args, kwargs, full, self.positional_names)
+        half_args, half_kwargs = cond_half_arguments(args, kwargs, full, self.positional_names, which=at,
+                                                     per_sample_lists=listed)
         output = self.fn_ref.original_forward(*half_args, **half_kwargs)
         cond = prediction_of(output)
         self._record_pair(state, step, latents, cond, output, None, real=False)
         value = self._skipped_value(state, action, step, cond, latents)
-        return with_prediction(output, torch.cat([value, cond]))
+        return with_prediction(output, torch.cat([value, cond] if at == 1 else [cond, value]))
 
     # ------------------------------------------------------------------ decisions and bookkeeping
 
@@ -484,15 +490,7 @@ class AdaptiveGuidanceHook(ModelHook):
 class AdaptiveGuidanceHandler:
     def validate(self, config: AdaptiveGuidanceConfig, target: AccelTarget) -> None:
         """Both CFG layouts are handled, and the adapter row (checked against the forward signature when
-        registered) names the latent argument a doubled batch is cut by; a batch in another form is refused."""
-        adapter = target.adapter
-        if adapter.cfg_layout == "batched" and not adapter.cfg_batch_is_standard:
-            raise ValueError(
-                f"guidance={config.method!r} cannot apply to {target.denoiser_name}: its pipeline batches CFG as "
-                f"{'a list of per-image latents' if adapter.latent_layout == 'CFHW_LIST' else 'one tensor'}, "
-                f"{adapter.cfg_batch_order[0]} half first, which this version does not split; run it without "
-                "adaptive guidance (caching applies)."
-            )
+        registered) names the latent argument a doubled batch is cut by and the order of its halves."""
 
     def apply(self, config: AdaptiveGuidanceConfig, target: AccelTarget, runtime) -> None:
         states = runtime.new_branch_states(GuidanceState)

@@ -1,9 +1,11 @@
 """The two CFG layouts seen from the denoiser: halves of a doubled batch, and output structures.
 
 A pipeline that runs CFG as one doubled batch calls the denoiser with ``cat([uncond, cond])`` in every
-batch-shaped argument (diffusers puts the unconditional half first). Running only the conditional half
-means slicing every such argument; the prediction is then put back into a doubled output so the
-pipeline's own CFG formula runs unchanged.
+batch-shaped argument (diffusers puts the unconditional half first; the family adapter's
+``cfg_batch_order`` says where a pipeline differs, e.g. Z-Image's ``[cond, uncond]``). Running only the
+conditional half means slicing every such argument; the prediction is then put back into a doubled output
+so the pipeline's own CFG formula runs unchanged. A denoiser that takes its latents as a list of per-image
+tensors (Z-Image) gets its per-sample lists sliced, and its list of predictions is handled stacked.
 """
 
 from __future__ import annotations
@@ -21,21 +23,25 @@ NOT_BATCHED = frozenset(
 )
 
 
-def batch_half(value: Any, full: int, which: int, name: str | None = None) -> Any:
+def batch_half(value: Any, full: int, which: int, name: str | None = None, per_sample_lists: bool = False) -> Any:
     """``value`` with every tensor whose first dimension is the doubled batch ``full`` cut to its first
-    (``which=0``, unconditional) or second (``which=1``, conditional) half; dicts, lists and tuples are
-    walked, everything else is returned as is."""
+    (``which=0``) or second (``which=1``) half; dicts, lists and tuples are walked, everything else is
+    returned as is. With ``per_sample_lists`` a list of ``full`` tensors is one entry per sample (Z-Image's
+    latents and captions) and is cut itself."""
     if name in NOT_BATCHED:
         return value
+    half = full // 2
     if isinstance(value, torch.Tensor):
         if value.dim() >= 1 and value.shape[0] == full:
-            half = full // 2
             return value[half * which : half * (which + 1)]
         return value
     if isinstance(value, dict):
-        return type(value)((key, batch_half(item, full, which, key)) for key, item in value.items())
+        return type(value)((key, batch_half(item, full, which, key, per_sample_lists)) for key, item in value.items())
+    if (per_sample_lists and isinstance(value, list) and len(value) == full
+            and all(isinstance(item, torch.Tensor) for item in value)):
+        return value[half * which : half * (which + 1)]
     if isinstance(value, (list, tuple)) and not _is_namedtuple(value):
-        return type(value)(batch_half(item, full, which) for item in value)
+        return type(value)(batch_half(item, full, which, None, per_sample_lists) for item in value)
     return value
 
 
@@ -44,18 +50,25 @@ def cond_half(value: Any, full: int, name: str | None = None) -> Any:
     return batch_half(value, full, 1, name)
 
 
-def half_arguments(args: tuple, kwargs: dict, full: int, names: list[str], which: int) -> tuple[tuple, dict]:
+def half_arguments(args: tuple, kwargs: dict, full: int, names: list[str], which: int,
+                   per_sample_lists: bool = False) -> tuple[tuple, dict]:
     """All forward arguments cut to one half of a doubled batch; ``names`` are the positional parameter names."""
     sliced_args = tuple(
-        batch_half(value, full, which, names[i] if i < len(names) else None) for i, value in enumerate(args)
+        batch_half(value, full, which, names[i] if i < len(names) else None, per_sample_lists)
+        for i, value in enumerate(args)
     )
-    sliced_kwargs = {key: batch_half(value, full, which, key) for key, value in kwargs.items()}
+    sliced_kwargs = {key: batch_half(value, full, which, key, per_sample_lists) for key, value in kwargs.items()}
     return sliced_args, sliced_kwargs
 
 
-def cond_half_arguments(args: tuple, kwargs: dict, full: int, names: list[str]) -> tuple[tuple, dict]:
-    """All forward arguments cut to the conditional half."""
-    return half_arguments(args, kwargs, full, names, 1)
+def cond_half_arguments(args: tuple, kwargs: dict, full: int, names: list[str], which: int = 1,
+                        per_sample_lists: bool = False) -> tuple[tuple, dict]:
+    """All forward arguments cut to the conditional half (the second in diffusers' order; ``which`` else)."""
+    return half_arguments(args, kwargs, full, names, which, per_sample_lists)
+
+
+def _is_prediction_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, torch.Tensor) for item in value)
 
 
 def _is_namedtuple(value: Any) -> bool:
@@ -68,9 +81,12 @@ def prediction_of(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, BaseOutput):
-        return output[0]
+        first = output[0]
+        return torch.stack(first) if _is_prediction_list(first) else first
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
+    if isinstance(output, tuple) and output and _is_prediction_list(output[0]):  # per-image predictions (Z-Image)
+        return torch.stack(output[0])
     raise ValueError(
         f"diffaccel: cannot find the prediction in a denoiser output of type {type(output).__name__}; "
         f"expected a tensor, a tuple starting with one, or a diffusers BaseOutput."
@@ -83,9 +99,11 @@ def with_prediction(output: Any, prediction: torch.Tensor) -> Any:
         return prediction
     if isinstance(output, BaseOutput):
         keys = list(output.keys())
-        return type(output)(**{key: (prediction if i == 0 else output[key]) for i, key in enumerate(keys)})
+        first = list(prediction.unbind(0)) if _is_prediction_list(output[keys[0]]) else prediction
+        return type(output)(**{key: (first if i == 0 else output[key]) for i, key in enumerate(keys)})
     if isinstance(output, (tuple, list)):
-        return type(output)([prediction, *output[1:]])
+        first = list(prediction.unbind(0)) if _is_prediction_list(output[0]) else prediction
+        return type(output)([first, *output[1:]])
     raise ValueError(f"diffaccel: cannot rebuild a denoiser output of type {type(output).__name__}.")
 
 

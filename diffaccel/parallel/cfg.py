@@ -4,8 +4,8 @@ The hook sits on the denoiser below guidance and the caches' denoiser hooks (so 
 batches and decide the same on both ranks) and above the blocks (so each rank's block caches only
 ever see its own branch).
 
-* Doubled batch (PixArt, SD3, CogVideoX, LTX, ...): rank 0 runs the unconditional half, rank 1 the
-  conditional half; the halves are all-gathered back into the doubled output.
+* Doubled batch (PixArt, SD3, CogVideoX, LTX, Z-Image's list of latents, ...): rank 0 runs the first
+  half, rank 1 the second; the halves are all-gathered back into the doubled output.
 * Separate calls (``cache_context("cond")`` then ``("uncond")``: Wan, CogView4, Flux true CFG): the
   two calls of a step come one after the other in every rank, and the unconditional one's arguments
   are not known at the conditional call. They are predictable, though: the unconditional call gets
@@ -87,7 +87,8 @@ class CfgParallelHook(ModelHook):
 
     def _split_batch(self, args, kwargs):
         full = self.runtime.clock.current.batch_size
-        half_args, half_kwargs = half_arguments(args, kwargs, full, self.names, self.rank)
+        listed = self.runtime.adapter.latent_layout == "CFHW_LIST"  # per-image latents (Z-Image)
+        half_args, half_kwargs = half_arguments(args, kwargs, full, self.names, self.rank, per_sample_lists=listed)
         output = self.fn_ref.original_forward(*half_args, **half_kwargs)
         parts = self._gather(prediction_of(output))
         return with_prediction(output, torch.cat(parts, 0))

@@ -23,13 +23,6 @@ class ParallelHandler:
         label = f"{type(config).__name__} (parallel={config.method!r})"
         _, world_size = require_distributed(label)
         cfg, ring, ulysses = config.degrees(world_size)
-        adapter = target.adapter
-        if cfg > 1 and adapter.cfg_layout == "batched" and not adapter.cfg_batch_is_standard:
-            raise ValueError(
-                f"{label}: {target.denoiser_name} ({adapter.name}) batches CFG as "
-                f"{'a list of per-image latents' if adapter.latent_layout == 'CFHW_LIST' else 'one tensor'}, "
-                f"{adapter.cfg_batch_order[0]} half first, which CFG parallel does not split; use a CFG degree of 1."
-            )
         if ring * ulysses > 1:
             if getattr(target.denoiser, "_cp_plan", None) is None:
                 raise ValueError(
