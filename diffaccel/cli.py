@@ -458,12 +458,26 @@ def call_arguments(pipe: Any, args: argparse.Namespace, defaults: dict | None = 
     for name, value in wanted.items():
         if value is None:
             continue
+        if name == "guidance_scale" and name not in accepted and _set_guider_scale(pipe, value):
+            continue
         if name not in accepted:
             raise ValueError(f"{type(pipe).__name__} does not take {name!r}; drop that option.")
         kwargs[name] = value
     kwargs["generator"] = torch.Generator("cpu").manual_seed(args.seed)
     kwargs["output_type"] = "np"
     return kwargs
+
+
+def _set_guider_scale(pipe: Any, scale: float) -> bool:
+    """Pipelines that guide through a diffusers guider component (HunyuanVideo 1.5) take the scale there,
+    not as a call argument: swap in the same guider at ``scale``. False where the pipeline has none."""
+    guider = getattr(pipe, "guider", None)
+    if guider is None or "guidance_scale" not in getattr(guider, "config", {}):
+        return False
+    pipe.guider = guider.new(guidance_scale=scale)
+    logger.info("diffaccel: %s guides through its %s; set its guidance_scale to %s",
+                type(pipe).__name__, type(guider).__name__, scale)
+    return True
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

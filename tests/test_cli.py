@@ -117,3 +117,21 @@ def test_generate_wan22_folder_accelerates_both_experts_with_their_own_guidance(
     code = main(["generate", "x", "-o", str(tmp_path / "w.gif"), "--model", str(saved["wan"]), *common,
                  "--guidance-2", "3"])
     assert code == 2 and "guidance_scale_2" in capsys.readouterr().err
+
+
+def test_guidance_goes_to_the_guider_of_a_pipeline_that_has_one():
+    """HunyuanVideo 1.5 guides through a diffusers guider, not a guidance_scale argument: --guidance sets the
+    guider's scale; a pipeline with neither still refuses the option by name."""
+    import argparse
+
+    from diffaccel.cli import call_arguments
+
+    args = argparse.Namespace(prompt="a red circle", steps=None, guidance=6.0, guidance_2=None, negative_prompt=None,
+                              height=None, width=None, frames=None, seed=0)
+    case = build("hunyuan_video15")
+    kwargs = call_arguments(case.pipe, args)
+    assert "guidance_scale" not in kwargs and case.pipe.guider.guidance_scale == 6.0
+    assert call_arguments(build("pixart_alpha").pipe, args)["guidance_scale"] == 6.0
+    lumina = build("lumina2").pipe
+    with pytest.raises(ValueError, match="does not take 'guidance_scale_2'"):
+        call_arguments(lumina, argparse.Namespace(**{**vars(args), "guidance_2": 2.0}))
