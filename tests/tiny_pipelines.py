@@ -172,6 +172,25 @@ def t5_encoder(d_model=32, layers=2, umt5=False):
     return T5EncoderModel(T5Config(**kw)).eval()
 
 
+def qwen3_text_model(layers: int, causal_lm: bool = False):
+    """A 16-wide Qwen3 (FLUX.2 [klein] takes the causal LM, Z-Image the bare model)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    _seed(0)
+    config = Qwen3Config(
+        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
+
+
+def chat_tokenizer(separator: str = ""):
+    """The word-level tokenizer with a chat template that joins the messages' contents (by ``separator``)."""
+    tokenizer = make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}" + separator + "{% endfor %}"
+    return tokenizer
+
+
 # ----------------------------------------------------------------------------------------
 # Tiny VAEs
 # ----------------------------------------------------------------------------------------
@@ -205,6 +224,14 @@ def _finish(pipe):
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cpu")
     return pipe
+
+
+def _case(pipe, cfg_layout: str, is_video: bool = False, **call) -> TinyCase:
+    """A tiny case with the common call: "a red circle", 4 steps, 64 px, numpy output; ``call`` adds or overrides."""
+    call_kwargs = dict(prompt="a red circle", num_inference_steps=4, height=64, width=64, output_type="np")
+    call_kwargs.update(call)
+    return TinyCase(pipe=_finish(pipe), call_kwargs=call_kwargs, denoiser_attr="transformer", is_video=is_video,
+                    cfg_layout=cfg_layout)
 
 
 def _pixart(sigma: bool) -> TinyCase:
@@ -552,29 +579,13 @@ def chroma() -> TinyCase:
         tokenizer=t5_tokenizer(),
         transformer=transformer,
     )
-    return TinyCase(
-        pipe=_finish(pipe),
-        call_kwargs=dict(
-            prompt="a red circle",
-            negative_prompt="blurry",
-            guidance_scale=3.0,
-            num_inference_steps=4,
-            height=64,
-            width=64,
-            max_sequence_length=32,
-            output_type="np",
-        ),
-        denoiser_attr="transformer",
-        is_video=False,
-        cfg_layout="separate",
-    )
+    return _case(pipe, "separate", negative_prompt="blurry", guidance_scale=3.0, max_sequence_length=32)
 
 
 def flux2_klein() -> TinyCase:
     """FLUX.2 [klein] base (Qwen3 text encoder, CFG as separate calls in cache contexts); its single-stream
     blocks take [text, image] joined."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     _seed(0)
     transformer = Flux2Transformer2DModel(
@@ -602,36 +613,14 @@ def flux2_klein() -> TinyCase:
         use_post_quant_conv=False,
         mid_block_add_attention=False,
     ).eval()
-    _seed(0)
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=8, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-    )).eval()
-    tokenizer = make_tokenizer(model_max_length=512, add_bos=False, add_eos=False)
-    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text_encoder=qwen3_text_model(3, causal_lm=True),
+        tokenizer=chat_tokenizer(),
         transformer=transformer,
     )
-    return TinyCase(
-        pipe=_finish(pipe),
-        call_kwargs=dict(
-            prompt="a red circle",
-            guidance_scale=3.0,
-            num_inference_steps=4,
-            height=64,
-            width=64,
-            max_sequence_length=32,
-            text_encoder_out_layers=(1, 2, 3),
-            output_type="np",
-        ),
-        denoiser_attr="transformer",
-        is_video=False,
-        cfg_layout="separate",
-    )
+    return _case(pipe, "separate", guidance_scale=3.0, max_sequence_length=32, text_encoder_out_layers=(1, 2, 3))
 
 
 def lumina2() -> TinyCase:
@@ -668,30 +657,14 @@ def lumina2() -> TinyCase:
         text_encoder=text_encoder,
         tokenizer=make_tokenizer(model_max_length=256, add_bos=True, add_eos=False),
     )
-    return TinyCase(
-        pipe=_finish(pipe),
-        call_kwargs=dict(
-            prompt="a red circle",
-            negative_prompt="blurry",
-            guidance_scale=4.0,
-            num_inference_steps=4,
-            height=64,
-            width=64,
-            max_sequence_length=32,
-            system_prompt="",
-            output_type="np",
-        ),
-        denoiser_attr="transformer",
-        is_video=False,
-        cfg_layout="separate",
-    )
+    return _case(pipe, "separate", negative_prompt="blurry", guidance_scale=4.0, max_sequence_length=32,
+                 system_prompt="")
 
 
 def z_image() -> TinyCase:
     """Z-Image: the transformer takes a list of per-image latents and batches CFG conditional first; one joint
     stream of [image, caption] tokens after the refiners."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
 
     _seed(0)
     transformer = ZImageTransformer2DModel(
@@ -708,36 +681,14 @@ def z_image() -> TinyCase:
         axes_lens=[300, 64, 64],
     ).eval()
     vae = kl_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035)
-    _seed(0)
-    text_encoder = Qwen3Model(Qwen3Config(
-        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=8, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-    )).eval()
-    tokenizer = make_tokenizer(model_max_length=512, add_bos=False, add_eos=False)
-    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
     pipe = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text_encoder=qwen3_text_model(2),
+        tokenizer=chat_tokenizer(),
         transformer=transformer,
     )
-    return TinyCase(
-        pipe=_finish(pipe),
-        call_kwargs=dict(
-            prompt="a red circle",
-            negative_prompt="blurry",
-            guidance_scale=3.0,
-            num_inference_steps=4,
-            height=64,
-            width=64,
-            max_sequence_length=32,
-            output_type="np",
-        ),
-        denoiser_attr="transformer",
-        is_video=False,
-        cfg_layout="batched",
-    )
+    return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=3.0, max_sequence_length=32)
 
 
 def wan() -> TinyCase:
@@ -984,11 +935,9 @@ def hunyuan_video15() -> TinyCase:
         num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
     )).eval()
-    tokenizer = make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False)
-    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
     pipe = HunyuanVideo15Pipeline(
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=chat_tokenizer(separator=" "),
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -1000,21 +949,7 @@ def hunyuan_video15() -> TinyCase:
     pipe.prompt_template_encode_start_idx = 3
     pipe.tokenizer_max_length = 16
     pipe.tokenizer_2_max_length = 8
-    return TinyCase(
-        pipe=_finish(pipe),
-        call_kwargs=dict(
-            prompt="a red circle",
-            negative_prompt="blurry",
-            num_inference_steps=4,
-            height=32,
-            width=32,
-            num_frames=5,
-            output_type="np",
-        ),
-        denoiser_attr="transformer",
-        is_video=True,
-        cfg_layout="separate",
-    )
+    return _case(pipe, "separate", is_video=True, negative_prompt="blurry", height=32, width=32, num_frames=5)
 
 
 def ltx() -> TinyCase:
