@@ -334,12 +334,11 @@ class AdaptiveGuidanceHook(ModelHook):
     def _doubled_call(self, ctx, args: tuple, kwargs: dict):
         state: GuidanceState = self.states.get(STATE_KEY)
         step = ctx.step_index
-        hidden = self._latents(args, kwargs)
-        listed = isinstance(hidden, (list, tuple))  # per-image latents (Z-Image)
-        full = len(hidden)
+        listed = isinstance(get_argument(args, kwargs, self.hidden_arg, self.hidden_position), (list, tuple))
+        hidden = self._latents(args, kwargs)  # stacked, where the denoiser takes a list (Z-Image)
+        full = hidden.shape[0]
         at = self.cond_half  # diffusers' order [uncond, cond]: 1; Z-Image's [cond, uncond]: 0
         latents = hidden[full // 2 * at : full // 2 * (at + 1)]
-        latents = torch.stack(list(latents)) if listed else latents
         action = self._plan(state, ctx, latents)
         if action == COMPUTE:
             output = self.fn_ref.original_forward(*args, **kwargs)
@@ -476,7 +475,11 @@ class AdaptiveGuidanceHook(ModelHook):
     # ------------------------------------------------------------------ helpers
 
     def _latents(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        return get_argument(args, kwargs, self.hidden_arg, self.hidden_position)
+        """The latent input, stacked where the denoiser takes a list of per-image latents (Z-Image)."""
+        latents = get_argument(args, kwargs, self.hidden_arg, self.hidden_position)
+        if isinstance(latents, (list, tuple)) and latents and all(isinstance(x, torch.Tensor) for x in latents):
+            return torch.stack(list(latents))
+        return latents
 
     def _warn(self, state: GuidanceState, key: str, message: str) -> None:
         if key not in state.warned:

@@ -342,12 +342,12 @@ class Runtime:
         )
 
     def _branch_by_call_order(self, forward_in_step: int) -> str | None:
-        """The branch of a per-branch pipeline's forward that opened no cache context: within a step the
-        first call is the conditional one and the second the unconditional one (the order of every
-        diffusers pipeline that runs its CFG branches as separate calls, e.g. Chroma and Lumina 2). None
-        where that order does not apply: a batched family, a forward outside a scheduler-driven call, a
-        third call in one step."""
-        if self.adapter.cfg_layout != "separate" or self.clock.num_steps is None or forward_in_step > 1:
+        """The branch of a forward that opened no cache context and is not a doubled CFG batch: within a step
+        the first call is the conditional one and the second the unconditional one (the order of every
+        diffusers pipeline that runs its CFG branches as separate calls without naming them, e.g. Chroma,
+        Lumina 2, and the modular Z-Image pipeline's guider, whatever the family's usual layout). None where
+        that order does not apply: a forward outside a scheduler-driven call, a third call in one step."""
+        if self.clock.num_steps is None or forward_in_step > 1:
             return None
         return (COND, UNCOND)[forward_in_step]
 
