@@ -48,6 +48,12 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
         "HunyuanVideo15TransformerBlock",
         HIDDEN_THEN_ENCODER,
     ),
+    # LTX-2's blocks carry the video and the audio stream; the audio one goes where other blocks carry text.
+    (
+        "diffusers.models.transformers.transformer_ltx2",
+        "LTX2VideoTransformerBlock",
+        BlockSpec(returns=(HIDDEN, ENCODER), encoder_arg="audio_hidden_states"),
+    ),
     ("diffusers.models.transformers.transformer_z_image", "ZImageTransformerBlock", BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
 ]
 
@@ -144,6 +150,19 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "LTXVideoTransformer3DModel",
         FamilyAdapter(
             name="ltx", block_lists=("transformer_blocks",), latent_layout="BSC", cfg_layout="batched", is_video=True
+        ),
+    ),
+    (
+        "diffusers",
+        "LTX2VideoTransformer3DModel",
+        FamilyAdapter(
+            name="ltx2",
+            block_lists=("transformer_blocks",),
+            latent_layout="BSC",
+            cfg_layout="batched",
+            is_video=True,
+            notes="video and audio in one model: the block cache replays both streams' residuals; where adaptive "
+                  "guidance skips the unconditional half, the audio takes its conditional prediction too",
         ),
     ),
     (

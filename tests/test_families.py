@@ -191,3 +191,52 @@ def test_a_cfg_batch_order_must_name_both_branches():
     with pytest.raises(ValueError, match="must name 'cond' and 'uncond' once each"):
         FamilyAdapter(name="x", block_lists=("blocks",), latent_layout="BCHW", cfg_layout="batched",
                       cfg_batch_order=("cond", "cond"))
+
+
+def _frames_and_audio(case, **overrides):
+    kwargs = {**case.call_kwargs, **overrides, "generator": torch.Generator().manual_seed(0)}
+    with torch.no_grad():
+        out = case.pipe(**kwargs)
+    return np.asarray(out.frames), np.asarray(out.audio)
+
+
+def test_ltx2_carries_video_and_audio_through_the_cache_and_guidance():
+    """LTX-2's blocks carry a video and an audio stream: the block cache replays both; adaptive guidance on its
+    doubled batch doubles the audio prediction too, so γ = -1 is the unguided run, video and audio alike."""
+    from diffaccel import AdaptiveGuidanceConfig
+
+    case, _ = case_and_baseline("ltx2")
+    video, audio = _frames_and_audio(case)
+    diffaccel.accelerate(case.pipe, "off")
+    assert all(np.array_equal(a, b) for a, b in zip(_frames_and_audio(case), (video, audio)))
+    diffaccel.accelerate(case.pipe, cache=EAGER_CACHE)
+    cached = _frames_and_audio(case)
+    assert diffaccel.stats(case.pipe)["blocks_skipped"] > 0
+    assert not np.array_equal(cached[1], audio) and np.isfinite(cached[1]).all()  # the audio stream was replayed
+    diffaccel.remove(case.pipe)
+    unguided = _frames_and_audio(case, guidance_scale=1.0, audio_guidance_scale=1.0)
+    diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig(threshold=-1.0))
+    skipped = _frames_and_audio(case)
+    assert diffaccel.stats(case.pipe)["denoiser_calls_by_branch"] == {"cond": 4}
+    assert all(np.array_equal(a, b) for a, b in zip(skipped, unguided))
+    diffaccel.remove(case.pipe)
+
+
+def test_a_deep_copy_of_the_tapped_scheduler_is_untapped():
+    """LTX-2 deep-copies its scheduler for the audio latents: the copy steps itself, and its steps are not
+    the call's (copied taps would step the video scheduler twice and count every step twice)."""
+    import copy
+
+    case, baseline = case_and_baseline("wan")
+    diffaccel.accelerate(case.pipe, "off")
+    scheduler = case.pipe.scheduler
+    scheduler.set_timesteps(4)
+    twin = copy.deepcopy(scheduler)
+    assert "step" not in vars(twin) and "set_timesteps" not in vars(twin) and "__deepcopy__" not in vars(twin)
+    sample = torch.zeros(1, 4, 2, 4, 4)
+    twin.step(torch.zeros_like(sample), twin.timesteps[0], sample)
+    assert twin.step_index == 1 and scheduler.step_index is None
+    assert "step" in vars(scheduler)  # the original stays tapped
+    assert np.array_equal(run(case, seed=0), baseline)
+    diffaccel.remove(case.pipe)
+    assert "__deepcopy__" not in vars(scheduler)

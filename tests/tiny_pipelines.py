@@ -1013,6 +1013,77 @@ def ltx() -> TinyCase:
     )
 
 
+def ltx2() -> TinyCase:
+    """LTX-2: one transformer for video and audio (its blocks carry both streams), CFG as a doubled batch;
+    Gemma 3 text encoder, text connectors, a video and an audio VAE, a vocoder (sizes as diffusers' own tests)."""
+    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2Pipeline,
+                           LTX2VideoTransformer3DModel)
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    _seed(0)
+    config = Gemma3Config(
+        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=8, bos_token_id=BOS_ID,
+                         eos_token_id=EOS_ID, pad_token_id=PAD_ID, sliding_window=32),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=VOCAB_SIZE - 3, eoi_token_index=VOCAB_SIZE - 2,
+        image_token_index=VOCAB_SIZE - 1,
+    )
+    text_encoder = Gemma3ForConditionalGeneration(config).eval()
+    width = config.text_config.hidden_size
+    _seed(0)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=3, qk_norm="rms_norm_across_heads",
+        caption_channels=width, rope_double_precision=False, rope_type="split",
+    ).eval()
+    _seed(0)
+    connectors = LTX2TextConnectors(
+        caption_channels=width, text_proj_in_factor=config.text_config.num_hidden_layers + 1,
+        video_connector_num_attention_heads=2, video_connector_attention_head_dim=8, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=8, audio_connector_num_layers=1, audio_connector_num_learnable_registers=None,
+        connector_rope_base_seq_len=32, rope_theta=10000.0, rope_double_precision=False,
+        causal_temporal_positioning=False, rope_type="split",
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False,
+    ).eval()
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    _seed(0)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+        resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
+    ).eval()
+    _seed(0)
+    vocoder = LTX2Vocoder(
+        in_channels=audio_vae.config.output_channels * audio_vae.config.mel_bins, hidden_channels=32, out_channels=2,
+        upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+        leaky_relu_negative_slope=0.1, output_sampling_rate=16000,
+    ).eval()
+    pipe = LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=text_encoder,
+        tokenizer=make_tokenizer(model_max_length=1024, add_bos=True, add_eos=False, padding_side="left"),
+        connectors=connectors, transformer=transformer, vocoder=vocoder,
+    )
+    # CFG alone (no spatio-temporal or modality guidance, whose extra calls run in contexts of their own)
+    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=4.0,
+                 audio_guidance_scale=4.0, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0,
+                 audio_modality_scale=1.0, guidance_rescale=0.0, audio_guidance_rescale=0.0,
+                 spatio_temporal_guidance_blocks=None, use_cross_timestep=False, height=32, width=32, num_frames=5,
+                 frame_rate=25.0, max_sequence_length=16)
+
+
 def sd15() -> TinyCase:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -1138,6 +1209,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "hunyuan_video": hunyuan_video,
     "hunyuan_video15": hunyuan_video15,
     "ltx": ltx,
+    "ltx2": ltx2,
     "sd15": sd15,
     "sdxl": sdxl,
 }

@@ -43,7 +43,8 @@ from diffaccel.pipelines.adapters import argument_position, get_argument, set_ar
 from diffaccel.registry import AccelTarget, register_method
 from diffaccel.runtime import COND, COND_UNCOND, UNCOND
 
-from .layout import cond_half_arguments, prediction_of, same_arguments, same_tensor, with_prediction
+from .layout import (cond_half_arguments, prediction_of, same_arguments, same_tensor, with_other_outputs,
+                     with_prediction)
 from .rules import (
     CARRY_GUIDANCE,
     COMPUTE,
@@ -353,7 +354,10 @@ class AdaptiveGuidanceHook(ModelHook):
         cond = prediction_of(output)
         self._record_pair(state, step, latents, cond, output, None, real=False)
         value = self._skipped_value(state, action, step, cond, latents)
-        return with_prediction(output, torch.cat([value, cond] if at == 1 else [cond, value]))
+        doubled = with_prediction(output, torch.cat([value, cond] if at == 1 else [cond, value]))
+        # Further predictions (LTX-2's audio) take the conditional one in both halves: unguided on this step.
+        half = full // 2
+        return with_other_outputs(doubled, lambda x: torch.cat([x, x]) if x.dim() and x.shape[0] == half else x)
 
     # ------------------------------------------------------------------ decisions and bookkeeping
 

@@ -107,6 +107,18 @@ def with_prediction(output: Any, prediction: torch.Tensor) -> Any:
     raise ValueError(f"diffaccel: cannot rebuild a denoiser output of type {type(output).__name__}.")
 
 
+def with_other_outputs(output: Any, fn) -> Any:
+    """``output`` with ``fn`` applied to every tensor it holds besides the prediction (LTX-2's audio prediction
+    next to its video one), so a doubled-batch output can be rebuilt whole."""
+    if isinstance(output, BaseOutput):
+        keys = list(output.keys())
+        return type(output)(**{key: (fn(output[key]) if i and isinstance(output[key], torch.Tensor) else output[key])
+                               for i, key in enumerate(keys)})
+    if isinstance(output, tuple) and not _is_namedtuple(output):
+        return type(output)(fn(item) if i and isinstance(item, torch.Tensor) else item for i, item in enumerate(output))
+    return output
+
+
 def same_tensor(a: Any, b: Any) -> bool:
     """The same object, or tensors of equal shape, dtype and values."""
     if a is b:

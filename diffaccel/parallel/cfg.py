@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from diffusers.hooks.hooks import ModelHook
 
-from diffaccel.guidance.layout import half_arguments, prediction_of, same_value, with_prediction
+from diffaccel.guidance.layout import half_arguments, prediction_of, same_value, with_other_outputs, with_prediction
 from diffaccel.runtime.context import COND, COND_UNCOND, UNCOND
 
 from .context import ParallelGroups
@@ -91,7 +91,11 @@ class CfgParallelHook(ModelHook):
         half_args, half_kwargs = half_arguments(args, kwargs, full, self.names, self.rank, per_sample_lists=listed)
         output = self.fn_ref.original_forward(*half_args, **half_kwargs)
         parts = self._gather(prediction_of(output))
-        return with_prediction(output, torch.cat(parts, 0))
+        half = full // 2
+        return with_other_outputs(  # further predictions (LTX-2's audio) are gathered alike
+            with_prediction(output, torch.cat(parts, 0)),
+            lambda x: torch.cat(self._gather(x), 0) if x.dim() and x.shape[0] == half else x,
+        )
 
     # ------------------------------------------------------------------ separate calls
 

@@ -14,6 +14,7 @@ It owns the step clock, the per-branch method states and the statistics, and it 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -221,16 +222,30 @@ class Runtime:
             self.end_step()
             return result
 
+        def deepcopy_untapped(memo):
+            """A deep copy of the tapped scheduler is an untapped one (LTX-2 copies its scheduler for the audio
+            latents): copied taps would step this scheduler again and count its steps as the call's."""
+            state = vars(scheduler)
+            tapped = {name: state.pop(name) for name in (*originals, "__deepcopy__") if name in state}
+            state.update(self._scheduler_own)
+            try:
+                return copy.deepcopy(scheduler, memo)
+            finally:
+                for name in self._scheduler_own:
+                    state.pop(name, None)
+                state.update(tapped)
+
         # update_wrapper keeps the signature visible: pipelines inspect set_timesteps' parameters.
         scheduler.set_timesteps = functools.update_wrapper(set_timesteps, originals["set_timesteps"])
         scheduler.step = functools.update_wrapper(step, originals["step"])
+        scheduler.__deepcopy__ = deepcopy_untapped
         self._scheduler = scheduler
         self._scheduler_originals = originals
 
     def _untap_scheduler(self) -> None:
         scheduler = self._scheduler
         if scheduler is not None:
-            for name in self._scheduler_originals:
+            for name in (*self._scheduler_originals, "__deepcopy__"):
                 if name in vars(scheduler):
                     delattr(scheduler, name)
                 if name in self._scheduler_own:
