@@ -14,7 +14,8 @@ from diffaccel.attention import TokenLayout, attention_density, default_tile, sl
 from diffaccel.attention.masks import adaptive_block_mask, block_scores
 
 # Tiny pipelines at a size where self-attention spans several 16-token blocks.
-SIZES = {"wan": dict(height=128, width=128), "cogvideox": dict(height=128, width=128), "hunyuan_video": {}, "ltx": {}}
+SIZES = {"wan": dict(height=128, width=128), "cogvideox": dict(height=128, width=128), "hunyuan_video": {}, "ltx": {},
+         "ltx2": dict(height=64, width=64, num_frames=9)}
 KEEP_ALL = dict(block_size=16, min_density=1.0, max_density=1.0, dense_steps=0, dense_blocks=())
 
 
