@@ -357,12 +357,15 @@ class Runtime:
         )
 
     def _branch_by_call_order(self, forward_in_step: int) -> str | None:
-        """The branch of a forward that opened no cache context and is not a doubled CFG batch: within a step
-        the first call is the conditional one and the second the unconditional one (the order of every
-        diffusers pipeline that runs its CFG branches as separate calls without naming them, e.g. Chroma,
-        Lumina 2, and the modular Z-Image pipeline's guider, whatever the family's usual layout). None where
-        that order does not apply: a forward outside a scheduler-driven call, a third call in one step."""
+        """The branch of a forward that opened no cache context and is not a doubled CFG batch, in a pipeline
+        that runs its CFG branches as separate calls (a per-branch family, e.g. Chroma or Lumina 2, or any
+        pipeline guiding through a diffusers guider, e.g. the modular Z-Image one): within a step the first
+        call is the conditional one and the second the unconditional one, the order of every diffusers
+        pipeline. None where that does not apply: a batched family's pipeline without a guider, a forward
+        outside a scheduler-driven call, a third call in one step."""
         if self.clock.num_steps is None or forward_in_step > 1:
+            return None
+        if self.adapter.cfg_layout != "separate" and getattr(self.pipe, "guider", None) is None:
             return None
         return (COND, UNCOND)[forward_in_step]
 
