@@ -48,6 +48,8 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
         "HunyuanVideo15TransformerBlock",
         HIDDEN_THEN_ENCODER,
     ),
+    ("diffusers.models.transformers.transformer_hunyuanimage", "HunyuanImageTransformerBlock", HIDDEN_THEN_ENCODER),
+    ("diffusers.models.transformers.transformer_hunyuanimage", "HunyuanImageSingleTransformerBlock", HIDDEN_THEN_ENCODER),
     # LTX-2's blocks carry the video and the audio stream; the audio one goes where other blocks carry text.
     (
         "diffusers.models.transformers.transformer_ltx2",
@@ -150,6 +152,19 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "LTXVideoTransformer3DModel",
         FamilyAdapter(
             name="ltx", block_lists=("transformer_blocks",), latent_layout="BSC", cfg_layout="batched", is_video=True
+        ),
+    ),
+    (
+        "diffusers",
+        "HunyuanImageTransformer2DModel",
+        FamilyAdapter(
+            name="hunyuan_image",
+            block_lists=("transformer_blocks", "single_transformer_blocks"),
+            latent_layout="BCHW",
+            cfg_layout="separate",
+            joint_text="suffix",
+            notes="HunyuanImage 2.1: CFG through a diffusers guider (adaptive projected guidance), contexts "
+                  "pred_cond / pred_uncond",
         ),
     ),
     (

@@ -172,6 +172,37 @@ def t5_encoder(d_model=32, layers=2, umt5=False):
     return T5EncoderModel(T5Config(**kw)).eval()
 
 
+def qwen25_vl_encoder():
+    """A 16-wide Qwen2.5-VL (Qwen-Image's and HunyuanImage's text encoder), vision tower included."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    _seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "vocab_size": VOCAB_SIZE,
+            "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID,
+            "pad_token_id": PAD_ID,
+        },
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16,
+        vocab_size=VOCAB_SIZE,
+        vision_end_token_id=VOCAB_SIZE - 4,
+        vision_start_token_id=VOCAB_SIZE - 3,
+        vision_token_id=VOCAB_SIZE - 2,
+        image_token_id=VOCAB_SIZE - 1,
+        video_token_id=VOCAB_SIZE - 2,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
 def qwen3_text_model(layers: int, causal_lm: bool = False):
     """A 16-wide Qwen3 (FLUX.2 [klein] takes the causal LM, Z-Image the bare model)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
@@ -476,7 +507,6 @@ def sana() -> TinyCase:
 
 def qwenimage() -> TinyCase:
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     _seed(0)
     transformer = QwenImageTransformer2DModel(
@@ -501,31 +531,7 @@ def qwenimage() -> TinyCase:
         latents_mean=[0.0] * z_dim,
         latents_std=[1.0] * z_dim,
     ).eval()
-    _seed(0)
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "hidden_size": 16,
-            "intermediate_size": 16,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-            "rope_theta": 1000000.0,
-            "vocab_size": VOCAB_SIZE,
-            "bos_token_id": BOS_ID,
-            "eos_token_id": EOS_ID,
-            "pad_token_id": PAD_ID,
-        },
-        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
-        hidden_size=16,
-        vocab_size=VOCAB_SIZE,
-        vision_end_token_id=VOCAB_SIZE - 4,
-        vision_start_token_id=VOCAB_SIZE - 3,
-        vision_token_id=VOCAB_SIZE - 2,
-        image_token_id=VOCAB_SIZE - 1,
-        video_token_id=VOCAB_SIZE - 2,
-    )
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    text_encoder = qwen25_vl_encoder()
     tokenizer = make_tokenizer(model_max_length=32768, add_bos=False, add_eos=False)
     pipe = QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -899,6 +905,40 @@ def hunyuan_video() -> TinyCase:
     )
 
 
+def hunyuan_image() -> TinyCase:
+    """HunyuanImage 2.1: dual- then single-stream blocks, CFG through a diffusers guider (adaptive projected
+    guidance); Qwen2.5-VL and ByT5 text encoders."""
+    from diffusers import (AdaptiveProjectedMixGuidance, AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler,
+                           HunyuanImagePipeline, HunyuanImageTransformer2DModel)
+    from transformers import ByT5Tokenizer
+
+    _seed(0)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_single_layers=2,
+        num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, text_embed_2_dim=32, rope_axes_dim=(4, 4),
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLHunyuanImage(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+        spatial_compression_ratio=2, sample_size=32, scaling_factor=0.75,
+    ).eval()
+    pipe = HunyuanImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=qwen25_vl_encoder(),
+        tokenizer=make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False),
+        text_encoder_2=t5_encoder(d_model=32),
+        tokenizer_2=ByT5Tokenizer(),
+        transformer=transformer,
+        guider=AdaptiveProjectedMixGuidance(guidance_scale=4.0, adaptive_projected_guidance_start_step=1),
+    )
+    pipe.prompt_template_encode = "describe the image {}"  # 3 tokens, cropped off as the real 34-token prefix is
+    pipe.prompt_template_encode_start_idx = 3
+    pipe.tokenizer_max_length = 16
+    pipe.tokenizer_2_max_length = 8
+    return _case(pipe, "separate", negative_prompt="blurry", height=32, width=32, distilled_guidance_scale=None)
+
+
 def hunyuan_video15() -> TinyCase:
     """HunyuanVideo 1.5: CFG through a diffusers guider, whose calls open the cache contexts
     "pred_cond" / "pred_uncond"; Qwen2.5-VL and ByT5 text encoders (ByT5's tokenizer needs no files)."""
@@ -1208,6 +1248,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "cogvideox": cogvideox,
     "hunyuan_video": hunyuan_video,
     "hunyuan_video15": hunyuan_video15,
+    "hunyuan_image": hunyuan_image,
     "ltx": ltx,
     "ltx2": ltx2,
     "sd15": sd15,
