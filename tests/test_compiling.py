@@ -16,7 +16,9 @@ CACHE = BlockCacheConfig(threshold=1e9, warmup_steps=1, max_consecutive=2)
 
 
 @pytest.mark.parametrize("name, blocks", [("flux", "FluxSingleTransformerBlock/FluxTransformerBlock"),
-                                          ("pixart_alpha", "BasicTransformerBlock")])
+                                          ("pixart_alpha", "BasicTransformerBlock"),
+                                          # joined [text, image] single-stream blocks
+                                          ("chroma", "ChromaSingleTransformerBlock/ChromaTransformerBlock")])
 def test_regional_compile_keeps_the_skips_and_the_output(name, blocks):
     case = build(name)
     diffaccel.accelerate(case.pipe, cache=CACHE)
