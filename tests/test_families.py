@@ -240,3 +240,54 @@ def test_a_deep_copy_of_the_tapped_scheduler_is_untapped():
     assert np.array_equal(run(case, seed=0), baseline)
     diffaccel.remove(case.pipe)
     assert "__deepcopy__" not in vars(scheduler)
+
+
+@pytest.mark.parametrize("method, first_cached", [("block", 1), ("teacache", 0)])
+def test_controlnet_residuals_added_between_blocks_are_not_replayed_twice(method, first_cached):
+    """FluxControlNetPipeline adds ControlNet residuals to the hidden stream after each Flux block, outside the
+    blocks. A cached span's residual is what its blocks added (the sum of their own residuals): on a reused
+    step the fresh ControlNet residuals come on top of it once, not a second time inside it. The block cache
+    replays blocks 1 on (block 0 decides), TeaCache the whole stack."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    from PIL import Image
+
+    from diffaccel import TeaCacheConfig
+
+    config = EAGER_CACHE if method == "block" else TeaCacheConfig(threshold=1e9, force_last_step=False)
+
+    case = build("flux")
+    flux = case.pipe
+    torch.manual_seed(0)
+    controlnet = FluxControlNetModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
+                                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                     pooled_projection_dim=32, axes_dims_rope=(4, 4, 8), guidance_embeds=True).eval()
+    with torch.no_grad():  # its output projections start at zero: make the residuals it adds non-zero
+        for param in controlnet.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    pipe = FluxControlNetPipeline(scheduler=flux.scheduler, vae=flux.vae, text_encoder=flux.text_encoder,
+                                  tokenizer=flux.tokenizer, text_encoder_2=flux.text_encoder_2,
+                                  tokenizer_2=flux.tokenizer_2, transformer=flux.transformer, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    control = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8))
+    middle = [*flux.transformer.transformer_blocks, *flux.transformer.single_transformer_blocks][first_cached:]
+    seen = {i: [] for i in range(len(middle))}
+    hooks = [block.register_forward_hook(
+        lambda m, args, kwargs, out, i=i: seen[i].append((kwargs["hidden_states"], out[1])), with_kwargs=True)
+        for i, block in enumerate(middle)]
+    try:
+        diffaccel.accelerate(pipe, cache=config)
+        pipe(prompt="a red circle", control_image=control, num_inference_steps=3, height=64, width=64,
+             guidance_scale=3.5, max_sequence_length=32, output_type="np", generator=torch.Generator().manual_seed(0))
+        assert diffaccel.stats(pipe)["blocks_skipped"] > 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+        diffaccel.remove(pipe)
+    step = lambda i, s: seen[i][s]  # noqa: E731  (block i's (input, output) hidden at step s)
+    own = sum(step(i, 0)[1] - step(i, 0)[0] for i in seen)  # step 0 computes: what the blocks added
+    between = [step(i + 1, 0)[0] - step(i, 0)[1] for i in range(len(middle) - 1)]
+    assert max(float(g.abs().max()) for g in between) > 1e-3  # ControlNet really adds between the blocks
+    # step 1 reuses: the span adds its cached residual, the ControlNet residuals of step 1 come on top once
+    fresh = sum(step(i + 1, 1)[0] - step(i, 1)[1] for i in range(len(middle) - 1))
+    replayed = step(len(middle) - 1, 1)[1] - step(0, 1)[0] - fresh
+    torch.testing.assert_close(replayed, own, atol=1e-5, rtol=1e-4)

@@ -2,9 +2,11 @@
 
 Per forward: always run the first ``compute_first_blocks`` blocks (F); compare their residual with
 the one stored at the last *computed* step by relative L1, ``mean|R - R_ref| / mean|R_ref|``; below
-``threshold`` skip the middle blocks (M) by adding the cached residual of the middle span
-(``M_out - M_in``, for the hidden and, where the blocks carry one, the encoder stream); always run
-the last ``compute_last_blocks`` blocks (B). State is per CFG branch and per call.
+``threshold`` skip the middle blocks (M) by adding the cached residual of the middle span (what its
+blocks added, for the hidden and, where the blocks carry one, the encoder stream: the sum of the
+blocks' own residuals, so additions the model makes between blocks, e.g. ControlNet's, are not
+replayed on top of their fresh values); always run the last ``compute_last_blocks`` blocks (B).
+State is per CFG branch and per call.
 """
 
 from __future__ import annotations
@@ -64,13 +66,53 @@ class BlockCacheConfig(MethodConfig):
             check_int(name, "max_consecutive", self.max_consecutive, minimum=1)
 
 
+class SpanResidual:
+    """What a span of blocks added to each stream in one forward, fed block by block while it computes.
+
+    It is the span's output minus its input, less anything the model added *between* its blocks
+    (ControlNet residuals after each Flux block, VACE hints): a replayed span then adds only what its
+    blocks would have, and the model's own additions come fresh on the replayed step instead of twice.
+    Where nothing comes between the blocks (each block gets the tensor the previous one returned), this is
+    exactly output minus input."""
+
+    def __init__(self) -> None:
+        self.first: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the span's input streams
+        self.last: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last block's output streams
+        self.between: list[torch.Tensor | None] = [None, None]  # what was added between blocks, per stream
+
+    def add(self, block: BoundBlock, args: tuple, kwargs: dict, output: Any) -> None:
+        streams_in = block.stream_inputs(args, kwargs)
+        if self.first is None:
+            self.first = streams_in
+        else:
+            for i, (now, before) in enumerate(zip(streams_in, self.last)):
+                if now is not None and before is not None and now is not before and now.shape == before.shape:
+                    gap = now - before
+                    self.between[i] = gap if self.between[i] is None else self.between[i] + gap
+        self.last = block.split_output(output)
+
+    def residuals(self) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        """(hidden residual, encoder residual or None, whether the last block returned no encoder stream)."""
+        if self.first is None:
+            return None, None, False
+        out = []
+        for i in (0, 1):
+            start, end = self.first[i], self.last[i]
+            if start is None or end is None or start.shape != end.shape:
+                out.append(None)
+                continue
+            delta = end - start
+            out.append(delta if self.between[i] is None else delta - self.between[i])
+        return out[0], out[1], self.last[1] is None and self.first[1] is not None
+
+
 class BlockCacheState:
     """What one CFG branch remembers between forwards of a call."""
 
     def __init__(self, calibrator: str | None = None, order: int = 1) -> None:
         self.span_input: torch.Tensor | None = None  # hidden input of block 0, this forward
         self.reference_residual: torch.Tensor | None = None  # front residual at the last computed step
-        self.middle_input: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.middle: SpanResidual | None = None  # the middle span's residual, summed while it computes
         self.cached_hidden_residual: torch.Tensor | None = None
         self.cached_encoder_residual: torch.Tensor | None = None
         self.encoder_output_is_none = False
@@ -120,8 +162,10 @@ class BlockCacheHook(ModelHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         if "decide" in self.roles:
             self._decide(state, output)
+        if "middle" in self.roles:
+            self._add_to_middle(state, args, kwargs, output)
         if "middle_end" in self.roles:
-            self._store_middle_residual(state, output)
+            self._store_middle_residual(state)
         return output
 
     def _replay(self, state: BlockCacheState, args: tuple, kwargs: dict):
@@ -159,21 +203,23 @@ class BlockCacheHook(ModelHook):
         else:
             state.consecutive_reuses = 0
             state.reference_residual = residual
-            state.middle_input = (hidden, encoder)
+            state.middle = SpanResidual()
             self.runtime.count("cache_misses")
         state.span_input = None
 
     @torch.compiler.disable
-    def _store_middle_residual(self, state: BlockCacheState, output: Any) -> None:
-        hidden, encoder = self.block.split_output(output)
-        hidden_in, encoder_in = state.middle_input
-        state.cached_hidden_residual = hidden - hidden_in
-        state.encoder_output_is_none = encoder is None and encoder_in is not None
-        if encoder is not None and encoder_in is not None and encoder.shape == encoder_in.shape:
-            state.cached_encoder_residual = encoder - encoder_in
-        else:
-            state.cached_encoder_residual = None
-        state.middle_input = None
+    def _add_to_middle(self, state: BlockCacheState, args: tuple, kwargs: dict, output: Any) -> None:
+        if state.middle is not None:
+            state.middle.add(self.block, args, kwargs, output)
+
+    @torch.compiler.disable
+    def _store_middle_residual(self, state: BlockCacheState) -> None:
+        middle, state.middle = state.middle, None
+        hidden, encoder, encoder_dropped = middle.residuals() if middle is not None else (None, None, False)
+        if hidden is None:
+            return
+        state.cached_hidden_residual, state.cached_encoder_residual = hidden, encoder
+        state.encoder_output_is_none = encoder_dropped
         state.forecast.update(state.cached_hidden_residual, state.cached_encoder_residual,
                               self.runtime.clock.current.step_index)
 

@@ -29,6 +29,7 @@ from diffaccel.config import MethodConfig, check_float, check_int, register_conf
 from diffaccel.pipelines.adapters import BoundBlock
 from diffaccel.registry import AccelTarget, register_method
 
+from .block_cache import SpanResidual
 from .calibrators import StreamForecast, check_calibrator
 
 logger = logging.getLogger("diffaccel")
@@ -119,7 +120,7 @@ class DeltaDiTState:
         self.plan_full = True
         self.span: tuple[int, int] = (0, -1)
         self.replay = False
-        self.span_input: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.span_residual: SpanResidual | None = None  # the span's residual, summed while it computes
 
 
 class _Active:
@@ -149,7 +150,7 @@ class DeltaDiTDenoiserHook(ModelHook):
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
-            self.active.state.span_input = None
+            self.active.state.span_residual = None
             self.active.state = None
 
     @torch.compiler.disable
@@ -171,7 +172,7 @@ class DeltaDiTDenoiserHook(ModelHook):
         state.plan_full = full
         state.span = span_of(stage, self.num_blocks, config.cached_blocks)
         state.replay = False
-        state.span_input = None
+        state.span_residual = None
         return state
 
 
@@ -200,8 +201,9 @@ class DeltaDiTBlockHook(ModelHook):
         if state.replay:
             return self._replay(state, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
+        self._add_to_span(state, args, kwargs, output)
         if self.position == end:
-            self._store_delta(state, output)
+            self._store_delta(state)
         return output
 
     @torch.compiler.disable
@@ -219,7 +221,7 @@ class DeltaDiTBlockHook(ModelHook):
             self.runtime.count("cache_hits")
             self.runtime.count_skipped_blocks(self.cached_blocks)
         else:
-            state.span_input = (hidden, encoder)
+            state.span_residual = SpanResidual()
             self.runtime.count("cache_misses")
 
     def _replay(self, state: DeltaDiTState, args: tuple, kwargs: dict):
@@ -236,21 +238,23 @@ class DeltaDiTBlockHook(ModelHook):
         return self.block.join_output(hidden, encoder)
 
     @torch.compiler.disable
-    def _store_delta(self, state: DeltaDiTState, output: Any) -> None:
-        """Full step: Δ = span output - span input, for each stream the span carries."""
-        hidden, encoder = self.block.split_output(output)
-        hidden_in, encoder_in = state.span_input
-        state.delta_hidden = hidden - hidden_in
-        state.encoder_output_is_none = encoder is None and encoder_in is not None
-        if encoder is not None and encoder_in is not None and encoder.shape == encoder_in.shape:
-            state.delta_encoder = encoder - encoder_in
-        else:
-            state.delta_encoder = None
+    def _add_to_span(self, state: DeltaDiTState, args: tuple, kwargs: dict, output: Any) -> None:
+        if state.span_residual is not None:
+            state.span_residual.add(self.block, args, kwargs, output)
+
+    @torch.compiler.disable
+    def _store_delta(self, state: DeltaDiTState) -> None:
+        """Full step: Δ = what the span's blocks added (span output - span input, less what the model adds
+        between them), for each stream the span carries."""
+        span, state.span_residual = state.span_residual, None
+        hidden, encoder, encoder_dropped = span.residuals() if span is not None else (None, None, False)
+        if hidden is None:
+            return
+        state.delta_hidden, state.delta_encoder, state.encoder_output_is_none = hidden, encoder, encoder_dropped
         if state.stage != state.plan_stage:  # a new span: its Δ history starts here
             state.forecast.reset()
         state.forecast.update(state.delta_hidden, state.delta_encoder, self.runtime.clock.current.step_index)
         state.stage = state.plan_stage
-        state.span_input = None
 
 
 @register_method(DeltaDiTConfig)

@@ -41,7 +41,7 @@ from diffaccel.guidance.layout import prediction_of, with_prediction
 from diffaccel.pipelines.adapters import BoundBlock, argument_position, get_argument
 from diffaccel.registry import AccelTarget, register_method
 
-from .block_cache import relative_l1
+from .block_cache import SpanResidual, relative_l1
 from .calibrators import StreamForecast, check_calibrator
 
 logger = logging.getLogger("diffaccel")
@@ -238,7 +238,7 @@ class TeaCacheState:
         self.accumulated = 0.0
         self.skip = False
         self.consecutive_skips = 0
-        self.stack_input: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.stack: SpanResidual | None = None  # the stack's residual, summed while it computes
         self.hidden_residual: torch.Tensor | None = None
         self.encoder_residual: torch.Tensor | None = None
         self.encoder_output_is_none = False
@@ -271,8 +271,10 @@ class TeaCacheHook(ModelHook):
         if state.skip:
             return self._replay(state, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.last and self.config.reuse == "residual":  # with "output" the denoiser hook stores the prediction
-            self._store(state, output)
+        if self.config.reuse == "residual":  # with "output" the denoiser hook stores the prediction
+            self._add_to_stack(state, args, kwargs, output)
+            if self.last:
+                self._store(state)
         return output
 
     @torch.compiler.disable
@@ -319,7 +321,7 @@ class TeaCacheHook(ModelHook):
             state.accumulated = 0.0
             state.consecutive_skips = 0
             if self.config.reuse == "residual":
-                state.stack_input = self.block.stream_inputs(args, kwargs)
+                state.stack = SpanResidual()
             self.runtime.count("cache_misses")
 
     def _replay(self, state: TeaCacheState, args: tuple, kwargs: dict):
@@ -335,17 +337,20 @@ class TeaCacheHook(ModelHook):
         return self.block.join_output(hidden, encoder)
 
     @torch.compiler.disable
-    def _store(self, state: TeaCacheState, output: Any) -> None:
-        hidden, encoder = self.block.split_output(output)
-        hidden_in, encoder_in = state.stack_input
-        state.hidden_residual = hidden - hidden_in
-        state.encoder_output_is_none = encoder is None and encoder_in is not None
-        if encoder is not None and encoder_in is not None and encoder.shape == encoder_in.shape:
-            state.encoder_residual = encoder - encoder_in
-        else:
-            state.encoder_residual = None
+    def _add_to_stack(self, state: TeaCacheState, args: tuple, kwargs: dict, output: Any) -> None:
+        if state.stack is not None:
+            state.stack.add(self.block, args, kwargs, output)
+
+    @torch.compiler.disable
+    def _store(self, state: TeaCacheState) -> None:
+        """The stack residual: what its blocks added (not what the model adds between them, e.g. ControlNet)."""
+        stack, state.stack = state.stack, None
+        hidden, encoder, encoder_dropped = stack.residuals() if stack is not None else (None, None, False)
+        if hidden is None:
+            return
+        state.hidden_residual, state.encoder_residual = hidden, encoder
+        state.encoder_output_is_none = encoder_dropped
         state.forecast.update(state.hidden_residual, state.encoder_residual, self.runtime.clock.current.step_index)
-        state.stack_input = None
 
 
 class TeaCacheDenoiserHook(ModelHook):
