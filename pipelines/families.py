@@ -112,6 +112,19 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
     ),
     (
         "diffusers",
+        "WanVACETransformer3DModel",
+        FamilyAdapter(
+            name="wan_vace",
+            block_lists=("blocks",),
+            latent_layout="BCFHW",
+            cfg_layout="separate",
+            is_video=True,
+            notes="the main blocks are cached; the VACE blocks always run, and the hints they make are added "
+                  "between the main blocks, outside a cached span's residual",
+        ),
+    ),
+    (
+        "diffusers",
         "CogVideoXTransformer3DModel",
         FamilyAdapter(
             name="cogvideox",

@@ -291,3 +291,27 @@ def test_controlnet_residuals_added_between_blocks_are_not_replayed_twice(method
     fresh = sum(step(i + 1, 1)[0] - step(i, 1)[1] for i in range(len(middle) - 1))
     replayed = step(len(middle) - 1, 1)[1] - step(0, 1)[0] - fresh
     torch.testing.assert_close(replayed, own, atol=1e-5, rtol=1e-4)
+
+
+def test_vace_hints_added_between_blocks_are_not_replayed_twice():
+    """Wan VACE adds its hints to the hidden stream after blocks 0 and 1, outside the blocks: the block cache's
+    replayed span (blocks 1 and 2) carries what those blocks added, and the fresh hint after block 1 once."""
+    case, _ = case_and_baseline("wan_vace")
+    blocks = case.denoiser.blocks
+    seen = {i: [] for i in (1, 2)}
+    hooks = [blocks[i].register_forward_hook(lambda m, args, out, i=i: seen[i].append((args[0], out)))
+             for i in seen]
+    try:
+        diffaccel.accelerate(case.pipe, cache=EAGER_CACHE)
+        run(case, seed=0)
+        assert diffaccel.stats(case.pipe)["blocks_skipped"] > 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+        diffaccel.remove(case.pipe)
+    # forwards run cond, uncond per step: [0] is step 0's cond (computed), [2] step 1's cond (reused)
+    (in1, out1), (in2, out2) = seen[1][0], seen[2][0]
+    own = (out1 - in1) + (out2 - in2)
+    assert float((in2 - out1).abs().max()) > 1e-4  # the hint after block 1
+    (in1, out1), (in2, out2) = seen[1][2], seen[2][2]
+    torch.testing.assert_close(out2 - in1 - (in2 - out1), own, atol=1e-5, rtol=1e-4)

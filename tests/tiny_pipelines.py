@@ -750,6 +750,27 @@ def wan() -> TinyCase:
     )
 
 
+def wan_vace() -> TinyCase:
+    """Wan VACE: Wan's blocks plus VACE blocks whose hints the model adds to the hidden stream between blocks;
+    with no control video the pipeline conditions on an empty one."""
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    base = wan().pipe
+    _seed(0)
+    transformer = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, vace_layers=[0, 1], vace_in_channels=96,
+    ).eval()
+    with torch.no_grad():  # the VACE hint projections start at zero: make the hints non-zero
+        for block in transformer.vace_blocks:
+            block.proj_out.weight.normal_(std=0.05)
+    pipe = WanVACEPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                           scheduler=base.scheduler, transformer=transformer)
+    return _case(pipe, "separate", is_video=True, negative_prompt="blurry", guidance_scale=5.0, height=32, width=32,
+                 num_frames=9, max_sequence_length=32)
+
+
 def wan22() -> TinyCase:
     """Wan 2.2's two experts: ``transformer`` runs the high-noise steps (t >= 850: the first two of four),
     ``transformer_2`` (other weights) the low-noise ones. Not in FAMILIES: its own tests (test_experts.py)."""
@@ -1245,6 +1266,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "lumina2": lumina2,
     "z_image": z_image,
     "wan": wan,
+    "wan_vace": wan_vace,
     "cogvideox": cogvideox,
     "hunyuan_video": hunyuan_video,
     "hunyuan_video15": hunyuan_video15,
