@@ -48,6 +48,7 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
         "HunyuanVideo15TransformerBlock",
         HIDDEN_THEN_ENCODER,
     ),
+    ("diffusers.models.transformers.transformer_skyreels_v2", "SkyReelsV2TransformerBlock", HIDDEN_ONLY),
     ("diffusers.models.transformers.transformer_hunyuanimage", "HunyuanImageTransformerBlock", HIDDEN_THEN_ENCODER),
     ("diffusers.models.transformers.transformer_hunyuanimage", "HunyuanImageSingleTransformerBlock", HIDDEN_THEN_ENCODER),
     # LTX-2's blocks carry the video and the audio stream; the audio one goes where other blocks carry text.
@@ -108,6 +109,13 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "WanTransformer3DModel",
         FamilyAdapter(
             name="wan", block_lists=("blocks",), latent_layout="BCFHW", cfg_layout="separate", is_video=True
+        ),
+    ),
+    (
+        "diffusers",
+        "SkyReelsV2Transformer3DModel",
+        FamilyAdapter(
+            name="skyreels_v2", block_lists=("blocks",), latent_layout="BCFHW", cfg_layout="separate", is_video=True
         ),
     ),
     (

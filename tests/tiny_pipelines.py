@@ -771,6 +771,24 @@ def wan_vace() -> TinyCase:
                  num_frames=9, max_sequence_length=32)
 
 
+def skyreels_v2() -> TinyCase:
+    """SkyReels V2: Wan-style blocks (their own class), CFG as separate calls in cache contexts."""
+    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+    base = wan().pipe
+    _seed(0)
+    transformer = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    pipe = SkyReelsV2Pipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=transformer,
+                              vae=base.vae, scheduler=UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
+                                                                              prediction_type="flow_prediction"))
+    return _case(pipe, "separate", is_video=True, negative_prompt="blurry", guidance_scale=5.0, height=32, width=32,
+                 num_frames=9, max_sequence_length=32)
+
+
 def wan22() -> TinyCase:
     """Wan 2.2's two experts: ``transformer`` runs the high-noise steps (t >= 850: the first two of four),
     ``transformer_2`` (other weights) the low-noise ones. Not in FAMILIES: its own tests (test_experts.py)."""
@@ -1267,6 +1285,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "z_image": z_image,
     "wan": wan,
     "wan_vace": wan_vace,
+    "skyreels_v2": skyreels_v2,
     "cogvideox": cogvideox,
     "hunyuan_video": hunyuan_video,
     "hunyuan_video15": hunyuan_video15,
