@@ -8,7 +8,6 @@ import pytest
 
 import diffaccel
 from diffaccel import BlockCacheConfig
-from diffaccel.api import runtime_of
 from tiny_pipelines import FAMILIES, build, run
 
 TRANSFORMER_FAMILIES = [name for name in FAMILIES if name not in ("sd15", "sdxl")]

@@ -49,7 +49,6 @@ from .rules import (
     CARRY_GUIDANCE,
     COMPUTE,
     DROP,
-    ESTIMATE,
     LINEAR_TERMS,
     cosine_similarity,
     crosses,

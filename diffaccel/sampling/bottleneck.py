@@ -24,7 +24,6 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
