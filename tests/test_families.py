@@ -241,18 +241,20 @@ def test_a_deep_copy_of_the_tapped_scheduler_is_untapped():
     assert "__deepcopy__" not in vars(scheduler)
 
 
-@pytest.mark.parametrize("method, first_cached", [("block", 1), ("teacache", 0)])
+@pytest.mark.parametrize("method, first_cached", [("block", 1), ("teacache", 0), ("delta_dit", 1)])
 def test_controlnet_residuals_added_between_blocks_are_not_replayed_twice(method, first_cached):
     """FluxControlNetPipeline adds ControlNet residuals to the hidden stream after each Flux block, outside the
     blocks. A cached span's residual is what its blocks added (the sum of their own residuals): on a reused
     step the fresh ControlNet residuals come on top of it once, not a second time inside it. The block cache
-    replays blocks 1 on (block 0 decides), TeaCache the whole stack."""
+    replays blocks 1 on (block 0 decides), TeaCache the whole stack, Δ-DiT its rear span (4 of 5 blocks) on
+    the step after a full one."""
     from diffusers import FluxControlNetModel, FluxControlNetPipeline
     from PIL import Image
 
-    from diffaccel import TeaCacheConfig
+    from diffaccel import DeltaDiTConfig, TeaCacheConfig
 
-    config = EAGER_CACHE if method == "block" else TeaCacheConfig(threshold=1e9, force_last_step=False)
+    config = {"block": EAGER_CACHE, "teacache": TeaCacheConfig(threshold=1e9, force_last_step=False),
+              "delta_dit": DeltaDiTConfig(cached_blocks=4, boundary_fraction=1.0, cache_interval=2)}[method]
 
     case = build("flux")
     flux = case.pipe
