@@ -20,6 +20,11 @@ import torch
 LatentLayout = Literal["BCHW", "BCFHW", "BFCHW", "BSC", "CFHW_LIST"]
 CfgLayout = Literal["batched", "separate"]
 
+def is_tensor_list(value: Any) -> bool:
+    """A non-empty list or tuple of tensors: per-image latents or predictions (the CFHW_LIST layout, Z-Image)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, torch.Tensor) for item in value)
+
+
 HIDDEN = "hidden"
 ENCODER = "encoder"
 

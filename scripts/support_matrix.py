@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import warnings
@@ -21,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny pipelines live with the tests
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built in-process
 
 import diffaccel  # noqa: E402
 from diffaccel import (  # noqa: E402

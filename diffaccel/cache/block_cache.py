@@ -66,6 +66,11 @@ class BlockCacheConfig(MethodConfig):
             check_int(name, "max_consecutive", self.max_consecutive, minimum=1)
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same tensor, or views of the same memory (a joined block's split stream is a fresh view each time)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
 class SpanResidual:
     """What a span of blocks added to each stream in one forward, fed block by block while it computes.
 
@@ -80,13 +85,15 @@ class SpanResidual:
         self.last: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last block's output streams
         self.between: list[torch.Tensor | None] = [None, None]  # what was added between blocks, per stream
 
+    @torch.compiler.disable
     def add(self, block: BoundBlock, args: tuple, kwargs: dict, output: Any) -> None:
+        """Feed one computed block of the span, in order."""
         streams_in = block.stream_inputs(args, kwargs)
         if self.first is None:
             self.first = streams_in
         else:
             for i, (now, before) in enumerate(zip(streams_in, self.last)):
-                if now is not None and before is not None and now is not before and now.shape == before.shape:
+                if now is not None and before is not None and now.shape == before.shape and not _same_memory(now, before):
                     gap = now - before
                     self.between[i] = gap if self.between[i] is None else self.between[i] + gap
         self.last = block.split_output(output)
@@ -162,8 +169,8 @@ class BlockCacheHook(ModelHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         if "decide" in self.roles:
             self._decide(state, output)
-        if "middle" in self.roles:
-            self._add_to_middle(state, args, kwargs, output)
+        if "middle" in self.roles and state.middle is not None:
+            state.middle.add(self.block, args, kwargs, output)
         if "middle_end" in self.roles:
             self._store_middle_residual(state)
         return output
@@ -206,11 +213,6 @@ class BlockCacheHook(ModelHook):
             state.middle = SpanResidual()
             self.runtime.count("cache_misses")
         state.span_input = None
-
-    @torch.compiler.disable
-    def _add_to_middle(self, state: BlockCacheState, args: tuple, kwargs: dict, output: Any) -> None:
-        if state.middle is not None:
-            state.middle.add(self.block, args, kwargs, output)
 
     @torch.compiler.disable
     def _store_middle_residual(self, state: BlockCacheState) -> None:

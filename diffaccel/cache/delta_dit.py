@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from diffusers.hooks.hooks import ModelHook
@@ -201,7 +200,8 @@ class DeltaDiTBlockHook(ModelHook):
         if state.replay:
             return self._replay(state, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        self._add_to_span(state, args, kwargs, output)
+        if state.span_residual is not None:
+            state.span_residual.add(self.block, args, kwargs, output)
         if self.position == end:
             self._store_delta(state)
         return output
@@ -236,11 +236,6 @@ class DeltaDiTBlockHook(ModelHook):
         if self.position == end and state.encoder_output_is_none:
             encoder = None
         return self.block.join_output(hidden, encoder)
-
-    @torch.compiler.disable
-    def _add_to_span(self, state: DeltaDiTState, args: tuple, kwargs: dict, output: Any) -> None:
-        if state.span_residual is not None:
-            state.span_residual.add(self.block, args, kwargs, output)
 
     @torch.compiler.disable
     def _store_delta(self, state: DeltaDiTState) -> None:

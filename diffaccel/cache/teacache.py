@@ -181,6 +181,10 @@ def rescale(change: float, coefficients: Sequence[float]) -> float:
     return float(np.polyval(coefficients, change)) if len(coefficients) else change
 
 
+# Block classes whose norm1 does not take the timestep embedding the block receives (found on first use).
+_INLINE_MODULATION: set[type] = set()
+
+
 def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tensor:
     """Block 0's timestep-modulated input, or its timestep embedding where the block modulates inline."""
     signature = inspect.signature(inspect.unwrap(type(block.module).forward))
@@ -192,7 +196,7 @@ def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tenso
             f"{list(TIMESTEP_EMBEDDING_ARGS)}; TeaCache needs it for its change indicator."
         )
     norm = getattr(block.module, "norm1", None)
-    if norm is not None:
+    if norm is not None and type(block.module) not in _INLINE_MODULATION:
         params = inspect.signature(norm.forward).parameters
         emb_name = next((n for n in ("emb", "temb") if n in params), None)
         if emb_name is not None:
@@ -204,7 +208,9 @@ def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tenso
                 out = norm(hidden, **extra)
             except RuntimeError:
                 # The block hands its norm a slice of the embedding it receives (Chroma: temb[:, :6]), so it
-                # modulates inline as far as the indicator can see: the embedding itself, as for Wan.
+                # modulates inline as far as the indicator can see: the embedding itself, as for Wan. Known
+                # from then on, so no later step tries (and fails) again.
+                _INLINE_MODULATION.add(type(block.module))
                 return temb
             return out[0] if isinstance(out, (tuple, list)) else out
     return temb
@@ -271,8 +277,8 @@ class TeaCacheHook(ModelHook):
         if state.skip:
             return self._replay(state, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.config.reuse == "residual":  # with "output" the denoiser hook stores the prediction
-            self._add_to_stack(state, args, kwargs, output)
+        if self.config.reuse == "residual" and state.stack is not None:  # "output": the denoiser hook stores it
+            state.stack.add(self.block, args, kwargs, output)
             if self.last:
                 self._store(state)
         return output
@@ -335,11 +341,6 @@ class TeaCacheHook(ModelHook):
             encoder = None
         self.runtime.count_skipped_blocks()
         return self.block.join_output(hidden, encoder)
-
-    @torch.compiler.disable
-    def _add_to_stack(self, state: TeaCacheState, args: tuple, kwargs: dict, output: Any) -> None:
-        if state.stack is not None:
-            state.stack.add(self.block, args, kwargs, output)
 
     @torch.compiler.disable
     def _store(self, state: TeaCacheState) -> None:

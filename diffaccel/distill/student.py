@@ -154,13 +154,14 @@ def check_student(pipe: Any, folder: str | Path, pipeline_name: str | None = Non
     if card.teacher_loras:
         from diffaccel.lora import fused_loras, same_loras
 
-        if not same_loras(card.teacher_loras, fused_loras(pipe)):
+        fused = fused_loras(pipe)
+        if not same_loras(card.teacher_loras, fused):
             wanted = ", ".join(f"{r['source']}{'/' + r['weight_name'] if r.get('weight_name') else ''}:{r['scale']:g}"
                                for r in card.teacher_loras)
             raise ValueError(f"The student in {folder} was distilled from {card.teacher}: it samples on that teacher with "
                              f"the same LoRA(s) fused ({wanted}; `--lora` in the CLI, diffaccel.lora.apply_loras in "
-                             f"Python) and no others; this pipeline has {len(fused_loras(pipe))} LoRA(s) fused"
-                             f"{' that differ' if fused_loras(pipe) else ''}.")
+                             f"Python) and no others; this pipeline has {len(fused)} LoRA(s) fused"
+                             f"{' that differ' if fused else ''}.")
     if not card.lora_rank and not (Path(folder) / component_of(card)).is_dir():
         raise ValueError(f"The student in {folder} has no weights: neither {LORA_WEIGHTS} nor {component_of(card)}/.")
     if card.guidance_embedding:

@@ -39,7 +39,7 @@ import torch
 from diffusers.hooks.hooks import ModelHook
 
 from diffaccel.config import MethodConfig, check_choice, check_float, check_int, register_config
-from diffaccel.pipelines.adapters import argument_position, get_argument, set_argument
+from diffaccel.pipelines.adapters import argument_position, get_argument, is_tensor_list, set_argument
 from diffaccel.registry import AccelTarget, register_method
 from diffaccel.runtime import COND, COND_UNCOND, UNCOND
 
@@ -334,8 +334,9 @@ class AdaptiveGuidanceHook(ModelHook):
     def _doubled_call(self, ctx, args: tuple, kwargs: dict):
         state: GuidanceState = self.states.get(STATE_KEY)
         step = ctx.step_index
-        listed = isinstance(get_argument(args, kwargs, self.hidden_arg, self.hidden_position), (list, tuple))
-        hidden = self._latents(args, kwargs)  # stacked, where the denoiser takes a list (Z-Image)
+        given = get_argument(args, kwargs, self.hidden_arg, self.hidden_position)
+        listed = is_tensor_list(given)  # per-image latents (Z-Image): stacked here
+        hidden = torch.stack(list(given)) if listed else given
         full = hidden.shape[0]
         at = self.cond_half  # diffusers' order [uncond, cond]: 1; Z-Image's [cond, uncond]: 0
         latents = hidden[full // 2 * at : full // 2 * (at + 1)]
@@ -480,9 +481,7 @@ class AdaptiveGuidanceHook(ModelHook):
     def _latents(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The latent input, stacked where the denoiser takes a list of per-image latents (Z-Image)."""
         latents = get_argument(args, kwargs, self.hidden_arg, self.hidden_position)
-        if isinstance(latents, (list, tuple)) and latents and all(isinstance(x, torch.Tensor) for x in latents):
-            return torch.stack(list(latents))
-        return latents
+        return torch.stack(list(latents)) if is_tensor_list(latents) else latents
 
     def _warn(self, state: GuidanceState, key: str, message: str) -> None:
         if key not in state.warned:

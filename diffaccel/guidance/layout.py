@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from diffusers.utils import BaseOutput
 
+from diffaccel.pipelines.adapters import is_tensor_list
+
 # Forward arguments that are never batch-shaped, even when their first dimension happens to equal the
 # doubled batch size: rotary tables and position ids are (tokens, ...), image shapes are a list per sample
 # of the *unbatched* grid.
@@ -37,8 +39,7 @@ def batch_half(value: Any, full: int, which: int, name: str | None = None, per_s
         return value
     if isinstance(value, dict):
         return type(value)((key, batch_half(item, full, which, key, per_sample_lists)) for key, item in value.items())
-    if (per_sample_lists and isinstance(value, list) and len(value) == full
-            and all(isinstance(item, torch.Tensor) for item in value)):
+    if per_sample_lists and isinstance(value, list) and len(value) == full and is_tensor_list(value):
         return value[half * which : half * (which + 1)]
     if isinstance(value, (list, tuple)) and not _is_namedtuple(value):
         return type(value)(batch_half(item, full, which, None, per_sample_lists) for item in value)
@@ -67,8 +68,9 @@ def cond_half_arguments(args: tuple, kwargs: dict, full: int, names: list[str], 
     return half_arguments(args, kwargs, full, names, which, per_sample_lists)
 
 
-def _is_prediction_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(item, torch.Tensor) for item in value)
+def _is_listed(value: Any) -> bool:
+    """A list of per-image predictions (Z-Image), as opposed to an output tuple."""
+    return isinstance(value, list) and is_tensor_list(value)
 
 
 def _is_namedtuple(value: Any) -> bool:
@@ -82,10 +84,10 @@ def prediction_of(output: Any) -> torch.Tensor:
         return output
     if isinstance(output, BaseOutput):
         first = output[0]
-        return torch.stack(first) if _is_prediction_list(first) else first
+        return torch.stack(first) if _is_listed(first) else first
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    if isinstance(output, tuple) and output and _is_prediction_list(output[0]):  # per-image predictions (Z-Image)
+    if isinstance(output, tuple) and output and _is_listed(output[0]):  # per-image predictions (Z-Image)
         return torch.stack(output[0])
     raise ValueError(
         f"diffaccel: cannot find the prediction in a denoiser output of type {type(output).__name__}; "
@@ -99,10 +101,10 @@ def with_prediction(output: Any, prediction: torch.Tensor) -> Any:
         return prediction
     if isinstance(output, BaseOutput):
         keys = list(output.keys())
-        first = list(prediction.unbind(0)) if _is_prediction_list(output[keys[0]]) else prediction
+        first = list(prediction.unbind(0)) if _is_listed(output[keys[0]]) else prediction
         return type(output)(**{key: (first if i == 0 else output[key]) for i, key in enumerate(keys)})
     if isinstance(output, (tuple, list)):
-        first = list(prediction.unbind(0)) if _is_prediction_list(output[0]) else prediction
+        first = list(prediction.unbind(0)) if _is_listed(output[0]) else prediction
         return type(output)([first, *output[1:]])
     raise ValueError(f"diffaccel: cannot rebuild a denoiser output of type {type(output).__name__}.")
 

@@ -24,7 +24,8 @@ from typing import Any, Callable
 import torch
 from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 
-from diffaccel.pipelines.adapters import FamilyAdapter, argument_position, get_argument, set_latent_tokens
+from diffaccel.pipelines.adapters import (FamilyAdapter, argument_position, get_argument, is_tensor_list,
+                                         set_latent_tokens)
 
 from .context import COND, COND_UNCOND, DEFAULT, GUIDER_BRANCHES, UNCOND, StepClock, StepContext
 from .state import BranchStates, RunStats
@@ -315,10 +316,8 @@ class Runtime:
         main._hooked_forwards += 1
         hidden = get_argument(args, kwargs, self.adapter.hidden_arg, self._hidden_position)
         timestep = get_argument(args, kwargs, self.adapter.timestep_arg, self._timestep_position)
-        if not isinstance(hidden, torch.Tensor) and not (
-            self.adapter.latent_layout == "CFHW_LIST" and isinstance(hidden, (list, tuple))
-            and all(isinstance(item, torch.Tensor) for item in hidden)
-        ):
+        if not isinstance(hidden, torch.Tensor) and not (self.adapter.latent_layout == "CFHW_LIST"
+                                                         and is_tensor_list(hidden)):
             raise ValueError(
                 f"diffaccel: {type(self.denoiser).__name__} was called without a tensor "
                 f"'{self.adapter.hidden_arg}' argument; cannot track the denoising step."
@@ -430,7 +429,7 @@ class Runtime:
         if flag is False:
             return False
         half = batch // 2
-        if isinstance(hidden, (list, tuple)):  # per-image latents (CFHW_LIST)
+        if is_tensor_list(hidden):  # per-image latents (CFHW_LIST)
             return all(torch.equal(a, b) for a, b in zip(hidden[:half], hidden[half:]))
         return bool(torch.equal(hidden[:half], hidden[half:]))
 
