@@ -82,7 +82,9 @@ class FamilyAdapter:
     cfg_batch_order: tuple[str, str] = ("uncond", "cond")
     # The layout of the pipeline's ``latents=`` argument and of its ``output_type="latent"`` output, where it is
     # not the denoiser's input layout: "packed2x2" (2x2 latent patches packed into tokens, (B, h/2·w/2, 4C):
-    # Flux, Chroma, Qwen-Image) or "BCHW" (Z-Image, whose pipeline unbinds one tensor into its list).
+    # Flux, Chroma, Qwen-Image), "patchified2x2" (2x2 latent patches as channels, (B, 4C, h/2, w/2), normalised:
+    # FLUX.2), "packed_video" (pt x p x p video patches as tokens, frame-major, (B, F·h·w/(pt·p·p), C·pt·p·p): LTX)
+    # or "BCHW" (Z-Image, whose pipeline unbinds one tensor into its list).
     pipeline_latents: str = ""
     notes: str = ""
 

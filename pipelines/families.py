@@ -172,7 +172,12 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "diffusers",
         "LTXVideoTransformer3DModel",
         FamilyAdapter(
-            name="ltx", block_lists=("transformer_blocks",), latent_layout="BSC", cfg_layout="batched", is_video=True
+            name="ltx",
+            block_lists=("transformer_blocks",),
+            latent_layout="BSC",
+            cfg_layout="batched",
+            is_video=True,
+            pipeline_latents="packed_video",
         ),
     ),
     (
@@ -218,6 +223,7 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "Flux2Transformer2DModel",
         FamilyAdapter(
             name="flux2",
+            pipeline_latents="patchified2x2",
             block_lists=("transformer_blocks", "single_transformer_blocks"),
             latent_layout="BSC",
             cfg_layout="separate",

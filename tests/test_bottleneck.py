@@ -103,10 +103,11 @@ def _latent_tokens(args, kwargs) -> int:
     return latents.shape[1]
 
 
-@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "z_image"])
+@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "z_image", "flux2_klein", "ltx"])
 def test_packed_and_listed_latents_are_resized_in_the_pipelines_own_layout(name):
     """Flux, Chroma and Qwen-Image hand 2x2-packed tokens between stages, Z-Image plain latents that its
-    transformer takes as a list: each stage runs at its token count, one full stage is the plain call."""
+    transformer takes as a list, FLUX.2 2x2-patchified latents (its latent output unpatchified), LTX video
+    patch tokens: each stage runs at its token count, one full stage is the plain call."""
     case = build(name)
     size = dict(height=128, width=128, num_inference_steps=6)
     baseline = run(case, seed=0, **size)
@@ -128,6 +129,40 @@ def test_packed_and_listed_latents_are_resized_in_the_pipelines_own_layout(name)
     assert np.array_equal(run(case, seed=0, **size), baseline)
     diffaccel.remove(case.pipe)
     assert np.array_equal(run(case, seed=0, **size), baseline)
+
+
+def test_flux2_stage_output_becomes_its_latents_input():
+    """[klein] returns unpatchified, de-normalised latents and [dev] packed tokens; both come back as the
+    normalised, patchified latents its ``latents=`` takes (the pipeline's own helpers define the forms)."""
+    from diffaccel.sampling.bottleneck import flux2_stage_latents, patchify_2x2
+
+    case = build("flux2_klein")
+    pipe, cls = case.pipe, type(case.pipe)
+    bn = pipe.vae.bn
+    bn.running_mean.normal_()  # statistics that are not the identity
+    bn.running_var.uniform_(0.5, 2.0)
+    latents = torch.randn(2, 16, 3, 5)  # (B, 4C, h, w) as `latents=` takes them
+    mean = bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    klein_output = cls._unpatchify_latents(latents * std + mean)
+    torch.testing.assert_close(flux2_stage_latents(pipe, klein_output, (3, 5)), latents)
+    dev_output = cls._pack_latents(latents)
+    assert torch.equal(flux2_stage_latents(pipe, dev_output, (3, 5)), latents)
+    assert torch.equal(patchify_2x2(klein_output), cls._patchify_latents(klein_output))
+    with pytest.raises(ValueError, match=r"returned latents of shape \(2, 3, 6, 10\)"):
+        flux2_stage_latents(pipe, torch.randn(2, 3, 6, 10), (3, 5))
+
+
+def test_video_tokens_are_ltx_packing():
+    from diffusers import LTXPipeline
+
+    from diffaccel.sampling.bottleneck import pack_video_tokens, unpack_video_tokens
+
+    latents = torch.randn(2, 4, 6, 8, 4)
+    for patch, patch_t in [(1, 1), (2, 1), (2, 2)]:
+        tokens = pack_video_tokens(latents, patch, patch_t)
+        assert torch.equal(tokens, LTXPipeline._pack_latents(latents, patch, patch_t))
+        assert torch.equal(unpack_video_tokens(tokens, 8, 4, patch, patch_t), latents)
 
 
 def test_two_by_two_packing_is_flux_packing():
@@ -221,7 +256,7 @@ def test_composes_with_caching_which_resets_at_each_stage():
     assert stats["cache_misses"] >= 3
 
 
-@pytest.mark.parametrize("name, reason", [("flux2_klein", "packed tokens"), ("sd15", "flow matching")])
+@pytest.mark.parametrize("name, reason", [("ltx2", "packed tokens"), ("sd15", "flow matching")])
 def test_pipelines_it_cannot_serve_are_refused_with_the_reason(name, reason):
     case = build(name)
     with pytest.raises(ValueError, match=f"sampling='bottleneck' cannot serve .*{reason}"):

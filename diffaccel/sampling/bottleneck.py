@@ -13,8 +13,9 @@ whose shifted value is ``s`` down to the stage's last step, shifted by the sched
 
 Caches and guidance keep working inside stages and reset at each transition: every stage is a new
 pipeline call to the step runtime. Supported: flow-matching pipelines (``FlowMatchEulerDiscreteScheduler``)
-whose latents are unpacked images or videos (CogView4, SD3, Sana, Wan, HunyuanVideo, the reference
-models); packed-token latents (Flux, Qwen-Image, LTX) and other schedulers are refused with the reason.
+whose latents are images or videos (CogView4, SD3, Sana, Wan, HunyuanVideo, the reference models), 2x2-packed
+tokens (Flux, Chroma, Qwen-Image), 2x2-patchified latents (FLUX.2) or video patch tokens (LTX); other
+packings (LTX-2's video and audio, Z-Image's list) and other schedulers are refused with the reason.
 """
 
 from __future__ import annotations
@@ -185,6 +186,13 @@ def unpack_2x2(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.reshape(b, d // 4, height, width)
 
 
+def patchify_2x2(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) latents to (B, 4C, h/2, w/2): each 2x2 patch's cells as channels, channel-major (FLUX.2)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * 4, h // 2, w // 2)
+
+
 def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) latents to (B, h/2·w/2, 4C) tokens of 2x2 patches, channel-major within a patch (Flux)."""
     b, c, h, w = latents.shape
@@ -192,9 +200,26 @@ def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
+def pack_video_tokens(latents: torch.Tensor, patch: int, patch_t: int) -> torch.Tensor:
+    """(B, C, F, H, W) latents to (B, F/pt·H/p·W/p, C·pt·p·p) tokens of pt x p x p patches, frame-major (LTX)."""
+    b, c, f, h, w = latents.shape
+    x = latents.reshape(b, c, f // patch_t, patch_t, h // patch, patch, w // patch, patch)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b, (f // patch_t) * (h // patch) * (w // patch), c * patch_t * patch * patch)
+
+
+def unpack_video_tokens(tokens: torch.Tensor, height: int, width: int, patch: int, patch_t: int) -> torch.Tensor:
+    """The inverse of :func:`pack_video_tokens` for latents of ``height`` x ``width`` cells (frames follow)."""
+    b, s, d = tokens.shape
+    grid_h, grid_w = height // patch, width // patch
+    groups, channels = s // (grid_h * grid_w), d // (patch_t * patch * patch)
+    x = tokens.reshape(b, groups, grid_h, grid_w, channels, patch_t, patch, patch).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(b, channels, groups * patch_t, height, width)
+
+
 # ------------------------------------------------------------------------------------------ the wrapper
 
-PIPELINE_LAYOUTS = ("BCHW", "BCFHW", "packed2x2")
+PIPELINE_LAYOUTS = ("BCHW", "BCFHW", "packed2x2", "patchified2x2", "packed_video")
 
 
 @dataclass
@@ -202,6 +227,8 @@ class _Geometry:
     spatial_factor: int  # pixels per latent cell
     multiple: int  # stage sizes must be multiples of this many pixels (latent cell x patch)
     layout: str = "BCHW"  # of the pipeline's latents (PIPELINE_LAYOUTS)
+    patch: int = 1  # the transformer's spatial patch (packed_video tokens)
+    patch_t: int = 1  # and temporal patch
 
 
 def pipeline_layout(adapter) -> str:
@@ -210,13 +237,43 @@ def pipeline_layout(adapter) -> str:
 
 
 def _geometry(pipe, layout: str = "BCHW") -> _Geometry:
-    factor = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8))
+    factor = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
+                 or getattr(pipe, "vae_spatial_compression_ratio", None) or 8)
     config = pipe.transformer.config
     patch = getattr(config, "patch_size", None) or getattr(config, "all_patch_size", None) or 1
     patch = patch[-1] if isinstance(patch, (tuple, list)) else (patch or 1)
+    if layout == "packed_video":
+        return _Geometry(factor, factor * int(patch), layout, int(patch), int(getattr(config, "patch_size_t", 1) or 1))
     if layout == "packed2x2":  # the pipeline packs 2x2 latent cells into one token, then the transformer patches
         patch = 2 * int(patch)
+    if layout == "patchified2x2":  # the latents handed over hold one cell per 2x2 patch of the VAE's latent
+        factor *= 2
     return _Geometry(factor, factor * int(patch), layout)
+
+
+def flux2_stage_latents(pipe, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A FLUX.2 stage's ``output_type="latent"`` as its ``latents=`` takes it: (B, 4C, h, w) 2x2-patchified
+    latents normalised by the VAE's batch-norm statistics. [dev] returns them packed into (B, h·w, 4C) tokens;
+    [klein] unpatchified and de-normalised, (B, C, 2h, 2w), ready for its VAE."""
+    if latents.dim() == 3:
+        b, _, channels = latents.shape
+        return latents.permute(0, 2, 1).reshape(b, channels, *size)
+    expected = pipe.transformer.config.in_channels
+    if latents.dim() != 4 or latents.shape[1] * 4 != expected:
+        raise ValueError(f"bottleneck sampling: {type(pipe).__name__} returned latents of shape {tuple(latents.shape)}, "
+                         f"neither (B, h·w, {expected}) tokens nor (B, {expected // 4}, 2h, 2w) latents.")
+    patched = patchify_2x2(latents)
+    bn = pipe.vae.bn
+    mean = bn.running_mean.view(1, -1, 1, 1).to(patched)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(patched)
+    return (patched - mean) / std
+
+
+def stage_latents(pipe, geometry: _Geometry, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A stage's latent output in the layout the pipeline's ``latents=`` takes (``size``: its latent size)."""
+    if geometry.layout == "patchified2x2":
+        return flux2_stage_latents(pipe, latents, size)
+    return latents
 
 
 def resize_pipeline_latents(latents: torch.Tensor, geometry: _Geometry, current: tuple[int, int],
@@ -224,6 +281,9 @@ def resize_pipeline_latents(latents: torch.Tensor, geometry: _Geometry, current:
     """A stage's latents, in the pipeline's own layout, resized from latent size ``current`` to ``size``."""
     if geometry.layout == "packed2x2":
         return pack_2x2(resize_latents(unpack_2x2(latents, *current), size, mode))
+    if geometry.layout == "packed_video":
+        video = unpack_video_tokens(latents, *current, geometry.patch, geometry.patch_t)
+        return pack_video_tokens(resize_latents(video, size, mode), geometry.patch, geometry.patch_t)
     if tuple(latents.shape[-2:]) == size:
         return latents
     return resize_latents(latents, size, mode)
@@ -340,7 +400,8 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
         if runtime is not None:  # each stage is a call of its own to the runtime: sum them into one
             total_stats = runtime.add_call_to(total_stats)
         if not last:
-            latents = _latents_of(output)
+            size = (stage_h // geometry.spatial_factor, stage_w // geometry.spatial_factor)
+            latents = stage_latents(pipe, geometry, _latents_of(output), size)
     if runtime is not None and total_stats is not None:
         runtime.set_call_stats(total_stats)
         runtime.count("bottleneck_stages", len(steps))
