@@ -198,6 +198,7 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         "LTX2VideoTransformer3DModel",
         FamilyAdapter(
             name="ltx2",
+            pipeline_latents="BCFHW",
             block_lists=("transformer_blocks",),
             latent_layout="BSC",
             cfg_layout="batched",

@@ -256,8 +256,61 @@ def test_composes_with_caching_which_resets_at_each_stage():
     assert stats["cache_misses"] >= 3
 
 
-@pytest.mark.parametrize("name, reason", [("ltx2", "packed tokens"), ("sd15", "flow matching")])
-def test_pipelines_it_cannot_serve_are_refused_with_the_reason(name, reason):
-    case = build(name)
-    with pytest.raises(ValueError, match=f"sampling='bottleneck' cannot serve .*{reason}"):
+def test_pipelines_it_cannot_serve_are_refused_with_the_reason():
+    import dataclasses
+
+    from diffaccel.registry import AccelTarget
+    from diffaccel.sampling.bottleneck import BottleneckHandler
+
+    case = build("sd15")
+    with pytest.raises(ValueError, match="sampling='bottleneck' cannot serve .*flow matching"):
         diffaccel.accelerate(case.pipe, sampling="bottleneck")
+    # a family whose pipeline hands over tokens in a packing the bottleneck does not know
+    case = build("flux")
+    adapter = dataclasses.replace(diffaccel.pipelines.adapter_for(case.denoiser), pipeline_latents="")
+    with pytest.raises(ValueError, match=r"cannot serve FluxPipeline yet: .*packed tokens \(BSC\)"):
+        BottleneckHandler().validate(BottleneckConfig(), AccelTarget(case.pipe, case.denoiser, adapter))
+
+
+def test_ltx2_stages_carry_the_audio_and_its_copied_scheduler_runs_the_stage_schedule():
+    """LTX-2 takes its de-normalised video latents back with the audio latents and re-noises both itself
+    (noise_scale); the audio scheduler, a deep copy of the video one made inside each stage, runs the same
+    ramp (before, the copy ran the full schedule from pure noise)."""
+    case = build("ltx2")
+    scheduler_cls = type(case.pipe.scheduler)
+    original = scheduler_cls.set_timesteps
+    schedules = []
+
+    @functools.wraps(original)
+    def record(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        schedules.append((id(self), [round(float(s), 4) for s in self.sigmas]))
+        return result
+
+    size = dict(height=128, width=128, num_inference_steps=6)
+    video, audio = [], []
+    hook = case.denoiser.register_forward_pre_hook(
+        lambda m, a, k: video.append(k["hidden_states"].shape[1]) or audio.append(k["audio_hidden_states"].shape[1]),
+        with_kwargs=True)
+    scheduler_cls.set_timesteps = record
+    noised = []
+    create = case.pipe._create_noised_state
+    case.pipe._create_noised_state = lambda latents, noise_scale, generator=None: (
+        noised.append((latents.shape[1], noise_scale)) or create(latents, noise_scale, generator))
+    try:
+        diffaccel.accelerate(case.pipe, sampling=BottleneckConfig(stage_steps=(1, 3, 2)))
+        kwargs = dict(case.call_kwargs, **size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = case.pipe(**kwargs)
+    finally:
+        scheduler_cls.set_timesteps = original
+        hook.remove()
+    assert video == [video[0]] + [video[0] // 4] * 3 + [video[0]] * 2 and len(set(audio)) == 1
+    assert np.isfinite(np.asarray(out.frames)).all() and torch.isfinite(out.audio).all()
+    assert len(schedules) == 6  # per stage: the audio copy, then the video scheduler
+    for (audio_id, audio_sigmas), (video_id, video_sigmas), start in zip(schedules[::2], schedules[1::2], (1.0, 0.8, 0.6)):
+        assert audio_id != video_id and audio_sigmas == video_sigmas and video_sigmas[0] == start
+    assert [len(s) - 1 for _, s in schedules[1::2]] == [1, 3, 2]
+    # stages 2 and 3 start from the resized video latents and the audio latents, both re-noised to the stage level
+    assert noised == [(video[0] // 4, 0.8), (audio[0], 0.8), (video[0], 0.6), (audio[0], 0.6)]
+    diffaccel.remove(case.pipe)

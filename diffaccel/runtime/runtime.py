@@ -230,7 +230,14 @@ class Runtime:
             tapped = {name: state.pop(name) for name in (*originals, "__deepcopy__") if name in state}
             state.update(self._scheduler_own)
             try:
-                return copy.deepcopy(scheduler, memo)
+                duplicate = copy.deepcopy(scheduler, memo)
+                # A wrapper installed over the taps that belongs to the call, not to this scheduler (the
+                # bottleneck's stage schedule), follows the copy: LTX-2's audio scheduler runs the same ramp.
+                for name, wrapper in tapped.items():
+                    follow = getattr(wrapper, "for_copy", None)
+                    if follow is not None:
+                        setattr(duplicate, name, follow(duplicate))
+                return duplicate
             finally:
                 for name in self._scheduler_own:
                     state.pop(name, None)

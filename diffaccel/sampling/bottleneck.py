@@ -14,8 +14,9 @@ whose shifted value is ``s`` down to the stage's last step, shifted by the sched
 Caches and guidance keep working inside stages and reset at each transition: every stage is a new
 pipeline call to the step runtime. Supported: flow-matching pipelines (``FlowMatchEulerDiscreteScheduler``)
 whose latents are images or videos (CogView4, SD3, Sana, Wan, HunyuanVideo, the reference models), 2x2-packed
-tokens (Flux, Chroma, Qwen-Image), 2x2-patchified latents (FLUX.2) or video patch tokens (LTX); other
-packings (LTX-2's video and audio, Z-Image's list) and other schedulers are refused with the reason.
+tokens (Flux, Chroma, Qwen-Image), 2x2-patchified latents (FLUX.2) or video patch tokens (LTX). LTX-2 takes its de-normalised video latents back with the stage's audio
+latents and re-noises both itself (``noise_scale``); its audio scheduler, a copy of the video one, runs the
+same stage schedule. Other packings and other schedulers are refused with the reason.
 """
 
 from __future__ import annotations
@@ -322,9 +323,9 @@ def _encode_once(pipe, kwargs: dict) -> dict:
     return out
 
 
-def _set_stage_schedule(scheduler, start: float, steps: int):
-    """Make the pipeline's next ``set_timesteps`` use this stage's ramp; returns an undo function."""
-    current = scheduler.set_timesteps
+def _stage_schedule(scheduler, current, start: float, steps: int):
+    """``scheduler.set_timesteps`` (``current``) made to run this stage's ramp. A deep copy of the scheduler
+    made during the stage (LTX-2's audio scheduler) runs the same ramp (``for_copy``)."""
 
     def set_timesteps(num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None, **extra):
         ramp = stage_sigmas(unshift(start, scheduler, mu), steps)
@@ -333,12 +334,26 @@ def _set_stage_schedule(scheduler, start: float, steps: int):
             given_timesteps = [s * scheduler.config.num_train_timesteps for s in ramp]
         return current(device=device, sigmas=ramp, mu=mu, timesteps=given_timesteps, **extra)
 
-    scheduler.set_timesteps = functools.update_wrapper(set_timesteps, current)
+    wrapper = functools.update_wrapper(set_timesteps, current)
+    wrapper.for_copy = lambda duplicate: _stage_schedule(duplicate, duplicate.set_timesteps, start, steps)
+    return wrapper
+
+
+def _set_stage_schedule(scheduler, start: float, steps: int):
+    """Make the pipeline's next ``set_timesteps`` use this stage's ramp; returns an undo function."""
+    current = scheduler.set_timesteps
+    scheduler.set_timesteps = _stage_schedule(scheduler, current, start, steps)
 
     def undo() -> None:
         scheduler.set_timesteps = current
 
     return undo
+
+
+def _renoises_itself(pipe) -> bool:
+    """Pipelines whose ``noise_scale`` re-noises given latents in their own normalised space (LTX-2, whose
+    ``latents=`` and latent output are de-normalised (B, C, F, H, W) video latents, with audio latents beside)."""
+    return "noise_scale" in inspect.signature(type(pipe).__call__).parameters
 
 
 def _latents_of(output) -> torch.Tensor:
@@ -381,16 +396,24 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
     kwargs = _encode_once(pipe, dict(kwargs))
     total_stats = None
     latents = kwargs.pop("latents", None)
+    audio = None
     output = None
     for k, ((stage_h, stage_w), n, strength) in enumerate(zip(sizes, steps, config.strengths)):
         last = k == len(steps) - 1
+        extra = {}
         if latents is not None and k > 0:
             size = (stage_h // geometry.spatial_factor, stage_w // geometry.spatial_factor)
             previous = (sizes[k - 1][0] // geometry.spatial_factor, sizes[k - 1][1] // geometry.spatial_factor)
             latents = resize_pipeline_latents(latents, geometry, previous, size, config.resample)
-            latents = renoise(latents, strength, generator)
+            if _renoises_itself(pipe):  # and its audio latents, to the same level
+                extra = {"noise_scale": strength}
+                if audio is not None:
+                    extra["audio_latents"] = audio
+            else:
+                latents = renoise(latents, strength, generator)
         stage = dict(kwargs, height=stage_h, width=stage_w, num_inference_steps=n, latents=latents,
-                     output_type=output_type if last else "latent", return_dict=True if not last else return_dict)
+                     output_type=output_type if last else "latent", return_dict=True if not last else return_dict,
+                     **extra)
         # One stage has nothing to line up with: it runs the pipeline's own schedule (the plain call).
         undo = _set_stage_schedule(pipe.scheduler, strength, n) if len(steps) > 1 else (lambda: None)
         try:
@@ -402,6 +425,8 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
         if not last:
             size = (stage_h // geometry.spatial_factor, stage_w // geometry.spatial_factor)
             latents = stage_latents(pipe, geometry, _latents_of(output), size)
+            audio = getattr(output, "audio", None)
+            audio = audio if isinstance(audio, torch.Tensor) else None
     if runtime is not None and total_stats is not None:
         runtime.set_call_stats(total_stats)
         runtime.count("bottleneck_stages", len(steps))
