@@ -207,6 +207,29 @@ def test_steps_ratio_scales_the_stage_counts_to_the_call():
     assert diffaccel.stats(case.pipe)["steps"] == 13
 
 
+def test_an_image_conditioned_call_runs_at_full_resolution_with_a_warning(caplog):
+    """LTX image-to-video pins the image's latents as the first frame at the call's size: a half-size stage and
+    the re-noising would leave that frame noisy, so such calls run whole (the plain call, bit for bit)."""
+    from diffusers import LTXImageToVideoPipeline
+    from PIL import Image
+
+    case = build("ltx")
+    pipe = LTXImageToVideoPipeline(**case.pipe.components)
+    image = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+    call = dict(case.call_kwargs, image=image, height=128, width=128, num_inference_steps=6)
+
+    def frames():
+        return pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+
+    baseline = frames()
+    diffaccel.accelerate(pipe, sampling="bottleneck")
+    with caplog.at_level("WARNING", logger="diffaccel"):
+        out = frames()
+    assert np.array_equal(out, baseline)
+    assert diffaccel.stats(pipe)["bottleneck_full_resolution_calls"] == 1
+    assert any("LTXImageToVideoPipeline given image runs at full resolution" in r.getMessage() for r in caplog.records)
+
+
 def test_a_call_too_small_for_min_stage_tokens_runs_at_full_resolution_with_a_warning(caplog):
     case = build("sd3")  # 64 px: 4x4 tokens at full size, 2x2 in the half-size stage
     baseline = run(case, seed=0, num_inference_steps=5)

@@ -220,6 +220,10 @@ def unpack_video_tokens(tokens: torch.Tensor, height: int, width: int, patch: in
 
 # ------------------------------------------------------------------------------------------ the wrapper
 
+# Call arguments that condition on an image or video; such calls run at full resolution.
+CONDITION_ARGS = ("image", "video", "conditions", "control_image", "mask_image", "image_latents", "last_image",
+                  "reference_images", "control_video")
+
 PIPELINE_LAYOUTS = ("BCHW", "BCFHW", "packed2x2", "patchified2x2", "packed_video")
 
 
@@ -387,8 +391,19 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
         steps = stage_steps(config.step_fractions, budget)
     sizes = stage_sizes(config.scales, int(height), int(width), geometry.multiple)
     tokens = min((h // geometry.multiple) * (w // geometry.multiple) for h, w in sizes)
-    if tokens < config.min_stage_tokens:
-        _warn_full_resolution(runtime, int(height), int(width), tokens, config.min_stage_tokens)
+    conditions = [name for name in CONDITION_ARGS if kwargs.get(name) is not None]
+    reason = None
+    if conditions:
+        reason = (f"a call of {type(pipe).__name__} given {', '.join(conditions)} runs at full resolution: an image "
+                  f"or video condition is held at the call's size (LTX's and HunyuanVideo's pinned first frame, "
+                  f"img2img's start) or keeps its own token positions (Flux Kontext, FLUX.2 references), which "
+                  f"a half-size stage would mismatch (caches and guidance still apply)")
+    elif tokens < config.min_stage_tokens:
+        reason = (f"a {int(height)}x{int(width)} call's smallest stage would keep {tokens} latent tokens per frame, "
+                  f"fewer than min_stage_tokens={config.min_stage_tokens}; calls of this size run at full "
+                  f"resolution (caches and guidance still apply)")
+    if reason is not None:
+        _warn_once(runtime, reason)
         output = original_call(pipe, **kwargs)
         if runtime is not None:
             runtime.count("bottleneck_full_resolution_calls", 1)
@@ -433,19 +448,16 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
     return output
 
 
-def _warn_full_resolution(runtime, height: int, width: int, tokens: int, minimum: int) -> None:
-    """Say once per size and acceleration that calls of this size run without the bottleneck."""
-    warned = getattr(runtime, "_bottleneck_warned_sizes", None)
+def _warn_once(runtime, reason: str) -> None:
+    """Say once per reason and acceleration why calls run without the bottleneck."""
+    warned = getattr(runtime, "_bottleneck_warned", None)
     if warned is None:
         warned = set()
         if runtime is not None:
-            runtime._bottleneck_warned_sizes = warned
-    if (height, width) in warned:
-        return
-    warned.add((height, width))
-    logger.warning("bottleneck: a %dx%d call's smallest stage would keep %d latent tokens per frame, fewer than "
-                   "min_stage_tokens=%d; calls of this size run at full resolution (caches and guidance still apply)",
-                   height, width, tokens, minimum)
+            runtime._bottleneck_warned = warned
+    if reason not in warned:
+        warned.add(reason)
+        logger.warning("bottleneck: %s", reason)
 
 
 @register_method(BottleneckConfig)
