@@ -58,6 +58,19 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
         BlockSpec(returns=(HIDDEN, ENCODER), encoder_arg="audio_hidden_states"),
     ),
     ("diffusers.models.transformers.transformer_z_image", "ZImageTransformerBlock", BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
+    # LongCat-Image and Ovis-Image: FLUX.1-style blocks; their single-stream blocks join [text, image] inside.
+    ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageTransformerBlock", ENCODER_THEN_HIDDEN),
+    ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageSingleTransformerBlock", ENCODER_THEN_HIDDEN),
+    ("diffusers.models.transformers.transformer_ovis_image", "OvisImageTransformerBlock", ENCODER_THEN_HIDDEN),
+    ("diffusers.models.transformers.transformer_ovis_image", "OvisImageSingleTransformerBlock", ENCODER_THEN_HIDDEN),
+    # Hunyuan-DiT's blocks cross-attend to the text; the second half takes a long skip from the first.
+    ("diffusers.models.transformers.hunyuan_transformer_2d", "HunyuanDiTBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.transformer_mochi", "MochiTransformerBlock", HIDDEN_THEN_ENCODER),
+    ("diffusers.models.transformers.transformer_sana_video", "SanaVideoTransformerBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.transformer_easyanimate", "EasyAnimateTransformerBlock", HIDDEN_THEN_ENCODER),
+    ("diffusers.models.transformers.transformer_allegro", "AllegroTransformerBlock", HIDDEN_ONLY),
+    # Cosmos' blocks return one tensor; a ControlNet's blocks (with after_proj) return two and are not described.
+    ("diffusers.models.transformers.transformer_cosmos", "CosmosTransformerBlock", HIDDEN_ONLY),
 ]
 
 # (module path, denoiser class name) -> adapter
@@ -273,6 +286,87 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             pipeline_latents="BCHW",
             notes="the main layers are cached; the noise and context refiners always run. Its CFG batch is a list "
                   "of per-image latents, conditional first, which adaptive guidance and CFG parallel do not split",
+        ),
+    ),
+    (
+        "diffusers",
+        "LongCatImageTransformer2DModel",
+        FamilyAdapter(
+            name="longcat_image",
+            pipeline_latents="packed2x2",
+            block_lists=("transformer_blocks", "single_transformer_blocks"),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            joint_text="prefix",
+            notes="FLUX.1-style blocks; CFG as two calls in cache contexts, then CFG renormalisation",
+        ),
+    ),
+    (
+        "diffusers",
+        "OvisImageTransformer2DModel",
+        FamilyAdapter(
+            name="ovis_image",
+            pipeline_latents="packed2x2",
+            block_lists=("transformer_blocks", "single_transformer_blocks"),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            joint_text="prefix",
+        ),
+    ),
+    (
+        "diffusers",
+        "HunyuanDiT2DModel",
+        FamilyAdapter(
+            name="hunyuandit",
+            block_lists=("blocks",),
+            latent_layout="BCHW",
+            cfg_layout="batched",
+            notes="U-Net-style long skips: block l > N/2 takes block N-1-l's output, a skipped block's replayed one "
+                  "under the cache; DDPM scheduler, so no bottleneck",
+        ),
+    ),
+    (
+        "diffusers",
+        "MochiTransformer3DModel",
+        FamilyAdapter(
+            name="mochi",
+            block_lists=("transformer_blocks",),
+            latent_layout="BCFHW",
+            cfg_layout="batched",
+            is_video=True,
+            joint_text="suffix",
+            notes="its scheduler inverts the sigmas: the denoiser sees timesteps rising from 0",
+        ),
+    ),
+    (
+        "diffusers",
+        "SanaVideoTransformer3DModel",
+        FamilyAdapter(name="sana_video", block_lists=("transformer_blocks",), latent_layout="BCFHW",
+                      cfg_layout="batched", is_video=True),
+    ),
+    (
+        "diffusers",
+        "EasyAnimateTransformer3DModel",
+        FamilyAdapter(name="easyanimate", block_lists=("transformer_blocks",), latent_layout="BCFHW",
+                      cfg_layout="batched", is_video=True, joint_text="prefix"),
+    ),
+    (
+        "diffusers",
+        "AllegroTransformer3DModel",
+        FamilyAdapter(name="allegro", block_lists=("transformer_blocks",), latent_layout="BCFHW",
+                      cfg_layout="batched", is_video=True),
+    ),
+    (
+        "diffusers",
+        "CosmosTransformer3DModel",
+        FamilyAdapter(
+            name="cosmos",
+            block_lists=("transformer_blocks",),
+            latent_layout="BCFHW",
+            cfg_layout="separate",
+            is_video=True,
+            notes="its pipelines run cond then uncond without a cache context (branches by call order) and guide "
+                  "as cond + s·(cond − uncond); the latents carry a condition-mask channel",
         ),
     ),
     (

@@ -60,13 +60,13 @@ def test_schedule_maths():
     assert torch.equal(renoise(x0, 0.0, g), x0)
 
 
-@pytest.mark.parametrize("name", ["sd3", "wan", "hunyuan_video"])
+@pytest.mark.parametrize("name", ["sd3", "wan", "hunyuan_video", "easyanimate"])
 def test_stages_run_at_their_sizes_and_levels_and_remove_restores(name):
     case = build(name)
     baseline = run(case, seed=0, num_inference_steps=6)
     shapes, starts = [], []
-    hook = case.denoiser.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["hidden_states"].shape[-2:])),
-                                                   with_kwargs=True)
+    hook = case.denoiser.register_forward_pre_hook(  # EasyAnimate passes its latents positionally
+        lambda m, a, k: shapes.append(tuple(k.get("hidden_states", a[0] if a else None).shape[-2:])), with_kwargs=True)
     scheduler = case.pipe.scheduler
     original = scheduler.set_timesteps
 
@@ -103,7 +103,7 @@ def _latent_tokens(args, kwargs) -> int:
     return latents.shape[1]
 
 
-@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "z_image", "flux2_klein", "ltx"])
+@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "z_image", "flux2_klein", "ltx", "longcat_image"])
 def test_packed_and_listed_latents_are_resized_in_the_pipelines_own_layout(name):
     """Flux, Chroma and Qwen-Image hand 2x2-packed tokens between stages, Z-Image plain latents that its
     transformer takes as a list, FLUX.2 2x2-patchified latents (its latent output unpatchified), LTX video
@@ -287,6 +287,9 @@ def test_pipelines_it_cannot_serve_are_refused_with_the_reason():
 
     case = build("sd15")
     with pytest.raises(ValueError, match="sampling='bottleneck' cannot serve .*flow matching"):
+        diffaccel.accelerate(case.pipe, sampling="bottleneck")
+    case = build("mochi")  # flow matching, but its scheduler inverts the sigmas
+    with pytest.raises(ValueError, match="cannot serve MochiPipeline: its scheduler reshapes sigmas .*inverted"):
         diffaccel.accelerate(case.pipe, sampling="bottleneck")
     # a family whose pipeline hands over tokens in a packing the bottleneck does not know
     case = build("flux")

@@ -33,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
 
 __all__ = ["TinyCase", "FAMILIES", "build", "run", "make_tokenizer"]
 
@@ -697,6 +699,89 @@ def z_image() -> TinyCase:
     return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=3.0, max_sequence_length=32)
 
 
+def longcat_image() -> TinyCase:
+    """LongCat-Image: FLUX.1-style dual- then single-stream blocks (both return (encoder, hidden); the single ones
+    join [text, image] inside), 2x2-packed latents of 16 channels (hard-coded), CFG as two calls in cache contexts
+    followed by CFG renormalisation. The pipeline pads prompts to ``tokenizer_max_length`` (512; 16 here) and by
+    default rewrites them by generating with its text encoder, which the call turns off."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline, LongCatImageTransformer2DModel
+
+    _seed(0)
+    transformer = LongCatImageTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6],
+    ).eval()
+    pipe = LongCatImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=kl_vae(latent_channels=16, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+                   use_post_quant_conv=False),
+        text_encoder=qwen25_vl_encoder(),
+        tokenizer=chat_tokenizer(),
+        text_processor=None,  # only the prompt rewriter uses it
+        transformer=transformer,
+    )
+    pipe.tokenizer_max_length = 16
+    return _case(pipe, "separate", negative_prompt="blurry", guidance_scale=4.5, enable_prompt_rewrite=False)
+
+
+def ovis_image() -> TinyCase:
+    """Ovis-Image: FLUX.1-style dual- then single-stream blocks (the single ones join [text, image] inside),
+    2x2-packed latents, CFG as two calls in cache contexts. Qwen3 text encoder behind a chat template whose first
+    ``user_prompt_begin_id`` tokens the pipeline drops (set to what this tokenizer makes of the template)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+
+    _seed(0)
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    tokenizer = chat_tokenizer()
+    pipe = OvisImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=kl_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+                   use_post_quant_conv=False),
+        text_encoder=qwen3_text_model(2),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipe.user_prompt_begin_id = len(tokenizer(pipe.system_prompt, add_special_tokens=False).input_ids)
+    return _case(pipe, "separate", negative_prompt="blurry", guidance_scale=5.0, max_sequence_length=16)
+
+
+def hunyuandit() -> TinyCase:
+    """Hunyuan-DiT: cross-attention blocks with U-Net-style long skips (block l > N/2 takes block N-1-l's output),
+    BCHW latents, CFG as one doubled batch; learned sigma. BERT and T5 text encoders (padded to 77 and 256
+    tokens by the pipeline, as the model's text_len / text_len_t5 expect). ``num_layers`` must be even."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel
+
+    _seed(0)
+    transformer = HunyuanDiT2DModel(
+        sample_size=16, num_layers=6, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        cross_attention_dim=32, cross_attention_dim_t5=32, pooled_projection_dim=16, hidden_size=16,
+        activation_fn="gelu-approximate",
+    ).eval()
+    _seed(0)
+    bert = BertModel(BertConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=128, pad_token_id=PAD_ID,
+    ), add_pooling_layer=False).eval()
+    pipe = HunyuanDiTPipeline(
+        vae=kl_vae(latent_channels=4, scaling_factor=0.13025),
+        text_encoder=bert,
+        tokenizer=make_tokenizer(model_max_length=77, add_bos=True, add_eos=True),
+        transformer=transformer,
+        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.03,
+                                prediction_type="v_prediction", steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=t5_encoder(d_model=32),
+        tokenizer_2=t5_tokenizer(),
+    )
+    return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=5.0, use_resolution_binning=False)
+
+
 def wan() -> TinyCase:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
@@ -1163,6 +1248,219 @@ def ltx2() -> TinyCase:
                  frame_rate=25.0, max_sequence_length=16)
 
 
+def _wan_vae(z_dim: int = 16):
+    """A tiny AutoencoderKLWan (8x spatial, 4x temporal), as diffusers' own fast tests build it."""
+    from diffusers import AutoencoderKLWan
+
+    _seed(0)
+    return AutoencoderKLWan(base_dim=3, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def _gemma2(hidden_size: int = 16):
+    from transformers import Gemma2Config, Gemma2Model
+
+    _seed(0)
+    return Gemma2Model(Gemma2Config(
+        head_dim=8, hidden_size=hidden_size, intermediate_size=32, max_position_embeddings=2048, num_attention_heads=2,
+        num_hidden_layers=2, num_key_value_heads=1, vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID, attn_implementation="eager",
+    )).eval()
+
+
+def sana_video() -> TinyCase:
+    """Sana-Video: Wan-style (B, C, F, H, W) latents, one block list of linear-attention blocks with cross
+    attention to Gemma-2 text; CFG as one doubled batch, unconditional first. Its frame count is ``frames``."""
+    from diffusers import DPMSolverMultistepScheduler, SanaVideoPipeline, SanaVideoTransformer3DModel
+
+    _seed(0)
+    transformer = SanaVideoTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=3,
+        num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=16,
+        mlp_ratio=2.5, sample_size=8, patch_size=(1, 2, 2), qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+    pipe = SanaVideoPipeline(
+        tokenizer=make_tokenizer(model_max_length=4096, add_bos=True, add_eos=False),
+        text_encoder=_gemma2(16),
+        vae=_wan_vae(16),
+        transformer=transformer,
+        # a flow-matching DPM-Solver++ (Sana-Video is a flow model; the pipeline's type hint is DPMSolverMultistep)
+        scheduler=DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0),
+    )
+    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=6.0, height=32, width=32,
+                 frames=9, max_sequence_length=16, use_resolution_binning=False, complex_human_instruction=[])
+
+
+def mochi() -> TinyCase:
+    """Mochi 1: one list of dual-stream blocks (video and a narrower text stream, joint attention [video, valid
+    text]; the last block is context_pre_only); CFG as one doubled batch, unconditional first, in
+    ``cache_context("cond_uncond")``. The VAE is fixed at 12 latent channels, 8x spatial, 6x temporal, and its
+    group norms take 32 groups, so its channels are 32."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    _seed(0)
+    transformer = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=3, pooled_projection_dim=16,
+        in_channels=12, qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4, activation_fn="swiglu",
+        max_sequence_length=16,
+    ).eval()
+    with torch.no_grad():  # the learned RoPE frequencies start at zero: make the rotary embedding non-trivial
+        transformer.pos_frequencies.normal_(std=0.5)
+    _seed(0)
+    vae = AutoencoderKLMochi(
+        latent_channels=12, out_channels=3, encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 1, 1, 1, 1),
+    ).eval()
+    pipe = MochiPipeline(
+        # as genmo/mochi-1-preview's scheduler: the denoiser sees reversed timesteps (rising from ~0 to ~1000)
+        scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+        vae=vae,
+        text_encoder=t5_encoder(d_model=32),
+        tokenizer=t5_tokenizer(),
+        transformer=transformer,
+    )
+    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=4.5, height=32, width=32,
+                 num_frames=7, max_sequence_length=16)
+
+
+class DummyCosmosSafetyChecker(ModelMixin, ConfigMixin):
+    """Stands in for NVIDIA's Cosmos Guardrail (the ``cosmos_guardrail`` package), as diffusers' own fast tests do:
+    the Cosmos pipelines refuse to run with ``safety_checker=None``. Not an instance of the pipeline module's
+    ``CosmosSafetyChecker``, so the pipelines skip their video check; pass it again to ``from_pretrained``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("_device_tracker", torch.zeros(1), persistent=False)
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, frames):
+        return frames
+
+
+def _content_chat_tokenizer():
+    """The word-level tokenizer with a chat template for messages whose content is a string or a list of
+    ``{"type": "text", "text": ...}`` parts (the Qwen2.5-VL message form)."""
+    tokenizer = make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False)
+    tokenizer.chat_template = (
+        "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}{{ part['text'] }} {% endfor %}{% endif %} {% endfor %}"
+    )
+    return tokenizer
+
+
+def cosmos() -> TinyCase:
+    """Cosmos Predict 2.5 (text2world: no image or video given): one list of cross-attention blocks over
+    (B, C, F, H, W) latents plus a condition-mask channel; Qwen2.5-VL text features of every layer, normalised and
+    concatenated, projected by ``crossattn_proj``; CFG as two calls, conditional FIRST, no cache context.
+    ``concat_padding_mask=False``: with it on the model resizes the padding mask with torchvision, not installed here."""
+    from diffusers import Cosmos2_5_PredictBasePipeline, CosmosTransformer3DModel, UniPCMultistepScheduler
+
+    text_encoder = qwen25_vl_encoder()  # 16 wide, 2 layers: prompt features 2 x 16 = 32 wide
+    _seed(0)
+    transformer = CosmosTransformer3DModel(
+        in_channels=16 + 1, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=3, mlp_ratio=2,
+        text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(1.0, 3.0, 3.0),
+        concat_padding_mask=False, extra_pos_embed_type="learnable", use_crossattn_projection=True,
+        crossattn_proj_in_channels=32, encoder_hidden_states_channels=16,
+    ).eval()
+    pipe = Cosmos2_5_PredictBasePipeline(
+        text_encoder=text_encoder,
+        tokenizer=_content_chat_tokenizer(),
+        transformer=transformer,
+        vae=_wan_vae(16),
+        scheduler=UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=5.0),
+        safety_checker=DummyCosmosSafetyChecker(),
+    )
+    return _case(pipe, "separate", is_video=True, negative_prompt="blurry", guidance_scale=3.0, height=32, width=32,
+                 num_frames=9, max_sequence_length=16)
+
+
+def allegro() -> TinyCase:
+    """Allegro: PixArt-style cross-attention blocks over (B, C, F, H, W) latents, 3D RoPE built by the pipeline
+    and passed as ``image_rotary_emb``; CFG as one doubled batch, unconditional first, no cache context. Its VAE
+    decodes only with tiling on (as in diffusers' own tests); 8 frames -> 2 latent frames."""
+    from diffusers import AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro, DDIMScheduler
+
+    _seed(0)
+    transformer = AllegroTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=3,
+        cross_attention_dim=24, sample_width=8, sample_height=8, sample_frames=8, caption_channels=32,
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLAllegro(
+        in_channels=3, out_channels=3, down_block_types=("AllegroDownBlock3D",) * 4,
+        up_block_types=("AllegroUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    ).eval()
+    vae.enable_tiling()  # AutoencoderKLAllegro.decode without tiling is not implemented
+    # its tiles are 24 frames x sample_size px with fixed overlaps (8, 120, 80): make one tile cover the tiny video
+    vae.kernel, vae.stride = (8, 32, 32), (4, 16, 16)
+    pipe = AllegroPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=t5_encoder(d_model=32),
+        vae=vae,
+        transformer=transformer,
+        # the real checkpoint ships EulerAncestralDiscreteScheduler; DDIM (clip_sample) keeps a random model's
+        # epsilon predictions from blowing the latents up to the init noise sigma (~150) and saturating the frames
+        scheduler=DDIMScheduler(),
+    )
+    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=7.5, height=32, width=32,
+                 num_frames=8, max_sequence_length=16, clean_caption=False)
+
+
+def _qwen2_vl_encoder():
+    """A 16-wide Qwen2-VL (EasyAnimate V5.1's text encoder), vision tower included."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    _seed(0)
+    config = Qwen2VLConfig(
+        text_config={
+            "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0, "vocab_size": VOCAB_SIZE, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+            "pad_token_id": PAD_ID,
+        },
+        vision_config={"depth": 2, "embed_dim": 16, "hidden_size": 16, "num_heads": 2, "mlp_ratio": 1},
+        vocab_size=VOCAB_SIZE, vision_end_token_id=VOCAB_SIZE - 4, vision_start_token_id=VOCAB_SIZE - 3,
+        vision_token_id=VOCAB_SIZE - 2, image_token_id=VOCAB_SIZE - 1, video_token_id=VOCAB_SIZE - 2,
+    )
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def easyanimate() -> TinyCase:
+    """EasyAnimate V5.1: one list of MMDiT blocks whose joint attention runs over [text, video] (text FIRST) with
+    no padding mask; CFG as one doubled batch, unconditional first, no cache context. Qwen2-VL text encoder
+    (second-to-last hidden state, prompts padded to a fixed 256 tokens: ``max_sequence_length`` is not a call
+    argument), Magvit VAE."""
+    from diffusers import (AutoencoderKLMagvit, EasyAnimatePipeline, EasyAnimateTransformer3DModel,
+                           FlowMatchEulerDiscreteScheduler)
+
+    _seed(0)
+    transformer = EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=3, mmdit_layers=3, sample_width=16, sample_height=16, patch_size=2,
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLMagvit(
+        in_channels=3, out_channels=3,
+        down_block_types=("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3,
+        up_block_types=("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3,
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        spatial_group_norm=False,
+    ).eval()
+    pipe = EasyAnimatePipeline(
+        vae=vae,
+        text_encoder=_qwen2_vl_encoder(),
+        tokenizer=_content_chat_tokenizer(),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=6.0, height=32, width=32,
+                 num_frames=5)
+
+
 def sd15() -> TinyCase:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -1283,6 +1581,9 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "flux2_klein": flux2_klein,
     "lumina2": lumina2,
     "z_image": z_image,
+    "longcat_image": longcat_image,
+    "ovis_image": ovis_image,
+    "hunyuandit": hunyuandit,
     "wan": wan,
     "wan_vace": wan_vace,
     "skyreels_v2": skyreels_v2,
@@ -1292,6 +1593,11 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "hunyuan_image": hunyuan_image,
     "ltx": ltx,
     "ltx2": ltx2,
+    "mochi": mochi,
+    "sana_video": sana_video,
+    "easyanimate": easyanimate,
+    "allegro": allegro,
+    "cosmos": cosmos,
     "sd15": sd15,
     "sdxl": sdxl,
 }

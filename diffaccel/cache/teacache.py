@@ -197,18 +197,20 @@ def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tenso
         )
     norm = getattr(block.module, "norm1", None)
     if norm is not None and type(block.module) not in _INLINE_MODULATION:
-        params = inspect.signature(norm.forward).parameters
+        params = list(inspect.signature(norm.forward).parameters)
         emb_name = next((n for n in ("emb", "temb") if n in params), None)
         if emb_name is not None:
             hidden, encoder = block.stream_inputs(args, kwargs)
-            extra = {emb_name: temb}
+            # what else the norm takes that the block received under the same name (Cosmos: embedded_timestep)
+            extra = {n: bound[n] for n in params[1:] if isinstance(bound.get(n), torch.Tensor)}
+            extra[emb_name] = temb
             if "encoder_hidden_states" in params:
                 extra["encoder_hidden_states"] = encoder
             try:
                 out = norm(hidden, **extra)
-            except RuntimeError:
-                # The block hands its norm a slice of the embedding it receives (Chroma: temb[:, :6]), so it
-                # modulates inline as far as the indicator can see: the embedding itself, as for Wan. Known
+            except (RuntimeError, TypeError):
+                # The block hands its norm a slice of the embedding it receives (Chroma: temb[:, :6]) or inputs
+                # it does not receive itself, so it modulates inline as far as the indicator can see: the embedding itself, as for Wan. Known
                 # from then on, so no later step tries (and fails) again.
                 _INLINE_MODULATION.add(type(block.module))
                 return temb

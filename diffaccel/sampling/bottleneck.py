@@ -475,9 +475,10 @@ class BottleneckHandler:
             )
         config_of = scheduler.config
         if config_of.get("shift_terminal") or config_of.get("use_karras_sigmas") or config_of.get("use_exponential_sigmas") \
-                or config_of.get("use_beta_sigmas"):
+                or config_of.get("use_beta_sigmas") or config_of.get("invert_sigmas"):
             raise ValueError(f"sampling='bottleneck' cannot serve {name}: its scheduler reshapes sigmas "
-                             f"(shift_terminal / karras / exponential / beta), so a stage's start level is not defined.")
+                             f"(shift_terminal / karras / exponential / beta / inverted, as Mochi's), so a stage's "
+                             f"start level is not defined.")
         layout = pipeline_layout(target.adapter)
         if layout not in PIPELINE_LAYOUTS:
             raise ValueError(
