@@ -84,7 +84,8 @@ class FamilyAdapter:
     # not the denoiser's input layout: "packed2x2" (2x2 latent patches packed into tokens, (B, h/2·w/2, 4C):
     # Flux, Chroma, Qwen-Image), "patchified2x2" (2x2 latent patches as channels, (B, 4C, h/2, w/2), normalised:
     # FLUX.2), "packed_video" (pt x p x p video patches as tokens, frame-major, (B, F·h·w/(pt·p·p), C·pt·p·p): LTX)
-    # or "BCHW" (Z-Image, whose pipeline unbinds one tensor into its list).
+    # "flat_tokens" (unpatched latents flattened to (B, h·w, C): Qwen-Image 2.1) or "BCHW" (Z-Image, whose pipeline
+    # unbinds one tensor into its list).
     pipeline_latents: str = ""
     notes: str = ""
 

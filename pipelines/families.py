@@ -58,6 +58,8 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
         BlockSpec(returns=(HIDDEN, ENCODER), encoder_arg="audio_hidden_states"),
     ),
     ("diffusers.models.transformers.transformer_z_image", "ZImageTransformerBlock", BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
+    # Qwen-Image 2.1: [text, target image] joined; after the first step its KV cache leaves the target tokens only.
+    ("diffusers.models.transformers.transformer_qwenimage21", "QwenImage21TransformerBlock", JOINED_TEXT_FIRST),
     # LongCat-Image and Ovis-Image: FLUX.1-style blocks; their single-stream blocks join [text, image] inside.
     ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageTransformerBlock", ENCODER_THEN_HIDDEN),
     ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageSingleTransformerBlock", ENCODER_THEN_HIDDEN),
@@ -286,6 +288,20 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             pipeline_latents="BCHW",
             notes="the main layers are cached; the noise and context refiners always run. Its CFG batch is a list "
                   "of per-image latents, conditional first, which adaptive guidance and CFG parallel do not split",
+        ),
+    ),
+    (
+        "diffusers",
+        "QwenImage21Transformer2DModel",
+        FamilyAdapter(
+            name="qwenimage21",
+            pipeline_latents="flat_tokens",
+            block_lists=("transformer_blocks",),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            joint_text="prefix",
+            notes="one joined [text, image] sequence; its KV cache (the pipeline's default) prefills the text at the "
+                  "first step, whose output carries the text tokens too, and later steps run the image tokens only",
         ),
     ),
     (

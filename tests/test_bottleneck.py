@@ -103,7 +103,8 @@ def _latent_tokens(args, kwargs) -> int:
     return latents.shape[1]
 
 
-@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "z_image", "flux2_klein", "ltx", "longcat_image"])
+@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "z_image", "flux2_klein", "ltx", "longcat_image",
+                                  "qwenimage21"])
 def test_packed_and_listed_latents_are_resized_in_the_pipelines_own_layout(name):
     """Flux, Chroma and Qwen-Image hand 2x2-packed tokens between stages, Z-Image plain latents that its
     transformer takes as a list, FLUX.2 2x2-patchified latents (its latent output unpatchified), LTX video

@@ -248,8 +248,12 @@ def test_eager_skips_blocks_new_sizes_start_clean_and_remove_restores(name):
     first = run(case, seed=0)
     stats = diffaccel.stats(case.pipe)
     forwards = stats["denoiser_forwards"]
-    assert stats["cache_hits"] == forwards // 2 and stats["cache_misses"] == forwards // 2, stats
-    assert stats["blocks_skipped"] == 2 * (forwards // 2)
+    # Qwen-Image 2.1's first step also runs the text, which its KV cache leaves out of the later ones: the first of
+    # those (one per branch) cannot reuse that step's residual and computes.
+    prefill = 2 if name == "qwenimage21" else 0
+    hits = forwards // 2 - prefill
+    assert stats["cache_hits"] == hits and stats["cache_misses"] == forwards - hits, stats
+    assert stats["blocks_skipped"] == 2 * hits
     assert np.isfinite(first).all() and first.shape == baseline.shape
     assert not np.array_equal(first, baseline), "Δ-cached steps must change the output"
     assert np.array_equal(run(case, seed=0), first), "same seed, same accelerated output"

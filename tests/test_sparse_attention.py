@@ -302,3 +302,17 @@ def test_a_text_mask_inside_the_sequence_runs_dense_and_says_so(caplog):
     assert stats.get("attention_sparse_calls", 0) == 0 and stats["attention_dense_masked"] > 0
     assert any("attention mask other than key padding" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(out, baseline)
+
+
+def test_a_kv_cache_of_the_text_runs_dense_and_says_so(caplog):
+    """Qwen-Image 2.1 keeps the text's keys and values from its first step: later steps' image queries attend to
+    more keys than themselves, which has no square block layout. Those calls run dense, logged and counted,
+    never silently."""
+    case = build("qwenimage21")
+    size = dict(height=128, width=128)
+    baseline = run(case, **size)
+    with caplog.at_level(logging.INFO, logger="diffaccel"):
+        out, stats = _accelerated(case, size, BlockSparseAttentionConfig(block_size=16, dense_steps=0))
+    assert stats["attention_dense_kv_cache"] > 0 and stats.get("attention_sparse_calls", 0) == 0, stats
+    assert any("(a KV cache of the text)" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(out, baseline)

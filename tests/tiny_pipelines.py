@@ -699,6 +699,103 @@ def z_image() -> TinyCase:
     return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=3.0, max_sequence_length=32)
 
 
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|endoftext|>"]
+
+# A Qwen-style chat template: "<|im_start|>{role}\n{content}<|im_end|>\n" per message (content a string or a list of
+# {"type": "text", "text": ...} parts), then "<|im_start|>assistant\n" when a generation prompt is asked for.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_chat_tokenizer(padding_side: str = "right"):
+    """The word-level tokenizer plus Qwen's special tokens (ids 172.., inside VOCAB_SIZE) and a Qwen chat template."""
+    tokenizer = make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False, padding_side=padding_side)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    assert max(tokenizer.convert_tokens_to_ids(QWEN_SPECIALS)) < VOCAB_SIZE
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def qwen_vl_processor(tokenizer, processor_cls_name: str = "Qwen3VLProcessor", patch_size: int = 16):
+    """A real Qwen-VL processor (``Qwen3VLProcessor`` or ``Qwen2VLProcessor``; PIL image processor, merge 2) without a
+    video processor: the video processors need torchvision, which is not installed, and the processor's constructor
+    type-checks every component, so that check is let through for ``video_processor=None`` while it is built.
+    Text-to-image and image-conditioned calls never touch the video processor."""
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+
+    cls = getattr(transformers, processor_cls_name)
+    check = cls.check_argument_for_proper_class
+    own = "check_argument_for_proper_class" in cls.__dict__
+
+    def lenient(self, name, argument):
+        return None if (name == "video_processor" and argument is None) else check(self, name, argument)
+
+    cls.check_argument_for_proper_class = lenient
+    try:
+        return cls(
+            image_processor=Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                                                     min_pixels=32 * 32, max_pixels=64 * 64),
+            tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE,
+        )
+    finally:
+        if own:
+            cls.check_argument_for_proper_class = check
+        else:
+            del cls.check_argument_for_proper_class
+
+
+def qwenimage21(use_kv_cache: bool = True) -> TinyCase:
+    """Qwen-Image 2.1: one list of single-stream blocks over one joint sequence [text (condition images in their VLM
+    slots), target image]; text and condition-image K/V are prefilled at step 0 and later steps run only the target
+    tokens (``use_kv_cache=True``, the pipeline default). CFG as two calls in cache contexts "cond" / "uncond".
+    Qwen3-VL text encoder behind a Qwen3VLProcessor (word-level tokenizer with Qwen's special tokens); the VAE is
+    16x spatial and decodes RGBA (4 output channels)."""
+    from diffusers import (AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline,
+                           QwenImage21Transformer2DModel)
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    z_dim = 8  # not 4: prepare_latents takes a 4-channel (RGBA) condition image for latents otherwise
+    _seed(0)
+    transformer = QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=z_dim, out_channels=z_dim, num_layers=3, attention_head_dim=16, num_attention_heads=2,
+        context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLQwenImage21(
+        base_dim=4, decoder_base_dim=4, z_dim=z_dim, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True, True], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+    ).eval()
+    tokenizer = qwen_chat_tokenizer()
+    ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(QWEN_SPECIALS)))
+    _seed(0)
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": VOCAB_SIZE, "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+            "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+        },
+        vision_config={
+            "depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16,
+            "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    text_encoder = Qwen3VLForConditionalGeneration(config).eval()
+    processor = qwen_vl_processor(tokenizer, "Qwen3VLProcessor")
+    pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                               processor=processor, transformer=transformer)
+    return _case(pipe, "separate", negative_prompt="blurry", true_cfg_scale=4.0, use_kv_cache=use_kv_cache)
+
+
 def longcat_image() -> TinyCase:
     """LongCat-Image: FLUX.1-style dual- then single-stream blocks (both return (encoder, hidden); the single ones
     join [text, image] inside), 2x2-packed latents of 16 channels (hard-coded), CFG as two calls in cache contexts
@@ -1581,6 +1678,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "flux2_klein": flux2_klein,
     "lumina2": lumina2,
     "z_image": z_image,
+    "qwenimage21": qwenimage21,
     "longcat_image": longcat_image,
     "ovis_image": ovis_image,
     "hunyuandit": hunyuandit,

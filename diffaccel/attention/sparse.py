@@ -301,6 +301,13 @@ class SparseAttentionController:
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         """Block-sparse answer to one SDPA call (same arguments), or None to let it run dense."""
         q, k, v = query, key, value
+        if q.dim() == 4 and k.dim() == 4 and k.shape[2] != q.shape[2]:
+            # Inside a self-attention module: queries that attend to more keys than themselves, a KV cache of the
+            # text made at the first step (Qwen-Image 2.1's later steps).
+            self._note_once("kv", f"self-attention of {q.shape[2]} queries over {k.shape[2]} keys (a KV cache of the "
+                                  f"text) has no square block layout; such a call runs dense.")
+            self.runtime.count("attention_dense_kv_cache")
+            return None
         if (
             q.dim() != 4
             or k.shape != q.shape

@@ -119,6 +119,7 @@ class BlockCacheState:
     def __init__(self, calibrator: str | None = None, order: int = 1) -> None:
         self.span_input: torch.Tensor | None = None  # hidden input of block 0, this forward
         self.reference_residual: torch.Tensor | None = None  # front residual at the last computed step
+        self.reference_layout: tuple | None = None  # the front output's stream shapes at that step
         self.middle: SpanResidual | None = None  # the middle span's residual, summed while it computes
         self.cached_hidden_residual: torch.Tensor | None = None
         self.cached_encoder_residual: torch.Tensor | None = None
@@ -194,11 +195,14 @@ class BlockCacheHook(ModelHook):
         hidden, encoder = self.block.split_output(output)
         residual = hidden - state.span_input
         reference = state.reference_residual
+        # Both streams keep their token counts (Qwen-Image 2.1's first step also carries the text, which its KV
+        # cache leaves out of the later ones: that step's residuals do not fit them).
+        layout = (tuple(hidden.shape), None if encoder is None else tuple(encoder.shape))
         limit = self.config.max_consecutive
         reuse = (
             ctx.step_index >= self.config.warmup_steps
             and reference is not None
-            and reference.shape == residual.shape
+            and state.reference_layout == layout
             and state.cached_hidden_residual is not None
             and (limit is None or state.consecutive_reuses < limit)
             and relative_l1(residual, reference, self.runtime.decision_group) < self.config.threshold
@@ -210,6 +214,7 @@ class BlockCacheHook(ModelHook):
         else:
             state.consecutive_reuses = 0
             state.reference_residual = residual
+            state.reference_layout = layout
             state.middle = SpanResidual()
             self.runtime.count("cache_misses")
         state.span_input = None

@@ -48,9 +48,9 @@ logger = logging.getLogger("diffaccel")
 
 TEACACHE_HOOK = "diffaccel.teacache"
 # Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan/Chroma/Lumina 2: temb;
-# PixArt/Sana: timestep; FLUX.2: the modulation vectors made from it; Z-Image: adaln_input).
+# PixArt/Sana: timestep; FLUX.2 and Qwen-Image 2.1: the modulation vectors made from it; Z-Image: adaln_input).
 TIMESTEP_EMBEDDING_ARGS = ("temb", "timestep_proj", "timestep", "emb", "time_emb", "temb_mod_img", "temb_mod",
-                           "adaln_input")
+                           "adaln_input", "modulation")
 TEACACHE_DENOISER_HOOK = "diffaccel.teacache.denoiser"
 REUSE = ("residual", "output")
 INDICATORS = ("modulated", "sea")
@@ -255,6 +255,7 @@ class TeaCacheState:
         self.output: torch.Tensor | None = None  # reuse="output": the last computed prediction ...
         self.output_forecast = StreamForecast(calibrator, order)  # ... and its forecast
         self.sea_indicator: torch.Tensor | None = None  # indicator="sea": this forward's filtered input
+        self.layout: tuple | None = None  # block 0's stream shapes at the last computed forward
 
 
 class TeaCacheHook(ModelHook):
@@ -289,13 +290,20 @@ class TeaCacheHook(ModelHook):
     def _decide(self, state: TeaCacheState, args: tuple, kwargs: dict) -> None:
         ctx = self.runtime.clock.current
         config = self.config
+        # What was stored fits only a forward with the same token counts (Qwen-Image 2.1's first step carries the
+        # text, which its KV cache leaves out of the later ones).
+        hidden, encoder = self.block.stream_inputs(args, kwargs)
+        layout = (tuple(hidden.shape), None if encoder is None else tuple(encoder.shape))
+        same_layout = state.layout == layout
+        state.layout = layout  # kept by a skip, whose layout is equal; set by a compute
         if config.schedule:
             if ctx.num_steps not in (None, len(config.schedule)) and not self.schedule_noted:
                 self.schedule_noted = True  # once per acceleration (one hook decides: block 0's)
                 logger.info("diffaccel: TeaCache's schedule has %d steps and this call %d: each step follows the "
                             "nearest step's plan", len(config.schedule), ctx.num_steps)
             stored = state.output if config.reuse == "output" else state.hidden_residual
-            self._settle(state, stored is not None and not scheduled_compute(config.schedule, ctx), args, kwargs)
+            self._settle(state, stored is not None and same_layout and not scheduled_compute(config.schedule, ctx),
+                         args, kwargs)
             return
         if config.indicator == "sea":
             indicator = state.sea_indicator
@@ -312,6 +320,7 @@ class TeaCacheHook(ModelHook):
             ctx.step_index < config.warmup_steps
             or (config.force_last_step and ctx.is_last_step)
             or change is None
+            or not same_layout
             or (state.output if config.reuse == "output" else state.hidden_residual) is None
             or (config.max_consecutive is not None and state.consecutive_skips >= config.max_consecutive)
         )

@@ -43,8 +43,8 @@ from diffaccel.pipelines.adapters import argument_position, get_argument, is_ten
 from diffaccel.registry import AccelTarget, register_method
 from diffaccel.runtime import COND, COND_UNCOND, UNCOND
 
-from .layout import (cond_half_arguments, prediction_of, same_arguments, same_tensor, with_other_outputs,
-                     with_prediction)
+from .layout import (cond_half_arguments, latent_prediction, prediction_of, same_arguments, same_tensor,
+                     with_other_outputs, with_prediction)
 from .rules import (
     CARRY_GUIDANCE,
     COMPUTE,
@@ -308,7 +308,7 @@ class AdaptiveGuidanceHook(ModelHook):
         record = state.record(step)
         if action == COMPUTE:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            self._after_uncond(state, step, latents, prediction_of(output))
+            self._after_uncond(state, step, latents, latent_prediction(prediction_of(output), latents))
             return output
         value = self._skipped_value(state, action, step, record.cond, latents)
         return with_prediction(record.cond_output, value)
@@ -412,7 +412,9 @@ class AdaptiveGuidanceHook(ModelHook):
     @torch.compiler.disable
     def _after_cond(self, state: GuidanceState, step: int, args: tuple, kwargs: dict, output: Any) -> None:
         state.cond_call = (args, kwargs)
-        self._record_pair(state, step, self._latents(args, kwargs), prediction_of(output), output, None, real=False)
+        latents = self._latents(args, kwargs)
+        self._record_pair(state, step, latents, latent_prediction(prediction_of(output), latents), output, None,
+                          real=False)
 
     @torch.compiler.disable
     def _after_uncond(self, state: GuidanceState, step: int, latents, uncond: torch.Tensor) -> None:

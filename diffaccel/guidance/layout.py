@@ -95,6 +95,15 @@ def prediction_of(output: Any) -> torch.Tensor:
     )
 
 
+def latent_prediction(prediction: torch.Tensor, latents: Any) -> torch.Tensor:
+    """The prediction for the latent tokens: a denoiser that returns its whole joined sequence (Qwen-Image 2.1's
+    first step, [text, image]) predicts the latents with its last tokens, which its pipeline keeps."""
+    if (isinstance(latents, torch.Tensor) and prediction.dim() == 3 and latents.dim() == 3
+            and prediction.shape[1] > latents.shape[1]):
+        return prediction[:, -latents.shape[1]:]
+    return prediction
+
+
 def with_prediction(output: Any, prediction: torch.Tensor) -> Any:
     """The same structure as ``output`` with its prediction replaced (other fields kept)."""
     if isinstance(output, torch.Tensor):

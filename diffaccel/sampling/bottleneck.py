@@ -14,8 +14,9 @@ whose shifted value is ``s`` down to the stage's last step, shifted by the sched
 Caches and guidance keep working inside stages and reset at each transition: every stage is a new
 pipeline call to the step runtime. Supported: flow-matching pipelines (``FlowMatchEulerDiscreteScheduler``)
 whose latents are images or videos (CogView4, SD3, Sana, Wan, HunyuanVideo, the reference models), 2x2-packed
-tokens (Flux, Chroma, Qwen-Image), 2x2-patchified latents (FLUX.2) or video patch tokens (LTX). LTX-2 takes its de-normalised video latents back with the stage's audio
-latents and re-noises both itself (``noise_scale``); its audio scheduler, a copy of the video one, runs the
+tokens (Flux, Chroma, Qwen-Image), 2x2-patchified latents (FLUX.2), flat latent tokens (Qwen-Image 2.1) or
+video patch tokens (LTX). LTX-2 takes its de-normalised video latents back with the stage's audio latents and
+re-noises both itself (``noise_scale``); its audio scheduler, a copy of the video one, runs the
 same stage schedule. Other packings and other schedulers are refused with the reason.
 """
 
@@ -224,7 +225,7 @@ def unpack_video_tokens(tokens: torch.Tensor, height: int, width: int, patch: in
 CONDITION_ARGS = ("image", "video", "conditions", "control_image", "mask_image", "image_latents", "last_image",
                   "reference_images", "control_video")
 
-PIPELINE_LAYOUTS = ("BCHW", "BCFHW", "packed2x2", "patchified2x2", "packed_video")
+PIPELINE_LAYOUTS = ("BCHW", "BCFHW", "packed2x2", "patchified2x2", "packed_video", "flat_tokens")
 
 
 @dataclass
@@ -247,6 +248,8 @@ def _geometry(pipe, layout: str = "BCHW") -> _Geometry:
     config = pipe.transformer.config
     patch = getattr(config, "patch_size", None) or getattr(config, "all_patch_size", None) or 1
     patch = patch[-1] if isinstance(patch, (tuple, list)) else (patch or 1)
+    if layout == "flat_tokens":  # its pipeline rounds the latent size down to an even number of cells
+        return _Geometry(factor, factor * 2 * int(patch), layout)
     if layout == "packed_video":
         return _Geometry(factor, factor * int(patch), layout, int(patch), int(getattr(config, "patch_size_t", 1) or 1))
     if layout == "packed2x2":  # the pipeline packs 2x2 latent cells into one token, then the transformer patches
@@ -286,6 +289,10 @@ def resize_pipeline_latents(latents: torch.Tensor, geometry: _Geometry, current:
     """A stage's latents, in the pipeline's own layout, resized from latent size ``current`` to ``size``."""
     if geometry.layout == "packed2x2":
         return pack_2x2(resize_latents(unpack_2x2(latents, *current), size, mode))
+    if geometry.layout == "flat_tokens":
+        b, _, channels = latents.shape
+        image = latents.transpose(1, 2).reshape(b, channels, *current)
+        return resize_latents(image, size, mode).reshape(b, channels, size[0] * size[1]).transpose(1, 2)
     if geometry.layout == "packed_video":
         video = unpack_video_tokens(latents, *current, geometry.patch, geometry.patch_t)
         return pack_video_tokens(resize_latents(video, size, mode), geometry.patch, geometry.patch_t)
