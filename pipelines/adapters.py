@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 # "CFHW_LIST": a list of per-image (C, F, H, W) latents instead of one batched tensor (Z-Image).
-LatentLayout = Literal["BCHW", "BCFHW", "BFCHW", "BSC", "CFHW_LIST"]
+LatentLayout = Literal["BCHW", "BCFHW", "BFCHW", "BFHWC", "BSC", "CFHW_LIST"]
 CfgLayout = Literal["batched", "separate"]
 
 def is_tensor_list(value: Any) -> bool:
@@ -164,14 +164,16 @@ class BoundBlock:
         """(latent tokens, text tokens) of a joined [text, latent] sequence."""
         denoiser = self.owner() if self.owner is not None else None
         tokens = _LATENT_TOKENS.get(denoiser) if denoiser is not None else None
-        if tokens is None or not 0 < tokens <= joined.shape[1]:
+        if tokens is None or tokens <= 0:
             raise ValueError(
                 f"diffaccel: block {self.qualified_name} ({type(self.module).__name__}) takes text and latent tokens "
                 f"joined in one sequence of {joined.shape[1]}, and the latent token count of this forward is "
                 f"{'unknown' if tokens is None else tokens}; the block can only be split inside an accelerated "
-                "denoiser's forward whose latent input is packed tokens (B, S, C)."
+                "denoiser's forward."
             )
-        text = joined.shape[1] - tokens
+        # A sequence shorter than the forward's latent input holds latent tokens only (Qwen-Image 2.1's steps after
+        # its KV cache took the text and any condition images).
+        text = max(joined.shape[1] - tokens, 0)
         return joined[:, text:], joined[:, :text]
 
     def position_of(self, arg: str) -> int | None:
@@ -179,6 +181,32 @@ class BoundBlock:
         if arg not in self._positions:
             self._positions[arg] = argument_position(self.module, arg)
         return self._positions[arg]
+
+
+def token_grid(adapter: "FamilyAdapter", denoiser: torch.nn.Module, latent_grid: tuple[int, ...], kwargs: dict) -> tuple[int, ...]:
+    """The post-patchify token grid of this forward: ``(F, H, W)``, ``(H, W)`` or ``(tokens,)``."""
+    config = getattr(denoiser, "config", {})
+    patch = config.get("patch_size", 1) if hasattr(config, "get") else 1
+    layout = adapter.latent_layout
+    if layout in ("BCFHW", "BFCHW", "BFHWC") and len(latent_grid) == 3:
+        frames, height, width = latent_grid
+        if isinstance(patch, (tuple, list)):
+            pt, ph, pw = patch
+        else:
+            pt, ph, pw = (config.get("patch_size_t") or 1), patch, patch
+        return (-(-frames // pt), height // ph, width // pw)
+    if layout == "BCHW" and len(latent_grid) == 2:
+        ph, pw = (patch, patch) if not isinstance(patch, (tuple, list)) else tuple(patch)[-2:]
+        return (latent_grid[0] // ph, latent_grid[1] // pw)
+    if layout == "BSC":
+        if all(isinstance(kwargs.get(key), int) for key in ("num_frames", "height", "width")):  # LTX
+            return (kwargs["num_frames"], kwargs["height"], kwargs["width"])
+        ids = kwargs.get("img_ids")  # Flux: (tokens, 3) rows of (0, row, col)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[-1] == 3 and ids.shape[0] > 0:
+            height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+            if height * width == ids.shape[0]:
+                return (height, width)
+    return tuple(latent_grid[-1:]) if layout == "BSC" else tuple(latent_grid)
 
 
 def argument_position(module: torch.nn.Module, arg: str) -> int | None:

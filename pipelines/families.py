@@ -60,6 +60,15 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     ("diffusers.models.transformers.transformer_z_image", "ZImageTransformerBlock", BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
     # Qwen-Image 2.1: [text, target image] joined; after the first step its KV cache leaves the target tokens only.
     ("diffusers.models.transformers.transformer_qwenimage21", "QwenImage21TransformerBlock", JOINED_TEXT_FIRST),
+    # AuraFlow: MMDiT blocks, then single blocks over one [text, image] sequence joined by the model.
+    ("diffusers.models.transformers.auraflow_transformer_2d", "AuraFlowJointTransformerBlock", ENCODER_THEN_HIDDEN),
+    ("diffusers.models.transformers.auraflow_transformer_2d", "AuraFlowSingleTransformerBlock", JOINED_TEXT_FIRST),
+    # Kandinsky 5's visual blocks (its text blocks only refine the text, outside the cached list).
+    (
+        "diffusers.models.transformers.transformer_kandinsky",
+        "Kandinsky5TransformerDecoderBlock",
+        BlockSpec(returns=(HIDDEN,), hidden_arg="visual_embed"),
+    ),
     # LongCat-Image and Ovis-Image: FLUX.1-style blocks; their single-stream blocks join [text, image] inside.
     ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageTransformerBlock", ENCODER_THEN_HIDDEN),
     ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageSingleTransformerBlock", ENCODER_THEN_HIDDEN),
@@ -302,6 +311,32 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             joint_text="prefix",
             notes="one joined [text, image] sequence; its KV cache (the pipeline's default) prefills the text at the "
                   "first step, whose output carries the text tokens too, and later steps run the image tokens only",
+        ),
+    ),
+    (
+        "diffusers",
+        "AuraFlowTransformer2DModel",
+        FamilyAdapter(
+            name="aura_flow",
+            block_lists=("joint_transformer_blocks", "single_transformer_blocks"),
+            latent_layout="BCHW",
+            cfg_layout="batched",
+            joint_text="prefix",
+            notes="its single blocks take [text, image] joined (8 register tokens lead the text); split at the "
+                  "patchified latent grid's token count",
+        ),
+    ),
+    (
+        "diffusers",
+        "Kandinsky5Transformer3DModel",
+        FamilyAdapter(
+            name="kandinsky5",
+            block_lists=("visual_transformer_blocks",),
+            latent_layout="BFHWC",
+            cfg_layout="separate",
+            is_video=True,
+            notes="channels-last latents; the visual blocks are cached, the text blocks always run; its pipelines "
+                  "call cond then uncond without a cache context (branches by call order)",
         ),
     ),
     (

@@ -96,14 +96,19 @@ def test_block_cache_on_a_unet_is_a_clear_error(name):
     assert np.array_equal(run(case, seed=0), baseline)
 
 
-@pytest.mark.parametrize("name", ["chroma", "flux2_klein"])
-def test_a_span_from_dual_stream_into_joined_blocks_replays_both_streams(name):
-    """FLUX.2 and Chroma join [text, image] before their single-stream blocks. A reused span that starts in
-    the dual-stream blocks and ends in a joined one adds, to each stream's input, that stream's residual of
-    the last computed step: the joined output of the span is exactly [text_in + Δtext, image_in + Δimage]."""
+@pytest.mark.parametrize("name, dual_blocks, pairs", [
+    ("chroma", "transformer_blocks", ((0, 2), (1, 3))),  # cond, uncond per step: step 0 computes, step 1 reuses
+    ("flux2_klein", "transformer_blocks", ((0, 2), (1, 3))),
+    ("aura_flow", "joint_transformer_blocks", ((0, 1),)),  # one doubled batch per step, over BCHW latents
+])
+def test_a_span_from_dual_stream_into_joined_blocks_replays_both_streams(name, dual_blocks, pairs):
+    """FLUX.2, Chroma and AuraFlow join [text, image] before their single-stream blocks. A reused span that
+    starts in the dual-stream blocks and ends in a joined one adds, to each stream's input, that stream's
+    residual of the last computed step: the joined output of the span is exactly [text_in + Δtext,
+    image_in + Δimage]. AuraFlow's latents are BCHW: the split is at its patchified grid's token count."""
     case, _ = case_and_baseline(name)
     denoiser = case.denoiser
-    first_middle = denoiser.transformer_blocks[1]  # block 0 decides; the middle span starts here
+    first_middle = getattr(denoiser, dual_blocks)[1]  # block 0 decides; the middle span starts here
     last = denoiser.single_transformer_blocks[-1]
     inputs, outputs = [], []
     handles = [
@@ -120,8 +125,7 @@ def test_a_span_from_dual_stream_into_joined_blocks_replays_both_streams(name):
             handle.remove()
         diffaccel.remove(case.pipe)
     image_tokens = inputs[0][0].shape[1]
-    # Forwards run cond, uncond per step: step 0 computes (warm-up), step 1 reuses.
-    for computed, reused in ((0, 2), (1, 3)):
+    for computed, reused in pairs:
         hidden_in, text_in = inputs[computed]
         joined = outputs[computed]
         text = joined.shape[1] - image_tokens

@@ -328,11 +328,11 @@ def test_interval_without_a_step_count_guides_every_step_and_says_so(caplog):
 
 # ------------------------------------------------------------------------------------------ tiny pipelines
 
-BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanimate", "allegro"]
+BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanimate", "allegro", "aura_flow"]
 # Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context; HunyuanVideo 1.5 runs CFG through a
 # diffusers guider (contexts "pred_cond" / "pred_uncond").
 PER_BRANCH = ["wan", "wan_vace", "skyreels_v2", "flux", "flux2_klein", "chroma", "lumina2", "hunyuan_video15", "hunyuan_image",
-              "longcat_image", "ovis_image", "cosmos", "qwenimage21"]
+              "longcat_image", "ovis_image", "cosmos", "qwenimage21", "kandinsky5"]
 FAMILIES = BATCHED + PER_BRANCH
 STEPS = 4
 

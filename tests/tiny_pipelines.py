@@ -796,6 +796,28 @@ def qwenimage21(use_kv_cache: bool = True) -> TinyCase:
     return _case(pipe, "separate", negative_prompt="blurry", true_cfg_scale=4.0, use_kv_cache=use_kv_cache)
 
 
+def aura_flow() -> TinyCase:
+    """AuraFlow: MMDiT joint blocks (return (encoder, hidden)) then single DiT blocks over one [text, image] tensor
+    the model joins before them (8 learned register tokens lead the text stream); BCHW latents; CFG as one doubled
+    batch, unconditional first. UMT5 text encoder."""
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _seed(0)
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2, num_single_dit_layers=3,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+        out_channels=4, pos_embed_max_size=64,
+    ).eval()
+    pipe = AuraFlowPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=t5_encoder(d_model=32, umt5=True),
+        vae=kl_vae(latent_channels=4, scaling_factor=0.13025),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=3.5, max_sequence_length=16)
+
+
 def longcat_image() -> TinyCase:
     """LongCat-Image: FLUX.1-style dual- then single-stream blocks (both return (encoder, hidden); the single ones
     join [text, image] inside), 2x2-packed latents of 16 channels (hard-coded), CFG as two calls in cache contexts
@@ -1558,6 +1580,46 @@ def easyanimate() -> TinyCase:
                  num_frames=5)
 
 
+def kandinsky5() -> TinyCase:
+    """Kandinsky 5.0 text-to-video: latents channels-last (B, F, H, W, C) — with ``visual_cond`` the pipeline
+    appends C zero condition channels and a mask channel and steps only the first C; text-only encoder blocks
+    (``text_transformer_blocks``) then visual decoder blocks with cross attention (``visual_transformer_blocks``);
+    CFG as two calls, conditional FIRST, no cache context. Qwen2.5-VL (last hidden state, prompt template cropped)
+    and CLIP (pooled) text encoders."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline,
+                           Kandinsky5Transformer3DModel)
+
+    _seed(0)
+    transformer = Kandinsky5Transformer3DModel(
+        in_visual_dim=4, in_text_dim=16, in_text_dim2=32, time_dim=32, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=48, ff_dim=64, num_text_blocks=2, num_visual_blocks=3, axes_dims=(8, 8, 8), visual_cond=True,
+    ).eval()
+    with torch.no_grad():  # the modulations (block gates included) start at zero, making every block an identity
+        for name, module in transformer.named_modules():
+            if type(module).__name__ == "Kandinsky5Modulation":
+                module.out_layer.weight.normal_(std=0.2)
+                module.out_layer.bias.normal_(std=0.2)
+    _seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4, scaling_factor=0.476986,
+    ).eval()
+    pipe = Kandinsky5T2VPipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=qwen25_vl_encoder(),
+        tokenizer=make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False),
+        text_encoder_2=clip_text_model(hidden_size=32, projection_dim=32),
+        tokenizer_2=clip_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
+    pipe.prompt_template = "describe the video {} ."  # 3 tokens cropped off as the real 128-token system prefix is
+    pipe.prompt_template_encode_start_idx = 3
+    return _case(pipe, "separate", is_video=True, negative_prompt="blurry", guidance_scale=5.0, height=32, width=32,
+                 num_frames=5, max_sequence_length=16)
+
+
 def sd15() -> TinyCase:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -1679,6 +1741,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "lumina2": lumina2,
     "z_image": z_image,
     "qwenimage21": qwenimage21,
+    "aura_flow": aura_flow,
     "longcat_image": longcat_image,
     "ovis_image": ovis_image,
     "hunyuandit": hunyuandit,
@@ -1696,6 +1759,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "easyanimate": easyanimate,
     "allegro": allegro,
     "cosmos": cosmos,
+    "kandinsky5": kandinsky5,
     "sd15": sd15,
     "sdxl": sdxl,
 }

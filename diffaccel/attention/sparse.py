@@ -37,6 +37,7 @@ from diffaccel.kernels.block_sparse import (
     num_blocks,
     resolve_implementation,
 )
+from diffaccel.pipelines.adapters import token_grid
 from diffaccel.registry import AccelTarget, register_method
 
 from .layout import TokenLayout, default_tile
@@ -196,32 +197,6 @@ class SlidingTileAttentionConfig(SparseAttentionOptions):
 
 
 # ------------------------------------------------------------------------------------------ grids
-
-
-def token_grid(adapter, denoiser: torch.nn.Module, latent_grid: tuple[int, ...], kwargs: dict) -> tuple[int, ...]:
-    """The post-patchify token grid of this forward: ``(F, H, W)``, ``(H, W)`` or ``(tokens,)``."""
-    config = getattr(denoiser, "config", {})
-    patch = config.get("patch_size", 1) if hasattr(config, "get") else 1
-    layout = adapter.latent_layout
-    if layout in ("BCFHW", "BFCHW") and len(latent_grid) == 3:
-        frames, height, width = latent_grid
-        if isinstance(patch, (tuple, list)):
-            pt, ph, pw = patch
-        else:
-            pt, ph, pw = (config.get("patch_size_t") or 1), patch, patch
-        return (-(-frames // pt), height // ph, width // pw)
-    if layout == "BCHW" and len(latent_grid) == 2:
-        ph, pw = (patch, patch) if not isinstance(patch, (tuple, list)) else tuple(patch)[-2:]
-        return (latent_grid[0] // ph, latent_grid[1] // pw)
-    if layout == "BSC":
-        if all(isinstance(kwargs.get(key), int) for key in ("num_frames", "height", "width")):  # LTX
-            return (kwargs["num_frames"], kwargs["height"], kwargs["width"])
-        ids = kwargs.get("img_ids")  # Flux: (tokens, 3) rows of (0, row, col)
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[-1] == 3 and ids.shape[0] > 0:
-            height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-            if height * width == ids.shape[0]:
-                return (height, width)
-    return tuple(latent_grid[-1:]) if layout == "BSC" else tuple(latent_grid)
 
 
 def key_padding_lengths(attn_mask: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:

@@ -48,14 +48,15 @@ logger = logging.getLogger("diffaccel")
 
 TEACACHE_HOOK = "diffaccel.teacache"
 # Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan/Chroma/Lumina 2: temb;
-# PixArt/Sana: timestep; FLUX.2 and Qwen-Image 2.1: the modulation vectors made from it; Z-Image: adaln_input).
+# PixArt/Sana: timestep; FLUX.2 and Qwen-Image 2.1: the modulation vectors made from it; Z-Image: adaln_input;
+# Kandinsky 5: time_embed).
 TIMESTEP_EMBEDDING_ARGS = ("temb", "timestep_proj", "timestep", "emb", "time_emb", "temb_mod_img", "temb_mod",
-                           "adaln_input", "modulation")
+                           "adaln_input", "modulation", "time_embed")
 TEACACHE_DENOISER_HOOK = "diffaccel.teacache.denoiser"
 REUSE = ("residual", "output")
 INDICATORS = ("modulated", "sea")
 # Where the frame and pixel axes sit in each unpacked latent layout (packed token layouts have none).
-SEA_AXES = {"BCHW": (2, 3), "BCFHW": (2, 3, 4), "BFCHW": (1, 3, 4)}
+SEA_AXES = {"BCHW": (2, 3), "BCFHW": (2, 3, 4), "BFCHW": (1, 3, 4), "BFHWC": (1, 2, 3)}
 
 
 @register_config

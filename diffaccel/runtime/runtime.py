@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
 import weakref
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ import torch
 from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 
 from diffaccel.pipelines.adapters import (FamilyAdapter, argument_position, get_argument, is_tensor_list,
-                                         set_latent_tokens)
+                                         set_latent_tokens, token_grid)
 
 from .context import COND, COND_UNCOND, DEFAULT, GUIDER_BRANCHES, UNCOND, StepClock, StepContext
 from .state import BranchStates, RunStats
@@ -110,6 +111,8 @@ def latent_grid(hidden: torch.Tensor, layout: str) -> tuple[int, ...]:
         return shape[2:5]
     if layout == "BFCHW":
         return (shape[1],) + shape[3:5]
+    if layout == "BFHWC":  # channels last (Kandinsky 5)
+        return shape[1:4]
     return shape[1:2]  # BSC: packed tokens
 
 
@@ -351,8 +354,12 @@ class Runtime:
 
         batch_size = len(hidden)
         grid = latent_grid(hidden, self.adapter.latent_layout)
-        if self.adapter.latent_layout == "BSC":  # joined_text blocks split their sequence at this count
+        # joined_text blocks split their sequence at this count: packed tokens, or the patchified latent grid
+        # (AuraFlow joins [text, image] over BCHW latents)
+        if self.adapter.latent_layout == "BSC":
             set_latent_tokens(self.denoiser, hidden.shape[1])
+        elif self.adapter.latent_layout != "CFHW_LIST":
+            set_latent_tokens(self.denoiser, math.prod(token_grid(self.adapter, self.denoiser, grid, kwargs)))
         self._check_signature(branch, (grid, batch_size))
 
         for stats in (self.call_stats, self.total_stats):

@@ -488,9 +488,9 @@ class BottleneckHandler:
                              f"start level is not defined.")
         layout = pipeline_layout(target.adapter)
         if layout not in PIPELINE_LAYOUTS:
+            form = {"CFHW_LIST": "a list of per-image tensors", "BFHWC": "channels-last latents"}.get(layout, "packed tokens")
             raise ValueError(
-                f"sampling='bottleneck' cannot serve {name} yet: it hands its latents over as "
-                f"{'a list of per-image tensors' if layout == 'CFHW_LIST' else 'packed tokens'} "
+                f"sampling='bottleneck' cannot serve {name} yet: it hands its latents over as {form} "
                 f"({layout}) in a packing this version does not resize (it resizes {', '.join(PIPELINE_LAYOUTS)})."
             )
         params = inspect.signature(type(pipe).__call__).parameters
