@@ -11,6 +11,7 @@ from .adapters import (
     block_spec_for,
     register_adapter,
     register_block_spec,
+    register_block_wrapper,
     supported_denoisers,
     unwrap_denoiser,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "block_spec_for",
     "register_adapter",
     "register_block_spec",
+    "register_block_wrapper",
     "supported_denoisers",
     "unwrap_denoiser",
 ]

@@ -40,20 +40,21 @@ class BlockSpec:
     text tokens and then the latent tokens (the model concatenated the two streams before it, as FLUX.2 and
     Chroma do): its streams are that tensor's two parts, split at the forward's latent token count, so a
     cached span that starts in the dual-stream blocks and ends here keeps residuals of one shape.
+    ``joined_text="suffix"``: the latent tokens come first, then the text (HiDream-I1).
     """
 
     returns: tuple[str, ...] = (HIDDEN,)
     hidden_arg: str = "hidden_states"
     encoder_arg: str | None = None  # set when the block updates and returns the encoder stream
-    joined_text: str | None = None  # "prefix": the hidden argument is [text tokens, latent tokens]
+    joined_text: str | None = None  # "prefix": the hidden argument is [text, latent tokens]; "suffix": [latent, text]
 
     def __post_init__(self) -> None:
         if HIDDEN not in self.returns:
             raise ValueError(f"BlockSpec.returns must contain {HIDDEN!r}, got {self.returns}.")
         if (ENCODER in self.returns) != (self.encoder_arg is not None):
             raise ValueError("BlockSpec: encoder_arg must be set exactly when 'encoder' is among the returns.")
-        if self.joined_text not in (None, "prefix"):
-            raise ValueError(f"BlockSpec.joined_text must be None or 'prefix', got {self.joined_text!r}.")
+        if self.joined_text not in (None, "prefix", "suffix"):
+            raise ValueError(f"BlockSpec.joined_text must be None, 'prefix' or 'suffix', got {self.joined_text!r}.")
         if self.joined_text is not None and self.returns != (HIDDEN,):
             raise ValueError("BlockSpec: a joined_text block returns its one joined tensor, so returns must be ('hidden',).")
 
@@ -87,6 +88,9 @@ class FamilyAdapter:
     # "flat_tokens" (unpatched latents flattened to (B, h·w, C): Qwen-Image 2.1) or "BCHW" (Z-Image, whose pipeline
     # unbinds one tensor into its list).
     pipeline_latents: str = ""
+    # A denoiser attribute holding the token count that non-square latents are padded to before the blocks
+    # (HiDream-I1's ``max_seq``): the latent part of its joined sequences, in place of the grid's count.
+    padded_latent_tokens: str = ""
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -154,14 +158,17 @@ class BoundBlock:
     def join_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
         """What the block would return for these streams (used when a skipped block passes through)."""
         if self.spec.joined_text is not None:
-            return hidden if encoder is None else torch.cat([encoder, hidden], dim=1)
+            if encoder is None:
+                return hidden
+            parts = [encoder, hidden] if self.spec.joined_text == "prefix" else [hidden, encoder]
+            return torch.cat(parts, dim=1)
         if not self.spec.returns_tuple:
             return hidden
         values = {HIDDEN: hidden, ENCODER: encoder}
         return tuple(values[name] for name in self.spec.returns)
 
     def _split_joined(self, joined: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent tokens, text tokens) of a joined [text, latent] sequence."""
+        """(latent tokens, text tokens) of a joined [text, latent] (prefix) or [latent, text] (suffix) sequence."""
         denoiser = self.owner() if self.owner is not None else None
         tokens = _LATENT_TOKENS.get(denoiser) if denoiser is not None else None
         if tokens is None or tokens <= 0:
@@ -174,6 +181,9 @@ class BoundBlock:
         # A sequence shorter than the forward's latent input holds latent tokens only (Qwen-Image 2.1's steps after
         # its KV cache took the text and any condition images).
         text = max(joined.shape[1] - tokens, 0)
+        if self.spec.joined_text == "suffix":
+            latent = joined.shape[1] - text
+            return joined[:, :latent], joined[:, latent:]
         return joined[:, text:], joined[:, :text]
 
     def position_of(self, arg: str) -> int | None:
@@ -244,6 +254,7 @@ def set_argument(args: tuple, kwargs: dict, name: str, position: int | None, val
 
 _ADAPTERS: dict[type, FamilyAdapter] = {}
 _BLOCK_SPECS: dict[type, BlockSpec] = {}
+_BLOCK_WRAPPERS: dict[type, str] = {}  # wrapper class -> attribute holding the described block
 # The latent token count of the forward each accelerated denoiser is running (set by its runtime), which
 # splits joined_text blocks' sequences.
 _LATENT_TOKENS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
@@ -268,8 +279,25 @@ def register_block_spec(block_cls: type, spec: BlockSpec) -> None:
     _BLOCK_SPECS[block_cls] = spec
 
 
+def register_block_wrapper(wrapper_cls: type, inner: str) -> None:
+    """Describe a wrapper class by the block it holds in attribute ``inner`` (HiDream-I1's ``HiDreamBlock`` holds
+    a dual-stream or a single-stream block): its spec is the held block's, and the wrapper must forward the
+    spec's arguments by the same names."""
+    _BLOCK_WRAPPERS[wrapper_cls] = inner
+
+
+def described_block(block: torch.nn.Module) -> torch.nn.Module:
+    """The block a registered wrapper holds (HiDream-I1's ``HiDreamBlock.block``), else the block itself."""
+    for cls in type(block).__mro__:
+        if cls in _BLOCK_WRAPPERS:
+            return described_block(getattr(block, _BLOCK_WRAPPERS[cls]))
+    return block
+
+
 def block_spec_for(block: torch.nn.Module) -> BlockSpec:
     for cls in type(block).__mro__:
+        if cls in _BLOCK_WRAPPERS:
+            return block_spec_for(getattr(block, _BLOCK_WRAPPERS[cls]))
         if cls in _BLOCK_SPECS:
             return _BLOCK_SPECS[cls]
     raise ValueError(

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import logging
 
-from .adapters import ENCODER, HIDDEN, BlockSpec, FamilyAdapter, register_adapter, register_block_spec
+from .adapters import (ENCODER, HIDDEN, BlockSpec, FamilyAdapter, register_adapter, register_block_spec,
+                       register_block_wrapper)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,14 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
         "Kandinsky5TransformerDecoderBlock",
         BlockSpec(returns=(HIDDEN,), hidden_arg="visual_embed"),
     ),
+    # HiDream-I1: both lists hold HiDreamBlock wrappers (WRAPPER_ROWS) of these; the single-stream ones take
+    # [image, text, this block's Llama tokens] joined, which the model trims after each block.
+    ("diffusers.models.transformers.transformer_hidream_image", "HiDreamImageTransformerBlock", HIDDEN_THEN_ENCODER),
+    (
+        "diffusers.models.transformers.transformer_hidream_image",
+        "HiDreamImageSingleTransformerBlock",
+        BlockSpec(returns=(HIDDEN,), joined_text="suffix"),
+    ),
     # LongCat-Image and Ovis-Image: FLUX.1-style blocks; their single-stream blocks join [text, image] inside.
     ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageTransformerBlock", ENCODER_THEN_HIDDEN),
     ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageSingleTransformerBlock", ENCODER_THEN_HIDDEN),
@@ -82,6 +91,11 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     ("diffusers.models.transformers.transformer_allegro", "AllegroTransformerBlock", HIDDEN_ONLY),
     # Cosmos' blocks return one tensor; a ControlNet's blocks (with after_proj) return two and are not described.
     ("diffusers.models.transformers.transformer_cosmos", "CosmosTransformerBlock", HIDDEN_ONLY),
+]
+
+# (module path, wrapper class name, attribute holding the described block)
+WRAPPER_ROWS: list[tuple[str, str, str]] = [
+    ("diffusers.models.transformers.transformer_hidream_image", "HiDreamBlock", "block"),
 ]
 
 # (module path, denoiser class name) -> adapter
@@ -341,6 +355,21 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
     ),
     (
         "diffusers",
+        "HiDreamImageTransformer2DModel",
+        FamilyAdapter(
+            name="hidream_image",
+            block_lists=("double_stream_blocks", "single_stream_blocks"),
+            latent_layout="BCHW",
+            cfg_layout="batched",
+            timestep_arg="timesteps",
+            joint_text="suffix",
+            padded_latent_tokens="max_seq",
+            notes="every block gets its own Llama layer's tokens beside the text, which the model trims after it: "
+                  "what that changes between blocks stays out of a cached span's residual",
+        ),
+    ),
+    (
+        "diffusers",
         "LongCatImageTransformer2DModel",
         FamilyAdapter(
             name="longcat_image",
@@ -449,6 +478,10 @@ def register_builtin_families() -> None:
         cls = _resolve(module_path, name)
         if cls is not None:
             register_block_spec(cls, spec)
+    for module_path, name, inner in WRAPPER_ROWS:
+        cls = _resolve(module_path, name)
+        if cls is not None:
+            register_block_wrapper(cls, inner)
     for module_path, name, adapter in FAMILY_ROWS:
         cls = _resolve(module_path, name)
         if cls is not None:

@@ -289,6 +289,9 @@ def test_pipelines_it_cannot_serve_are_refused_with_the_reason():
     case = build("sd15")
     with pytest.raises(ValueError, match="sampling='bottleneck' cannot serve .*flow matching"):
         diffaccel.accelerate(case.pipe, sampling="bottleneck")
+    case = build("hidream_image")  # flow matching, but every call is rescaled to one area
+    with pytest.raises(ValueError, match="cannot serve HiDreamImagePipeline: it rescales every call to the area"):
+        diffaccel.accelerate(case.pipe, sampling="bottleneck")
     case = build("mochi")  # flow matching, but its scheduler inverts the sigmas
     with pytest.raises(ValueError, match="cannot serve MochiPipeline: its scheduler reshapes sigmas .*inverted"):
         diffaccel.accelerate(case.pipe, sampling="bottleneck")

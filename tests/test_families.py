@@ -320,3 +320,20 @@ def test_vace_hints_added_between_blocks_are_not_replayed_twice():
     assert float((in2 - out1).abs().max()) > 1e-4  # the hint after block 1
     (in1, out1), (in2, out2) = seen[1][2], seen[2][2]
     torch.testing.assert_close(out2 - in1 - (in2 - out1), own, atol=1e-5, rtol=1e-4)
+
+
+def test_hidream_non_square_latents_split_at_the_padded_token_count():
+    """HiDream-I1 pads non-square latents' tokens to ``max_seq`` before its blocks, so its single-stream blocks'
+    [image, text, Llama] sequences hold max_seq image tokens: split there (``padded_latent_tokens``), a span from
+    the dual-stream into the single-stream blocks keeps one residual shape and is reused. At the grid's count
+    the shapes would differ and no span would ever be stored."""
+    case, _ = case_and_baseline("hidream_image")
+    size = dict(height=128, width=64, num_inference_steps=6)  # the pipeline keeps the aspect ratio: non-square
+    baseline = run(case, seed=0, **size)
+    diffaccel.accelerate(case.pipe, cache=EAGER_CACHE)
+    out = run(case, seed=0, **size)
+    stats = diffaccel.stats(case.pipe)
+    diffaccel.remove(case.pipe)
+    assert baseline.shape[1] != baseline.shape[2]
+    assert stats["cache_hits"] > 0 and stats["blocks_skipped"] > 0, stats
+    assert np.isfinite(out).all() and not np.array_equal(out, baseline)

@@ -328,7 +328,8 @@ def test_interval_without_a_step_count_guides_every_step_and_says_so(caplog):
 
 # ------------------------------------------------------------------------------------------ tiny pipelines
 
-BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanimate", "allegro", "aura_flow"]
+BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanimate", "allegro", "aura_flow",
+           "hidream_image"]
 # Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context; HunyuanVideo 1.5 runs CFG through a
 # diffusers guider (contexts "pred_cond" / "pred_uncond").
 PER_BRANCH = ["wan", "wan_vace", "skyreels_v2", "flux", "flux2_klein", "chroma", "lumina2", "hunyuan_video15", "hunyuan_image",
@@ -348,7 +349,9 @@ def case_and_baseline(name):
     return case, baseline
 
 
-def _second_half(value, full):
+def _second_half(value, full, name=None):
+    if name == "encoder_hidden_states_llama3":  # HiDream-I1: (layers, batch, tokens, channels)
+        return value[:, full // 2 :]
     if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == full:
         return value[full // 2 :]
     if isinstance(value, dict):
@@ -370,7 +373,7 @@ def cond_only_reference(case, from_step: int) -> np.ndarray:
                 return output
             full = args[0].shape[0] if args else kwargs["hidden_states"].shape[0]
             half = module.forward(*[_second_half(a, full) for a in args],
-                                  **{k: _second_half(v, full) for k, v in kwargs.items()})
+                                  **{k: _second_half(v, full, k) for k, v in kwargs.items()})
             c = half[0]
             return (torch.cat([c, c]),) + tuple(half[1:]) if isinstance(half, tuple) else type(half)(torch.cat([c, c]))
         step, is_uncond = divmod(index, 2)

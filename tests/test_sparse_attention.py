@@ -316,3 +316,14 @@ def test_a_kv_cache_of_the_text_runs_dense_and_says_so(caplog):
     assert stats["attention_dense_kv_cache"] > 0 and stats.get("attention_sparse_calls", 0) == 0, stats
     assert any("(a KV cache of the text)" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(out, baseline)
+
+
+def test_a_wrapped_block_s_attention_is_found_inside_the_wrapper():
+    """HiDream-I1's block lists hold HiDreamBlock wrappers: the self-attention is the held block's attn1. Keeping
+    every block reproduces dense attention; the calls are sparse ones, over [image, text] joined as a suffix."""
+    case = build("hidream_image")
+    size = dict(height=256, width=256)
+    baseline = run(case, **size)
+    out, stats = _accelerated(case, size, BlockSparseAttentionConfig(**KEEP_ALL))
+    assert stats["attention_sparse_calls"] > 0 and stats["attention_blocks_kept"] == stats["attention_blocks_total"]
+    np.testing.assert_allclose(out, baseline, atol=2e-4)

@@ -818,6 +818,44 @@ def aura_flow() -> TinyCase:
     return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=3.5, max_sequence_length=16)
 
 
+def hidream_image() -> TinyCase:
+    """HiDream-I1: dual-stream blocks then single-stream blocks (both lists hold ``HiDreamBlock`` wrappers), a MoE
+    feed-forward, and a fresh Llama-3 hidden state per block appended to the text stream; CFG as one doubled batch,
+    unconditional first. Two CLIPs (pooled), T5 and a Llama (``llama_layers`` picks one hidden state per block).
+    The pipeline rescales height/width to the area of ``default_sample_size * vae_scale_factor`` squared (1024 px for
+    the real model), so ``default_sample_size`` is set to 8 here (64 px)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _seed(0)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[32, 16], text_emb_dim=32, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1, 2, 3),
+    ).eval()
+    _seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=2, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        max_position_embeddings=256, attn_implementation="eager",  # the pipeline asks for output_attentions
+    )).eval()
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=kl_vae(latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=clip_text_model(hidden_size=16, projection_dim=16, with_projection=True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_text_model(hidden_size=16, projection_dim=16, with_projection=True),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5_encoder(d_model=32),
+        tokenizer_3=t5_tokenizer(),
+        text_encoder_4=llama,
+        tokenizer_4=make_tokenizer(model_max_length=256, add_bos=True, add_eos=False),
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 8  # the pipeline keeps the aspect ratio and rescales to this area (x8 VAE): 64x64
+    return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=5.0, max_sequence_length=16)
+
+
 def longcat_image() -> TinyCase:
     """LongCat-Image: FLUX.1-style dual- then single-stream blocks (both return (encoder, hidden); the single ones
     join [text, image] inside), 2x2-packed latents of 16 channels (hard-coded), CFG as two calls in cache contexts
@@ -1742,6 +1780,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "z_image": z_image,
     "qwenimage21": qwenimage21,
     "aura_flow": aura_flow,
+    "hidream_image": hidream_image,
     "longcat_image": longcat_image,
     "ovis_image": ovis_image,
     "hunyuandit": hunyuandit,

@@ -37,7 +37,7 @@ from diffaccel.kernels.block_sparse import (
     num_blocks,
     resolve_implementation,
 )
-from diffaccel.pipelines.adapters import token_grid
+from diffaccel.pipelines.adapters import described_block, token_grid
 from diffaccel.registry import AccelTarget, register_method
 
 from .layout import TokenLayout, default_tile
@@ -447,10 +447,12 @@ def self_attention_modules(target: AccelTarget) -> list[tuple[int, str, torch.nn
     """(block index, qualified name, module) of each block's self-attention (``attn1`` or ``attn``)."""
     found = []
     for index, bound in enumerate(target.blocks):
+        block = described_block(bound.module)  # inside a wrapper (HiDream-I1's HiDreamBlock)
+        prefix = bound.qualified_name if block is bound.module else f"{bound.qualified_name}.block"
         for name in SELF_ATTENTION_NAMES:
-            module = getattr(bound.module, name, None)
+            module = getattr(block, name, None)
             if isinstance(module, torch.nn.Module):
-                found.append((index, f"{bound.qualified_name}.{name}", module))
+                found.append((index, f"{prefix}.{name}", module))
                 break
     return found
 

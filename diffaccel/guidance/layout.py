@@ -23,6 +23,9 @@ from diffaccel.pipelines.adapters import is_tensor_list
 NOT_BATCHED = frozenset(
     {"image_rotary_emb", "rotary_emb", "img_ids", "txt_ids", "img_shapes", "rope_interpolation_scale"}
 )
+# Forward arguments whose batch dimension is not the first: HiDream-I1 stacks its Llama layers' states as
+# (layers, batch, tokens, channels).
+BATCH_DIM = {"encoder_hidden_states_llama3": 1}
 
 
 def batch_half(value: Any, full: int, which: int, name: str | None = None, per_sample_lists: bool = False) -> Any:
@@ -33,6 +36,9 @@ def batch_half(value: Any, full: int, which: int, name: str | None = None, per_s
     if name in NOT_BATCHED:
         return value
     half = full // 2
+    if isinstance(value, torch.Tensor) and name in BATCH_DIM:
+        dim = BATCH_DIM[name]
+        return value.narrow(dim, half * which, half) if value.dim() > dim and value.shape[dim] == full else value
     if isinstance(value, torch.Tensor):
         if value.dim() >= 1 and value.shape[0] == full:
             return value[half * which : half * (which + 1)]

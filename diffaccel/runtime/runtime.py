@@ -359,7 +359,10 @@ class Runtime:
         if self.adapter.latent_layout == "BSC":
             set_latent_tokens(self.denoiser, hidden.shape[1])
         elif self.adapter.latent_layout != "CFHW_LIST":
-            set_latent_tokens(self.denoiser, math.prod(token_grid(self.adapter, self.denoiser, grid, kwargs)))
+            tokens = math.prod(token_grid(self.adapter, self.denoiser, grid, kwargs))
+            if self.adapter.padded_latent_tokens and len(grid) >= 2 and grid[-1] != grid[-2]:
+                tokens = int(getattr(self.denoiser, self.adapter.padded_latent_tokens))
+            set_latent_tokens(self.denoiser, tokens)
         self._check_signature(branch, (grid, batch_size))
 
         for stats in (self.call_stats, self.total_stats):

@@ -221,6 +221,10 @@ def unpack_video_tokens(tokens: torch.Tensor, height: int, width: int, patch: in
 
 # ------------------------------------------------------------------------------------------ the wrapper
 
+# Pipelines that rescale every call to the area of their default size, keeping the aspect ratio (HiDream-I1):
+# a stage cannot ask them for fewer tokens.
+FIXED_AREA_PIPELINES = frozenset({"HiDreamImagePipeline"})
+
 # Call arguments that condition on an image or video; such calls run at full resolution.
 CONDITION_ARGS = ("image", "video", "conditions", "control_image", "mask_image", "image_latents", "last_image",
                   "reference_images", "control_video")
@@ -493,6 +497,9 @@ class BottleneckHandler:
                 f"sampling='bottleneck' cannot serve {name} yet: it hands its latents over as {form} "
                 f"({layout}) in a packing this version does not resize (it resizes {', '.join(PIPELINE_LAYOUTS)})."
             )
+        if any(cls.__name__ in FIXED_AREA_PIPELINES for cls in type(pipe).__mro__):
+            raise ValueError(f"sampling='bottleneck' cannot serve {name}: it rescales every call to the area of its "
+                             f"default size (keeping the aspect ratio), so a stage cannot run at a lower resolution.")
         params = inspect.signature(type(pipe).__call__).parameters
         missing = [p for p in ("latents", "height", "width", "output_type", "num_inference_steps") if p not in params]
         if missing:
