@@ -39,6 +39,9 @@ SCENARIOS = [
     dict(name="cfg_chroma_cache", family="chroma", config={"parallel": {"method": "cfg"}, "cache": CACHE}),
     dict(name="cfg_hunyuan_video15", family="hunyuan_video15", config={"parallel": {"method": "cfg"}}),
     dict(name="cfg_z_image", family="z_image", config={"parallel": {"method": "cfg"}}),
+    # Cosmos calls cond then uncond without a cache context; HiDream-I1's Llama states hold the batch in dim 1.
+    dict(name="cfg_cosmos_cache", family="cosmos", config={"parallel": {"method": "cfg"}, "cache": CACHE}),
+    dict(name="cfg_hidream", family="hidream_image", config={"parallel": {"method": "cfg"}}),
     dict(name="wrong_degrees", family="wan", config={"parallel": {"method": "hybrid", "cfg": 2, "ulysses": 2}}),
     dict(name="no_plan", family="pixart_alpha", config={"parallel": {"method": "context"}}),
 ]
@@ -181,6 +184,7 @@ def test_parallel_runs_compose_with_offloading(torchrun_results, parallel, famil
 @pytest.mark.parametrize("name, family, config", [
     ("cfg_chroma_cache", "chroma", {"cache": CACHE}),
     ("cfg_hunyuan_video15", "hunyuan_video15", {}),
+    ("cfg_cosmos_cache", "cosmos", {"cache": CACHE}),
 ])
 def test_cfg_parallel_on_branches_told_by_call_order_or_a_guider(torchrun_results, name, family, config):
     out, stats = _result(torchrun_results, name)
@@ -188,6 +192,15 @@ def test_cfg_parallel_on_branches_told_by_call_order_or_a_guider(torchrun_result
     np.testing.assert_allclose(out, single, atol=1e-4)
     assert stats["parallel_cfg_speculated"] == stats["steps"] - 1
     assert stats["denoiser_calls_by_branch"] == single_stats["denoiser_calls_by_branch"]
+
+
+def test_cfg_parallel_cuts_an_argument_whose_batch_is_its_second_dimension(torchrun_results):
+    """HiDream-I1's stacked Llama states are (layers, batch, tokens, channels): each rank gets its half of the
+    batch there (before, each rank's half attended to both halves' Llama tokens)."""
+    out, stats = _result(torchrun_results, "cfg_hidream")
+    single, _ = _single_process("hidream_image", {})
+    np.testing.assert_allclose(out, single, atol=1e-4)
+    assert stats["parallel_cfg_exchanges"] == stats["steps"]
 
 
 def test_cfg_parallel_splits_a_list_of_latents_conditional_half_first(torchrun_results):
