@@ -485,7 +485,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import diffaccel
     from diffaccel.loading import load_model
-    from diffaccel.media import check_output_path, save_image, save_video
+    from diffaccel.media import check_output_path, pipeline_samples, save_image, save_video
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = args.config if args.config else (args.preset or "fast")
@@ -527,7 +527,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     result = pipe(**kwargs)
-    frames = np.asarray(result.frames[0]) if video else np.asarray(result.images[:1])
+    samples = pipeline_samples(result, video)
+    frames = samples[0] if video else samples[:1]
     generated = time.perf_counter() - start
     if upscaler is not None:
         frames = upscale_frames(upscaler, frames, args.upscale_steps, args.seed, share_noise=video)

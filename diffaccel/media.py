@@ -19,6 +19,18 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     return (np.clip(np.nan_to_num(array), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def pipeline_samples(result, is_video: bool | None = None) -> np.ndarray:
+    """The samples a pipeline call returned, one per prompt: ``frames`` of a video pipeline, ``images`` of an
+    image one (Kandinsky 5's image pipeline names the field ``image``). ``is_video=None`` takes whichever the
+    output has, frames first."""
+    names = {True: ("frames",), False: ("images", "image"), None: ("frames", "images", "image")}[is_video]
+    for name in names:
+        value = getattr(result, name, None)
+        if value is not None:
+            return np.asarray(value)
+    raise ValueError(f"{type(result).__name__} holds none of {list(names)}: not a pipeline output this tool reads.")
+
+
 def check_output_path(path: str | Path, is_video: bool) -> Path:
     """Refuse a file type the pipeline cannot produce, before any generation work."""
     path = Path(path)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import diffaccel
+from diffaccel.media import pipeline_samples
 
 
 @dataclass
@@ -80,7 +81,7 @@ class PeakMemory:
 def _call(pipe, prompt: str, seed: int, call_kwargs: dict) -> np.ndarray:
     generator = torch.Generator("cpu").manual_seed(seed)
     result = pipe(prompt, generator=generator, output_type="np", **call_kwargs)
-    return np.asarray(result.frames if hasattr(result, "frames") else result.images)[0]
+    return pipeline_samples(result)[0]
 
 
 def run_bench(

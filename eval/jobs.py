@@ -15,6 +15,7 @@ import numpy as np
 import diffaccel
 from diffaccel.loading import load_model, read_prompts
 from diffaccel.lora import parse_loras
+from diffaccel.media import pipeline_samples
 
 from . import metrics
 from .samples import SampleJob, generate_samples, list_samples, load_samples
@@ -140,7 +141,7 @@ def _generate_all(pipe, prompts, seeds, call_kwargs) -> np.ndarray:
     out = []
     for prompt, seed in zip(prompts, seeds):
         result = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call_kwargs)
-        out.append(np.asarray(result.frames if hasattr(result, "frames") else result.images)[0])
+        out.append(pipeline_samples(result)[0])
     return np.stack(out)
 
 

@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from diffaccel.media import pipeline_samples
+
 MANIFEST = "manifest.json"
 
 
@@ -132,7 +134,7 @@ def generate_samples(
         prompts = [job.prompts[i] for i in chunk]
         generators = [torch.Generator("cpu").manual_seed(job.seeds[i]) for i in chunk]
         result = pipe(prompts, generator=generators, output_type="np", **job.call_kwargs)
-        samples = np.asarray(result.frames if job.is_video else result.images)
+        samples = pipeline_samples(result, job.is_video)
         for i, sample in zip(chunk, samples):
             write_sample(folder / job.file_for(job.seeds[i]), sample)
         bar.update(len(chunk))

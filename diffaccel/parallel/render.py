@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from diffaccel.media import pipeline_samples
+
 from .items import WorkItem
 from .job import FarmJob
 from .manifest import ManifestRow, ManifestWriter, utc_now
@@ -147,7 +149,7 @@ class Renderer:
         result = self.pipe(prompt=prompts if len(items) > 1 else prompts[0],
                            generator=generators if len(items) > 1 else generators[0], output_type="np", **kwargs)
         share = (time.perf_counter() - start) / len(items)
-        samples = np.asarray(result.frames if self.is_video else result.images)
+        samples = pipeline_samples(result, self.is_video)
         if len(samples) != len(items):
             raise RuntimeError(f"{type(self.pipe).__name__} returned {len(samples)} outputs for {len(items)} prompts.")
         stats = diffaccel.stats(self.pipe)
