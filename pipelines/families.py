@@ -78,6 +78,10 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
         "HiDreamImageSingleTransformerBlock",
         BlockSpec(returns=(HIDDEN,), joined_text="suffix"),
     ),
+    # Bria FIBO: FLUX.1-style blocks; before every block the model rewrites half the text channels from one
+    # SmolLM3 layer, and it joins [text, image] around each single block.
+    ("diffusers.models.transformers.transformer_bria_fibo", "BriaFiboTransformerBlock", ENCODER_THEN_HIDDEN),
+    ("diffusers.models.transformers.transformer_bria_fibo", "BriaFiboSingleTransformerBlock", JOINED_TEXT_FIRST),
     # LongCat-Image and Ovis-Image: FLUX.1-style blocks; their single-stream blocks join [text, image] inside.
     ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageTransformerBlock", ENCODER_THEN_HIDDEN),
     ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageSingleTransformerBlock", ENCODER_THEN_HIDDEN),
@@ -366,6 +370,20 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             padded_latent_tokens="max_seq",
             notes="every block gets its own Llama layer's tokens beside the text, which the model trims after it: "
                   "what that changes between blocks stays out of a cached span's residual",
+        ),
+    ),
+    (
+        "diffusers",
+        "BriaFiboTransformer2DModel",
+        FamilyAdapter(
+            name="bria_fibo",
+            pipeline_latents="flat_tokens",
+            block_lists=("transformer_blocks", "single_transformer_blocks"),
+            latent_layout="BSC",
+            cfg_layout="batched",
+            joint_text="prefix",
+            notes="the text channels the model rewrites between blocks (from its SmolLM3 layers) stay out of a "
+                  "cached span's residual",
         ),
     ),
     (

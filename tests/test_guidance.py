@@ -329,7 +329,7 @@ def test_interval_without_a_step_count_guides_every_step_and_says_so(caplog):
 # ------------------------------------------------------------------------------------------ tiny pipelines
 
 BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanimate", "allegro", "aura_flow",
-           "hidream_image"]
+           "hidream_image", "bria_fibo"]
 # Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context; HunyuanVideo 1.5 runs CFG through a
 # diffusers guider (contexts "pred_cond" / "pred_uncond").
 PER_BRANCH = ["wan", "wan_vace", "skyreels_v2", "flux", "flux2_klein", "chroma", "lumina2", "hunyuan_video15", "hunyuan_image",
@@ -356,6 +356,8 @@ def _second_half(value, full, name=None):
         return value[full // 2 :]
     if isinstance(value, dict):
         return {k: _second_half(v, full) for k, v in value.items()}
+    if isinstance(value, list):  # Bria FIBO: one text tensor per block
+        return [_second_half(v, full) for v in value]
     return value
 
 

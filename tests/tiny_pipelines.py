@@ -856,6 +856,37 @@ def hidream_image() -> TinyCase:
     return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=5.0, max_sequence_length=16)
 
 
+def bria_fibo() -> TinyCase:
+    """Bria FIBO: FLUX.1-style dual-stream blocks (return (encoder, hidden)) then single-stream blocks over [text,
+    image] that the model joins and splits around every single block; before each block the model overwrites the
+    second half of the text stream's channels with a projection of one SmolLM3 hidden layer (one per block). Latents
+    are unpatched tokens (B, H/16 * W/16, C) from a 16x Wan-2.2-style VAE (patch 2); CFG as one doubled batch,
+    unconditional first. SmolLM3 keeps its default 128256-token vocabulary: the pipeline feeds the hard-coded id
+    128000 for an empty prompt (the default negative prompt)."""
+    from diffusers import AutoencoderKLWan, BriaFiboPipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers.models.transformers.transformer_bria_fibo import BriaFiboTransformer2DModel
+    from transformers.models.smollm3.modeling_smollm3 import SmolLM3Config, SmolLM3ForCausalLM
+
+    _seed(0)
+    transformer = BriaFiboTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, text_encoder_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4],
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, in_channels=12,
+        out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+        temperal_downsample=[False, True, True],
+    ).eval()
+    _seed(0)
+    text_encoder = SmolLM3ForCausalLM(SmolLM3Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+    )).eval()
+    pipe = BriaFiboPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                            text_encoder=text_encoder, tokenizer=t5_tokenizer())
+    return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=5.0, max_sequence_length=16)
+
+
 def longcat_image() -> TinyCase:
     """LongCat-Image: FLUX.1-style dual- then single-stream blocks (both return (encoder, hidden); the single ones
     join [text, image] inside), 2x2-packed latents of 16 channels (hard-coded), CFG as two calls in cache contexts
@@ -1781,6 +1812,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "qwenimage21": qwenimage21,
     "aura_flow": aura_flow,
     "hidream_image": hidream_image,
+    "bria_fibo": bria_fibo,
     "longcat_image": longcat_image,
     "ovis_image": ovis_image,
     "hunyuandit": hunyuandit,
