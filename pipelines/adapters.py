@@ -91,6 +91,10 @@ class FamilyAdapter:
     # A denoiser attribute holding the token count that non-square latents are padded to before the blocks
     # (HiDream-I1's ``max_seq``): the latent part of its joined sequences, in place of the grid's count.
     padded_latent_tokens: str = ""
+    # Blocks at the end of a list that the methods leave alone (they always run, uncounted): (list name, config
+    # attribute holding their number). Motif-Video's last single blocks are decoder blocks that restart from the
+    # embedded input, so no cached span may reach into them.
+    uncached_tail: tuple[tuple[str, str], ...] = ()
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -99,8 +103,16 @@ class FamilyAdapter:
                              f"'cond' and 'uncond' once each.")
 
     def count_blocks(self, denoiser: torch.nn.Module) -> int:
-        """Number of blocks a full forward runs (for statistics); needs no block specs."""
-        return sum(len(getattr(denoiser, name, None) or ()) for name in self.block_lists)
+        """Number of blocks a full forward runs that the methods see (for statistics); needs no block specs."""
+        return sum(len(self._methods_blocks(denoiser, name)) for name in self.block_lists)
+
+    def _methods_blocks(self, denoiser: torch.nn.Module, list_name: str) -> list:
+        blocks = list(getattr(denoiser, list_name, None) or ())
+        for name, attribute in self.uncached_tail:
+            if name == list_name:
+                tail = int(getattr(denoiser.config, attribute, 0) or 0)
+                blocks = blocks[: len(blocks) - tail]
+        return blocks
 
     def find_blocks(self, denoiser: torch.nn.Module) -> list["BoundBlock"]:
         """The denoiser's blocks, flattened across its block lists in forward order."""
@@ -114,7 +126,7 @@ class FamilyAdapter:
                     f"{type(denoiser).__name__}.{list_name} is a {type(blocks).__name__}, not a ModuleList; "
                     f"the '{self.name}' adapter does not match this model."
                 )
-            for index, block in enumerate(blocks):
+            for index, block in enumerate(self._methods_blocks(denoiser, list_name)):
                 bound.append(BoundBlock(module=block, spec=block_spec_for(block), list_name=list_name, index=index,
                                         owner=weakref.ref(denoiser)))
         return bound

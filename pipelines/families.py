@@ -82,6 +82,8 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     # SmolLM3 layer, and it joins [text, image] around each single block.
     ("diffusers.models.transformers.transformer_bria_fibo", "BriaFiboTransformerBlock", ENCODER_THEN_HIDDEN),
     ("diffusers.models.transformers.transformer_bria_fibo", "BriaFiboSingleTransformerBlock", JOINED_TEXT_FIRST),
+    ("diffusers.models.transformers.transformer_motif_video", "MotifVideoTransformerBlock", HIDDEN_THEN_ENCODER),
+    ("diffusers.models.transformers.transformer_motif_video", "MotifVideoSingleTransformerBlock", HIDDEN_THEN_ENCODER),
     # LongCat-Image and Ovis-Image: FLUX.1-style blocks; their single-stream blocks join [text, image] inside.
     ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageTransformerBlock", ENCODER_THEN_HIDDEN),
     ("diffusers.models.transformers.transformer_longcat_image", "LongCatImageSingleTransformerBlock", ENCODER_THEN_HIDDEN),
@@ -384,6 +386,21 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             joint_text="prefix",
             notes="the text channels the model rewrites between blocks (from its SmolLM3 layers) stay out of a "
                   "cached span's residual",
+        ),
+    ),
+    (
+        "diffusers",
+        "MotifVideoTransformer3DModel",
+        FamilyAdapter(
+            name="motif_video",
+            block_lists=("transformer_blocks", "single_transformer_blocks"),
+            uncached_tail=(("single_transformer_blocks", "num_decoder_layers"),),
+            latent_layout="BCFHW",
+            cfg_layout="separate",
+            is_video=True,
+            joint_text="suffix",
+            notes="its last num_decoder_layers single blocks decode from the embedded input and always run; CFG "
+                  "through a diffusers guider (contexts pred_cond / pred_uncond)",
         ),
     ),
     (

@@ -337,3 +337,23 @@ def test_hidream_non_square_latents_split_at_the_padded_token_count():
     assert baseline.shape[1] != baseline.shape[2]
     assert stats["cache_hits"] > 0 and stats["blocks_skipped"] > 0, stats
     assert np.isfinite(out).all() and not np.array_equal(out, baseline)
+
+
+def test_motif_video_decoder_blocks_always_run():
+    """Motif-Video's last single blocks decode from a copy of the embedded input, not from the block before
+    them: they are left out of the blocks the methods see (``uncached_tail``), so a reused step still runs them
+    while the cached span before them is skipped."""
+    case, _ = case_and_baseline("motif_video")
+    decoder = case.denoiser.single_transformer_blocks[-1]
+    calls = []
+    handle = decoder.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    try:
+        diffaccel.accelerate(case.pipe, cache=EAGER_CACHE)
+        run(case, seed=0)
+        stats = diffaccel.stats(case.pipe)
+    finally:
+        handle.remove()
+        diffaccel.remove(case.pipe)
+    assert stats["blocks_skipped"] > 0
+    assert len(calls) == stats["denoiser_forwards"]
+    assert decoder not in [b.module for b in diffaccel.pipelines.adapter_for(case.denoiser).find_blocks(case.denoiser)]

@@ -333,7 +333,7 @@ BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanim
 # Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context; HunyuanVideo 1.5 runs CFG through a
 # diffusers guider (contexts "pred_cond" / "pred_uncond").
 PER_BRANCH = ["wan", "wan_vace", "skyreels_v2", "flux", "flux2_klein", "chroma", "lumina2", "hunyuan_video15", "hunyuan_image",
-              "longcat_image", "ovis_image", "cosmos", "qwenimage21", "kandinsky5"]
+              "longcat_image", "ovis_image", "cosmos", "qwenimage21", "kandinsky5", "motif_video"]
 FAMILIES = BATCHED + PER_BRANCH
 STEPS = 4
 

@@ -1689,6 +1689,47 @@ def kandinsky5() -> TinyCase:
                  num_frames=5, max_sequence_length=16)
 
 
+def _t5gemma2_encoder(hidden_size: int = 32):
+    from transformers import T5Gemma2Encoder, T5Gemma2EncoderConfig, T5Gemma2TextConfig
+
+    text_config = T5Gemma2TextConfig(
+        hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden_size,
+        vocab_size=VOCAB_SIZE, max_position_embeddings=128, head_dim=16, num_key_value_heads=2,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    text_config.dropout_rate = 0.0
+    _seed(0)
+    return T5Gemma2Encoder(T5Gemma2EncoderConfig(text_config=text_config)).eval()
+
+
+def motif_video() -> TinyCase:
+    """Motif-Video: dual-stream blocks, then single-stream blocks that join [video, text] inside each block and
+    split it again, then DDT decoder blocks (the last ``num_decoder_layers`` single blocks) that run on a copy of
+    the patch-embedded input with the encoder blocks' video tokens as their second stream; shared text cross
+    attention; CFG through a diffusers guider (``ClassifierFreeGuidance``: cache contexts pred_cond, pred_uncond).
+    The model input is [latents, zero condition latents, zero mask] (2C + 1 channels)."""
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, MotifVideoPipeline
+    from diffusers.models.transformers.transformer_motif_video import MotifVideoTransformer3DModel
+
+    _seed(0)
+    transformer = MotifVideoTransformer3DModel(
+        in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+        num_single_layers=3, num_decoder_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
+        text_embed_dim=32, rope_axes_dim=(4, 4, 4), enable_text_cross_attention_dual=True,
+        enable_text_cross_attention_single=True,
+    ).eval()
+    pipe = MotifVideoPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        vae=_wan_vae(16),
+        text_encoder=_t5gemma2_encoder(32),
+        tokenizer=t5_tokenizer(),
+        transformer=transformer,
+        guider=ClassifierFreeGuidance(guidance_scale=5.0),
+    )
+    return _case(pipe, "separate", is_video=True, negative_prompt="blurry", height=32, width=32, num_frames=9,
+                 max_sequence_length=16)
+
+
 def sd15() -> TinyCase:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -1831,6 +1872,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "allegro": allegro,
     "cosmos": cosmos,
     "kandinsky5": kandinsky5,
+    "motif_video": motif_video,
     "sd15": sd15,
     "sdxl": sdxl,
 }
