@@ -205,7 +205,8 @@ class BoundBlock:
         return self._positions[arg]
 
 
-def token_grid(adapter: "FamilyAdapter", denoiser: torch.nn.Module, latent_grid: tuple[int, ...], kwargs: dict) -> tuple[int, ...]:
+def token_grid(adapter: "FamilyAdapter", denoiser: torch.nn.Module, latent_grid: tuple[int, ...],
+               kwargs: dict) -> tuple[int, ...]:
     """The post-patchify token grid of this forward: ``(F, H, W)``, ``(H, W)`` or ``(tokens,)``."""
     config = getattr(denoiser, "config", {})
     patch = config.get("patch_size", 1) if hasattr(config, "get") else 1

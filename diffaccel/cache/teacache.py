@@ -211,8 +211,8 @@ def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tenso
                 out = norm(hidden, **extra)
             except (RuntimeError, TypeError):
                 # The block hands its norm a slice of the embedding it receives (Chroma: temb[:, :6]) or inputs
-                # it does not receive itself, so it modulates inline as far as the indicator can see: the embedding itself, as for Wan. Known
-                # from then on, so no later step tries (and fails) again.
+                # it does not receive itself, so it modulates inline as far as the indicator can see: the
+                # embedding itself, as for Wan. Known from then on, so no later step tries (and fails) again.
                 _INLINE_MODULATION.add(type(block.module))
                 return temb
             return out[0] if isinstance(out, (tuple, list)) else out

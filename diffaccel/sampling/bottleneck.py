@@ -272,8 +272,8 @@ def flux2_stage_latents(pipe, latents: torch.Tensor, size: tuple[int, int]) -> t
         return latents.permute(0, 2, 1).reshape(b, channels, *size)
     expected = pipe.transformer.config.in_channels
     if latents.dim() != 4 or latents.shape[1] * 4 != expected:
-        raise ValueError(f"bottleneck sampling: {type(pipe).__name__} returned latents of shape {tuple(latents.shape)}, "
-                         f"neither (B, h·w, {expected}) tokens nor (B, {expected // 4}, 2h, 2w) latents.")
+        raise ValueError(f"bottleneck sampling: {type(pipe).__name__} returned latents of shape "
+                         f"{tuple(latents.shape)}, neither (B, h·w, {expected}) tokens nor (B, {expected // 4}, 2h, 2w) latents.")
     patched = patchify_2x2(latents)
     bn = pipe.vae.bn
     mean = bn.running_mean.view(1, -1, 1, 1).to(patched)
@@ -492,7 +492,8 @@ class BottleneckHandler:
                              f"start level is not defined.")
         layout = pipeline_layout(target.adapter)
         if layout not in PIPELINE_LAYOUTS:
-            form = {"CFHW_LIST": "a list of per-image tensors", "BFHWC": "channels-last latents"}.get(layout, "packed tokens")
+            forms = {"CFHW_LIST": "a list of per-image tensors", "BFHWC": "channels-last latents"}
+            form = forms.get(layout, "packed tokens")
             raise ValueError(
                 f"sampling='bottleneck' cannot serve {name} yet: it hands its latents over as {form} "
                 f"({layout}) in a packing this version does not resize (it resizes {', '.join(PIPELINE_LAYOUTS)})."
