@@ -132,6 +132,32 @@ def test_packed_and_listed_latents_are_resized_in_the_pipelines_own_layout(name)
     assert np.array_equal(run(case, seed=0, **size), baseline)
 
 
+def test_kandinsky5_channels_last_latents_get_their_condition_channels_back():
+    """Kandinsky 5 hands channels-last (B, F, H, W, C) latents over, and its model takes [latents, visual
+    condition, mask] channels that its latent output leaves out: between stages the latents are resized as
+    channels-last and the (zero, for text-to-video) condition channels are put back after the re-noising."""
+    case = build("kandinsky5")
+    size = dict(height=128, width=128, num_inference_steps=6)
+    baseline = run(case, seed=0, **size)
+    inputs = []
+    hook = case.denoiser.register_forward_pre_hook(
+        lambda m, a, k: inputs.append(k.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+    try:
+        diffaccel.accelerate(case.pipe, sampling=BottleneckConfig(stage_steps=(1, 3, 2)))
+        out = run(case, seed=0, **size)
+    finally:
+        hook.remove()
+    channels = case.denoiser.config.in_visual_dim
+    first = inputs[::2]  # cond, uncond per step
+    assert [tuple(x.shape[2:4]) for x in first] == [(16, 16)] + [(8, 8)] * 3 + [(16, 16)] * 2
+    assert all(x.shape[-1] == 2 * channels + 1 for x in first)
+    assert all(torch.count_nonzero(x[..., channels:]) == 0 for x in first[1:])  # the condition stays zero
+    assert np.isfinite(out).all() and diffaccel.stats(case.pipe)["bottleneck_stages"] == 3
+    diffaccel.accelerate(case.pipe, sampling=BottleneckConfig(scales=(1.0,), step_fractions=(1.0,), strengths=(1.0,)))
+    assert np.array_equal(run(case, seed=0, **size), baseline)
+    diffaccel.remove(case.pipe)
+
+
 def test_flux2_stage_output_becomes_its_latents_input():
     """[klein] returns unpatchified, de-normalised latents and [dev] packed tokens; both come back as the
     normalised, patchified latents its ``latents=`` takes (the pipeline's own helpers define the forms)."""

@@ -327,3 +327,20 @@ def test_a_wrapped_block_s_attention_is_found_inside_the_wrapper():
     out, stats = _accelerated(case, size, BlockSparseAttentionConfig(**KEEP_ALL))
     assert stats["attention_sparse_calls"] > 0 and stats["attention_blocks_kept"] == stats["attention_blocks_total"]
     np.testing.assert_allclose(out, baseline, atol=2e-4)
+
+
+def test_kandinsky5_self_attention_is_made_sparse_unless_it_runs_its_own():
+    """Kandinsky 5's visual blocks name their attention ``self_attention``: keeping every block reproduces dense
+    attention. Configured with its own NABLA sparse attention, the model is refused by name."""
+    case = build("kandinsky5")
+    size = dict(height=128, width=128)
+    baseline = run(case, **size)
+    out, stats = _accelerated(case, size, BlockSparseAttentionConfig(**KEEP_ALL))
+    assert stats["attention_sparse_calls"] > 0 and stats["attention_blocks_kept"] == stats["attention_blocks_total"]
+    np.testing.assert_allclose(out, baseline, atol=2e-4)
+    case.denoiser.attention_type = "nabla"
+    try:
+        with pytest.raises(ValueError, match="attention_type='nabla', its own block-sparse attention"):
+            diffaccel.accelerate(case.pipe, attention="block_sparse")
+    finally:
+        case.denoiser.attention_type = "regular"

@@ -48,7 +48,7 @@ logger = logging.getLogger("diffaccel")
 STEP_HOOK = "diffaccel.sparse_attention.step"
 ATTENTION_HOOK = "diffaccel.sparse_attention"
 CONTROLLER_ATTRIBUTE = "_diffaccel_sparse_attention"  # on the runtime: the installed controller
-SELF_ATTENTION_NAMES = ("attn1", "attn")
+SELF_ATTENTION_NAMES = ("attn1", "attn", "self_attention")  # the last: Kandinsky 5
 
 
 @dataclass(frozen=True)
@@ -464,6 +464,11 @@ class _SparseAttentionHandler:
             raise ValueError(
                 f"{label} needs a transformer denoiser with self-attention blocks; {target.denoiser_name} "
                 f"({target.adapter.name}) is a UNet, whose attention sequences are short."
+            )
+        if getattr(target.denoiser, "attention_type", None) == "nabla":
+            raise ValueError(
+                f"{label} cannot apply to {target.denoiser_name}: it is configured with attention_type='nabla', its "
+                f"own block-sparse attention (flex attention over fractal-ordered tokens)."
             )
         modules = self_attention_modules(target)
         if not modules:

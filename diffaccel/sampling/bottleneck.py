@@ -221,15 +221,15 @@ def unpack_video_tokens(tokens: torch.Tensor, height: int, width: int, patch: in
 
 # ------------------------------------------------------------------------------------------ the wrapper
 
-# Pipelines that rescale every call to the area of their default size, keeping the aspect ratio (HiDream-I1):
-# a stage cannot ask them for fewer tokens.
-FIXED_AREA_PIPELINES = frozenset({"HiDreamImagePipeline"})
+# Pipelines that rescale every call to the area of their default size, keeping the aspect ratio (HiDream-I1),
+# or take a fixed list of sizes (Kandinsky 5's image pipeline): a stage cannot ask them for fewer tokens.
+FIXED_AREA_PIPELINES = frozenset({"HiDreamImagePipeline", "Kandinsky5T2IPipeline"})
 
 # Call arguments that condition on an image or video; such calls run at full resolution.
 CONDITION_ARGS = ("image", "video", "conditions", "control_image", "mask_image", "image_latents", "last_image",
                   "reference_images", "control_video")
 
-PIPELINE_LAYOUTS = ("BCHW", "BCFHW", "packed2x2", "patchified2x2", "packed_video", "flat_tokens")
+PIPELINE_LAYOUTS = ("BCHW", "BCFHW", "BFHWC", "packed2x2", "patchified2x2", "packed_video", "flat_tokens")
 
 
 @dataclass
@@ -297,6 +297,8 @@ def resize_pipeline_latents(latents: torch.Tensor, geometry: _Geometry, current:
         b, _, channels = latents.shape
         image = latents.transpose(1, 2).reshape(b, channels, *current)
         return resize_latents(image, size, mode).reshape(b, channels, size[0] * size[1]).transpose(1, 2)
+    if geometry.layout == "BFHWC":  # channels last (Kandinsky 5)
+        return resize_latents(latents.permute(0, 4, 1, 2, 3), size, mode).permute(0, 2, 3, 4, 1).contiguous()
     if geometry.layout == "packed_video":
         video = unpack_video_tokens(latents, *current, geometry.patch, geometry.patch_t)
         return pack_video_tokens(resize_latents(video, size, mode), geometry.patch, geometry.patch_t)
@@ -363,6 +365,15 @@ def _set_stage_schedule(scheduler, start: float, steps: int):
         scheduler.set_timesteps = current
 
     return undo
+
+
+def with_visual_condition(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Kandinsky 5's ``latents=`` with its visual-condition channels: a model built with ``visual_cond`` takes
+    [latents, condition, mask] channels-last, which its latent output leaves out; text-to-video has them zero."""
+    if getattr(pipe.transformer, "visual_cond", False):
+        zeros = torch.zeros_like(latents)
+        return torch.cat([latents, zeros, zeros[..., :1]], dim=-1)
+    return latents
 
 
 def _renoises_itself(pipe) -> bool:
@@ -437,7 +448,10 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
                     extra["audio_latents"] = audio
             else:
                 latents = renoise(latents, strength, generator)
-        stage = dict(kwargs, height=stage_h, width=stage_w, num_inference_steps=n, latents=latents,
+        stage_input = latents
+        if latents is not None and k > 0 and geometry.layout == "BFHWC":
+            stage_input = with_visual_condition(pipe, latents)
+        stage = dict(kwargs, height=stage_h, width=stage_w, num_inference_steps=n, latents=stage_input,
                      output_type=output_type if last else "latent", return_dict=True if not last else return_dict,
                      **extra)
         # One stage has nothing to line up with: it runs the pipeline's own schedule (the plain call).
@@ -500,7 +514,8 @@ class BottleneckHandler:
             )
         if any(cls.__name__ in FIXED_AREA_PIPELINES for cls in type(pipe).__mro__):
             raise ValueError(f"sampling='bottleneck' cannot serve {name}: it rescales every call to the area of its "
-                             f"default size (keeping the aspect ratio), so a stage cannot run at a lower resolution.")
+                             f"default size (keeping the aspect ratio) or to a fixed list of sizes, so a stage cannot "
+                             f"run at a lower resolution.")
         params = inspect.signature(type(pipe).__call__).parameters
         missing = [p for p in ("latents", "height", "width", "output_type", "num_inference_steps") if p not in params]
         if missing:
