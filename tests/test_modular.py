@@ -1,5 +1,5 @@
-"""diffusers' modular pipelines: their guider runs the CFG branches as separate calls (here without a cache
-context, as the modular Z-Image denoise step does), and diffaccel accelerates them like the classic ones."""
+"""diffusers' modular pipelines (Z-Image, Wan): their guider runs the CFG branches as separate calls (without a
+cache context, as the modular Z-Image denoise step does), and diffaccel accelerates them like the classic ones."""
 
 import numpy as np
 import pytest
@@ -13,28 +13,40 @@ EAGER_CACHE = BlockCacheConfig(threshold=1e9, warmup_steps=1, max_consecutive=No
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def modular_z_image():
+def _modular(name: str):
+    """A modular pipeline of the family ``name`` with the tiny classic pipeline's components and a CFG guider."""
     from diffusers import ClassifierFreeGuidance
+    from diffusers.modular_pipelines import WanBlocks
     from diffusers.modular_pipelines.z_image.modular_blocks_z_image import ZImageAutoBlocks
 
-    classic = build("z_image").pipe
-    pipe = ZImageAutoBlocks().init_pipeline()
+    classic = build(name).pipe
+    pipe = {"z_image": ZImageAutoBlocks, "wan": WanBlocks}[name]().init_pipeline()
     pipe.update_components(transformer=classic.transformer, vae=classic.vae, text_encoder=classic.text_encoder,
                            tokenizer=classic.tokenizer, scheduler=classic.scheduler,
                            guider=ClassifierFreeGuidance(guidance_scale=3.0))
     pipe.set_progress_bar_config(disable=True)
+    pipe._tiny_family = name
     return pipe
 
 
+@pytest.fixture(scope="module", params=["z_image", "wan"])
+def modular_pipe(request):
+    """The modular Z-Image pipeline, and the modular Wan one (whose text step needs ftfy, in the test extra)."""
+    return _modular(request.param)
+
+
 def generate(pipe) -> np.ndarray:
-    images = pipe(prompt="a red circle", negative_prompt="blurry", num_inference_steps=STEPS, height=64, width=64,
-                  generator=torch.Generator().manual_seed(0), output="images")
+    if pipe._tiny_family == "wan":
+        videos = pipe(prompt="a red circle", negative_prompt="blurry", num_inference_steps=STEPS, height=32,
+                      width=32, num_frames=5, generator=torch.Generator().manual_seed(0), output="videos")
+        return np.asarray(videos)
+    images = pipe(prompt="a red circle", negative_prompt="blurry", num_inference_steps=STEPS, height=64,
+                  width=64, generator=torch.Generator().manual_seed(0), output="images")
     return np.asarray(images[0])
 
 
-def test_a_modular_pipeline_is_accelerated_with_a_branch_state_each(modular_z_image):
-    pipe = modular_z_image
+def test_a_modular_pipeline_is_accelerated_with_a_branch_state_each(modular_pipe):
+    pipe = modular_pipe
     baseline = generate(pipe)
     diffaccel.accelerate(pipe, "off")
     assert np.array_equal(generate(pipe), baseline)
@@ -48,16 +60,20 @@ def test_a_modular_pipeline_is_accelerated_with_a_branch_state_each(modular_z_im
     assert np.array_equal(generate(pipe), baseline)
 
 
-def test_adaptive_guidance_skips_the_guiders_unconditional_call(modular_z_image):
+def test_adaptive_guidance_skips_the_guiders_unconditional_call(modular_pipe):
     from diffusers import ClassifierFreeGuidance
 
-    pipe = modular_z_image
-    guider = pipe.guider
-    pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=1.0))
-    unguided = generate(pipe)
-    pipe.update_components(guider=guider)
+    pipe = modular_pipe
+    unguided = None
+    if pipe._tiny_family != "wan":  # diffusers 0.42.1's modular Wan text step fails at guidance 1 (unbound negative)
+        guider = pipe.guider
+        pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=1.0))
+        unguided = generate(pipe)
+        pipe.update_components(guider=guider)
     diffaccel.accelerate(pipe, guidance=AdaptiveGuidanceConfig(threshold=-1.0))
-    assert np.array_equal(generate(pipe), unguided)
+    out = generate(pipe)
+    if unguided is not None:
+        assert np.array_equal(out, unguided)
     assert diffaccel.stats(pipe)["denoiser_calls_by_branch"] == {"cond": STEPS}
     diffaccel.accelerate(pipe, guidance=AdaptiveGuidanceConfig(threshold=-1.0, min_steps=2))
     generate(pipe)
