@@ -318,29 +318,22 @@ def test_a_kv_cache_of_the_text_runs_dense_and_says_so(caplog):
     np.testing.assert_array_equal(out, baseline)
 
 
-def test_a_wrapped_block_s_attention_is_found_inside_the_wrapper():
-    """HiDream-I1's block lists hold HiDreamBlock wrappers: the self-attention is the held block's attn1. Keeping
-    every block reproduces dense attention; the calls are sparse ones, over [image, text] joined as a suffix."""
-    case = build("hidream_image")
-    size = dict(height=256, width=256)
+@pytest.mark.parametrize("name, size", [("hidream_image", 256), ("kandinsky5", 128)])
+def test_attention_found_where_a_family_keeps_it_reproduces_dense_with_every_block_kept(name, size):
+    """HiDream-I1's block lists hold HiDreamBlock wrappers, whose held block has the attn1 ([image, text] joined
+    as a suffix); Kandinsky 5's visual blocks name theirs ``self_attention``. Keeping every block, the sparse
+    calls reproduce dense attention."""
+    case = build(name)
+    size = dict(height=size, width=size)
     baseline = run(case, **size)
     out, stats = _accelerated(case, size, BlockSparseAttentionConfig(**KEEP_ALL))
     assert stats["attention_sparse_calls"] > 0 and stats["attention_blocks_kept"] == stats["attention_blocks_total"]
     np.testing.assert_allclose(out, baseline, atol=2e-4)
 
 
-def test_kandinsky5_self_attention_is_made_sparse_unless_it_runs_its_own():
-    """Kandinsky 5's visual blocks name their attention ``self_attention``: keeping every block reproduces dense
-    attention. Configured with its own NABLA sparse attention, the model is refused by name."""
+def test_a_model_running_its_own_sparse_attention_is_refused_by_name():
+    """Kandinsky 5 configured with its NABLA attention (flex attention over fractal-ordered tokens)."""
     case = build("kandinsky5")
-    size = dict(height=128, width=128)
-    baseline = run(case, **size)
-    out, stats = _accelerated(case, size, BlockSparseAttentionConfig(**KEEP_ALL))
-    assert stats["attention_sparse_calls"] > 0 and stats["attention_blocks_kept"] == stats["attention_blocks_total"]
-    np.testing.assert_allclose(out, baseline, atol=2e-4)
     case.denoiser.attention_type = "nabla"
-    try:
-        with pytest.raises(ValueError, match="attention_type='nabla', its own block-sparse attention"):
-            diffaccel.accelerate(case.pipe, attention="block_sparse")
-    finally:
-        case.denoiser.attention_type = "regular"
+    with pytest.raises(ValueError, match="attention_type='nabla', its own block-sparse attention"):
+        diffaccel.accelerate(case.pipe, attention="block_sparse")
