@@ -33,14 +33,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# How pipelines name their frame count (Sana-Video: frames; Latte: video_length).
+FRAME_COUNT_ARGS = ("num_frames", "frames", "video_length")
+
+
 def is_video_pipeline(pipe: Any) -> bool:
+    """A video pipeline: its family makes videos and its call takes a frame count. The image pipelines of video
+    families (Cosmos Predict 2 and Kandinsky 5 text-to-image, on their 3D transformers) take none; a pipeline
+    whose call takes any keyword (a modular one) goes by its family."""
     from diffaccel.api import find_denoiser
     from diffaccel.pipelines import adapter_for
 
+    params = inspect.signature(pipe.__call__).parameters
+    takes_frames = any(name in params for name in FRAME_COUNT_ARGS)
+    open_call = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     try:
-        return adapter_for(find_denoiser(pipe)).is_video
+        family_video = adapter_for(find_denoiser(pipe)).is_video
     except ValueError:
-        return "num_frames" in inspect.signature(pipe.__call__).parameters
+        return takes_frames
+    return family_video and (takes_frames or open_call)
 
 
 def load_model(spec: str | None, device: str | None = None, dtype: str = "auto", video: bool = False,

@@ -357,3 +357,15 @@ def test_motif_video_decoder_blocks_always_run():
     assert stats["blocks_skipped"] > 0
     assert len(calls) == stats["denoiser_forwards"]
     assert decoder not in [b.module for b in diffaccel.pipelines.adapter_for(case.denoiser).find_blocks(case.denoiser)]
+
+
+def test_the_image_pipeline_of_a_video_family_makes_images():
+    """Cosmos Predict 2's text-to-image pipeline runs the same 3D transformer as its video pipelines: the CLI,
+    farm and evaluation must treat it as an image pipeline (its call takes no frame count), not write videos."""
+    from diffaccel.loading import is_video_pipeline
+    from tiny_pipelines import cosmos2_t2i
+
+    case = cosmos2_t2i()
+    assert not is_video_pipeline(case.pipe) and run(case).ndim == 4
+    assert is_video_pipeline(build("cosmos").pipe) and is_video_pipeline(build("sana_video").pipe)  # `frames`
+    assert not is_video_pipeline(build("flux").pipe)

@@ -1730,6 +1730,30 @@ def motif_video() -> TinyCase:
                  max_sequence_length=16)
 
 
+def cosmos2_t2i() -> TinyCase:
+    """Cosmos Predict 2 text-to-image (an image case of the same ``CosmosTransformer3DModel``, one latent frame):
+    T5 text features, EDM-style preconditioning around the transformer inside the pipeline, CFG as two calls,
+    conditional FIRST, no cache context."""
+    from diffusers import Cosmos2TextToImagePipeline, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+
+    _seed(0)
+    transformer = CosmosTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=3, mlp_ratio=2,
+        text_embed_dim=32, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(1.0, 4.0, 4.0),
+        concat_padding_mask=False, extra_pos_embed_type=None,
+    ).eval()
+    pipe = Cosmos2TextToImagePipeline(
+        text_encoder=t5_encoder(d_model=32),
+        tokenizer=t5_tokenizer(),
+        transformer=transformer,
+        vae=_wan_vae(16),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
+        safety_checker=DummyCosmosSafetyChecker(),
+    )
+    return _case(pipe, "separate", negative_prompt="blurry", guidance_scale=4.0, height=32, width=32,
+                 max_sequence_length=16)
+
+
 def sd15() -> TinyCase:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
