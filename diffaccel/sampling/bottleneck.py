@@ -376,10 +376,11 @@ def with_visual_condition(pipe, latents: torch.Tensor) -> torch.Tensor:
     return latents
 
 
-def _renoises_itself(pipe) -> bool:
-    """Pipelines whose ``noise_scale`` re-noises given latents in their own normalised space (LTX-2, whose
-    ``latents=`` and latent output are de-normalised (B, C, F, H, W) video latents, with audio latents beside)."""
-    return "noise_scale" in inspect.signature(type(pipe).__call__).parameters
+def _renoises_itself(pipe, geometry: _Geometry) -> bool:
+    """Pipelines whose ``noise_scale`` re-noises given latents in their own normalised space: LTX-2, whose
+    ``latents=`` and latent output are de-normalised (B, C, F, H, W) video latents, with audio latents beside.
+    (LTX-Video's condition pipeline also takes a ``noise_scale``, over its packed tokens: re-noised here.)"""
+    return geometry.layout == "BCFHW" and "noise_scale" in inspect.signature(type(pipe).__call__).parameters
 
 
 def _latents_of(output) -> torch.Tensor:
@@ -442,7 +443,7 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
             size = (stage_h // geometry.spatial_factor, stage_w // geometry.spatial_factor)
             previous = (sizes[k - 1][0] // geometry.spatial_factor, sizes[k - 1][1] // geometry.spatial_factor)
             latents = resize_pipeline_latents(latents, geometry, previous, size, config.resample)
-            if _renoises_itself(pipe):  # and its audio latents, to the same level
+            if _renoises_itself(pipe, geometry):  # and its audio latents, to the same level
                 extra = {"noise_scale": strength}
                 if audio is not None:
                     extra["audio_latents"] = audio
