@@ -42,6 +42,8 @@ SCENARIOS = [
     # Cosmos calls cond then uncond without a cache context; HiDream-I1's Llama states hold the batch in dim 1.
     dict(name="cfg_cosmos_cache", family="cosmos", config={"parallel": {"method": "cfg"}, "cache": CACHE}),
     dict(name="cfg_hidream", family="hidream_image", config={"parallel": {"method": "cfg"}}),
+    # Qwen-Image 2.1: each branch keeps its own KV cache of its text; the cache skips on the image tokens.
+    dict(name="cfg_qwenimage21_cache", family="qwenimage21", config={"parallel": {"method": "cfg"}, "cache": CACHE}),
     dict(name="wrong_degrees", family="wan", config={"parallel": {"method": "hybrid", "cfg": 2, "ulysses": 2}}),
     dict(name="no_plan", family="pixart_alpha", config={"parallel": {"method": "context"}}),
 ]
@@ -185,6 +187,7 @@ def test_parallel_runs_compose_with_offloading(torchrun_results, parallel, famil
     ("cfg_chroma_cache", "chroma", {"cache": CACHE}),
     ("cfg_hunyuan_video15", "hunyuan_video15", {}),
     ("cfg_cosmos_cache", "cosmos", {"cache": CACHE}),
+    ("cfg_qwenimage21_cache", "qwenimage21", {"cache": CACHE}),
 ])
 def test_cfg_parallel_on_branches_told_by_call_order_or_a_guider(torchrun_results, name, family, config):
     out, stats = _result(torchrun_results, name)
