@@ -405,6 +405,19 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
     ),
     (
         "diffusers",
+        "LatteTransformer3DModel",
+        FamilyAdapter(
+            name="latte",
+            block_lists=("transformer_blocks",),
+            latent_layout="BCFHW",
+            cfg_layout="batched",
+            is_video=True,
+            notes="the spatial blocks are cached; the temporal blocks run between them, interleaved and over "
+                  "re-laid tokens, always: what they add stays out of a cached span's residual",
+        ),
+    ),
+    (
+        "diffusers",
         "LongCatImageTransformer2DModel",
         FamilyAdapter(
             name="longcat_image",

@@ -329,7 +329,7 @@ def test_interval_without_a_step_count_guides_every_step_and_says_so(caplog):
 # ------------------------------------------------------------------------------------------ tiny pipelines
 
 BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanimate", "allegro", "aura_flow",
-           "hidream_image", "bria_fibo"]
+           "hidream_image", "bria_fibo", "latte"]
 # Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context; HunyuanVideo 1.5 runs CFG through a
 # diffusers guider (contexts "pred_cond" / "pred_uncond").
 PER_BRANCH = ["wan", "wan_vace", "skyreels_v2", "flux", "flux2_klein", "chroma", "lumina2", "hunyuan_video15", "hunyuan_image",
@@ -453,8 +453,9 @@ def test_skipped_branches_are_not_executed(name):
     finally:
         handle.remove()
         diffaccel.remove(case.pipe)
+    unit = batches[-1]  # one branch's batch as the block sees it (Latte's spatial blocks: one sample per frame)
     if name in BATCHED:  # one forward per step; the doubled batch only at step 0
-        assert batches == [2, 1, 1, 1]
+        assert [b // unit for b in batches] == [2, 1, 1, 1] and unit == (4 if name == "latte" else 1)
     else:  # cond + uncond at step 0, then cond alone
         assert batches == [1] * (STEPS + 1)
 

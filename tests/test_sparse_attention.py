@@ -318,11 +318,11 @@ def test_a_kv_cache_of_the_text_runs_dense_and_says_so(caplog):
     np.testing.assert_array_equal(out, baseline)
 
 
-@pytest.mark.parametrize("name, size", [("hidream_image", 256), ("kandinsky5", 128)])
+@pytest.mark.parametrize("name, size", [("hidream_image", 256), ("kandinsky5", 128), ("latte", 128)])
 def test_attention_found_where_a_family_keeps_it_reproduces_dense_with_every_block_kept(name, size):
     """HiDream-I1's block lists hold HiDreamBlock wrappers, whose held block has the attn1 ([image, text] joined
-    as a suffix); Kandinsky 5's visual blocks name theirs ``self_attention``. Keeping every block, the sparse
-    calls reproduce dense attention."""
+    as a suffix); Kandinsky 5's visual blocks name theirs ``self_attention``; Latte's spatial blocks attend
+    within each frame (the frame's grid). Keeping every block, the sparse calls reproduce dense attention."""
     case = build(name)
     size = dict(height=size, width=size)
     baseline = run(case, **size)

@@ -1754,6 +1754,32 @@ def cosmos2_t2i() -> TinyCase:
                  max_sequence_length=16)
 
 
+def latte() -> TinyCase:
+    """Latte: spatial ``transformer_blocks`` (over each frame's patches, batch B*F, with text cross attention) and
+    temporal ``temporal_transformer_blocks`` (over each patch's frames, batch B*N) run INTERLEAVED, spatial i then
+    temporal i, the model re-laying the tokens between them (and adding its temporal position embedding before
+    temporal block 0); both lists are ``BasicTransformerBlock``. Learned sigma (8 output channels for 4 latent
+    ones). CFG as one doubled batch, unconditional first, no cache context. Image VAE, decoded frame by frame."""
+    from diffusers import DDIMScheduler, LattePipeline, LatteTransformer3DModel
+
+    _seed(0)
+    transformer = LatteTransformer3DModel(
+        sample_size=8, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        video_length=4,  # the temporal position embedding has exactly this many frames: the call must match it
+    ).eval()
+    pipe = LattePipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=t5_encoder(d_model=32),
+        vae=kl_vae(latent_channels=4),
+        transformer=transformer,
+        scheduler=DDIMScheduler(),
+    )
+    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=7.5, height=64, width=64,
+                 video_length=4, clean_caption=False)
+
+
 def sd15() -> TinyCase:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -1897,6 +1923,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "cosmos": cosmos,
     "kandinsky5": kandinsky5,
     "motif_video": motif_video,
+    "latte": latte,
     "sd15": sd15,
     "sdxl": sdxl,
 }

@@ -260,6 +260,8 @@ class SparseAttentionController:
 
     def layout_for(self, length: int) -> TokenLayout | None:
         grid = self.plan.grid
+        if len(grid) == 3 and length == math.prod(grid[1:]):  # attention within each frame (Latte's spatial blocks)
+            grid = grid[1:]
         text = length - math.prod(grid)
         if text < 0 or (text > 0 and self.adapter.joint_text == "none"):
             return None
@@ -295,6 +297,9 @@ class SparseAttentionController:
         batch, heads, length, _ = q.shape
         layout = self.layout_for(length)
         if layout is None:
+            self._note_once("layout", f"self-attention over {length} tokens fits neither this forward's token grid "
+                                      f"{self.plan.grid} nor one frame of it; such a call runs dense.")
+            self.runtime.count("attention_dense_layout")
             return None
         bs = self.config.block_size
         if num_blocks(length, bs) < 3:
