@@ -60,8 +60,10 @@ def test_schedule_maths():
     assert torch.equal(renoise(x0, 0.0, g), x0)
 
 
-@pytest.mark.parametrize("name", ["sd3", "wan", "hunyuan_video", "easyanimate"])
+@pytest.mark.parametrize("name", ["sd3", "wan", "hunyuan_video", "easyanimate", "skyreels_v2"])
 def test_stages_run_at_their_sizes_and_levels_and_remove_restores(name):
+    """SkyReels V2 samples with UniPC on flow sigmas (Wan's own pipelines ship that scheduler too): a solver
+    that takes a sigma schedule runs each stage's ramp like FlowMatchEuler."""
     case = build(name)
     baseline = run(case, seed=0, num_inference_steps=6)
     shapes, starts = [], []
@@ -81,7 +83,8 @@ def test_stages_run_at_their_sizes_and_levels_and_remove_restores(name):
     out = run(case, seed=0, num_inference_steps=6)
     hook.remove()
     assert out.shape == baseline.shape and np.isfinite(out).all()
-    assert starts == pytest.approx([1.0, 0.8, 0.6]), "each stage starts at its strength"
+    # each stage starts at its strength (UniPC starts its first at 1 - 1e-6)
+    assert starts == pytest.approx([1.0, 0.8, 0.6], abs=1e-5)
     full = shapes[0]
     half = tuple(s // 2 for s in full)
     assert half in shapes and shapes[-1] == full, shapes

@@ -23,24 +23,24 @@ def test_turbo_composes_all_three_methods_on_a_flow_matching_transformer():
 
 
 def test_turbo_leaves_out_what_a_pipeline_cannot_take_and_says_why(caplog):
-    case = build("skyreels_v2")  # a UniPC scheduler: the bottleneck's re-noising is defined for flow matching
+    case = build("pixart_sigma")  # a DPM-Solver scheduler on noise levels: the bottleneck is defined for flow matching
     with caplog.at_level("WARNING", logger="diffaccel"):
         diffaccel.accelerate(case.pipe, "turbo")
     config = diffaccel.config_of(case.pipe)
     assert config.sampling is None and config.cache is not None and config.guidance is not None
     messages = [r.getMessage() for r in caplog.records]
-    assert any("running without sampling=bottleneck (optional in this config) on SkyReelsV2Pipeline" in m
-               and "UniPCMultistepScheduler" in m for m in messages)
+    assert any("running without sampling=bottleneck (optional in this config) on PixArtSigmaPipeline" in m
+               and "DPMSolverMultistepScheduler" in m for m in messages)
     run(case, seed=0, num_inference_steps=4)
     assert diffaccel.stats(case.pipe)["methods"] == ["cache=block", "guidance=adaptive"]
 
 
 def test_a_method_asked_for_by_name_or_config_still_raises(tmp_path):
-    case = build("skyreels_v2")
-    with pytest.raises(ValueError, match="sampling='bottleneck' cannot serve .*UniPCMultistepScheduler"):
+    case = build("pixart_sigma")
+    with pytest.raises(ValueError, match="sampling='bottleneck' cannot serve .*DPMSolverMultistepScheduler"):
         diffaccel.accelerate(case.pipe, "turbo", sampling="bottleneck")
     own = diffaccel.AccelConfig(cache="block", sampling="bottleneck")
-    with pytest.raises(ValueError, match="sampling='bottleneck' cannot serve .*UniPCMultistepScheduler"):
+    with pytest.raises(ValueError, match="sampling='bottleneck' cannot serve .*DPMSolverMultistepScheduler"):
         diffaccel.accelerate(case.pipe, own)
     # the preset's marking survives a config file, so the CLI, the bench and the farm keep the fallback
     path = tmp_path / "turbo.yaml"

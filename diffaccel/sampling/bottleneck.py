@@ -12,7 +12,8 @@ that stage's size (so dynamic shifting is recomputed per resolution): an unshift
 whose shifted value is ``s`` down to the stage's last step, shifted by the scheduler as usual.
 
 Caches and guidance keep working inside stages and reset at each transition: every stage is a new
-pipeline call to the step runtime. Supported: flow-matching pipelines (``FlowMatchEulerDiscreteScheduler``)
+pipeline call to the step runtime. Supported: flow-matching pipelines (``FlowMatchEulerDiscreteScheduler``, or
+a solver on flow sigmas that takes a sigma schedule: ``UniPCMultistepScheduler(use_flow_sigmas=True)``)
 whose latents are images or videos (CogView4, SD3, Sana, Wan, HunyuanVideo, the reference models), 2x2-packed
 tokens (Flux, Chroma, Qwen-Image), 2x2-patchified latents (FLUX.2), flat latent tokens (Qwen-Image 2.1) or
 video patch tokens (LTX). LTX-2 takes its de-normalised video latents back with the stage's audio latents and
@@ -28,6 +29,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -147,11 +149,12 @@ def unshift(level: float, scheduler, mu: float | None) -> float:
         return 1.0
     config = scheduler.config
     odds = 1.0 / level - 1.0
-    if config.use_dynamic_shifting:
-        if config.time_shift_type == "linear":
+    if config.get("use_dynamic_shifting"):
+        if config.get("time_shift_type", "exponential") == "linear":
             return 1.0 / (1.0 + mu * odds)
         return 1.0 / (1.0 + math.exp(mu) * odds)
-    shift = float(scheduler.shift if hasattr(scheduler, "shift") else config.shift)
+    # FlowMatchEuler's shift; a multistep solver's flow_shift (UniPC with use_flow_sigmas)
+    shift = float(getattr(scheduler, "shift", None) or config.get("shift") or config.get("flow_shift") or 1.0)
     return level / (shift - (shift - 1.0) * level)
 
 
@@ -346,10 +349,10 @@ def _stage_schedule(scheduler, current, start: float, steps: int):
 
     def set_timesteps(num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None, **extra):
         ramp = stage_sigmas(unshift(start, scheduler, mu), steps)
-        given_timesteps = None
         if timesteps is not None:  # pipelines that pass both (CogView4) feed the unshifted values to the model
-            given_timesteps = [s * scheduler.config.num_train_timesteps for s in ramp]
-        return current(device=device, sigmas=ramp, mu=mu, timesteps=given_timesteps, **extra)
+            extra["timesteps"] = [s * scheduler.config.num_train_timesteps for s in ramp]
+        # an array: multistep solvers on flow sigmas (UniPC) compute with it directly
+        return current(device=device, sigmas=np.asarray(ramp, dtype=np.float64), mu=mu, **extra)
 
     wrapper = functools.update_wrapper(set_timesteps, current)
     wrapper.for_copy = lambda duplicate: _stage_schedule(duplicate, duplicate.set_timesteps, start, steps)
@@ -494,10 +497,13 @@ class BottleneckHandler:
         pipe = target.pipe
         name = type(pipe).__name__
         scheduler = getattr(pipe, "scheduler", None)
-        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        flow_solver = (scheduler is not None and scheduler.config.get("use_flow_sigmas")
+                       and "sigmas" in inspect.signature(scheduler.set_timesteps).parameters)
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and not flow_solver:
             raise ValueError(
                 f"sampling='bottleneck' cannot serve {name}: its scheduler is {type(scheduler).__name__}, and the "
-                f"re-noising between stages is defined for flow matching (FlowMatchEulerDiscreteScheduler) only."
+                f"re-noising between stages is defined for flow matching (FlowMatchEulerDiscreteScheduler, or a "
+                f"solver on flow sigmas that takes a sigma schedule, as UniPCMultistepScheduler(use_flow_sigmas=True))."
             )
         config_of = scheduler.config
         if config_of.get("shift_terminal") or config_of.get("use_karras_sigmas") or config_of.get("use_exponential_sigmas") \
