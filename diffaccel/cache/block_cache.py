@@ -113,6 +113,22 @@ class SpanResidual:
         return out[0], out[1], self.last[1] is None and self.first[1] is not None
 
 
+def stream_layout(hidden: torch.Tensor, encoder: torch.Tensor | None) -> tuple:
+    """The two streams' shapes: a stored residual fits only a forward whose streams have the same token counts
+    (Qwen-Image 2.1's first step also carries the text, which its KV cache leaves out of the later ones)."""
+    return tuple(hidden.shape), None if encoder is None else tuple(encoder.shape)
+
+
+def finished_span(span: SpanResidual | None, forecast, step: int) -> tuple | None:
+    """(hidden residual, encoder residual, encoder dropped) a span summed while it computed, handed to its
+    forecast as well; None where it summed none."""
+    hidden, encoder, encoder_dropped = span.residuals() if span is not None else (None, None, False)
+    if hidden is None:
+        return None
+    forecast.update(hidden, encoder, step)
+    return hidden, encoder, encoder_dropped
+
+
 class BlockCacheState:
     """What one CFG branch remembers between forwards of a call."""
 
@@ -195,9 +211,7 @@ class BlockCacheHook(ModelHook):
         hidden, encoder = self.block.split_output(output)
         residual = hidden - state.span_input
         reference = state.reference_residual
-        # Both streams keep their token counts (Qwen-Image 2.1's first step also carries the text, which its KV
-        # cache leaves out of the later ones: that step's residuals do not fit them).
-        layout = (tuple(hidden.shape), None if encoder is None else tuple(encoder.shape))
+        layout = stream_layout(hidden, encoder)
         limit = self.config.max_consecutive
         reuse = (
             ctx.step_index >= self.config.warmup_steps
@@ -222,13 +236,9 @@ class BlockCacheHook(ModelHook):
     @torch.compiler.disable
     def _store_middle_residual(self, state: BlockCacheState) -> None:
         middle, state.middle = state.middle, None
-        hidden, encoder, encoder_dropped = middle.residuals() if middle is not None else (None, None, False)
-        if hidden is None:
-            return
-        state.cached_hidden_residual, state.cached_encoder_residual = hidden, encoder
-        state.encoder_output_is_none = encoder_dropped
-        state.forecast.update(state.cached_hidden_residual, state.cached_encoder_residual,
-                              self.runtime.clock.current.step_index)
+        done = finished_span(middle, state.forecast, self.runtime.clock.current.step_index)
+        if done is not None:
+            state.cached_hidden_residual, state.cached_encoder_residual, state.encoder_output_is_none = done
 
 
 def block_roles(index: int, num_blocks: int, first: int, last: int) -> set[str]:

@@ -41,7 +41,7 @@ from diffaccel.guidance.layout import prediction_of, with_prediction
 from diffaccel.pipelines.adapters import BoundBlock, argument_position, get_argument
 from diffaccel.registry import AccelTarget, register_method
 
-from .block_cache import SpanResidual, relative_l1
+from .block_cache import SpanResidual, finished_span, relative_l1, stream_layout
 from .calibrators import StreamForecast, check_calibrator
 
 logger = logging.getLogger("diffaccel")
@@ -291,10 +291,7 @@ class TeaCacheHook(ModelHook):
     def _decide(self, state: TeaCacheState, args: tuple, kwargs: dict) -> None:
         ctx = self.runtime.clock.current
         config = self.config
-        # What was stored fits only a forward with the same token counts (Qwen-Image 2.1's first step carries the
-        # text, which its KV cache leaves out of the later ones).
-        hidden, encoder = self.block.stream_inputs(args, kwargs)
-        layout = (tuple(hidden.shape), None if encoder is None else tuple(encoder.shape))
+        layout = stream_layout(*self.block.stream_inputs(args, kwargs))  # what was stored fits only this layout
         same_layout = state.layout == layout
         state.layout = layout  # kept by a skip, whose layout is equal; set by a compute
         if config.schedule:
@@ -358,12 +355,9 @@ class TeaCacheHook(ModelHook):
     def _store(self, state: TeaCacheState) -> None:
         """The stack residual: what its blocks added (not what the model adds between them, e.g. ControlNet)."""
         stack, state.stack = state.stack, None
-        hidden, encoder, encoder_dropped = stack.residuals() if stack is not None else (None, None, False)
-        if hidden is None:
-            return
-        state.hidden_residual, state.encoder_residual = hidden, encoder
-        state.encoder_output_is_none = encoder_dropped
-        state.forecast.update(state.hidden_residual, state.encoder_residual, self.runtime.clock.current.step_index)
+        done = finished_span(stack, state.forecast, self.runtime.clock.current.step_index)
+        if done is not None:
+            state.hidden_residual, state.encoder_residual, state.encoder_output_is_none = done
 
 
 class TeaCacheDenoiserHook(ModelHook):

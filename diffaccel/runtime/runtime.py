@@ -116,6 +116,14 @@ def latent_grid(hidden: torch.Tensor, layout: str) -> tuple[int, ...]:
     return shape[1:2]  # BSC: packed tokens
 
 
+def joins_text(adapter: FamilyAdapter, denoiser: torch.nn.Module) -> bool:
+    """Whether any of the denoiser's blocks takes [text, latent] joined (``BlockSpec.joined_text``)."""
+    try:
+        return any(block.spec.joined_text for block in adapter.find_blocks(denoiser))
+    except ValueError:  # undescribed blocks (UNets): the methods that need specs refuse them themselves
+        return False
+
+
 class Runtime:
     """Clock, states, stats and installed hooks of one accelerated denoiser; the pipeline's main runtime also
     taps the scheduler and drives and reports its experts'."""
@@ -151,6 +159,7 @@ class Runtime:
         self.name = "denoiser"  # the pipeline attribute that holds it, where the caller knows (api._install)
         self._hidden_position = argument_position(denoiser, adapter.hidden_arg)
         self._timestep_position = argument_position(denoiser, adapter.timestep_arg)
+        self._joins_text = joins_text(adapter, denoiser)  # only then does a forward record its latent tokens
 
     # ----------------------------------------------------------------------------- installation
 
@@ -354,15 +363,8 @@ class Runtime:
 
         batch_size = len(hidden)
         grid = latent_grid(hidden, self.adapter.latent_layout)
-        # joined_text blocks split their sequence at this count: packed tokens, or the patchified latent grid
-        # (AuraFlow joins [text, image] over BCHW latents)
-        if self.adapter.latent_layout == "BSC":
-            set_latent_tokens(self.denoiser, hidden.shape[1])
-        elif self.adapter.latent_layout != "CFHW_LIST":
-            tokens = math.prod(token_grid(self.adapter, self.denoiser, grid, kwargs))
-            if self.adapter.padded_latent_tokens and len(grid) >= 2 and grid[-1] != grid[-2]:
-                tokens = int(getattr(self.denoiser, self.adapter.padded_latent_tokens))
-            set_latent_tokens(self.denoiser, tokens)
+        if self._joins_text:
+            set_latent_tokens(self.denoiser, self._latent_tokens(hidden, grid, kwargs))
         self._check_signature(branch, (grid, batch_size))
 
         for stats in (self.call_stats, self.total_stats):
@@ -371,6 +373,16 @@ class Runtime:
         return self.clock.make_context(
             timestep=timestep_value, branch=branch, branches_in_batch=branches, grid=grid, batch_size=batch_size
         )
+
+    def _latent_tokens(self, hidden: torch.Tensor, grid: tuple[int, ...], kwargs: dict) -> int:
+        """Where joined_text blocks split their sequence: the packed tokens' count, or the patchified latent
+        grid's (AuraFlow joins [text, image] over BCHW latents), or the count non-square latents are padded to
+        (HiDream-I1's max_seq)."""
+        if self.adapter.latent_layout == "BSC":
+            return hidden.shape[1]
+        if self.adapter.padded_latent_tokens and len(grid) >= 2 and grid[-1] != grid[-2]:
+            return int(getattr(self.denoiser, self.adapter.padded_latent_tokens))
+        return math.prod(token_grid(self.adapter, self.denoiser, grid, kwargs))
 
     def _branch_by_call_order(self, forward_in_step: int) -> str | None:
         """The branch of a forward that opened no cache context and is not a doubled CFG batch, in a pipeline
