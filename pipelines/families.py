@@ -97,6 +97,26 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     ("diffusers.models.transformers.transformer_allegro", "AllegroTransformerBlock", HIDDEN_ONLY),
     # Cosmos' blocks return one tensor; a ControlNet's blocks (with after_proj) return two and are not described.
     ("diffusers.models.transformers.transformer_cosmos", "CosmosTransformerBlock", HIDDEN_ONLY),
+    # FLUX.3: only the joint single blocks are listed (they return (encoder, hidden)); its per-mode blocks sit in a
+    # ModuleDict (text, image, reference image) and always run.
+    ("diffusers.models.transformers.transformer_flux3", "Flux3SingleTransformerBlock", ENCODER_THEN_HIDDEN),
+    # Krea 2: single-stream blocks over [text, image] joined by the model before them.
+    ("diffusers.models.transformers.transformer_krea2", "Krea2TransformerBlock", JOINED_TEXT_FIRST),
+    # ERNIE-Image: one [image, text] sequence, sequence-first (S, B, H), in the argument `x`.
+    ("diffusers.models.transformers.transformer_ernie_image", "ErnieImageSharedAdaLNBlock",
+     BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
+    # Bria FIBO 2: Z-Image-style blocks over [gist (the Perceiver's text tokens), image, context images].
+    ("diffusers.models.transformers.transformer_bria_fibo2", "BriaFibo2TransformerBlock",
+     BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
+    # Kandinsky 6's fused blocks: forward(vis, aud, ...) -> (vis, aud), the audio stream where others carry text
+    # (None without audio).
+    ("diffusers.models.transformers.transformer_kandinsky6", "Kandinsky6FusedTransformerDecoderBlock",
+     BlockSpec(returns=(HIDDEN, ENCODER), hidden_arg="vis", encoder_arg="aud")),
+    # Helios: one tensor [history tokens, current chunk tokens] in and out.
+    ("diffusers.models.transformers.transformer_helios", "HeliosTransformerBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.transformer_anyflow", "AnyFlowTransformerBlock", HIDDEN_ONLY),
+    # ChronoEdit keeps its own copy of Wan's block class.
+    ("diffusers.models.transformers.transformer_chronoedit", "WanTransformerBlock", HIDDEN_ONLY),
 ]
 
 # (module path, wrapper class name, attribute holding the described block)
@@ -495,6 +515,120 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             is_video=True,
             notes="its pipelines run cond then uncond without a cache context (branches by call order) and guide "
                   "as cond + s·(cond − uncond); the latents carry a condition-mask channel",
+        ),
+    ),
+    (
+        "diffusers",
+        "Flux3Transformer2DModel",
+        FamilyAdapter(
+            name="flux3",
+            block_lists=("single_transformer_blocks",),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            joint_text="prefix",
+            pipeline_latents="patchified2x2",
+            notes="the joint single blocks are cached; the per-mode blocks (text, image, reference image) before "
+                  "them always run. Modular pipelines: CFG through the guider, cond then uncond calls without a "
+                  "cache context (branches by call order)",
+        ),
+    ),
+    (
+        "diffusers",
+        "Krea2Transformer2DModel",
+        FamilyAdapter(
+            name="krea2",
+            block_lists=("transformer_blocks",),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            joint_text="prefix",
+            pipeline_latents="packed2x2",
+            notes="one joined [text, image] sequence; its pipeline runs cond then uncond without a cache context "
+                  "(branches by call order) and guides as cond + s·(cond − uncond), unguided at guidance_scale 0",
+        ),
+    ),
+    (
+        "diffusers",
+        "ErnieImageTransformer2DModel",
+        FamilyAdapter(
+            name="ernie_image",
+            block_lists=("layers",),
+            latent_layout="BCHW",
+            cfg_layout="batched",
+            joint_text="suffix",
+            notes="one [image, text] sequence, sequence-first inside the blocks; 2x2-patchified latents (the "
+                  "pipeline's vae_scale_factor includes the patch); CFG as one doubled batch, unconditional first",
+        ),
+    ),
+    (
+        "diffusers",
+        "BriaFibo2Transformer2DModel",
+        FamilyAdapter(
+            name="bria_fibo2",
+            block_lists=("layers",),
+            latent_layout="BCHW",
+            cfg_layout="separate",
+            joint_text="prefix",
+            notes="the main layers are cached; the noise refiner always runs. One sequence [gist (the Perceiver's "
+                  "text tokens), image, context images]; its pipeline runs cond then uncond without a cache context "
+                  "(branches by call order)",
+        ),
+    ),
+    (
+        "diffusers",
+        "Kandinsky6Transformer3DModel",
+        FamilyAdapter(
+            name="kandinsky6",
+            block_lists=("visual_transformer_blocks",),
+            latent_layout="BFHWC",
+            cfg_layout="separate",
+            is_video=True,
+            pipeline_latents="BCFHW",
+            notes="video and audio in one model: the fused blocks carry the audio stream where others carry text, and "
+                  "the block cache replays both; the text blocks always run. CFG in cache contexts, cond first; a "
+                  "skipped uncond call returns the cond call's (video, audio) pair",
+        ),
+    ),
+    (
+        "diffusers",
+        "HeliosTransformer3DModel",
+        FamilyAdapter(
+            name="helios",
+            block_lists=("blocks",),
+            latent_layout="BCFHW",
+            cfg_layout="separate",
+            is_video=True,
+            # Not text: the history tokens lead the blocks' self-attention sequence. Block-sparse attention keeps
+            # them, as it keeps a text prefix, and tiles the chunk's grid.
+            joint_text="prefix",
+            notes="autoregressive chunks, one scheduler schedule each, so caches start clean per chunk (and per "
+                  "resolution stage in the pyramid pipeline); the blocks run over [history tokens, chunk tokens]",
+        ),
+    ),
+    (
+        "diffusers",
+        "AnyFlowTransformer3DModel",
+        FamilyAdapter(
+            name="anyflow",
+            block_lists=("blocks",),
+            latent_layout="BFCHW",
+            cfg_layout="batched",
+            is_video=True,
+            pipeline_latents="BCFHW",
+            notes="flow-map model: each forward takes the source timestep and the target r_timestep (per frame); "
+                  "CFG is folded into the released weights (guidance_scale=1), a doubled batch when a scale is set",
+        ),
+    ),
+    (
+        "diffusers",
+        "ChronoEditTransformer3DModel",
+        FamilyAdapter(
+            name="chronoedit",
+            block_lists=("blocks",),
+            latent_layout="BCFHW",
+            cfg_layout="separate",
+            is_video=True,
+            notes="image editing through a Wan 2.1 I2V video model; its pipeline runs cond then uncond without a cache "
+                  "context (branches by call order); temporal reasoning drops frames mid-call (state resets there)",
         ),
     ),
     (

@@ -329,12 +329,17 @@ def test_interval_without_a_step_count_guides_every_step_and_says_so(caplog):
 # ------------------------------------------------------------------------------------------ tiny pipelines
 
 BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanimate", "allegro", "aura_flow",
-           "hidream_image", "bria_fibo", "latte"]
+           "hidream_image", "bria_fibo", "latte", "ernie_image", "anyflow"]
 # Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context; HunyuanVideo 1.5 runs CFG through a
 # diffusers guider (contexts "pred_cond" / "pred_uncond").
 PER_BRANCH = ["wan", "wan_vace", "skyreels_v2", "flux", "flux2_klein", "chroma", "lumina2", "hunyuan_video15", "hunyuan_image",
-              "longcat_image", "ovis_image", "cosmos", "qwenimage21", "kandinsky5", "motif_video"]
+              "longcat_image", "ovis_image", "cosmos", "qwenimage21", "kandinsky5", "motif_video", "flux3", "krea2",
+              "bria_fibo2", "kandinsky6", "helios", "chronoedit"]
 FAMILIES = BATCHED + PER_BRANCH
+# The guidance scale of an unguided call, where it is not 1: Krea 2 guides as cond + s·(cond − uncond).
+UNGUIDED_SCALE = {"krea2": 0.0}
+# Families whose blocks see their tokens sequence-first, (tokens, batch, channels).
+SEQUENCE_FIRST = {"ernie_image"}
 STEPS = 4
 
 _cases: dict = {}
@@ -429,7 +434,7 @@ def test_minus_one_from_the_start_equals_running_without_guidance(name):
         case.pipe.guider = guider
     else:
         scale = "true_cfg_scale" if "true_cfg_scale" in case.call_kwargs else "guidance_scale"
-        unguided = run(case, seed=0, **{scale: 1.0})
+        unguided = run(case, seed=0, **{scale: UNGUIDED_SCALE.get(name, 1.0)})
     diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig(threshold=-1.0))
     assert np.array_equal(run(case, seed=0), unguided)
     assert diffaccel.stats(case.pipe)["denoiser_calls_by_branch"] == {"cond": STEPS}
@@ -439,14 +444,14 @@ def test_minus_one_from_the_start_equals_running_without_guidance(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_skipped_branches_are_not_executed(name):
     case, _ = case_and_baseline(name)
-    first_block = adapter_for(case.denoiser).find_blocks(case.denoiser)[0].module
+    first_block = adapter_for(case.denoiser).find_blocks(case.denoiser)[0]
     batches = []
 
     def count(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        batches.append(hidden.shape[0])
+        hidden, _ = first_block.stream_inputs(args, kwargs)
+        batches.append(hidden.shape[1 if name in SEQUENCE_FIRST else 0])
 
-    handle = first_block.register_forward_pre_hook(count, with_kwargs=True)
+    handle = first_block.module.register_forward_pre_hook(count, with_kwargs=True)
     try:
         diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig(threshold=-1.0, min_steps=1))
         run(case, seed=0)

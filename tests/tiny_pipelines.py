@@ -29,7 +29,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -593,7 +593,7 @@ def chroma() -> TinyCase:
 def flux2_klein() -> TinyCase:
     """FLUX.2 [klein] base (Qwen3 text encoder, CFG as separate calls in cache contexts); its single-stream
     blocks take [text, image] joined."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 
     _seed(0)
     transformer = Flux2Transformer2DModel(
@@ -608,22 +608,9 @@ def flux2_klein() -> TinyCase:
         axes_dims_rope=(4, 4, 4, 4),
         guidance_embeds=False,
     ).eval()
-    _seed(0)
-    vae = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8,) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    ).eval()
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
+        vae=_flux2_vae(4),
         text_encoder=qwen3_text_model(3, causal_lm=True),
         tokenizer=chat_tokenizer(),
         transformer=transformer,
@@ -750,33 +737,29 @@ def qwen_vl_processor(tokenizer, processor_cls_name: str = "Qwen3VLProcessor", p
             del cls.check_argument_for_proper_class
 
 
-def qwenimage21(use_kv_cache: bool = True) -> TinyCase:
-    """Qwen-Image 2.1: one list of single-stream blocks over one joint sequence [text (condition images in their VLM
-    slots), target image]; text and condition-image K/V are prefilled at step 0 and later steps run only the target
-    tokens (``use_kv_cache=True``, the pipeline default). CFG as two calls in cache contexts "cond" / "uncond".
-    Qwen3-VL text encoder behind a Qwen3VLProcessor (word-level tokenizer with Qwen's special tokens); the VAE is
-    16x spatial and decodes RGBA (4 output channels)."""
-    from diffusers import (AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline,
-                           QwenImage21Transformer2DModel)
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def _flux2_vae(latent_channels: int = 4):
+    """A tiny AutoencoderKLFlux2 (8x spatial, batch-norm statistics), as the FLUX.2 [klein] builder makes it."""
+    from diffusers import AutoencoderKLFlux2
 
-    z_dim = 8  # not 4: prepare_latents takes a 4-channel (RGBA) condition image for latents otherwise
     _seed(0)
-    transformer = QwenImage21Transformer2DModel(
-        patch_size=1, in_channels=z_dim, out_channels=z_dim, num_layers=3, attention_head_dim=16, num_attention_heads=2,
-        context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6),
+    return AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4,
+        sample_size=32, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
     ).eval()
-    _seed(0)
-    vae = AutoencoderKLQwenImage21(
-        base_dim=4, decoder_base_dim=4, z_dim=z_dim, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
-        temperal_downsample=[False, True, True, True], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
-    ).eval()
+
+
+def _qwen3_vl(layers: int = 2, bare: bool = False):
+    """A 16-wide Qwen3-VL (vision tower included; text-only calls never run it) and its processor; ``bare``: the
+    ``Qwen3VLModel`` without the LM head (Krea 2 takes that)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel
+
     tokenizer = qwen_chat_tokenizer()
     ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(QWEN_SPECIALS)))
     _seed(0)
     config = Qwen3VLConfig(
         text_config={
-            "vocab_size": VOCAB_SIZE, "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2,
+            "vocab_size": VOCAB_SIZE, "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": layers,
             "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
             "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
@@ -789,8 +772,63 @@ def qwenimage21(use_kv_cache: bool = True) -> TinyCase:
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    text_encoder = Qwen3VLForConditionalGeneration(config).eval()
-    processor = qwen_vl_processor(tokenizer, "Qwen3VLProcessor")
+    model = (Qwen3VLModel if bare else Qwen3VLForConditionalGeneration)(config).eval()
+    return model, qwen_vl_processor(tokenizer, "Qwen3VLProcessor")
+
+
+def _hunyuan_video_vae(latent_channels: int = 4):
+    """The tiny AutoencoderKLHunyuanVideo of the kandinsky5 builder (8x spatial, 4x temporal)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    _seed(0)
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4, scaling_factor=0.476986,
+    ).eval()
+
+
+def _clip_vision(hidden_size: int = 16):
+    """A tiny CLIP vision tower and its processor, made in-process (32 px, 8 px patches)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    _seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, projection_dim=hidden_size,
+    )).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, processor
+
+
+def _test_image(size: int = 32):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(0).rand(size, size, 3) * 255).astype("uint8"))
+
+
+def qwenimage21(use_kv_cache: bool = True) -> TinyCase:
+    """Qwen-Image 2.1: one list of single-stream blocks over one joint sequence [text (condition images in their VLM
+    slots), target image]; text and condition-image K/V are prefilled at step 0 and later steps run only the target
+    tokens (``use_kv_cache=True``, the pipeline default). CFG as two calls in cache contexts "cond" / "uncond".
+    Qwen3-VL text encoder behind a Qwen3VLProcessor (word-level tokenizer with Qwen's special tokens); the VAE is
+    16x spatial and decodes RGBA (4 output channels)."""
+    from diffusers import (AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline,
+                           QwenImage21Transformer2DModel)
+
+    z_dim = 8  # not 4: prepare_latents takes a 4-channel (RGBA) condition image for latents otherwise
+    _seed(0)
+    transformer = QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=z_dim, out_channels=z_dim, num_layers=3, attention_head_dim=16, num_attention_heads=2,
+        context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLQwenImage21(
+        base_dim=4, decoder_base_dim=4, z_dim=z_dim, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True, True], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+    ).eval()
+    text_encoder, processor = _qwen3_vl(layers=2)
     pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                                processor=processor, transformer=transformer)
     return _case(pipe, "separate", negative_prompt="blurry", true_cfg_scale=4.0, use_kv_cache=use_kv_cache)
@@ -1655,8 +1693,7 @@ def kandinsky5() -> TinyCase:
     (``text_transformer_blocks``) then visual decoder blocks with cross attention (``visual_transformer_blocks``);
     CFG as two calls, conditional FIRST, no cache context. Qwen2.5-VL (last hidden state, prompt template cropped)
     and CLIP (pooled) text encoders."""
-    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline,
-                           Kandinsky5Transformer3DModel)
+    from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
 
     _seed(0)
     transformer = Kandinsky5Transformer3DModel(
@@ -1668,15 +1705,9 @@ def kandinsky5() -> TinyCase:
             if type(module).__name__ == "Kandinsky5Modulation":
                 module.out_layer.weight.normal_(std=0.2)
                 module.out_layer.bias.normal_(std=0.2)
-    _seed(0)
-    vae = AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4, scaling_factor=0.476986,
-    ).eval()
     pipe = Kandinsky5T2VPipeline(
         transformer=transformer,
-        vae=vae,
+        vae=_hunyuan_video_vae(4),
         text_encoder=qwen25_vl_encoder(),
         tokenizer=make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False),
         text_encoder_2=clip_text_model(hidden_size=32, projection_dim=32),
@@ -1778,6 +1809,324 @@ def latte() -> TinyCase:
     )
     return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=7.5, height=64, width=64,
                  video_length=4, clean_caption=False)
+
+
+# 2026 families: FLUX.3, Krea 2, ERNIE-Image, Bria FIBO 2; Kandinsky 6, Helios, AnyFlow, ChronoEdit
+
+
+@dataclass
+class ImagesOutput:
+    images: Any
+
+
+def _flux3_pipeline_class():
+    """``Flux3ModularPipeline`` with a classic ``__call__`` (what ``tiny_pipelines.run`` and the bottleneck call):
+    keyword arguments go into the modular state; it returns ``.images``, or for ``output_type="latent"`` the
+    denoised latent tokens (B, h·w, C), the form FLUX.2 [dev]'s classic pipeline returns (its ``latents=`` takes
+    the same 2x2-patchified, batch-norm-normalised (B, C, h, w) latents as FLUX.3's)."""
+    from diffusers.modular_pipelines.flux3.modular_pipeline import Flux3ModularPipeline
+
+    class Flux3TinyPipeline(Flux3ModularPipeline):
+        def __call__(self, prompt: str | None = None, negative_prompt: str | None = None, height: int | None = None,
+                     width: int | None = None, num_inference_steps: int = 50, latents: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
+                     **kwargs):
+            inputs = dict(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                          num_inference_steps=num_inference_steps, latents=latents, generator=generator, **kwargs)
+            inputs = {k: v for k, v in inputs.items() if v is not None}
+            if output_type == "latent":
+                out = super().__call__(**inputs, output="latents", output_type="pt")
+                out = out.flatten(2).transpose(1, 2)
+            else:
+                out = super().__call__(**inputs, output="images", output_type=output_type)
+            return ImagesOutput(images=out) if return_dict else (out,)
+
+    return Flux3TinyPipeline
+
+
+def flux3() -> TinyCase:
+    """FLUX.3 (modular pipeline only, ``Flux3AutoBlocks`` without its prompt upsampler): per-mode blocks first
+    (``txt_mode_blocks`` over the text, ``mode_blocks["image"]`` over the image tokens, in a ModuleDict: they
+    always run), then joint single blocks over [text, image (, reference image)] that return (encoder, hidden);
+    BSC latent tokens (B, h·w, 4C), 2x2-patchified by the VAE step, timestep in [0, 1]. CFG through the modular
+    ``ClassifierFreeGuidance`` guider: cond then uncond calls without a cache context (branches by call order).
+    Qwen3-VL text encoder behind a Qwen3VLProcessor; its text window is right-padded to 80 tokens. The call
+    goes through ``Flux3TinyPipeline``, a classic ``__call__`` over the modular one."""
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
+    from diffusers.modular_pipelines.flux3.image_processor import Flux3ImageProcessor
+    from diffusers.modular_pipelines.flux3.modular_blocks_flux3 import Flux3AutoBlocks
+
+    _seed(0)
+    transformer = Flux3Transformer2DModel(
+        in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=3, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, timestep_channels=32, axes_dims_rope=(4, 4, 4, 4),
+    ).eval()
+    text_encoder, processor = _qwen3_vl(layers=2)
+    blocks = Flux3AutoBlocks()
+    blocks.sub_blocks.pop("prompt_upsampler")
+    pipe = _flux3_pipeline_class()(blocks=blocks)
+    pipe.update_components(transformer=transformer, vae=_flux2_vae(4), text_encoder=text_encoder, tokenizer=processor,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=6.93),
+                           image_processor=Flux3ImageProcessor(vae_scale_factor=16, vae_latent_channels=4),
+                           guider=ClassifierFreeGuidance(guidance_scale=4.0))
+    pipe.set_progress_bar_config(disable=True)
+    return TinyCase(pipe=pipe, call_kwargs=dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=4,
+                                                height=64, width=64, output_type="np",
+                                                text_encoder_out_layers=(0, 1, 2)),
+                    denoiser_attr="transformer", is_video=False, cfg_layout="separate")
+
+
+def krea2() -> TinyCase:
+    """Krea 2: one list of single-stream blocks over [text, image] joined by the model (a text-fusion stage first
+    collapses a stack of tapped Qwen3-VL hidden states, (B, L, layers, D)); 2x2-packed latent tokens from a Qwen-Image
+    VAE. CFG as two calls, cond then uncond, without a cache context, guiding as ``cond + s·(cond − uncond)``: CFG
+    is on for ``guidance_scale > 0`` and 0 is the unguided run (not 1). The prompt template's system prefix is
+    cropped by a token count, set here to this tokenizer's count."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+
+    _seed(0)
+    transformer = Krea2Transformer2DModel(
+        in_channels=16, num_layers=3, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, timestep_embed_dim=32, text_hidden_dim=16, num_text_layers=2,
+        text_num_attention_heads=2, text_num_key_value_heads=2, text_intermediate_size=32,
+        num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    z_dim = 4
+    _seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=z_dim * 2, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim,
+                                 latents_std=[1.0] * z_dim).eval()
+    text_encoder, processor = _qwen3_vl(layers=2, bare=True)
+    tokenizer = processor.tokenizer
+    pipe = Krea2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
+                         text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                         text_encoder_select_layers=(1, 2))
+    pipe.prompt_template_encode_start_idx = len(tokenizer(pipe.prompt_template_encode_prefix).input_ids)
+    pipe.prompt_template_encode_num_suffix_tokens = len(tokenizer(pipe.prompt_template_encode_suffix).input_ids)
+    return _case(pipe, "separate", negative_prompt="blurry", guidance_scale=3.5, max_sequence_length=16)
+
+
+def ernie_image() -> TinyCase:
+    """ERNIE-Image: one list of shared-AdaLN single-stream blocks over [image, text] joined by the model, laid out
+    SEQUENCE-FIRST (S, B, H), the block's stream argument named ``x``; BCHW latents, 2x2-patchified (4C channels)
+    and normalised by the FLUX.2 VAE's batch norm (``vae_scale_factor`` 16 covers the patchify). CFG as one doubled
+    batch, unconditional first; the text of both halves is padded to one length (``text_lens`` masks it).
+    Mistral-3 text encoder (second-to-last hidden state). The model zero-initialises its AdaLN modulation and its
+    output layer (every block an identity, a zero prediction): made random here."""
+    from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import Mistral3Config, Mistral3Model
+
+    _seed(0)
+    transformer = ErnieImageTransformer2DModel(
+        hidden_size=32, num_attention_heads=2, num_layers=3, ffn_hidden_size=64, in_channels=16, out_channels=16,
+        patch_size=1, text_in_dim=16, rope_axes_dim=(4, 6, 6),
+    ).eval()
+    with torch.no_grad():
+        for layer in (transformer.adaLN_modulation[-1], transformer.final_linear):
+            layer.weight.normal_(std=0.2)
+            layer.bias.normal_(std=0.2)
+    _seed(0)
+    text_encoder = Mistral3Model(Mistral3Config(
+        text_config=dict(model_type="ministral3", vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           head_dim=8, image_size=28, patch_size=14),
+    )).eval()
+    pipe = ErnieImagePipeline(transformer=transformer, vae=_flux2_vae(4), text_encoder=text_encoder,
+                              tokenizer=make_tokenizer(model_max_length=512, add_bos=True, add_eos=False),
+                              scheduler=FlowMatchEulerDiscreteScheduler())
+    return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=4.0)
+
+
+def bria_fibo2() -> TinyCase:
+    """Bria FIBO 2 (nothing like FIBO's architecture: Z-Image-style blocks): noise-refiner blocks over the image
+    tokens (always run), then ``layers`` over one sequence [gist tokens, image, context images], the gist being a
+    Perceiver's resampling of the text (it goes LAST when a batch pads its gist counts); some layers
+    (``injection_layer_ids``) also cross-attend to their own Qwen3-VL layer bundle. Blocks take ``x`` and return one
+    tensor; the main layers modulate per token from ``adaln_noisy`` / ``adaln_clean`` (``adaln_input`` is None).
+    BCHW latents (unpatched, normalised; the model patchifies 2x2). CFG as two calls, cond then uncond, without a
+    cache context. The text bundles (three Qwen3-VL layers each, one for the Perceiver and one per injection layer)
+    and the gist counts are set for a 2-layer encoder; the injection blocks' cross-attention gate starts at zero
+    (made non-zero here)."""
+    from diffusers import BriaFibo2Pipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers.models.transformers.transformer_bria_fibo2 import BriaFibo2Transformer2DModel
+
+    _seed(0)
+    transformer = BriaFibo2Transformer2DModel(
+        in_channels=4, patch_size=2, dim=32, n_layers=3, n_refiner_layers=1, n_heads=2, cap_feat_dim=48,
+        injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
+        gist_min_text_len=4, gist_max_text_len=32, axes_dims=(4, 6, 6), axes_lens=(64, 32, 32),
+    ).eval()
+    with torch.no_grad():
+        for block in transformer.layers:
+            if block.cross_attention is not None:
+                block.cross_attn_gate.fill_(0.5)
+    text_encoder, processor = _qwen3_vl(layers=2)
+    pipe = BriaFibo2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+                             vae=_flux2_vae(4), text_encoder=text_encoder, processor=processor)
+    pipe.text_encoder_out_layers = ((0, 1, 2), (2, 1, 0))
+    pipe.tokenizer_max_length = 64
+    return _case(pipe, "separate", negative_prompt="blurry", guidance_scale=5.0)
+
+
+def kandinsky6() -> TinyCase:
+    """Kandinsky 6 text-to-video+audio: ONE transformer denoises video (channels-last (B, F, H, W, C) latents, plus
+    C zero condition channels and a mask channel with ``visual_cond``) and audio ((B, L, C_audio) tokens) together.
+    Per-modality text-encoder blocks (``video_/audio_text_transformer_blocks``, always run) then fused blocks
+    (``visual_transformer_blocks``) that take ``(vis, aud, ...)`` positionally and return ``(vis, aud)``: the audio
+    stream rides where other blocks carry text (as LTX-2's), and is None when ``sample_audio=False``. CFG as two
+    calls, conditional FIRST, in ``cache_context("cond"/"uncond")``; the output is a (video, audio) tuple and the
+    audio latents step on a deep copy of the scheduler (as LTX-2's). Qwen2.5-VL (last hidden state, the chat template
+    cropped at a fixed 129 tokens) and CLIP (pooled) text encoders; audio through a tiny MMAudio VAE + vocoder."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, Kandinsky6TI2VAPipeline, Kandinsky6Transformer3DModel,
+                           MMAudioVAE, MMAudioVocoder)
+
+    _seed(0)
+    transformer = Kandinsky6Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=32, time_dim=32, patch_size=(1, 2, 2),
+        model_dim=48, ff_dim=64, num_text_blocks=1, num_visual_blocks=3, axes_dims=(8, 8, 8), visual_cond=True,
+        in_audio_dim=8, out_audio_dim=8, model_dim_a=24, time_dim_a=32, ff_dim_a=32,  # ca_rope: head dims must match
+        # the released checkpoints' flags
+        text_token_padding=True, ca_rope=True, cross_gates=True, fix_modulation=True, visual_token_type_num_embeddings=2,
+    ).eval()
+    _seed(0)
+    audio_vae = MMAudioVAE(mel_bins=16, latent_channels=8, hidden_channels=8, channel_multipliers=(1, 2),
+                           layers_per_block=1, sample_rate=4096, n_fft=64, hop_length=16).eval()
+    _seed(0)
+    vocoder = MMAudioVocoder(num_mels=16, upsample_initial_channel=16, upsample_rates=(4, 4),
+                             upsample_kernel_sizes=(8, 8), resblock_kernel_sizes=(3,),
+                             resblock_dilation_sizes=((1, 3),)).eval()
+    pipe = Kandinsky6TI2VAPipeline(
+        transformer=transformer,
+        vae=_hunyuan_video_vae(4),
+        text_encoder=qwen25_vl_encoder(),
+        tokenizer=make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False),
+        text_encoder_2=clip_text_model(hidden_size=32, projection_dim=32),
+        tokenizer_2=clip_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        audio_vae=audio_vae,
+        vocoder=vocoder,
+    )
+    return _case(pipe, "separate", is_video=True, negative_prompt="blurry", guidance_scale=5.0, height=32, width=32,
+                 num_frames=5, max_sequence_length=16)
+
+
+def _helios_transformer():
+    from diffusers import HeliosTransformer3DModel
+
+    _seed(0)
+    return HeliosTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
+        freq_dim=256, ffn_dim=32, num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_dim=(4, 4, 4),
+    ).eval()
+
+
+HELIOS_CALL = dict(negative_prompt="blurry", guidance_scale=5.0, height=32, width=32, num_frames=5,
+                   max_sequence_length=32, history_sizes=[4, 2, 1], num_latent_frames_per_chunk=2)
+
+
+def helios() -> TinyCase:
+    """Helios: autoregressive video in chunks of ``num_latent_frames_per_chunk`` latent frames; each chunk is one
+    scheduler schedule (``set_timesteps`` per chunk: a new call to the step clock) denoised with Wan-style blocks over
+    ONE sequence [long, mid, short history tokens (patchified at 4x, 2x, 1x), current chunk tokens]; the history
+    part is fixed within a chunk (timestep 0 modulation) and the blocks cross-attend to the text for the current
+    tokens only. CFG as two calls in ``cache_context("cond"/"uncond")``, cond first. ``HeliosScheduler`` (UniPC on
+    flow sigmas, one stage, dynamic shift). The pipeline ignores its ``latents=`` argument. At 5 frames with chunks
+    of 2 latent frames (5 frames) one chunk runs; the resized test call (9 frames) runs two."""
+    from diffusers import HeliosPipeline, HeliosScheduler
+
+    base_vae = _wan_vae(16)
+    pipe = HeliosPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=t5_encoder(d_model=32, umt5=True),
+        vae=base_vae,
+        scheduler=HeliosScheduler(stages=1, shift=1.0, use_dynamic_shifting=True, scheduler_type="unipc"),
+        transformer=_helios_transformer(),
+    )
+    return _case(pipe, "separate", is_video=True, **HELIOS_CALL)
+
+
+def helios_pyramid() -> TinyCase:
+    """Helios' pyramid pipeline (Helios-Mid / -Distilled): per chunk, ``len(pyramid_num_inference_steps_list)``
+    resolution stages (latents downsampled 2x per stage, then upsampled and re-noised between stages), each with its
+    own ``set_timesteps(n, stage_index)``. Its call has no ``num_inference_steps`` (the family tests pass one), so it
+    is not in BUILDERS: work.fam_video_probe runs it (``EXTRA``). 3 stages of 2 steps at 64 px: 2x2, 4x4, 8x8
+    latents."""
+    from diffusers import HeliosPyramidPipeline, HeliosScheduler
+
+    pipe = HeliosPyramidPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=t5_encoder(d_model=32, umt5=True), vae=_wan_vae(16),
+        scheduler=HeliosScheduler(stages=3, shift=1.0, use_dynamic_shifting=True, scheduler_type="unipc"),
+        transformer=_helios_transformer(),
+    )
+    call = dict(HELIOS_CALL, height=64, width=64, pyramid_num_inference_steps_list=[2, 2, 2])
+    case = _case(pipe, "separate", is_video=True, **call)
+    case.call_kwargs.pop("num_inference_steps")
+    return case
+
+
+def anyflow() -> TinyCase:
+    """AnyFlow (flow-map distilled Wan 2.1): Wan-style blocks over (B, F, C, H, W) latents (frames before channels;
+    its ``latents=`` and latent output are (B, C, F, H, W)); every forward conditions on the source timestep ``t`` and
+    the target ``r`` (both per frame, (B, F)), the scheduler a ``FlowMapEulerDiscreteScheduler``. The released
+    checkpoints fold CFG into the weights (default ``guidance_scale=1``); with a scale > 1 the pipeline runs one
+    doubled batch, unconditional first, no cache context. The tiny case turns CFG on (scale 5)."""
+    from diffusers import AnyFlowPipeline, AnyFlowTransformer3DModel, FlowMapEulerDiscreteScheduler
+
+    _seed(0)
+    transformer = AnyFlowTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3, cross_attn_norm=True, rope_max_seq_len=32,
+    ).eval()
+    pipe = AnyFlowPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(d_model=32, umt5=True),
+                           transformer=transformer, vae=_wan_vae(16), scheduler=FlowMapEulerDiscreteScheduler(shift=5.0))
+    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=5.0, height=32, width=32,
+                 num_frames=5, max_sequence_length=32)
+
+
+def anyflow_far() -> TinyCase:
+    """AnyFlow FAR: chunk-wise causal generation (``chunk_partition`` latent frames per chunk, here (1, 1)); each
+    chunk is one ``set_timesteps`` (a new call to the step clock), its forwards read a per-layer KV cache of the
+    earlier chunks, and after a chunk's last step the pipeline makes one more forward at timestep 0 (the "cache
+    step", ``is_cache_step``) that WRITES the chunk's keys/values into that cache and returns no prediction
+    (``sample=None``). Doubled-batch CFG when the scale is > 1 (the tiny case: 5)."""
+    from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, FlowMapEulerDiscreteScheduler
+
+    _seed(0)
+    transformer = AnyFlowFARTransformer3DModel(
+        patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4), full_chunk_limit=3, num_attention_heads=2,
+        attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3,
+        cross_attn_norm=True, rope_max_seq_len=32, chunk_partition=(1, 1),
+    ).eval()
+    pipe = AnyFlowFARPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(d_model=32, umt5=True),
+                              transformer=transformer, vae=_wan_vae(16), scheduler=FlowMapEulerDiscreteScheduler(shift=5.0))
+    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=5.0, height=32, width=32,
+                 num_frames=5, max_sequence_length=32)
+
+
+def chronoedit() -> TinyCase:
+    """ChronoEdit: image editing as a short video (Wan 2.1 I2V backbone, its own ``ChronoEditTransformer3DModel``
+    with Wan-style blocks): the input image is frame 0 of a (B, 16 + 4 mask + 16 condition, F, H, W) latent, CLIP
+    vision tokens join the text in cross attention, and the edit is the last frame. Without temporal reasoning the
+    pipeline forces ``num_frames=5`` (2 latent frames); with ``enable_temporal_reasoning`` it drops the middle
+    frames after ``num_temporal_reasoning_steps`` steps (a grid change inside one call). CFG as two calls, cond then
+    uncond, WITHOUT a cache context (branches by call order)."""
+    from diffusers import ChronoEditPipeline, ChronoEditTransformer3DModel, FlowMatchEulerDiscreteScheduler
+
+    image_encoder, image_processor = _clip_vision(16)
+    _seed(0)
+    transformer = ChronoEditTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        image_dim=16, added_kv_proj_dim=24, rope_max_seq_len=32,
+    ).eval()
+    pipe = ChronoEditPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(d_model=32, umt5=True),
+                              image_encoder=image_encoder, image_processor=image_processor, transformer=transformer,
+                              vae=_wan_vae(16), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    return _case(pipe, "separate", is_video=True, image=_test_image(32), negative_prompt="blurry", guidance_scale=5.0,
+                 height=32, width=32, num_frames=5, max_sequence_length=32)
 
 
 def sd15() -> TinyCase:
@@ -1924,6 +2273,14 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "kandinsky5": kandinsky5,
     "motif_video": motif_video,
     "latte": latte,
+    "flux3": flux3,
+    "krea2": krea2,
+    "ernie_image": ernie_image,
+    "bria_fibo2": bria_fibo2,
+    "kandinsky6": kandinsky6,
+    "helios": helios,
+    "anyflow": anyflow,
+    "chronoedit": chronoedit,
     "sd15": sd15,
     "sdxl": sdxl,
 }

@@ -38,7 +38,7 @@ from diffusers.hooks.hooks import ModelHook
 
 from diffaccel.config import OMIT_WHEN_DEFAULT, MethodConfig, check_float, check_int, register_config
 from diffaccel.guidance.layout import prediction_of, with_prediction
-from diffaccel.pipelines.adapters import BoundBlock, argument_position, get_argument
+from diffaccel.pipelines.adapters import BoundBlock, argument_position, get_argument, is_tensor_list
 from diffaccel.registry import AccelTarget, register_method
 
 from .block_cache import SpanResidual, finished_span, relative_l1, stream_layout
@@ -49,9 +49,10 @@ logger = logging.getLogger("diffaccel")
 TEACACHE_HOOK = "diffaccel.teacache"
 # Names under which blocks receive the timestep embedding (Flux/SD3/CogView4/Wan/Chroma/Lumina 2: temb;
 # PixArt/Sana: timestep; FLUX.2 and Qwen-Image 2.1: the modulation vectors made from it; Z-Image: adaln_input;
-# Kandinsky 5: time_embed).
+# Kandinsky 5: time_embed; Bria FIBO 2: adaln_noisy, its adaln_input being None). ERNIE-Image hands its blocks
+# a list of the modulation vectors, read as one.
 TIMESTEP_EMBEDDING_ARGS = ("temb", "timestep_proj", "timestep", "emb", "time_emb", "temb_mod_img", "temb_mod",
-                           "adaln_input", "modulation", "time_embed")
+                           "adaln_input", "modulation", "time_embed", "adaln_noisy")
 TEACACHE_DENOISER_HOOK = "diffaccel.teacache.denoiser"
 REUSE = ("residual", "output")
 INDICATORS = ("modulated", "sea")
@@ -186,11 +187,20 @@ def rescale(change: float, coefficients: Sequence[float]) -> float:
 _INLINE_MODULATION: set[type] = set()
 
 
+def _as_tensor(value) -> torch.Tensor | None:
+    """A timestep embedding as one tensor: itself, or a list of modulation tensors joined on the last axis."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if is_tensor_list(value):
+        return torch.cat([v.reshape(*v.shape[:-1], -1) for v in value], dim=-1)
+    return None
+
+
 def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tensor:
     """Block 0's timestep-modulated input, or its timestep embedding where the block modulates inline."""
     signature = inspect.signature(inspect.unwrap(type(block.module).forward))
     bound = signature.bind_partial(None, *args, **kwargs).arguments
-    temb = next((bound[n] for n in TIMESTEP_EMBEDDING_ARGS if isinstance(bound.get(n), torch.Tensor)), None)
+    temb = next((_as_tensor(bound[n]) for n in TIMESTEP_EMBEDDING_ARGS if _as_tensor(bound.get(n)) is not None), None)
     if temb is None:
         raise ValueError(
             f"cache='teacache': {type(block.module).__name__} receives no timestep embedding among "
