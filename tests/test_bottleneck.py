@@ -324,6 +324,12 @@ def test_pipelines_it_cannot_serve_are_refused_with_the_reason():
     case = build("mochi")  # flow matching, but its scheduler inverts the sigmas
     with pytest.raises(ValueError, match="cannot serve MochiPipeline: its scheduler reshapes sigmas .*inverted"):
         diffaccel.accelerate(case.pipe, sampling="bottleneck")
+    case = build("helios")  # chunk by chunk, each chunk from its own noise; latents= is not taken
+    with pytest.raises(ValueError, match="cannot serve HeliosPipeline: it generates the video chunk by chunk"):
+        diffaccel.accelerate(case.pipe, sampling="bottleneck")
+    case = build("anyflow")  # a flow-map scheduler (source and target time per step)
+    with pytest.raises(ValueError, match="cannot serve AnyFlowPipeline: its scheduler is FlowMapEulerDiscreteScheduler"):
+        diffaccel.accelerate(case.pipe, sampling="bottleneck")
     # a family whose pipeline hands over tokens in a packing the bottleneck does not know
     case = build("flux")
     adapter = dataclasses.replace(diffaccel.pipelines.adapter_for(case.denoiser), pipeline_latents="")
@@ -372,4 +378,43 @@ def test_ltx2_stages_carry_the_audio_and_its_copied_scheduler_runs_the_stage_sch
     assert [len(s) - 1 for _, s in schedules[1::2]] == [1, 3, 2]
     # stages 2 and 3 start from the resized video latents and the audio latents, both re-noised to the stage level
     assert noised == [(video[0] // 4, 0.8), (audio[0], 0.8), (video[0], 0.6), (audio[0], 0.6)]
+    diffaccel.remove(case.pipe)
+
+
+def test_kandinsky6_stages_carry_its_audio_renoised_to_each_stage_level():
+    """Kandinsky 6 denoises video and audio in one model and takes both back (``latents=``, ``audio_latents=``):
+    stages 2 and 3 start from the stage output's audio re-noised to the stage level, as the video is (before, they
+    drew fresh audio noise and ran it on the stage's shortened ramp); its audio scheduler, a copy of the video one
+    made after ``set_timesteps``, steps on the stage schedule too."""
+    from diffaccel.sampling import bottleneck
+
+    case = build("kandinsky6")
+    scheduler_cls = type(case.pipe.scheduler)
+    original_step = scheduler_cls.step
+    steps, levels, sizes = [], [], []
+
+    @functools.wraps(original_step)
+    def record(self, *args, **kwargs):
+        steps.append((id(self), round(float(self.sigmas[0]), 4)))
+        return original_step(self, *args, **kwargs)
+
+    renoise = bottleneck.renoise
+    hook = case.denoiser.register_forward_pre_hook(lambda m, a, k: sizes.append(tuple(k["hidden_states"].shape[1:4])),
+                                                   with_kwargs=True)
+    scheduler_cls.step = record
+    bottleneck.renoise = lambda x, strength, generator=None: levels.append((x.dim(), strength)) or renoise(
+        x, strength, generator)
+    try:
+        diffaccel.accelerate(case.pipe, sampling=BottleneckConfig(stage_steps=(1, 3, 2)))
+        out = run(case, seed=0, height=128, width=128, num_inference_steps=6)
+    finally:
+        scheduler_cls.step = original_step
+        bottleneck.renoise = renoise
+        hook.remove()
+    assert np.isfinite(out).all()
+    full, half = sizes[0], sizes[2]
+    assert half[1] * 2 == full[1] and half[2] * 2 == full[2]
+    assert levels == [(5, 0.8), (3, 0.8), (5, 0.6), (3, 0.6)]  # video (B, F, H, W, C) and audio (B, C, L) per stage
+    assert [level for _, level in steps] == [1.0] * 2 + [0.8] * 6 + [0.6] * 4  # video, then audio, every step
+    assert all(steps[i][0] != steps[i + 1][0] for i in range(0, len(steps), 2))  # two schedulers step
     diffaccel.remove(case.pipe)

@@ -227,6 +227,9 @@ def unpack_video_tokens(tokens: torch.Tensor, height: int, width: int, patch: in
 # Pipelines that rescale every call to the area of their default size, keeping the aspect ratio (HiDream-I1),
 # or take a fixed list of sizes (Kandinsky 5's image pipeline): a stage cannot ask them for fewer tokens.
 FIXED_AREA_PIPELINES = frozenset({"HiDreamImagePipeline", "Kandinsky5T2IPipeline"})
+# Pipelines that generate a video chunk by chunk, each chunk from noise of their own, and ignore ``latents=``
+# (Helios): a stage cannot start from the previous stage's latents.
+CHUNKED_PIPELINES = frozenset({"HeliosPipeline", "HeliosPyramidPipeline"})
 
 # Call arguments that condition on an image or video; such calls run at full resolution.
 CONDITION_ARGS = ("image", "video", "conditions", "control_image", "mask_image", "image_latents", "last_image",
@@ -452,6 +455,8 @@ def bottleneck_call(pipe, original_call, config: BottleneckConfig, args: tuple, 
                     extra["audio_latents"] = audio
             else:
                 latents = renoise(latents, strength, generator)
+                if audio is not None and "audio_latents" in call_params:  # Kandinsky 6: its audio to the same level
+                    extra["audio_latents"] = renoise(audio, strength, generator)
         stage_input = latents
         if latents is not None and k > 0 and geometry.layout == "BFHWC":
             stage_input = with_visual_condition(pipe, latents)
@@ -523,6 +528,9 @@ class BottleneckHandler:
             raise ValueError(f"sampling='bottleneck' cannot serve {name}: it rescales every call to the area of its "
                              f"default size (keeping the aspect ratio) or to a fixed list of sizes, so a stage cannot "
                              f"run at a lower resolution.")
+        if any(cls.__name__ in CHUNKED_PIPELINES for cls in type(pipe).__mro__):
+            raise ValueError(f"sampling='bottleneck' cannot serve {name}: it generates the video chunk by chunk, each "
+                             f"chunk from noise of its own, and does not take latents= to start a stage from.")
         params = inspect.signature(type(pipe).__call__).parameters
         missing = [p for p in ("latents", "height", "width", "output_type", "num_inference_steps") if p not in params]
         if missing:
