@@ -117,6 +117,19 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     ("diffusers.models.transformers.transformer_anyflow", "AnyFlowTransformerBlock", HIDDEN_ONLY),
     # ChronoEdit keeps its own copy of Wan's block class.
     ("diffusers.models.transformers.transformer_chronoedit", "WanTransformerBlock", HIDDEN_ONLY),
+    # Cosmos 3: one decoder layer list over [text (und), vision (gen)], each layer returning (und, gen).
+    (
+        "diffusers.models.transformers.transformer_cosmos3",
+        "Cosmos3VLTextMoTDecoderLayer",
+        BlockSpec(returns=(ENCODER, HIDDEN), hidden_arg="gen_seq", encoder_arg="und_seq"),
+    ),
+    # GLM-Image: CogView4-style blocks (joint attention over [glyph text, image]) returning (hidden, encoder).
+    ("diffusers.models.transformers.transformer_glm_image", "GlmImageTransformerBlock", HIDDEN_THEN_ENCODER),
+    # NucleusMoE-Image: image-only blocks (text as extra keys/values, projected inside each block).
+    ("diffusers.models.transformers.transformer_nucleusmoe_image", "NucleusMoEImageTransformerBlock", HIDDEN_ONLY),
+    # PRX: image-only blocks (text as extra keys/values).
+    ("diffusers.models.transformers.transformer_prx", "PRXBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.transformer_cogview3plus", "CogView3PlusTransformerBlock", HIDDEN_THEN_ENCODER),
 ]
 
 # (module path, wrapper class name, attribute holding the described block)
@@ -629,6 +642,77 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
             is_video=True,
             notes="image editing through a Wan 2.1 I2V video model; its pipeline runs cond then uncond without a cache "
                   "context (branches by call order); temporal reasoning drops frames mid-call (state resets there)",
+        ),
+    ),
+    (
+        "diffusers",
+        "Cosmos3OmniTransformer",
+        FamilyAdapter(
+            name="cosmos3_omni",
+            block_lists=("layers",),
+            latent_layout="CFHW_LIST",
+            cfg_layout="separate",
+            timestep_arg="vision_timesteps",
+            hidden_arg="vision_tokens",
+            is_video=True,
+            joint_text="prefix",
+            pipeline_latents="BCFHW",
+            notes="one joint sequence without a batch axis: the layers take the text (causal, independent of the "
+                  "latents) and the vision tokens as two (tokens, D) tensors; latents are a list of one "
+                  "(1, C, T, H, W) tensor; CFG as two calls in cache contexts cond / uncond",
+        ),
+    ),
+    (
+        "diffusers",
+        "GlmImageTransformer2DModel",
+        FamilyAdapter(
+            name="glm_image",
+            block_lists=("transformer_blocks",),
+            latent_layout="BCHW",
+            cfg_layout="separate",
+            joint_text="prefix",
+            notes="an AR model samples prior image tokens that the DiT adds to its image tokens (so no bottleneck: "
+                  "each stage would sample anew); its pipeline runs cond then uncond without a cache context "
+                  "(branches by call order)",
+        ),
+    ),
+    (
+        "diffusers",
+        "NucleusMoEImageTransformer2DModel",
+        FamilyAdapter(
+            name="nucleusmoe_image",
+            pipeline_latents="packed2x2",
+            block_lists=("transformer_blocks",),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            notes="image-only blocks with text as extra keys/values and expert-choice MoE MLPs; its pipeline runs "
+                  "cond then uncond without a cache context (branches by call order) and rescales the guided "
+                  "prediction to the conditional one's norm",
+        ),
+    ),
+    (
+        "diffusers",
+        "PRXTransformer2DModel",
+        FamilyAdapter(
+            name="prx",
+            block_lists=("blocks",),
+            latent_layout="BCHW",
+            cfg_layout="batched",
+            notes="image-only blocks with text as extra keys/values; CFG as one doubled batch. The pixel-space "
+                  "pipeline (PRXPixelPipeline) uses the same class on RGB pixels and predicts x0",
+        ),
+    ),
+    (
+        "diffusers",
+        "CogView3PlusTransformer2DModel",
+        FamilyAdapter(
+            name="cogview3plus",
+            block_lists=("transformer_blocks",),
+            latent_layout="BCHW",
+            cfg_layout="batched",
+            joint_text="prefix",
+            notes="CogView4-style blocks; CFG as one doubled batch; CogVideoX DDIM scheduler (v-prediction), so "
+                  "no bottleneck",
         ),
     ),
     (

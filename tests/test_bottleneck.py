@@ -327,6 +327,12 @@ def test_pipelines_it_cannot_serve_are_refused_with_the_reason():
     case = build("helios")  # chunk by chunk, each chunk from its own noise; latents= is not taken
     with pytest.raises(ValueError, match="cannot serve HeliosPipeline: it generates the video chunk by chunk"):
         diffaccel.accelerate(case.pipe, sampling="bottleneck")
+    case = build("glm_image")  # its AR prior would be sampled anew at every stage
+    with pytest.raises(ValueError, match="cannot serve GlmImagePipeline: its AR model samples the prior image tokens"):
+        diffaccel.accelerate(case.pipe, sampling="bottleneck")
+    case = build("prx_pixel")  # pixel space from noise of std 2
+    with pytest.raises(ValueError, match="cannot serve PRXPixelPipeline: it samples in pixel space from noise of std"):
+        diffaccel.accelerate(case.pipe, sampling="bottleneck")
     case = build("anyflow")  # a flow-map scheduler (source and target time per step)
     with pytest.raises(ValueError, match="cannot serve AnyFlowPipeline: its scheduler is FlowMapEulerDiscreteScheduler"):
         diffaccel.accelerate(case.pipe, sampling="bottleneck")

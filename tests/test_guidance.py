@@ -329,12 +329,12 @@ def test_interval_without_a_step_count_guides_every_step_and_says_so(caplog):
 # ------------------------------------------------------------------------------------------ tiny pipelines
 
 BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanimate", "allegro", "aura_flow",
-           "hidream_image", "bria_fibo", "latte", "ernie_image", "anyflow"]
+           "hidream_image", "bria_fibo", "latte", "ernie_image", "anyflow", "prx", "prx_pixel", "cogview3plus"]
 # Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context; HunyuanVideo 1.5 runs CFG through a
 # diffusers guider (contexts "pred_cond" / "pred_uncond").
 PER_BRANCH = ["wan", "wan_vace", "skyreels_v2", "flux", "flux2_klein", "chroma", "lumina2", "hunyuan_video15", "hunyuan_image",
               "longcat_image", "ovis_image", "cosmos", "qwenimage21", "kandinsky5", "motif_video", "flux3", "krea2",
-              "bria_fibo2", "kandinsky6", "helios", "chronoedit"]
+              "bria_fibo2", "kandinsky6", "helios", "chronoedit", "cosmos3_omni", "glm_image", "nucleusmoe_image"]
 FAMILIES = BATCHED + PER_BRANCH
 # The guidance scale of an unguided call, where it is not 1: Krea 2 guides as cond + s·(cond − uncond).
 UNGUIDED_SCALE = {"krea2": 0.0}
@@ -449,7 +449,8 @@ def test_skipped_branches_are_not_executed(name):
 
     def count(module, args, kwargs):
         hidden, _ = first_block.stream_inputs(args, kwargs)
-        batches.append(hidden.shape[1 if name in SEQUENCE_FIRST else 0])
+        # Cosmos 3's blocks take (tokens, channels): one sample, no batch axis
+        batches.append(1 if hidden.dim() == 2 else hidden.shape[1 if name in SEQUENCE_FIRST else 0])
 
     handle = first_block.module.register_forward_pre_hook(count, with_kwargs=True)
     try:

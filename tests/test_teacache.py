@@ -1,5 +1,7 @@
 """TeaCache: exact skips on the oracle toy, off is bit-identical, every transformer family, calibration."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,18 @@ def test_every_transformer_family_off_is_exact_on_skips_and_remove_restores(name
     assert stats["blocks_skipped"] > 0 and np.isfinite(fast).all()
     diffaccel.remove(case.pipe)
     assert np.array_equal(run(case, seed=0), baseline)
+
+
+def test_blocks_without_a_timestep_embedding_measure_their_hidden_input(caplog):
+    """Cosmos 3 adds the timestep to the tokens before its decoder layers, which take none: the indicator is the
+    first layer's hidden input, said once in the log, and the cache still skips on a slow-changing input."""
+    case = build("cosmos3_omni")
+    with caplog.at_level(logging.INFO, logger="diffaccel"):
+        diffaccel.accelerate(case.pipe, cache=TeaCacheConfig(threshold=100.0))
+    assert sum("takes no timestep embedding" in r.getMessage() for r in caplog.records) == 1
+    run(case, seed=0)
+    assert diffaccel.stats(case.pipe)["blocks_skipped"] > 0
+    diffaccel.remove(case.pipe)
 
 
 def test_unet_is_a_clear_error():

@@ -2129,6 +2129,249 @@ def chronoedit() -> TinyCase:
                  height=32, width=32, num_frames=5, max_sequence_length=32)
 
 
+# More 2025-26 families: Cosmos 3 Omni, GLM-Image, NucleusMoE-Image, PRX, CogView3-Plus
+
+
+def _cosmos3_transformer():
+    from diffusers import Cosmos3OmniTransformer
+
+    _seed(0)
+    return Cosmos3OmniTransformer(
+        head_dim=8, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=3, latent_channel=16, latent_patch_size=2, patch_latent_dim=16 * 2 * 2,
+        rope_axes_dim=(2, 1, 1), rope_theta=10000.0, vocab_size=VOCAB_SIZE, dtype="float32",
+    ).eval()
+
+
+def cosmos3_omni(num_frames: int = 5) -> TinyCase:
+    """Cosmos 3 Omni (``Cosmos3OmniPipeline``): one LLM-style (Qwen3 MoT) decoder over ONE joint sequence, no batch
+    axis: [text tokens (causal "understanding" pathway), vision patch tokens (the "generation" pathway)]. The model
+    embeds the prompt's token ids itself (no text encoder: the pipeline only tokenises, with a chat template and the
+    ``<|vision_start|>`` token); every decoder layer takes (und_seq, gen_seq, rotary_emb) as (tokens, D) tensors and
+    returns both, the text pathway never seeing the vision tokens. The latents reach the model as a list of one
+    (1, C, T, H, W) tensor (``vision_tokens``), the timestep as one value per noisy token (``vision_timesteps``),
+    added to the tokens before the layers (no timestep embedding reaches a layer). Text-to-image when
+    ``num_frames == 1``, text-to-video otherwise (templates differ, the model is the same). CFG as two calls in
+    cache contexts "cond" / "uncond" (conditional first; cond and uncond have different text lengths). The VAE is a
+    Wan VAE (8x here; Wan 2.2's 16x in the real model). Its output holds one ``video`` (no batch axis)
+    where other pipelines hold ``frames``."""
+    from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
+
+
+    pipe = Cosmos3OmniPipeline(
+        transformer=_cosmos3_transformer(),
+        text_tokenizer=qwen_chat_tokenizer(),
+        vae=_wan_vae(16),
+        scheduler=UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=5.0),
+        enable_safety_checker=False,
+    )
+    return _case(pipe, "separate", is_video=True, negative_prompt="blurry", guidance_scale=3.0, height=32, width=32,
+                 num_frames=num_frames, fps=24.0)
+
+
+GLM_SPECIALS = {"image_token": "<|image|>", "grid_bos_token": "<|grid_bos|>", "grid_eos_token": "<|grid_eos|>"}
+
+
+def _glm_image_processor():
+    """A real ``GlmImageProcessor`` (PIL image processor) over the word-level tokenizer with GLM-Image's named special
+    tokens (``image_token``, ``grid_bos_token``, ``grid_eos_token``: ids 172-174) and a chat template that keeps the
+    text parts. The processor appends the target grids ("<|grid_bos|>h w<|grid_eos|>" twice) and the BOS token."""
+    from transformers import GlmImageImageProcessorPil, GlmImageProcessor
+
+    tokenizer = make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False, padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(GLM_SPECIALS.values())})
+    tokenizer._set_model_specific_special_tokens(GLM_SPECIALS)  # what a saved tokenizer_config's dict would set
+    tokenizer.chat_template = (
+        "{% for message in messages %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+        "{{ part['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    )
+    return GlmImageProcessor(image_processor=GlmImageImageProcessorPil(), tokenizer=tokenizer,
+                             chat_template=tokenizer.chat_template)
+
+
+def _glm_image_ar_model():
+    """A 32-wide ``GlmImageForConditionalGeneration`` (the AR model that samples the prior image tokens): its head
+    predicts the 128 vision-vocabulary ids, which the text embedding (256 ids) reads back while decoding."""
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
+
+    config = GlmImageConfig(
+        text_config={"vocab_size": VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                     "vision_vocab_size": 128, "rope_parameters": {"mrope_section": (4, 2, 2)},
+                     "pad_token_id": PAD_ID, "eos_token_id": VOCAB_SIZE - 1},
+        vision_config={"depth": 2, "hidden_size": 32, "num_heads": 2, "image_size": 32, "patch_size": 8,
+                       "intermediate_size": 32},
+        vq_config={"embed_dim": 32, "num_embeddings": 128, "latent_channels": 32},
+        image_token_id=172, image_start_token_id=VOCAB_SIZE - 3, image_end_token_id=VOCAB_SIZE - 2,
+    )
+    _seed(0)
+    return GlmImageForConditionalGeneration(config).eval()
+
+
+def glm_image() -> TinyCase:
+    """GLM-Image (``GlmImagePipeline``): an AR model (``GlmImageForConditionalGeneration``) first samples prior image
+    tokens (the target grid at 1/32 and a fixed 16x16 preview grid, ~260 tokens), upsampled 2x to the DiT's patch
+    grid; the DiT (CogView4-style blocks returning (hidden, encoder), joint attention over [glyph text, image]) adds
+    their embedding to the image tokens. Text conditioning is ByT5 "glyph" embeddings of the prompt's QUOTED text
+    only. CFG as two calls, conditional first, without a cache context: the unconditional one drops the prior tokens
+    and takes the empty prompt's glyphs. The VAE latents are normalised by ``latents_mean`` / ``latents_std``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, GlmImagePipeline, GlmImageTransformer2DModel
+    from transformers import ByT5Tokenizer
+
+    _seed(0)
+    transformer = GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=32, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=128,
+    ).eval()
+    vae = kl_vae(latent_channels=4, latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 1.2])
+    pipe = GlmImagePipeline(
+        tokenizer=ByT5Tokenizer(),
+        processor=_glm_image_processor(),
+        text_encoder=t5_encoder(d_model=32),
+        vision_language_encoder=_glm_image_ar_model(),
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    return _case(pipe, "separate", prompt="a red circle with text 'cat'", guidance_scale=1.5, max_sequence_length=16)
+
+
+def nucleusmoe_image() -> TinyCase:
+    """NucleusMoE-Image (``NucleusMoEImagePipeline``): one list of single-stream blocks over the IMAGE tokens only,
+    the text entering every block as extra keys/values (image queries attend to [image, text]; each block projects
+    the text itself and returns only the image stream). Blocks after the first have a Mixture-of-Experts MLP with
+    expert-choice routing (each expert takes the top tokens of each sample's sequence, router fed the timestep
+    embedding) plus a shared expert; the routed experts' weights are ``torch.empty`` until a checkpoint loads, so the
+    builder fills them. Latents are 2x2-packed tokens (Qwen-Image's packing) of a Qwen-Image VAE; the
+    model predicts the NEGATIVE velocity (the pipeline flips it) from timestep / 1000. Qwen3-VL text features of one
+    hidden layer (``return_index``; the default -8 needs 8 layers, -2 here). CFG as two calls, conditional first, no
+    cache context, then the guided prediction is rescaled to the conditional one's norm per token."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, NucleusMoEImagePipeline,
+                           NucleusMoEImageTransformer2DModel)
+
+    z_dim = 4
+    _seed(0)
+    transformer = NucleusMoEImageTransformer2DModel(
+        patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=3, attention_head_dim=16,
+        num_attention_heads=2, num_key_value_heads=1, joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+        mlp_ratio=6.0,  # the dense blocks' MLP width rounds down to a multiple of 128: 32 * 6 * 2/3 = 128
+        moe_enabled=True, dense_moe_strategy="leave_first_block_dense", num_experts=4, moe_intermediate_dim=16,
+        capacity_factors=2.0,
+    ).eval()
+    # The routed experts' packed weights are created with torch.empty and never initialised by the model (a
+    # checkpoint fills them): random values here, seeded, or the output is whatever the memory held (NaN included).
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+    _seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=z_dim * 2, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 1.2],
+    ).eval()
+    text_encoder, processor = _qwen3_vl(layers=3)
+    pipe = NucleusMoEImagePipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                   text_encoder=text_encoder, processor=processor)
+    return _case(pipe, "separate", negative_prompt="blurry", guidance_scale=4.0, return_index=-2,
+                 max_sequence_length=64)
+
+
+def _t5gemma_encoder(hidden_size: int = 32):
+    """A 32-wide T5Gemma encoder (PRX's text encoder; the pixel pipeline takes any encoder with ``last_hidden_state``)."""
+    from transformers import T5GemmaModuleConfig
+    from transformers.models.t5gemma.modeling_t5gemma import T5GemmaEncoder
+
+    config = T5GemmaModuleConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, dropout_rate=0.0,
+    )
+    _seed(0)
+    return T5GemmaEncoder(config).eval()
+
+
+def _prx_transformer(pixel: bool):
+    """The blocks' ``Modulation`` layers are zero-initialised (adaLN-zero: every block starts as the identity, so no
+    cache could be seen to skip anything); a checkpoint makes them non-zero, so they get seeded random values here."""
+    from diffusers import PRXTransformer2DModel
+
+    _seed(0)
+    if pixel:  # RGB patches of 8x8 through a two-layer bottleneck, modulation aware of the resolution (PRX-7B style)
+        transformer = PRXTransformer2DModel(in_channels=3, patch_size=8, context_in_dim=32, hidden_size=32,
+                                            mlp_ratio=2.0, num_heads=2, depth=3, axes_dim=[8, 8], bottleneck_size=16,
+                                            resolution_embeds=True).eval()
+    else:
+        transformer = PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=32, hidden_size=32,
+                                            mlp_ratio=2.0, num_heads=2, depth=3, axes_dim=[8, 8]).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".modulation.lin." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return transformer
+
+
+def prx() -> TinyCase:
+    """PRX (``PRXPipeline``, Photoroom): one list of blocks over the IMAGE tokens, which attend to [text, image] keys
+    (the text is projected to keys/values inside each block and never updated: blocks return the image stream only);
+    T5Gemma text encoder; latents (B, C, H, W) of an SD/Flux-style KL VAE (or a DC-AE), timestep t / 1000. CFG as ONE
+    doubled batch, unconditional first, no cache context. ``use_resolution_binning=False``: with binning on, the call's
+    size is mapped to the 256/512 px aspect-ratio bins."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
+
+    pipe = PRXPipeline(
+        transformer=_prx_transformer(pixel=False),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=_t5gemma_encoder(),
+        tokenizer=t5_tokenizer(),
+        vae=kl_vae(latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159),  # Flux VAE's (PRX reads both)
+        default_sample_size=512,
+    )
+    return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=4.0, use_resolution_binning=False,
+                 tokenizer_max_length=16)
+
+
+def prx_pixel() -> TinyCase:
+    """PRX pixel (``PRXPixelPipeline``): the same transformer class in RGB PIXEL space (no VAE; 8x8 RGB patches through
+    a two-layer ``img_in`` bottleneck; resolution added to the modulation vector). It predicts x0, which the pipeline
+    turns into a velocity ``(x - x0) / max(t, 0.05)`` after CFG; sampling starts from ``randn * noise_scale`` (2.0).
+    CFG as one doubled batch, unconditional first; prompts padded to ``prompt_max_tokens``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, PRXPixelPipeline
+
+    pipe = PRXPixelPipeline(
+        transformer=_prx_transformer(pixel=True),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=_t5gemma_encoder(),
+        tokenizer=t5_tokenizer(),
+        default_sample_size=1024,
+        prompt_max_tokens=16,
+    )
+    return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=4.0, use_resolution_binning=False)
+
+
+def cogview3plus() -> TinyCase:
+    """CogView3-Plus (``CogView3PlusPipeline``): CogView4's predecessor. The model patch-embeds [text, image] together,
+    splits them, and every block (CogView4-style, returning (hidden, encoder)) runs joint attention over [text, image]
+    and one feed-forward over both; T5 text features, SDXL-style size micro-conditioning. Unlike CogView4 (flow
+    matching, CFG as two calls in cache contexts), CFG is ONE doubled batch, unconditional first, and the scheduler is
+    ``CogVideoXDDIMScheduler`` (v-prediction, zero-terminal-SNR; the real model's), not flow matching."""
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    _seed(0)
+    transformer = CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=32, time_embed_dim=16, condition_dim=8, pos_embed_max_size=32, sample_size=8,
+    ).eval()
+    scheduler = CogVideoXDDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=True,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=4.0, timestep_spacing="trailing",
+    )
+    pipe = CogView3PlusPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(d_model=32),
+                                vae=kl_vae(latent_channels=4), transformer=transformer, scheduler=scheduler)
+    return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=5.0, max_sequence_length=16)
+
+
 def sd15() -> TinyCase:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -2281,6 +2524,12 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "helios": helios,
     "anyflow": anyflow,
     "chronoedit": chronoedit,
+    "cosmos3_omni": cosmos3_omni,
+    "glm_image": glm_image,
+    "nucleusmoe_image": nucleusmoe_image,
+    "prx": prx,
+    "prx_pixel": prx_pixel,
+    "cogview3plus": cogview3plus,
     "sd15": sd15,
     "sdxl": sdxl,
 }
@@ -2339,7 +2588,6 @@ def run(case: TinyCase, seed: int = 0, **overrides) -> np.ndarray:
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():
         out = case.pipe(**kwargs)
-    arr = out.frames if case.is_video else out.images
-    if isinstance(arr, torch.Tensor):
-        arr = arr.float().cpu().numpy()
-    return np.asarray(arr)
+    from diffaccel.media import pipeline_samples
+
+    return pipeline_samples(out, case.is_video)

@@ -197,15 +197,13 @@ def _as_tensor(value) -> torch.Tensor | None:
 
 
 def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Block 0's timestep-modulated input, or its timestep embedding where the block modulates inline."""
+    """Block 0's timestep-modulated input, or its timestep embedding where the block modulates inline, or its
+    hidden input where the block takes no timestep embedding (the model added the timestep to the tokens)."""
     signature = inspect.signature(inspect.unwrap(type(block.module).forward))
     bound = signature.bind_partial(None, *args, **kwargs).arguments
     temb = next((_as_tensor(bound[n]) for n in TIMESTEP_EMBEDDING_ARGS if _as_tensor(bound.get(n)) is not None), None)
-    if temb is None:
-        raise ValueError(
-            f"cache='teacache': {type(block.module).__name__} receives no timestep embedding among "
-            f"{list(TIMESTEP_EMBEDDING_ARGS)}; TeaCache needs it for its change indicator."
-        )
+    if temb is None:  # the timestep reached the tokens before the blocks (Cosmos 3): they carry it themselves
+        return block.stream_inputs(args, kwargs)[0]
     norm = getattr(block.module, "norm1", None)
     if norm is not None and type(block.module) not in _INLINE_MODULATION:
         params = list(inspect.signature(norm.forward).parameters)
@@ -437,11 +435,11 @@ class TeaCacheHandler:
             )
         first = target.blocks[0].module
         params = inspect.signature(inspect.unwrap(type(first).forward)).parameters
-        if not any(name in params for name in TIMESTEP_EMBEDDING_ARGS):
-            raise ValueError(
-                f"cache='teacache' cannot apply to {target.denoiser_name}: its first block "
-                f"({type(first).__name__}) takes no timestep embedding among {list(TIMESTEP_EMBEDDING_ARGS)}."
-            )
+        if config.indicator == "modulated" and not any(name in params for name in TIMESTEP_EMBEDDING_ARGS):
+            logger.info(
+                "diffaccel: TeaCache on %s: its first block (%s) takes no timestep embedding among %s (the model "
+                "adds the timestep to the tokens before the blocks), so the change indicator is the block's hidden "
+                "input itself.", target.denoiser_name, type(first).__name__, list(TIMESTEP_EMBEDDING_ARGS))
 
     def apply(self, config: TeaCacheConfig, target: AccelTarget, runtime) -> None:
         states = runtime.new_branch_states(lambda: TeaCacheState(config.calibrator, config.calibrator_order))

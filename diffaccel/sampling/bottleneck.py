@@ -224,12 +224,24 @@ def unpack_video_tokens(tokens: torch.Tensor, height: int, width: int, patch: in
 
 # ------------------------------------------------------------------------------------------ the wrapper
 
-# Pipelines that rescale every call to the area of their default size, keeping the aspect ratio (HiDream-I1),
-# or take a fixed list of sizes (Kandinsky 5's image pipeline): a stage cannot ask them for fewer tokens.
-FIXED_AREA_PIPELINES = frozenset({"HiDreamImagePipeline", "Kandinsky5T2IPipeline"})
-# Pipelines that generate a video chunk by chunk, each chunk from noise of their own, and ignore ``latents=``
-# (Helios): a stage cannot start from the previous stage's latents.
-CHUNKED_PIPELINES = frozenset({"HeliosPipeline", "HeliosPyramidPipeline"})
+# Pipelines a stage cannot serve, and why. HiDream-I1 rescales every call to the area of its default size, and
+# Kandinsky 5's image pipeline takes a fixed list of sizes; Helios generates chunk by chunk, each chunk from noise of
+# its own, and ignores ``latents=``; GLM-Image's AR model samples new prior tokens at each call's grid; PRX's pixel
+# pipeline starts from noise of std ``noise_scale`` (2), where the stages re-noise with unit noise.
+_FIXED_AREA = ("it rescales every call to the area of its default size (keeping the aspect ratio) or to a fixed list "
+               "of sizes, so a stage cannot run at a lower resolution")
+_CHUNKED = ("it generates the video chunk by chunk, each chunk from noise of its own, and does not take latents= to "
+            "start a stage from")
+REFUSED_PIPELINES: dict[str, str] = {
+    "HiDreamImagePipeline": _FIXED_AREA,
+    "Kandinsky5T2IPipeline": _FIXED_AREA,
+    "HeliosPipeline": _CHUNKED,
+    "HeliosPyramidPipeline": _CHUNKED,
+    "GlmImagePipeline": "its AR model samples the prior image tokens afresh for each call's grid, so every stage "
+                        "would follow another sample",
+    "PRXPixelPipeline": "it samples in pixel space from noise of std noise_scale, where the re-noising between "
+                        "stages draws unit noise",
+}
 
 # Call arguments that condition on an image or video; such calls run at full resolution.
 CONDITION_ARGS = ("image", "video", "conditions", "control_image", "mask_image", "image_latents", "last_image",
@@ -390,7 +402,7 @@ def _renoises_itself(pipe, geometry: _Geometry) -> bool:
 
 
 def _latents_of(output) -> torch.Tensor:
-    for name in ("frames", "images"):
+    for name in ("frames", "images", "video"):  # Cosmos 3: one video, its latent output (1, C, T, H, W)
         value = getattr(output, name, None)
         if isinstance(value, torch.Tensor):
             return value
@@ -524,13 +536,9 @@ class BottleneckHandler:
                 f"sampling='bottleneck' cannot serve {name} yet: it hands its latents over as {form} "
                 f"({layout}) in a packing this version does not resize (it resizes {', '.join(PIPELINE_LAYOUTS)})."
             )
-        if any(cls.__name__ in FIXED_AREA_PIPELINES for cls in type(pipe).__mro__):
-            raise ValueError(f"sampling='bottleneck' cannot serve {name}: it rescales every call to the area of its "
-                             f"default size (keeping the aspect ratio) or to a fixed list of sizes, so a stage cannot "
-                             f"run at a lower resolution.")
-        if any(cls.__name__ in CHUNKED_PIPELINES for cls in type(pipe).__mro__):
-            raise ValueError(f"sampling='bottleneck' cannot serve {name}: it generates the video chunk by chunk, each "
-                             f"chunk from noise of its own, and does not take latents= to start a stage from.")
+        refusal = next((REFUSED_PIPELINES[c.__name__] for c in type(pipe).__mro__ if c.__name__ in REFUSED_PIPELINES), None)
+        if refusal is not None:
+            raise ValueError(f"sampling='bottleneck' cannot serve {name}: {refusal}.")
         params = inspect.signature(type(pipe).__call__).parameters
         missing = [p for p in ("latents", "height", "width", "output_type", "num_inference_steps") if p not in params]
         if missing:
