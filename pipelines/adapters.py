@@ -342,13 +342,20 @@ def unwrap_denoiser(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "_orig_mod", module)
 
 
+# Denoiser classes examined and left unsupported, with the reason the error gives (families.py fills it).
+UNSUPPORTED_REASONS: dict[str, str] = {}
+
+
 def adapter_for(denoiser: torch.nn.Module) -> FamilyAdapter:
-    """The adapter for a denoiser; a ``ValueError`` naming the class and the supported ones otherwise."""
+    """The adapter for a denoiser; a ``ValueError`` naming the class (and why, where it was examined and left out)
+    and the supported ones otherwise."""
     for cls in type(unwrap_denoiser(denoiser)).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
+    name = type(unwrap_denoiser(denoiser)).__name__
+    why = f" ({UNSUPPORTED_REASONS[name]})" if name in UNSUPPORTED_REASONS else ""
     raise ValueError(
-        f"diffaccel does not support the denoiser class {type(denoiser).__name__}. Supported: "
+        f"diffaccel does not support the denoiser class {type(denoiser).__name__}{why}. Supported: "
         f"{', '.join(supported_denoisers())}. For another model, describe it with "
         f"diffaccel.pipelines.register_adapter(YourModelClass, FamilyAdapter(...))."
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 import logging
 
-from .adapters import (ENCODER, HIDDEN, BlockSpec, FamilyAdapter, register_adapter, register_block_spec,
-                       register_block_wrapper)
+from .adapters import (ENCODER, HIDDEN, UNSUPPORTED_REASONS, BlockSpec, FamilyAdapter, register_adapter,
+                       register_block_spec, register_block_wrapper)
 
 logger = logging.getLogger(__name__)
 
@@ -729,6 +729,16 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
         ),
     ),
 ]
+
+
+# Examined and left unsupported: the unsupported-model error says why.
+UNSUPPORTED_REASONS.update({
+    "Ideogram4Transformer2DModel": "its pipeline runs the unconditional branch through a second model, "
+                                   "unconditional_transformer, over other tokens; hooks on one model would leave "
+                                   "half of each step unaccelerated and adaptive guidance could not skip it",
+    "AnyFlowFARTransformer3DModel": "after each chunk its pipeline makes an extra forward that writes the chunk's "
+                                    "keys and values into a KV cache, which a skipped block would leave empty",
+})
 
 
 def _resolve(module_path: str, name: str):

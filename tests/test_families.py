@@ -369,3 +369,21 @@ def test_the_image_pipeline_of_a_video_family_makes_images():
     assert not is_video_pipeline(case.pipe) and run(case).ndim == 4
     assert is_video_pipeline(build("cosmos").pipe) and is_video_pipeline(build("sana_video").pipe)  # `frames`
     assert not is_video_pipeline(build("flux").pipe)
+
+
+def test_a_denoiser_examined_and_left_out_is_refused_with_the_reason():
+    """Ideogram 4 runs its unconditional branch through a second model; AnyFlow FAR writes a KV cache in an extra
+    forward per chunk: accelerating either would be half done or corrupt, so the error says why."""
+    from diffusers import Ideogram4Transformer2DModel
+
+    from diffaccel.pipelines import adapter_for
+    from tiny_pipelines import anyflow_far
+
+    ideogram = Ideogram4Transformer2DModel(in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                           intermediate_size=64, adaln_dim=32, llm_features_dim=32,
+                                           mrope_section=(4, 2, 2))
+    with pytest.raises(ValueError, match=r"Ideogram4Transformer2DModel \(its pipeline runs the unconditional branch "
+                                         r"through a second model"):
+        adapter_for(ideogram)
+    with pytest.raises(ValueError, match=r"AnyFlowFARTransformer3DModel \(after each chunk .* KV cache"):
+        diffaccel.accelerate(anyflow_far().pipe, "fast")
