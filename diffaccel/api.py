@@ -14,20 +14,32 @@ from .config import AccelConfig
 from .presets import preset, preset_for
 from .registry import AccelTarget, handler_for
 from .runtime import PIPE_ATTRIBUTE, RUNTIME_HOOK, Runtime
+from .runtime.context import UNCOND
 
 logger = logging.getLogger("diffaccel")
 
 DENOISER_ATTRIBUTES = ("transformer", "unet", "transformer_2")
-# Further denoisers that run some of a call's steps: Wan 2.2's low-noise expert (``transformer_2``, the steps
-# below ``boundary_ratio``). Each is accelerated by a runtime of its own (its caches are its own), driven by the
+# Further denoisers that run some of a call's forwards: Wan 2.2's low-noise expert (``transformer_2``, the steps
+# below ``boundary_ratio``), Ideogram 4's unconditional model (``unconditional_transformer``, the unconditional
+# branch of every step). Each is accelerated by a runtime of its own (its caches are its own), driven by the
 # same steps; pipeline-level methods (sampling) apply once.
-EXPERT_ATTRIBUTES = ("transformer_2",)
+EXPERT_ATTRIBUTES = ("transformer_2", "unconditional_transformer")
+# Experts that compute one CFG branch, every forward (the main denoiser then computes the other).
+EXPERT_BRANCHES = {"unconditional_transformer": UNCOND}
 # Slots whose method works on the pipeline call, not on one denoiser: installed once, by the main runtime.
 PIPELINE_SLOTS = ("sampling",)
 # Methods (by slot, or by slot and name) that cannot serve a pipeline with experts yet, with the reason.
 NOT_WITH_EXPERTS = {
     ("sampling", "distilled"): "a student replaces one denoiser; the expert's steps would run the teacher at "
                                "the student's step count",
+}
+# And with one particular expert: (slot, method or None for any) -> why.
+NOT_WITH_EXPERT = {
+    "unconditional_transformer": {
+        ("guidance", None): "the unconditional branch runs in a second model, and guidance methods compare or "
+                            "replace the branches of one model",
+        ("parallel", None): "CFG and context parallel shard one model's calls",
+    },
 }
 
 
@@ -156,7 +168,8 @@ def _install(pipe: Any, denoiser: torch.nn.Module, adapter: Any, config: AccelCo
         for name, expert in experts:
             expert_target = AccelTarget(pipe=pipe, denoiser=expert, adapter=adapter_for(expert))
             expert_config = _validated(resolved.without(*PIPELINE_SLOTS).for_expert(name), expert_target)
-            runtime.add_expert(name, _install_runtime(expert_target, expert_config, primary=runtime))
+            runtime.add_expert(name, _install_runtime(expert_target, expert_config, primary=runtime,
+                                                      branch=EXPERT_BRANCHES.get(name)))
     except BaseException:
         runtime.remove()
         raise
@@ -187,7 +200,10 @@ def _for_experts(config: AccelConfig, pipe: Any, experts: list) -> AccelConfig:
     if not experts:
         return config
     dropped = []
-    for (slot, name), why in NOT_WITH_EXPERTS.items():
+    refusals = dict(NOT_WITH_EXPERTS)
+    for expert, _ in experts:
+        refusals.update(NOT_WITH_EXPERT.get(expert, {}))
+    for (slot, name), why in refusals.items():
         method = getattr(config, slot)
         if method is None or name not in (None, method.method):
             continue
@@ -200,7 +216,8 @@ def _for_experts(config: AccelConfig, pipe: Any, experts: list) -> AccelConfig:
     return config.without(*dropped) if dropped else config
 
 
-def _install_runtime(target: AccelTarget, config: AccelConfig, primary: Runtime | None = None) -> Runtime:
+def _install_runtime(target: AccelTarget, config: AccelConfig, primary: Runtime | None = None,
+                     branch: str | None = None) -> Runtime:
     """One denoiser's runtime with every method of ``config`` installed; nothing stays on failure."""
     planned = [(method, handler_for(method)) for method in config.methods()]
     registry = getattr(target.denoiser, "_diffusers_hook", None)
@@ -209,7 +226,7 @@ def _install_runtime(target: AccelTarget, config: AccelConfig, primary: Runtime 
             f"This {target.denoiser_name} is already accelerated through another pipeline object that shares it; "
             f"call diffaccel.remove() on that pipeline first."
         )
-    runtime = Runtime(target.pipe, target.denoiser, target.adapter, config, primary=primary)
+    runtime = Runtime(target.pipe, target.denoiser, target.adapter, config, primary=primary, branch=branch)
     try:
         for method, handler in planned:
             handler.apply(method, target, runtime)

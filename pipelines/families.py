@@ -102,6 +102,9 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     ("diffusers.models.transformers.transformer_flux3", "Flux3SingleTransformerBlock", ENCODER_THEN_HIDDEN),
     # Krea 2: single-stream blocks over [text, image] joined by the model before them.
     ("diffusers.models.transformers.transformer_krea2", "Krea2TransformerBlock", JOINED_TEXT_FIRST),
+    # Ideogram 4: one [text, image] sequence enters the conditional model's blocks as one tensor (the text features
+    # added to the hidden stream at the text positions); its unconditional model's blocks see the image alone.
+    ("diffusers.models.transformers.transformer_ideogram4", "Ideogram4TransformerBlock", HIDDEN_ONLY),
     # ERNIE-Image: one [image, text] sequence, sequence-first (S, B, H), in the argument `x`.
     ("diffusers.models.transformers.transformer_ernie_image", "ErnieImageSharedAdaLNBlock",
      BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
@@ -561,6 +564,21 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
     ),
     (
         "diffusers",
+        "Ideogram4Transformer2DModel",
+        FamilyAdapter(
+            name="ideogram4",
+            block_lists=("layers",),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            joint_text="prefix",
+            notes="asymmetric CFG: `transformer` runs the conditional branch over [text, image], a second model, "
+                  "`unconditional_transformer`, the unconditional one over the image alone, each a runtime of its "
+                  "own (guidance methods and parallelism are refused); 2x2 patches with the channels last, which the "
+                  "bottleneck does not resize",
+        ),
+    ),
+    (
+        "diffusers",
         "ErnieImageTransformer2DModel",
         FamilyAdapter(
             name="ernie_image",
@@ -733,9 +751,6 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
 
 # Examined and left unsupported: the unsupported-model error says why.
 UNSUPPORTED_REASONS.update({
-    "Ideogram4Transformer2DModel": "its pipeline runs the unconditional branch through a second model, "
-                                   "unconditional_transformer, over other tokens; hooks on one model would leave "
-                                   "half of each step unaccelerated and adaptive guidance could not skip it",
     "AnyFlowFARTransformer3DModel": "after each chunk its pipeline makes an extra forward that writes the chunk's "
                                     "keys and values into a KV cache, which a skipped block would leave empty",
 })

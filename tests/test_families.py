@@ -372,18 +372,33 @@ def test_the_image_pipeline_of_a_video_family_makes_images():
 
 
 def test_a_denoiser_examined_and_left_out_is_refused_with_the_reason():
-    """Ideogram 4 runs its unconditional branch through a second model; AnyFlow FAR writes a KV cache in an extra
-    forward per chunk: accelerating either would be half done or corrupt, so the error says why."""
-    from diffusers import Ideogram4Transformer2DModel
-
-    from diffaccel.pipelines import adapter_for
+    """AnyFlow FAR writes a KV cache in an extra forward per chunk, which a skipped block would leave empty: the
+    unsupported-model error says so."""
     from tiny_pipelines import anyflow_far
 
-    ideogram = Ideogram4Transformer2DModel(in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                           intermediate_size=64, adaln_dim=32, llm_features_dim=32,
-                                           mrope_section=(4, 2, 2))
-    with pytest.raises(ValueError, match=r"Ideogram4Transformer2DModel \(its pipeline runs the unconditional branch "
-                                         r"through a second model"):
-        adapter_for(ideogram)
     with pytest.raises(ValueError, match=r"AnyFlowFARTransformer3DModel \(after each chunk .* KV cache"):
         diffaccel.accelerate(anyflow_far().pipe, "fast")
+
+
+def test_ideogram4s_unconditional_model_is_accelerated_as_the_unconditional_branch():
+    """Ideogram 4 runs each CFG branch through a model of its own: the second one (``unconditional_transformer``)
+    gets a runtime of its own whose every forward is the unconditional branch, so both models' blocks are cached,
+    each with its own state; guidance methods and parallelism, which work on one model's branches, are refused."""
+    case, baseline = case_and_baseline("ideogram4")
+    diffaccel.accelerate(case.pipe, cache=EAGER_CACHE)
+    out = run(case, seed=0)
+    stats = diffaccel.stats(case.pipe)
+    steps = case.call_kwargs["num_inference_steps"]
+    assert stats["denoiser_calls_by_branch"] == {"cond": steps, "uncond": steps}
+    cond_model, uncond_model = stats["models"]["transformer"], stats["models"]["unconditional_transformer"]
+    assert cond_model["denoiser_calls_by_branch"] == {"cond": steps} and cond_model["blocks_skipped"] > 0
+    assert uncond_model["denoiser_calls_by_branch"] == {"uncond": steps} and uncond_model["blocks_skipped"] > 0
+    assert np.isfinite(out).all() and not np.array_equal(out, baseline)
+    for slots in (dict(guidance="adaptive"), dict(parallel="cfg")):
+        with pytest.raises(ValueError, match=r"cannot serve Ideogram4Pipeline with a second denoiser "
+                                             r"\(unconditional_transformer\)"):
+            diffaccel.accelerate(case.pipe, **slots)
+    diffaccel.accelerate(case.pipe, "turbo")  # a preset leaves guidance out, with a warning
+    assert diffaccel.stats(case.pipe).get("guidance_skipped_uncond") is None
+    diffaccel.remove(case.pipe)
+    assert np.array_equal(run(case, seed=0), baseline)

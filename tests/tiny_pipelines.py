@@ -1906,6 +1906,34 @@ def krea2() -> TinyCase:
     return _case(pipe, "separate", negative_prompt="blurry", guidance_scale=3.5, max_sequence_length=16)
 
 
+def ideogram4() -> TinyCase:
+    """Ideogram 4: asymmetric CFG with TWO transformers (the second one an expert of the runtime's, which
+    computes the unconditional branch). ``transformer`` (conditional) runs one packed sequence
+    [left-padded text (max_sequence_length), image tokens] whose hidden stream holds zeros at the text positions and
+    the text features ride in ``encoder_hidden_states``; ``unconditional_transformer`` (other weights) runs the image
+    tokens alone. One call of each per step, no cache context; v = g·cond + (1 − g)·uncond, and the scheduler steps
+    on −v (model time 0 = noise, 1 = clean: the denoiser's timestep rises). Latent tokens are 2x2 patches with the
+    channels LAST within a patch ((ph, pw, c), unlike Flux's (c, ph, pw)), normalised by the FLUX.2 VAE's batch
+    norm. The text encoder taps 13 fixed decoder layers up to layer 35, so the tiny Qwen3-VL has 36 layers."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline, Ideogram4Transformer2DModel
+
+    def transformer():
+        return Ideogram4Transformer2DModel(
+            in_channels=16, num_layers=3, attention_head_dim=16, num_attention_heads=2, intermediate_size=64,
+            adaln_dim=32, llm_features_dim=13 * 16, mrope_section=(4, 2, 2),
+        ).eval()
+
+    _seed(0)
+    conditional = transformer()
+    _seed(1)
+    unconditional = transformer()
+    text_encoder, processor = _qwen3_vl(layers=36, bare=True)
+    pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flux2_vae(4), text_encoder=text_encoder,
+                             tokenizer=processor.tokenizer, transformer=conditional,
+                             unconditional_transformer=unconditional)
+    return _case(pipe, "separate", guidance_scale=4.0, guidance_schedule=None, max_sequence_length=16)
+
+
 def ernie_image() -> TinyCase:
     """ERNIE-Image: one list of shared-AdaLN single-stream blocks over [image, text] joined by the model, laid out
     SEQUENCE-FIRST (S, B, H), the block's stream argument named ``x``; BCHW latents, 2x2-patchified (4C channels)
@@ -2518,6 +2546,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "latte": latte,
     "flux3": flux3,
     "krea2": krea2,
+    "ideogram4": ideogram4,
     "ernie_image": ernie_image,
     "bria_fibo2": bria_fibo2,
     "kandinsky6": kandinsky6,

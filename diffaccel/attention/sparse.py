@@ -48,8 +48,28 @@ logger = logging.getLogger("diffaccel")
 STEP_HOOK = "diffaccel.sparse_attention.step"
 ATTENTION_HOOK = "diffaccel.sparse_attention"
 CONTROLLER_ATTRIBUTE = "_diffaccel_sparse_attention"  # on the runtime: the installed controller
-SELF_ATTENTION_NAMES = ("attn1", "attn", "self_attention")  # the last: Kandinsky 5
+# Where a block keeps its self-attention, tried in this order (the first that exists wins); a dotted name is a path
+# below the block. Never a cross-attention: ``attention`` is the block's only attention in Z-Image, PRX and Bria
+# FIBO 2's main layers (whose injection layers name their cross-attention ``cross_attention``), and every block with
+# an ``attn1`` / ``attn`` / ``self_attention`` is matched by those first.
+SELF_ATTENTION_NAMES = (
+    "attn1",
+    "attn",
+    "self_attention",  # Kandinsky 5
+    "attention",  # Z-Image, Bria FIBO 2, PRX
+    "video_dec_block.self_attention",  # Kandinsky 6's fused blocks: the video stream's (its audio stream is 1D)
+)
 
+# Attention modules a block holds that are not a self-attention of the latent tokens block-sparse attention could
+# cut, by class name: why it refuses such a model by name (rather than hooking calls that would all run dense).
+NO_SQUARE_SELF_ATTENTION = {
+    "Cosmos3PackedMoTAttention": (
+        "Cosmos 3's decoder layers attend through one packed mixture-of-transformers attention over a single "
+        "[text, vision] sequence without a batch axis: the text pathway attends causally over the text alone, and "
+        "the vision queries attend to [text, vision] keys (the text as extra keys, projected in every layer, with "
+        "grouped-query heads), so no call is a square self-attention of the latent grid to cut into blocks"
+    ),
+}
 
 @dataclass(frozen=True)
 class SparseAttentionOptions(MethodConfig):
@@ -236,6 +256,8 @@ class SparseAttentionController:
         self._step_masks: dict[int, tuple[str, torch.Tensor]] = {}
         self._step_key: tuple[int, int] | None = None
         self._call_ordinal = 0
+        # set by the attention hook per module call: the module reads a KV cache (Qwen-Image 2.1's ``layer_cache``)
+        self.reads_cache = False
         # switched off by ``set_sparse_attention`` while a forward must stay dense (a distillation
         # trainer's teacher and fake-score roles share the student's transformer)
         self.enabled = True
@@ -279,11 +301,26 @@ class SparseAttentionController:
         """Block-sparse answer to one SDPA call (same arguments), or None to let it run dense."""
         q, k, v = query, key, value
         if q.dim() == 4 and k.dim() == 4 and k.shape[2] != q.shape[2]:
-            # Inside a self-attention module: queries that attend to more keys than themselves, a KV cache of the
-            # text made at the first step (Qwen-Image 2.1's later steps).
-            self._note_once("kv", f"self-attention of {q.shape[2]} queries over {k.shape[2]} keys (a KV cache of the "
-                                  f"text) has no square block layout; such a call runs dense.")
-            self.runtime.count("attention_dense_kv_cache")
+            # Inside a self-attention module: queries that attend to more keys than themselves. Either a KV cache
+            # of the text made at the first step (Qwen-Image 2.1's later steps: the module reads a cache), or keys
+            # the module projects from another stream at every call besides its own tokens' (NucleusMoE-Image and
+            # PRX: the image queries attend to [image, text] / [text, image] keys, the text entering every block
+            # as extra keys and values, never updated).
+            if self.reads_cache:
+                self._note_once("kv", f"self-attention of {q.shape[2]} queries over {k.shape[2]} keys (a KV cache "
+                                      f"of the text) has no square block layout; such a call runs dense.")
+                self.runtime.count("attention_dense_kv_cache")
+            else:
+                self._note_once(
+                    "extra_keys",
+                    f"self-attention of {q.shape[2]} queries over {k.shape[2]} keys (the queries' own tokens plus "
+                    f"{k.shape[2] - q.shape[2]} extra keys the block projects from the text at every call, no KV "
+                    f"cache) has no square block layout; such a call runs dense."
+                    if k.shape[2] > q.shape[2] else
+                    f"self-attention of {q.shape[2]} queries over {k.shape[2]} keys has no square block layout; "
+                    f"such a call runs dense.",
+                )
+                self.runtime.count("attention_dense_extra_keys")
             return None
         if (
             q.dim() != 4
@@ -433,8 +470,12 @@ class SparseAttentionHook(ModelHook):
             controller.runtime.count("attention_dense_calls")
             return self.fn_ref.original_forward(*args, **kwargs)
         mode = _SparseSDPA(controller)
-        with mode:
-            output = self.fn_ref.original_forward(*args, **kwargs)
+        controller.reads_cache = _reads_kv_cache(kwargs)
+        try:
+            with mode:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            controller.reads_cache = False
         if mode.sdpa_calls == 0:
             processor = getattr(module, "processor", None)
             raise RuntimeError(
@@ -448,15 +489,34 @@ class SparseAttentionHook(ModelHook):
         return output
 
 
+def _reads_kv_cache(kwargs: dict) -> bool:
+    """Whether an attention module's call is handed a KV cache to read (Qwen-Image 2.1: ``layer_cache`` with
+    ``kv_cache_mode="cached"``), as opposed to keys it projects itself."""
+    mode = kwargs.get("kv_cache_mode")
+    if mode is not None:
+        return mode == "cached"
+    return any("cache" in name and value is not None for name, value in kwargs.items())
+
+
+def _submodule(block: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    module = block
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if not isinstance(module, torch.nn.Module):
+            return None
+    return module
+
+
 def self_attention_modules(target: AccelTarget) -> list[tuple[int, str, torch.nn.Module]]:
-    """(block index, qualified name, module) of each block's self-attention (``attn1`` or ``attn``)."""
+    """(block index, qualified name, module) of each block's self-attention (the first of ``SELF_ATTENTION_NAMES``
+    the block has)."""
     found = []
     for index, bound in enumerate(target.blocks):
         block = described_block(bound.module)  # inside a wrapper (HiDream-I1's HiDreamBlock)
         prefix = bound.qualified_name if block is bound.module else f"{bound.qualified_name}.block"
         for name in SELF_ATTENTION_NAMES:
-            module = getattr(block, name, None)
-            if isinstance(module, torch.nn.Module):
+            module = _submodule(block, name)
+            if module is not None:
                 found.append((index, f"{prefix}.{name}", module))
                 break
     return found
@@ -475,9 +535,20 @@ class _SparseAttentionHandler:
                 f"{label} cannot apply to {target.denoiser_name}: it is configured with attention_type='nabla', its "
                 f"own block-sparse attention (flex attention over fractal-ordered tokens)."
             )
+        for bound in target.blocks[:1]:
+            for name, module in described_block(bound.module).named_children():
+                reason = NO_SQUARE_SELF_ATTENTION.get(type(module).__name__)
+                if reason:
+                    raise ValueError(
+                        f"{label} cannot apply to {target.denoiser_name}: its blocks' {name} "
+                        f"({type(module).__name__}) is no square self-attention. {reason}."
+                    )
         modules = self_attention_modules(target)
         if not modules:
-            raise ValueError(f"{label}: no self-attention module (attn1/attn) found in {target.denoiser_name}'s blocks.")
+            raise ValueError(
+                f"{label}: no self-attention module ({'/'.join(SELF_ATTENTION_NAMES)}) found in "
+                f"{target.denoiser_name}'s blocks."
+            )
         for _, name, module in modules:
             processor = type(getattr(module, "processor", None)).__name__
             if "LinearAttn" in processor:  # Sana: no softmax attention map to cut into blocks

@@ -129,7 +129,7 @@ class Runtime:
     taps the scheduler and drives and reports its experts'."""
 
     def __init__(self, pipe: Any, denoiser: torch.nn.Module, adapter: FamilyAdapter, config: Any,
-                 primary: "Runtime | None" = None) -> None:
+                 primary: "Runtime | None" = None, branch: str | None = None) -> None:
         try:
             self._pipe_ref = weakref.ref(pipe)
         except TypeError:  # objects without weakref support (plain namespaces)
@@ -156,6 +156,9 @@ class Runtime:
         # None) holds the others in ``experts``, counts every runtime's forwards per step and reports for all.
         self.primary = primary
         self.experts: dict[str, Runtime] = {}
+        # The one CFG branch every forward of this denoiser computes, where the pipeline gives each branch a model
+        # of its own (Ideogram 4's unconditional_transformer); None: told by contexts, batch or call order.
+        self.branch = branch
         self.name = "denoiser"  # the pipeline attribute that holds it, where the caller knows (api._install)
         self._hidden_position = argument_position(denoiser, adapter.hidden_arg)
         self._timestep_position = argument_position(denoiser, adapter.timestep_arg)
@@ -351,7 +354,9 @@ class Runtime:
         context_name = GUIDER_BRANCHES.get(context_name, context_name)
         forward_in_step = self.clock.forwards_in_step
         self.clock.forwards_in_step += 1
-        if context_name in (COND, UNCOND):
+        if self.branch is not None:
+            branch, branches = self.branch, (self.branch,)
+        elif context_name in (COND, UNCOND):
             branch, branches = context_name, (context_name,)
         elif self.adapter.cfg_layout == "batched" and self._is_doubled_cfg_batch(hidden):
             branch, branches = COND_UNCOND, self.adapter.cfg_batch_order
