@@ -218,6 +218,11 @@ def token_grid(adapter: "FamilyAdapter", denoiser: torch.nn.Module, latent_grid:
         else:
             pt, ph, pw = (config.get("patch_size_t") or 1), patch, patch
         return (-(-frames // pt), height // ph, width // pw)
+    if layout == "CFHW_LIST" and len(latent_grid) == 3:  # Z-Image: patch sizes per mode, the first is text-to-image
+        frames, height, width = latent_grid
+        pf = (config.get("all_f_patch_size") or (1,))[0] if hasattr(config, "get") else 1
+        p = (config.get("all_patch_size") or (1,))[0] if hasattr(config, "get") else 1
+        return (-(-frames // pf), height // p, width // p)
     if layout == "BCHW" and len(latent_grid) == 2:
         ph, pw = (patch, patch) if not isinstance(patch, (tuple, list)) else tuple(patch)[-2:]
         return (latent_grid[0] // ph, latent_grid[1] // pw)

@@ -12,6 +12,9 @@ from diffaccel import AccelConfig, BlockCacheConfig, BlockSparseAttentionConfig,
 from diffaccel.api import runtime_of
 from diffaccel.attention import TokenLayout, attention_density, default_tile, sliding_tile_mask
 from diffaccel.attention.masks import adaptive_block_mask, block_scores
+from diffaccel.attention.sparse import SELF_ATTENTION_NAMES, self_attention_modules
+from diffaccel.pipelines.adapters import adapter_for
+from diffaccel.registry import AccelTarget
 
 # Tiny pipelines at a size where self-attention spans several 16-token blocks.
 SIZES = {"wan": dict(height=128, width=128), "cogvideox": dict(height=128, width=128), "hunyuan_video": {}, "ltx": {},
@@ -316,13 +319,42 @@ def test_a_kv_cache_of_the_text_runs_dense_and_says_so(caplog):
     assert stats["attention_dense_kv_cache"] > 0 and stats.get("attention_sparse_calls", 0) == 0, stats
     assert any("(a KV cache of the text)" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(out, baseline)
+    # The KV-cache wording is for the cached steps only: the first step projects the text's keys itself (its image
+    # queries attend to the [text, image] keys it is caching), which is text as extra keys.
+    blocks, branches = len(case.denoiser.transformer_blocks) - 1, 2  # block 0 stays dense (dense_blocks=(0,))
+    assert stats["attention_dense_kv_cache"] == (kwargs_steps(case) - 1) * blocks * branches, stats
+    assert stats["attention_dense_extra_keys"] == blocks * branches, stats
 
 
-@pytest.mark.parametrize("name, size", [("hidream_image", 256), ("kandinsky5", 128), ("latte", 128)])
+@pytest.mark.parametrize("name", ["nucleusmoe_image", "prx"])
+def test_text_as_extra_keys_runs_dense_and_says_so(name, caplog):
+    """NucleusMoE-Image's and PRX's blocks carry the image tokens only; each block projects the text to extra keys and
+    values at every call (image queries over [image, text] / [text, image] keys, no KV cache). No square block
+    layout: every call runs dense, logged as text as extra keys (not as a KV cache) and counted. PRX's self-attention
+    is its blocks' ``attention``."""
+    case = build(name)
+    size = dict(height=128, width=128)
+    baseline = run(case, **size)
+    with caplog.at_level(logging.INFO, logger="diffaccel"):
+        out, stats = _accelerated(case, size, BlockSparseAttentionConfig(**KEEP_ALL))
+    assert stats["attention_dense_extra_keys"] > 0 and stats.get("attention_sparse_calls", 0) == 0, stats
+    assert "attention_dense_kv_cache" not in stats, stats
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("(text as extra keys:" in m and "not a KV cache" in m for m in messages), messages
+    assert not any("(a KV cache of the text)" in m for m in messages), messages
+    np.testing.assert_array_equal(out, baseline)
+
+
+@pytest.mark.parametrize(
+    "name, size",
+    [("hidream_image", 256), ("kandinsky5", 128), ("latte", 128), ("bria_fibo2", 128), ("kandinsky6", 128)],
+)
 def test_attention_found_where_a_family_keeps_it_reproduces_dense_with_every_block_kept(name, size):
     """HiDream-I1's block lists hold HiDreamBlock wrappers, whose held block has the attn1 ([image, text] joined
     as a suffix); Kandinsky 5's visual blocks name theirs ``self_attention``; Latte's spatial blocks attend
-    within each frame (the frame's grid). Keeping every block, the sparse calls reproduce dense attention."""
+    within each frame (the frame's grid); Bria FIBO 2's layers name theirs ``attention`` ([gist, image], the gist
+    a prefix); Kandinsky 6's fused blocks keep the video stream's at ``video_dec_block.self_attention``. Keeping
+    every block, the sparse calls reproduce dense attention."""
     case = build(name)
     size = dict(height=size, width=size)
     baseline = run(case, **size)
@@ -337,3 +369,72 @@ def test_a_model_running_its_own_sparse_attention_is_refused_by_name():
     case.denoiser.attention_type = "nabla"
     with pytest.raises(ValueError, match="attention_type='nabla', its own block-sparse attention"):
         diffaccel.accelerate(case.pipe, attention="block_sparse")
+
+
+@pytest.mark.parametrize("name, size", [("bria_fibo2", 384), ("kandinsky6", 256)])
+def test_default_config_runs_block_sparse_where_newly_found(name, size):
+    """With the defaults (128-token blocks, the first quarter of the steps and block 0 dense) Bria FIBO 2's and
+    Kandinsky 6's self-attention runs block-sparse once the sequence spans several blocks."""
+    case = build(name)
+    size = dict(height=size, width=size)
+    baseline = run(case, **size)
+    out, stats = _accelerated(case, size, BlockSparseAttentionConfig())
+    assert stats["attention_sparse_calls"] > 0 and stats["attention_dense_calls"] > 0, stats
+    assert attention_density(stats) < 1.0, stats
+    assert np.isfinite(out).all() and np.abs(out - baseline).mean() < 0.05
+
+
+# Where each block's self-attention is, for the families whose blocks name it other than attn1 / attn.
+EXPECTED_SELF_ATTENTION = {"kandinsky5": "self_attention", "ernie_image": "self_attention", "bria_fibo2": "attention",
+                           "prx": "attention", "prx_pixel": "attention", "z_image": "attention", "ideogram4": "attention",
+                           "kandinsky6": "video_dec_block.self_attention"}
+
+
+def test_self_attention_lookup_never_takes_a_cross_attention():
+    """Every transformer family's blocks get one self-attention each, never a cross-attention (Bria FIBO 2's
+    injection layers also hold a ``cross_attention``; Kandinsky 6's fused blocks hold the audio stream's and two
+    cross-modal ones); Cosmos 3, whose layers hold no square self-attention, gets none (refused by name)."""
+    from tiny_pipelines import FAMILIES
+
+    for name in sorted(FAMILIES):
+        case = build(name)
+        adapter = adapter_for(case.denoiser)
+        if not adapter.block_cache:  # UNets
+            continue
+        target = AccelTarget(pipe=case.pipe, denoiser=case.denoiser, adapter=adapter)
+        found = self_attention_modules(target)
+        if name == "cosmos3_omni":
+            assert found == [], found
+            continue
+        assert [index for index, _, _ in found] == list(range(len(target.blocks))), (name, found)
+        for _, qualified, module in found:
+            path = max((n for n in SELF_ATTENTION_NAMES if qualified.endswith("." + n)), key=len)
+            assert path == EXPECTED_SELF_ATTENTION.get(name, path) and path in SELF_ATTENTION_NAMES, (name, qualified)
+            assert "cross" not in path and path != "attn2", (name, qualified)
+            if name not in EXPECTED_SELF_ATTENTION:
+                assert path in ("attn1", "attn"), (name, qualified)
+            block = target.blocks[[q for _, q, _ in found].index(qualified)].module
+            crosses = [m for n, m in block.named_modules() if "cross" in n or n.endswith("attn2")]
+            assert all(module is not m for m in crosses), (name, qualified)
+
+
+def test_z_image_attention_is_found_and_reproduces_dense():
+    """Z-Image's layers name their self-attention ``attention`` (one joint [image, caption] stream, the image's
+    token grid its latent grid over the patch size, ``all_patch_size``): keeping every block, the calls run sparse
+    and the output equals the dense one."""
+    case = build("z_image")
+    size = dict(height=128, width=128)
+    baseline = run(case, **size)
+    out, stats = _accelerated(case, size, BlockSparseAttentionConfig(**KEEP_ALL))
+    assert stats.get("attention_sparse_calls", 0) > 0 and not stats.get("attention_dense_layout"), stats
+    np.testing.assert_allclose(out, baseline, atol=2e-4)
+
+
+def test_a_model_without_a_square_self_attention_is_refused_by_name():
+    """Cosmos 3's decoder layers attend through one packed MoT attention: a causal text pathway and vision queries
+    over [text, vision] keys of one sequence without a batch axis. No call is a square self-attention of the grid."""
+    case = build("cosmos3_omni")
+    with pytest.raises(ValueError, match=r"self_attn \(Cosmos3PackedMoTAttention\) is no square self-attention.*"
+                                         r"causally over the text.*\[text, vision\] keys"):
+        diffaccel.accelerate(case.pipe, attention="block_sparse")
+    assert getattr(case.pipe, "_diffaccel_runtime", None) is None

@@ -49,14 +49,14 @@ STEP_HOOK = "diffaccel.sparse_attention.step"
 ATTENTION_HOOK = "diffaccel.sparse_attention"
 CONTROLLER_ATTRIBUTE = "_diffaccel_sparse_attention"  # on the runtime: the installed controller
 # Where a block keeps its self-attention, tried in this order (the first that exists wins); a dotted name is a path
-# below the block. Never a cross-attention: ``attention`` is the block's only attention in Z-Image, PRX and Bria
-# FIBO 2's main layers (whose injection layers name their cross-attention ``cross_attention``), and every block with
-# an ``attn1`` / ``attn`` / ``self_attention`` is matched by those first.
+# below the block. Never a cross-attention: ``attention`` is the block's self-attention in Z-Image, Ideogram 4, PRX
+# (its image queries over [text, image] keys) and Bria FIBO 2 (whose injection layers name their cross-attention
+# ``cross_attention``), and every block with an ``attn1`` / ``attn`` / ``self_attention`` is matched by those first.
 SELF_ATTENTION_NAMES = (
     "attn1",
     "attn",
     "self_attention",  # Kandinsky 5
-    "attention",  # Z-Image, Bria FIBO 2, PRX
+    "attention",  # Z-Image, Ideogram 4, Bria FIBO 2, PRX
     "video_dec_block.self_attention",  # Kandinsky 6's fused blocks: the video stream's (its audio stream is 1D)
 )
 
@@ -302,10 +302,11 @@ class SparseAttentionController:
         q, k, v = query, key, value
         if q.dim() == 4 and k.dim() == 4 and k.shape[2] != q.shape[2]:
             # Inside a self-attention module: queries that attend to more keys than themselves. Either a KV cache
-            # of the text made at the first step (Qwen-Image 2.1's later steps: the module reads a cache), or keys
-            # the module projects from another stream at every call besides its own tokens' (NucleusMoE-Image and
-            # PRX: the image queries attend to [image, text] / [text, image] keys, the text entering every block
-            # as extra keys and values, never updated).
+            # of the text made at the first step (Qwen-Image 2.1's later steps: the module reads a cache), or text
+            # as extra keys projected in this very call besides the queries' own (NucleusMoE-Image and PRX at every
+            # call: the image queries attend to [image, text] / [text, image] keys, the text entering every block
+            # as extra keys and values and never updated; Qwen-Image 2.1's first step, whose image queries attend
+            # to the [text, image] keys it is caching).
             if self.reads_cache:
                 self._note_once("kv", f"self-attention of {q.shape[2]} queries over {k.shape[2]} keys (a KV cache "
                                       f"of the text) has no square block layout; such a call runs dense.")
@@ -313,8 +314,8 @@ class SparseAttentionController:
             else:
                 self._note_once(
                     "extra_keys",
-                    f"self-attention of {q.shape[2]} queries over {k.shape[2]} keys (the queries' own tokens plus "
-                    f"{k.shape[2] - q.shape[2]} extra keys the block projects from the text at every call, no KV "
+                    f"self-attention of {q.shape[2]} queries over {k.shape[2]} keys (text as extra keys: "
+                    f"{k.shape[2] - q.shape[2]} keys projected in the same call besides the queries' own, not a KV "
                     f"cache) has no square block layout; such a call runs dense."
                     if k.shape[2] > q.shape[2] else
                     f"self-attention of {q.shape[2]} queries over {k.shape[2]} keys has no square block layout; "
