@@ -1687,6 +1687,13 @@ def easyanimate() -> TinyCase:
                  num_frames=5)
 
 
+def _kandinsky_text_encoders() -> dict:
+    """Kandinsky 5's and 6's two text encoders: Qwen2.5-VL (last hidden state) and CLIP (pooled)."""
+    return dict(text_encoder=qwen25_vl_encoder(),
+                tokenizer=make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False),
+                text_encoder_2=clip_text_model(hidden_size=32, projection_dim=32), tokenizer_2=clip_tokenizer())
+
+
 def kandinsky5() -> TinyCase:
     """Kandinsky 5.0 text-to-video: latents channels-last (B, F, H, W, C) — with ``visual_cond`` the pipeline
     appends C zero condition channels and a mask channel and steps only the first C; text-only encoder blocks
@@ -1708,11 +1715,8 @@ def kandinsky5() -> TinyCase:
     pipe = Kandinsky5T2VPipeline(
         transformer=transformer,
         vae=_hunyuan_video_vae(4),
-        text_encoder=qwen25_vl_encoder(),
-        tokenizer=make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False),
-        text_encoder_2=clip_text_model(hidden_size=32, projection_dim=32),
-        tokenizer_2=clip_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        **_kandinsky_text_encoders(),
     )
     pipe.prompt_template = "describe the video {} ."  # 3 tokens cropped off as the real 128-token system prefix is
     pipe.prompt_template_encode_start_idx = 3
@@ -2028,11 +2032,8 @@ def kandinsky6() -> TinyCase:
     pipe = Kandinsky6TI2VAPipeline(
         transformer=transformer,
         vae=_hunyuan_video_vae(4),
-        text_encoder=qwen25_vl_encoder(),
-        tokenizer=make_tokenizer(model_max_length=4096, add_bos=False, add_eos=False),
-        text_encoder_2=clip_text_model(hidden_size=32, projection_dim=32),
-        tokenizer_2=clip_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        **_kandinsky_text_encoders(),
         audio_vae=audio_vae,
         vocoder=vocoder,
     )
