@@ -21,15 +21,17 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
 
 def pipeline_samples(result, is_video: bool | None = None) -> np.ndarray:
     """The samples a pipeline call returned, one per prompt: ``frames`` of a video pipeline, ``images`` of an
-    image one (Kandinsky 5's image pipeline names the field ``image``; Cosmos 3's holds one ``video``, given
-    its batch axis here). ``is_video=None`` takes whichever the output has, frames first."""
+    image one (Kandinsky 5's image pipeline names the field ``image``; Cosmos 3's holds one ``video`` and SANA-WM's
+    ``frames`` one video, given their batch axis here). ``is_video=None`` takes whichever the output has, frames first."""
     names = {True: ("frames", "video"), False: ("images", "image"), None: ("frames", "video", "images", "image")}[is_video]
     for name in names:
         value = getattr(result, name, None)
         if value is not None:
             if hasattr(value, "detach"):  # a tensor (output_type="pt")
                 value = value.detach().float().cpu()
-            return np.asarray(value)[None] if name == "video" else np.asarray(value)
+            samples = np.asarray(value)
+            # one video without a batch axis (Cosmos 3's ``video``, SANA-WM's ``frames``): (T, H, W, C)
+            return samples[None] if name == "video" or (is_video and samples.ndim == 4) else samples
     raise ValueError(f"{type(result).__name__} holds none of {list(names)}: not a pipeline output this tool reads.")
 
 

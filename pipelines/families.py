@@ -133,6 +133,11 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     # PRX: image-only blocks (text as extra keys/values).
     ("diffusers.models.transformers.transformer_prx", "PRXBlock", HIDDEN_ONLY),
     ("diffusers.models.transformers.transformer_cogview3plus", "CogView3PlusTransformerBlock", HIDDEN_THEN_ENCODER),
+    # SANA-WM's blocks take (x, y, t, ...) positionally and return x.
+    ("diffusers.models.transformers.transformer_sana_wm", "SanaVideoMSCamCtrlBlock",
+     BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
+    # Wan Animate keeps its own copy of Wan's block class.
+    ("diffusers.models.transformers.transformer_wan_animate", "WanTransformerBlock", HIDDEN_ONLY),
 ]
 
 # (module path, wrapper class name, attribute holding the described block)
@@ -735,6 +740,54 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
     ),
     (
         "diffusers",
+        "HunyuanVideoFramepackTransformer3DModel",
+        FamilyAdapter(
+            name="framepack",
+            block_lists=("transformer_blocks", "single_transformer_blocks"),
+            latent_layout="BCFHW",
+            cfg_layout="separate",
+            is_video=True,
+            # Neither "prefix" nor "suffix": the blocks attend over [history tokens, window tokens, text], and
+            # block-sparse attention would take everything but the window's grid as text at one end. "none" makes it
+            # run dense (it finds no layout for the sequence).
+            joint_text="none",
+            notes="HunyuanVideo blocks over [history 4x, 2x, clean (image + 1x history), window] tokens packed by the "
+                  "model; sections of latent_window_size frames, one scheduler schedule each, so caches and guidance "
+                  "restart per section; true CFG as cond then uncond calls without a cache context (branches by "
+                  "call order); no latents=, so no bottleneck",
+        ),
+    ),
+    (
+        "diffusers",
+        "SanaWMTransformer3DModel",
+        FamilyAdapter(
+            name="sana_wm",
+            block_lists=("blocks",),
+            latent_layout="BCFHW",
+            cfg_layout="batched",
+            is_video=True,
+            notes="camera-controlled image-to-video (SANA-WM stage 1): linear (Gated DeltaNet) and softmax camera "
+                  "attention blocks called positionally; per-frame timesteps with the image frame pinned at 0; CFG "
+                  "as one doubled batch, unconditional first; its pipeline takes no latents=, so no bottleneck",
+        ),
+    ),
+    (
+        "diffusers",
+        "WanAnimateTransformer3DModel",
+        FamilyAdapter(
+            name="wan_animate",
+            block_lists=("blocks",),
+            latent_layout="BCFHW",
+            cfg_layout="separate",
+            is_video=True,
+            notes="character animation (reference image + pose and face videos) through Wan 2.1 I2V-style blocks; "
+                  "the face adapter's output is added between blocks, outside a cached span's residual. Made in "
+                  "segments, each its own denoising loop (set_timesteps per segment); CFG in cache contexts "
+                  "cond / uncond",
+        ),
+    ),
+    (
+        "diffusers",
         "UNet2DConditionModel",
         FamilyAdapter(
             name="unet",
@@ -751,6 +804,8 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
 
 # Examined and left unsupported: the unsupported-model error says why.
 UNSUPPORTED_REASONS.update({
+    "JoyImageEditTransformer3DModel": "its latents are six-dimensional, (batch, items, channels, frames, height, "
+                                      "width), a layout no row of this version describes",
     "AnyFlowFARTransformer3DModel": "after each chunk its pipeline makes an extra forward that writes the chunk's "
                                     "keys and values into a KV cache, which a skipped block would leave empty",
 })

@@ -329,12 +329,14 @@ def test_interval_without_a_step_count_guides_every_step_and_says_so(caplog):
 # ------------------------------------------------------------------------------------------ tiny pipelines
 
 BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanimate", "allegro", "aura_flow",
-           "hidream_image", "bria_fibo", "latte", "ernie_image", "anyflow", "prx", "prx_pixel", "cogview3plus"]
+           "hidream_image", "bria_fibo", "latte", "ernie_image", "anyflow", "prx", "prx_pixel", "cogview3plus",
+           "sana_wm"]
 # Wan's CFG, Flux's true CFG; Chroma and Lumina 2 open no cache context; HunyuanVideo 1.5 runs CFG through a
 # diffusers guider (contexts "pred_cond" / "pred_uncond").
 PER_BRANCH = ["wan", "wan_vace", "skyreels_v2", "flux", "flux2_klein", "chroma", "lumina2", "hunyuan_video15", "hunyuan_image",
               "longcat_image", "ovis_image", "cosmos", "qwenimage21", "kandinsky5", "motif_video", "flux3", "krea2",
-              "bria_fibo2", "kandinsky6", "helios", "chronoedit", "cosmos3_omni", "glm_image", "nucleusmoe_image"]
+              "bria_fibo2", "kandinsky6", "helios", "chronoedit", "cosmos3_omni", "glm_image", "nucleusmoe_image",
+              "wan_animate", "framepack"]
 FAMILIES = BATCHED + PER_BRANCH
 # The guidance scale of an unguided call, where it is not 1: Krea 2 guides as cond + s·(cond − uncond).
 UNGUIDED_SCALE = {"krea2": 0.0}

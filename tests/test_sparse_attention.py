@@ -438,3 +438,7 @@ def test_a_model_without_a_square_self_attention_is_refused_by_name():
                                          r"causally over the text.*\[text, vision\] keys"):
         diffaccel.accelerate(case.pipe, attention="block_sparse")
     assert getattr(case.pipe, "_diffaccel_runtime", None) is None
+    case = build("sana_wm")  # linear attention in most blocks
+    with pytest.raises(ValueError, match=r"attn \(BidirectionalGDNUCPESinglePathLiteLA\) is no square self-attention.*"
+                                         r"gated delta-net linear attention"):
+        diffaccel.accelerate(case.pipe, attention="block_sparse")

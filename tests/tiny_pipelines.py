@@ -808,6 +808,22 @@ def _test_image(size: int = 32):
     return Image.fromarray((np.random.RandomState(0).rand(size, size, 3) * 255).astype("uint8"))
 
 
+def _tiny_ltx2_vae():
+    """A tiny AutoencoderKLLTX2Video (LTX-2's, SANA-WM's): 2x spatial, 2x temporal."""
+    from diffusers import AutoencoderKLLTX2Video
+
+    _seed(0)
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False,
+    ).eval()
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    return vae
+
+
 def qwenimage21(use_kv_cache: bool = True) -> TinyCase:
     """Qwen-Image 2.1: one list of single-stream blocks over one joint sequence [text (condition images in their VLM
     slots), target image]; text and condition-image K/V are prefilled at step 0 and later steps run only the target
@@ -1406,7 +1422,7 @@ def ltx() -> TinyCase:
 def ltx2() -> TinyCase:
     """LTX-2: one transformer for video and audio (its blocks carry both streams), CFG as a doubled batch;
     Gemma 3 text encoder, text connectors, a video and an audio VAE, a vocoder (sizes as diffusers' own tests)."""
-    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2Pipeline,
+    from diffusers import (AutoencoderKLLTX2Audio, FlowMatchEulerDiscreteScheduler, LTX2Pipeline,
                            LTX2VideoTransformer3DModel)
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
@@ -1440,15 +1456,7 @@ def ltx2() -> TinyCase:
         connector_rope_base_seq_len=32, rope_theta=10000.0, rope_double_precision=False,
         causal_temporal_positioning=False, rope_type="split",
     ).eval()
-    _seed(0)
-    vae = AutoencoderKLLTX2Video(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
-        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
-        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
-        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1, patch_size_t=1,
-        encoder_causal=True, decoder_causal=False,
-    ).eval()
-    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    vae = _tiny_ltx2_vae()
     _seed(0)
     audio_vae = AutoencoderKLLTX2Audio(
         base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
@@ -2401,6 +2409,131 @@ def cogview3plus() -> TinyCase:
     return _case(pipe, "batched", negative_prompt="blurry", guidance_scale=5.0, max_sequence_length=16)
 
 
+# Wan Animate, SANA-WM, FramePack
+
+
+def _frames(count: int, size: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return [Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8")) for _ in range(count)]
+
+
+def wan_animate() -> TinyCase:
+    """Wan Animate (Wan 2.2 Animate): character animation from a reference image plus a pose video and a face video.
+    Wan 2.1 I2V-style blocks (its own ``WanTransformerBlock`` copy, CLIP image tokens joined before the text in cross
+    attention) over a (B, 16 + 20 reference, T + 1, H, W) latent whose frame 0 is the reference image; the pose
+    latents are added to the patch embedding of frames 1.., and a face adapter (motion encoder on the face pixels ->
+    face encoder) adds its cross attention output between blocks 0, k, 2k, ... (``inject_face_latents_blocks``): outside
+    a cached span's residual, as Wan VACE's hints. The output keeps all T + 1 latent frames. The video is made in
+    segments of ``segment_frame_length`` frames (here 5: one segment), each its own denoising loop over the same
+    timesteps; the pipeline calls ``scheduler.set_timesteps`` before the first segment AND after every segment (a
+    "reset" after the last one too). CFG as two calls in ``cache_context("cond"/"uncond")``, cond first; the uncond
+    call blanks the face video (all -1) besides taking the negative prompt. ``guidance_scale`` defaults to 1 (no CFG)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+
+    image_encoder, image_processor = _clip_vision(16)
+    _seed(0)
+    transformer = WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, latent_channels=16,
+        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=4, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", image_dim=16, added_kv_proj_dim=24, rope_max_seq_len=32,
+        motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8}, motion_encoder_size=16, motion_style_dim=8,
+        motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=2,  # face adapters after blocks 0 and 2
+    ).eval()
+    pipe = WanAnimatePipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(d_model=32, umt5=True),
+                              vae=_wan_vae(16), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                              image_processor=image_processor, image_encoder=image_encoder, transformer=transformer)
+    return _case(pipe, "separate", is_video=True, image=_test_image(32), pose_video=_frames(5, 32, 1),
+                 face_video=_frames(5, 16, 2), segment_frame_length=5, negative_prompt="blurry", guidance_scale=5.0,
+                 height=32, width=32, max_sequence_length=32)
+
+
+def sana_wm() -> TinyCase:
+    """SANA-WM (camera-controlled image-to-video world model, stage 1: the bidirectional DiT): one list of
+    ``SanaVideoMSCamCtrlBlock`` s over (B, C, T, H, W) latents (patch (1, 1, 1)), called POSITIONALLY
+    ``block(x, y, t, mask, THW, rope, ...)``; each block's self-attention is a camera-conditioned (UCPE) Gated DeltaNet
+    linear attention, every ``softmax_every_n``-th a softmax one, then cross attention to Gemma-2 text and a temporal
+    GLUMBConv FFN, with per-FRAME adaLN (t is (B, 1, T, 6D)). The first latent frame is the VAE-encoded image, pinned
+    clean: the timestep is per frame, (B, 1, T), and 0 on frame 0 (so the forward's first timestep element is always 0).
+    The camera comes as an action string (``"w-8"``: forward 8 steps) plus intrinsics; raymaps and Plücker rays ride
+    in the forward's keyword arguments. CFG as one doubled batch, unconditional first. The pipeline makes exactly one
+    video, takes no ``latents=`` and returns ``frames`` WITHOUT a batch axis, (T, H, W, 3). The stage-2 refiner
+    (``SanaWMLTX2Refiner``) is a separate pipeline, not part of this call. Tiny LTX-2 VAE (2x spatial and temporal)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaWMPipeline, SanaWMTransformer3DModel
+
+    vae = _tiny_ltx2_vae()
+    _seed(0)
+    transformer = SanaWMTransformer3DModel(
+        in_channels=4, num_layers=3, hidden_size=32, num_attention_heads=2, softmax_every_n=2, linear_head_dim=16,
+        t_kernel_size=3, conv_kernel_size=4, caption_channels=16, mlp_ratio=2.0,
+        chunk_plucker_channels=6 * vae.temporal_compression_ratio, chunk_plucker_post_attn_blocks=3,
+    ).eval()
+    with torch.no_grad():  # the Plücker embedder starts at zero (as released before training): make it act
+        transformer.plucker_embedder.proj.weight.normal_(std=0.05)
+    pipe = SanaWMPipeline(tokenizer=make_tokenizer(model_max_length=4096, add_bos=True, add_eos=False),
+                          text_encoder=_gemma2(16), vae=vae, transformer=transformer,
+                          scheduler=FlowMatchEulerDiscreteScheduler())
+    return _case(pipe, "batched", is_video=True, image=_test_image(32), action="w-8",
+                 intrinsics=[32.0, 32.0, 16.0, 16.0], negative_prompt="blurry", guidance_scale=5.0, height=32,
+                 width=32, num_frames=5, max_sequence_length=16, chi_prompt=["describe the scene :"])
+
+
+def _siglip_vision(hidden_size: int = 16):
+    """A tiny SigLIP vision tower and its processor, made in-process (32 px, 8 px patches)."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    _seed(0)
+    model = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8,
+    )).eval()
+    return model, SiglipImageProcessor(size={"height": 32, "width": 32})
+
+
+def framepack() -> TinyCase:
+    """FramePack (HunyuanVideo I2V with a frame-packed history): HunyuanVideo's dual- then single-stream blocks (the
+    existing block rows) over ONE latent stream [4x history tokens, 2x history tokens, clean tokens (the image and the
+    1x history), current window tokens] that the model packs before the blocks (it cuts the window back out after
+    them); the text (with SigLIP image tokens in front) is the blocks' encoder stream, joined after the latents in
+    attention. The video is made in SECTIONS of ``latent_window_size`` latent frames, each from fresh noise with its own
+    ``set_timesteps`` (a new call to the step clock: caches and guidance restart per section, and stats() reports the
+    last section); the history latents change between sections only, so each section is an ordinary call with other
+    conditioning. Inverted anti-drifting sampling (the default) makes the sections last-to-first. True CFG
+    (``true_cfg_scale`` > 1 with a negative prompt) as two calls, cond then uncond, WITHOUT a cache context (branches by
+    call order); ``guidance_scale`` is the distilled guidance embedding. The model's patch must be 2 (the history
+    embedders' kernels are fixed at 2x, 4x, 8x cells). At 5 frames with ``latent_window_size=2`` one section runs; the
+    resized test call (9 frames) runs two. No ``latents=`` argument."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline,
+                           HunyuanVideoFramepackTransformer3DModel)
+    from transformers import LlamaConfig, LlamaModel
+
+    image_encoder, feature_extractor = _siglip_vision(16)
+    _seed(0)
+    transformer = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2, num_single_layers=3,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None, has_image_proj=True,
+        image_proj_dim=16, has_clean_x_embedder=True,
+    ).eval()
+    _seed(0)
+    text_encoder = LlamaModel(LlamaConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, hidden_size=16, intermediate_size=32,
+        num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=3, vocab_size=VOCAB_SIZE,
+        max_position_embeddings=1024, hidden_act="silu",
+    )).eval()
+    pipe = HunyuanVideoFramepackPipeline(
+        text_encoder=text_encoder, tokenizer=make_tokenizer(model_max_length=4096, add_bos=True, add_eos=False),
+        transformer=transformer, vae=_hunyuan_video_vae(4), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=clip_text_model(hidden_size=8, projection_dim=8), tokenizer_2=clip_tokenizer(),
+        image_encoder=image_encoder, feature_extractor=feature_extractor,
+    )
+    return _case(pipe, "separate", is_video=True, image=_test_image(32), negative_prompt="blurry", true_cfg_scale=2.0,
+                 guidance_scale=6.0, height=32, width=32, num_frames=5, latent_window_size=2, max_sequence_length=32)
+
+
 def sd15() -> TinyCase:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -2560,6 +2693,9 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "prx": prx,
     "prx_pixel": prx_pixel,
     "cogview3plus": cogview3plus,
+    "wan_animate": wan_animate,
+    "sana_wm": sana_wm,
+    "framepack": framepack,
     "sd15": sd15,
     "sdxl": sdxl,
 }

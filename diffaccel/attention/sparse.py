@@ -63,6 +63,10 @@ SELF_ATTENTION_NAMES = (
 # Attention modules a block holds that are not a self-attention of the latent tokens block-sparse attention could
 # cut, by class name: why it refuses such a model by name (rather than hooking calls that would all run dense).
 NO_SQUARE_SELF_ATTENTION = {
+    "BidirectionalGDNUCPESinglePathLiteLA": (
+        "SANA-WM's blocks attend through a gated delta-net linear attention (a softmax one only every "
+        "softmax_every_n-th block), which has no attention map to cut into blocks"
+    ),
     "Cosmos3PackedMoTAttention": (
         "Cosmos 3's decoder layers attend through one packed mixture-of-transformers attention over a single "
         "[text, vision] sequence without a batch axis: the text pathway attends causally over the text alone, and "

@@ -152,6 +152,7 @@ class Runtime:
         self._scheduler_originals: dict[str, Any] = {}
         self._scheduler_own: dict[str, Any] = {}
         self._hooked_forwards, self._warned_bypass = 0, False  # forwards through DenoiserHook this step
+        self._announced: tuple[int | None] | None = None  # a call set_timesteps announced, not started yet
         # A pipeline with experts (Wan 2.2's transformer_2) has one runtime per denoiser: the main one (primary
         # None) holds the others in ``experts``, counts every runtime's forwards per step and reports for all.
         self.primary = primary
@@ -230,7 +231,7 @@ class Runtime:
         def set_timesteps(*args, **kwargs):
             result = originals["set_timesteps"](*args, **kwargs)
             timesteps = getattr(scheduler, "timesteps", None)
-            self.start_call(len(timesteps) if timesteps is not None else None)
+            self.announce_call(len(timesteps) if timesteps is not None else None)
             return result
 
         def step(*args, **kwargs):
@@ -292,7 +293,19 @@ class Runtime:
 
     # ----------------------------------------------------------------------------- clock events
 
+    def announce_call(self, num_steps: int | None) -> None:
+        """The scheduler was set for a call of ``num_steps``: the call starts at its first forward or step. A
+        pipeline that sets its scheduler again after its last loop (Wan Animate, after every segment) so leaves
+        the finished call's statistics in place, and a new call still starts from clean state."""
+        self._announced = (num_steps,)
+
+    def _start_announced_call(self) -> None:
+        if self._announced is not None:
+            (num_steps,), self._announced = self._announced, None
+            self.start_call(num_steps)
+
     def start_call(self, num_steps: int | None) -> None:
+        self._announced = None
         self.reset_states()
         self._signatures.clear()
         self.call_stats = RunStats(calls=1, blocks_per_forward=self.blocks_per_forward)
@@ -304,6 +317,7 @@ class Runtime:
 
     def end_step(self) -> None:
         if self.primary is None:  # the main runtime watches for steps that no accelerated denoiser ran
+            self._start_announced_call()
             self._check_step_was_hooked()
         self.clock.end_step()
         self.call_stats.steps += 1
@@ -333,6 +347,7 @@ class Runtime:
     def begin_forward(self, args: tuple, kwargs: dict, context_name: str | None) -> StepContext:
         main = self.primary or self
         main._follow_scheduler()
+        main._start_announced_call()
         if not self.clock.in_call:
             main.start_call(None)  # the denoiser is driven by something other than a pipeline call
         main._hooked_forwards += 1
