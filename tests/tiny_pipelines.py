@@ -1832,25 +1832,19 @@ class ImagesOutput:
 
 
 def _flux3_pipeline_class():
-    """``Flux3ModularPipeline`` with a classic ``__call__`` (what ``tiny_pipelines.run`` and the bottleneck call):
-    keyword arguments go into the modular state; it returns ``.images``, or for ``output_type="latent"`` the
-    denoised latent tokens (B, h·w, C), the form FLUX.2 [dev]'s classic pipeline returns (its ``latents=`` takes
-    the same 2x2-patchified, batch-norm-normalised (B, C, h, w) latents as FLUX.3's)."""
+    """``Flux3ModularPipeline`` with a classic ``__call__`` (what ``tiny_pipelines.run`` calls): keyword arguments go
+    into the modular state, and it returns ``.images``. It takes no ``latents=``, as the modular call does not, so
+    the bottleneck refuses it as it refuses the modular pipeline (tests/test_modular.py)."""
     from diffusers.modular_pipelines.flux3.modular_pipeline import Flux3ModularPipeline
 
     class Flux3TinyPipeline(Flux3ModularPipeline):
         def __call__(self, prompt: str | None = None, negative_prompt: str | None = None, height: int | None = None,
-                     width: int | None = None, num_inference_steps: int = 50, latents: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
-                     **kwargs):
+                     width: int | None = None, num_inference_steps: int = 50, generator: torch.Generator | None = None,
+                     output_type: str = "pil", return_dict: bool = True, **kwargs):
             inputs = dict(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-                          num_inference_steps=num_inference_steps, latents=latents, generator=generator, **kwargs)
+                          num_inference_steps=num_inference_steps, generator=generator, **kwargs)
             inputs = {k: v for k, v in inputs.items() if v is not None}
-            if output_type == "latent":
-                out = super().__call__(**inputs, output="latents", output_type="pt")
-                out = out.flatten(2).transpose(1, 2)
-            else:
-                out = super().__call__(**inputs, output="images", output_type=output_type)
+            out = super().__call__(**inputs, output="images", output_type=output_type)
             return ImagesOutput(images=out) if return_dict else (out,)
 
     return Flux3TinyPipeline
