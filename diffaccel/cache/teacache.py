@@ -201,7 +201,7 @@ def modulated_input(block: BoundBlock, args: tuple, kwargs: dict) -> torch.Tenso
     hidden input where the block takes no timestep embedding (the model added the timestep to the tokens)."""
     signature = inspect.signature(inspect.unwrap(type(block.module).forward))
     bound = signature.bind_partial(None, *args, **kwargs).arguments
-    temb = next((_as_tensor(bound[n]) for n in TIMESTEP_EMBEDDING_ARGS if _as_tensor(bound.get(n)) is not None), None)
+    temb = next((t for n in TIMESTEP_EMBEDDING_ARGS if (t := _as_tensor(bound.get(n))) is not None), None)
     if temb is None:  # the timestep reached the tokens before the blocks (Cosmos 3): they carry it themselves
         return block.stream_inputs(args, kwargs)[0]
     norm = getattr(block.module, "norm1", None)
