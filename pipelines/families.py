@@ -138,6 +138,9 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
      BlockSpec(returns=(HIDDEN,), hidden_arg="x")),
     # Wan Animate keeps its own copy of Wan's block class.
     ("diffusers.models.transformers.transformer_wan_animate", "WanTransformerBlock", HIDDEN_ONLY),
+    # MiniMax H3: one packed [text, audio, video] sequence (scattered by index, in the layout's order) in and out.
+    ("diffusers.models.transformers.transformer_minimax_h3", "MiniMaxH3TransformerBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.transformer_kandinsky6_sr", "Kandinsky6SRTransformerBlock", HIDDEN_ONLY),
 ]
 
 # (module path, wrapper class name, attribute holding the described block)
@@ -788,6 +791,35 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
     ),
     (
         "diffusers",
+        "MiniMaxH3Transformer3DModel",
+        FamilyAdapter(
+            name="minimax_h3",
+            block_lists=("transformer_blocks",),
+            latent_layout="BSC",
+            cfg_layout="separate",
+            is_video=True,
+            notes="joint video + audio: the blocks run one packed sequence of text, audio and video rows (the model "
+                  "scatters them by index); guidance-distilled, one forward per step and no CFG. Modular pipeline "
+                  "only, whose call takes no latents=, so no bottleneck",
+        ),
+    ),
+    (
+        "diffusers",
+        "Kandinsky6SRTransformer3DModel",
+        FamilyAdapter(
+            name="kandinsky6_sr",
+            block_lists=("visual_transformer_blocks",),
+            latent_layout="BFHWC",
+            cfg_layout="separate",
+            is_video=True,
+            notes="video super-resolution, text-free and without CFG (one forward per step); the tiles are denoised "
+                  "chunk by chunk, each chunk its own loop (set_timesteps per chunk); tokens regrouped into 8x8 "
+                  "spatial patches inside the model, NABLA sparse self-attention through a flex BlockMask (so "
+                  "block-sparse attention cannot replace it); its call takes no latents=, so no bottleneck",
+        ),
+    ),
+    (
+        "diffusers",
         "UNet2DConditionModel",
         FamilyAdapter(
             name="unet",
@@ -806,6 +838,9 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
 UNSUPPORTED_REASONS.update({
     "JoyImageEditTransformer3DModel": "its latents are six-dimensional, (batch, items, channels, frames, height, "
                                       "width), a layout no row of this version describes",
+    "WanAnimate2Transformer3DModel": "per segment its pipeline makes an extra forward that writes the driving "
+                                     "video's keys and values into a KV cache, which a skipped block would leave "
+                                     "empty and which call-order branch detection would take for a CFG branch",
     "AnyFlowFARTransformer3DModel": "after each chunk its pipeline makes an extra forward that writes the chunk's "
                                     "keys and values into a KV cache, which a skipped block would leave empty",
 })

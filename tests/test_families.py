@@ -46,7 +46,8 @@ def test_off_is_bit_identical_and_remove_restores(name):
     stats = diffaccel.stats(case.pipe)
     steps = case.call_kwargs["num_inference_steps"]
     assert stats["steps"] == steps
-    assert stats["denoiser_calls"] == 2 * steps  # CFG is on in every tiny case: one call per branch
+    # CFG is on in every tiny case that has it (one call per branch); guidance-distilled models run one
+    assert stats["denoiser_calls"] == case.calls_per_step * steps
     assert stats["blocks_skipped"] == 0
     diffaccel.remove(case.pipe)
     assert np.array_equal(run(case, seed=0), baseline)

@@ -557,3 +557,16 @@ def test_tune_guidance_cli_writes_a_loadable_config(tmp_path, capsys):
     assert "fit_relative_error" in capsys.readouterr().out
     assert main(["tune", "guidance", "--num", "1", "--steps", "3", "--out", str(tmp_path / "x.txt")]) == 2
     assert "use a .json, .yaml or .yml" in capsys.readouterr().err
+
+
+def test_a_call_without_cfg_is_told_it_has_nothing_to_skip(caplog):
+    """MiniMax H3 is guidance-distilled: one forward per step, no unconditional branch. Adaptive guidance changes
+    nothing there, and says so once instead of running as a silent no-op."""
+    case, baseline = case_and_baseline("minimax_h3")
+    diffaccel.accelerate(case.pipe, guidance="adaptive")
+    with caplog.at_level(logging.WARNING, logger="diffaccel"):
+        out = run(case, seed=0)
+    assert np.array_equal(out, baseline)
+    assert sum("has nothing to skip in this call" in r.getMessage() for r in caplog.records) == 1
+    assert diffaccel.stats(case.pipe)["denoiser_calls_by_branch"] == {"cond": case.call_kwargs["num_inference_steps"]}
+    diffaccel.remove(case.pipe)

@@ -387,7 +387,7 @@ def test_default_config_runs_block_sparse_where_newly_found(name, size):
 # Where each block's self-attention is, for the families whose blocks name it other than attn1 / attn.
 EXPECTED_SELF_ATTENTION = {"kandinsky5": "self_attention", "ernie_image": "self_attention", "bria_fibo2": "attention",
                            "prx": "attention", "prx_pixel": "attention", "z_image": "attention", "ideogram4": "attention",
-                           "kandinsky6": "video_dec_block.self_attention"}
+                           "kandinsky6": "video_dec_block.self_attention", "kandinsky6_sr": "self_attention"}
 
 
 def test_self_attention_lookup_never_takes_a_cross_attention():
@@ -438,6 +438,10 @@ def test_a_model_without_a_square_self_attention_is_refused_by_name():
                                          r"causally over the text.*\[text, vision\] keys"):
         diffaccel.accelerate(case.pipe, attention="block_sparse")
     assert getattr(case.pipe, "_diffaccel_runtime", None) is None
+    case = build("kandinsky6_sr")  # its own NABLA block-sparse attention through flex
+    with pytest.raises(ValueError, match=r"self_attention \(Kandinsky6SRAttention\) is no square self-attention.*"
+                                         r"already block-sparse"):
+        diffaccel.accelerate(case.pipe, attention="block_sparse")
     case = build("sana_wm")  # linear attention in most blocks
     with pytest.raises(ValueError, match=r"attn \(BidirectionalGDNUCPESinglePathLiteLA\) is no square self-attention.*"
                                          r"gated delta-net linear attention"):

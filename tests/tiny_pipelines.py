@@ -47,6 +47,7 @@ class TinyCase:
     is_video: bool = False
     cfg_layout: str = "batched"  # "batched" (one doubled batch) or "separate" (cache_context cond/uncond)
     name: str = ""
+    calls_per_step: int = 2  # CFG branches evaluated per step: 1 for guidance-distilled or text-free models
 
     @property
     def denoiser(self):
@@ -2528,6 +2529,144 @@ def framepack() -> TinyCase:
                  guidance_scale=6.0, height=32, width=32, num_frames=5, latent_window_size=2, max_sequence_length=32)
 
 
+@dataclass
+class FramesOutput:
+    frames: Any
+    audio: Any = None
+
+
+# MiniMax H3 (modular), Kandinsky 6 SR: no CFG, one forward per step
+
+
+def _minimax_h3_pipeline_class():
+    """``MiniMaxH3ModularPipeline`` with a classic ``__call__`` (what ``tiny_pipelines.run`` calls), returning
+    ``.frames`` (and ``.audio``). The tiny components need three of the pipeline's model facts changed, which it keeps
+    as properties: ``text_encoder_layer`` (the real one reads ``hidden_states[50]`` of a 64-layer Qwen3-VL; here the
+    last of 2), and ``min_duration`` / ``max_duration`` (5-15 s at 24 fps, i.e. at least 120 frames; here any length).
+    Its ``num_inference_steps`` counts model evaluations (the modular call's counts the scheduler's sigma grid points,
+    one more). It takes no ``latents=`` in the classic sense (the modular call's ``latents`` is the noise), so the bottleneck
+    refuses it as it refuses the modular pipeline."""
+    from diffusers.modular_pipelines.minimax_h3.modular_pipeline import MiniMaxH3ModularPipeline
+
+    class MiniMaxH3TinyPipeline(MiniMaxH3ModularPipeline):
+        text_encoder_layer = 1
+        min_duration = 0.0
+        max_duration = 15.0
+
+        def __call__(self, prompt: str | None = None, height: int | None = None, width: int | None = None,
+                     num_frames: int | None = None, num_inference_steps: int = 50,
+                     generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
+                     **kwargs):
+            # MiniMaxH3Scheduler counts sigma grid points, the terminal 0 included: N points make N - 1 model
+            # evaluations. The classic call's num_inference_steps counts evaluations, as every other pipeline's.
+            inputs = dict(prompt=prompt, height=height, width=width, num_frames=num_frames,
+                          num_inference_steps=num_inference_steps + 1, generator=generator, **kwargs)
+            inputs = {k: v for k, v in inputs.items() if v is not None}
+            state = super().__call__(**inputs, output_type=output_type)
+            out = FramesOutput(frames=state.get("videos"), audio=state.get("audio"))
+            return out if return_dict else (out.frames,)
+
+    return MiniMaxH3TinyPipeline
+
+
+def _minimax_h3_components():
+    from diffusers import AutoencoderKLMiniMaxH3, AutoencoderKLMiniMaxH3Audio, MiniMaxH3Scheduler, MiniMaxH3Transformer3DModel
+
+    _seed(0)
+    transformer = MiniMaxH3Transformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=3, num_refiner_layers=1, ffn_dim=64,
+        in_channels=4, audio_in_channels=4, patch_size=(1, 2, 2), text_dim=16, freq_dim=32, time_embed_hidden_dim=32,
+        time_embed_dim=32, rope_freq_dim=2,
+    ).eval()
+    _seed(0)
+    vae = AutoencoderKLMiniMaxH3(
+        latent_channels=4, block_out_channels=(8, 8), layers_per_block=1, spatial_downsample_factors=(2, 2),
+        temporal_downsample_factors=(1, 2), norm_num_groups=4, decoder_num_layers=1, decoder_num_attention_heads=2,
+        decoder_attention_head_dim=8, decoder_num_register_tokens=1, decoder_ffn_mult=2, clip_length=5, token_drop=1,
+        latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4,
+    ).eval()
+    _seed(0)
+    audio_vae = AutoencoderKLMiniMaxH3Audio(
+        encoder_dim=4, encoder_rates=(2, 2), latent_dim=8, latent_channels=4, num_attention_heads=2, decoder_dim=8,
+        decoder_rates=(2, 2), decoder_kernel_sizes=(4, 4), resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1,),),
+        sampling_rate=160, latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).eval()
+    text_encoder, processor = _qwen3_vl(layers=2)
+    return dict(transformer=transformer, vae=vae, audio_vae=audio_vae, text_encoder=text_encoder,
+                tokenizer=processor.tokenizer, processor=processor, scheduler=MiniMaxH3Scheduler(shift=12.0),
+                audio_scheduler=MiniMaxH3Scheduler(shift=3.0))
+
+
+def minimax_h3_modular(pipeline_cls=None):
+    """The plain modular MiniMax H3 pipeline (``MiniMaxH3Blocks``, text-to-video+audio workflow) over the tiny
+    components; ``pipeline_cls`` a subclass of ``MiniMaxH3ModularPipeline`` (the tiny model facts above)."""
+    from diffusers.modular_pipelines.minimax_h3 import MiniMaxH3Blocks
+
+    pipe = (pipeline_cls or _minimax_h3_pipeline_class())(blocks=MiniMaxH3Blocks())
+    pipe.update_components(**_minimax_h3_components())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def minimax_h3() -> TinyCase:
+    """MiniMax H3 (modular only, ``MiniMaxH3Blocks``, text-to-video+audio): ONE packed sequence [text, audio rows,
+    video rows] scattered by index tensors inside the model, one list of single-stream blocks over it
+    (``MiniMaxH3TransformerBlock(hidden_states, temb, adaln_indices, rotary_emb)`` -> hidden); the model's
+    ``hidden_states`` are the 1x2x2-patchified video rows (BSC), audio and text enter as other arguments. Two
+    schedulers (video and audio, both stepped per step; the runtime taps ``pipe.scheduler``, the video one).
+    Guidance-distilled: NO CFG, no guider, one forward per step (the family tests' "2 calls per step" do not hold).
+    Qwen3-VL text encoder (hidden state ``text_encoder_layer``), a causal-CNN / ViT video VAE (4x spatial, clip of 5
+    frames: 8 frames -> 5 latent frames here) and a DAC/BigVGAN audio VAE. The call goes through
+    ``MiniMaxH3TinyPipeline``, a classic ``__call__`` over the modular one."""
+    pipe = minimax_h3_modular()
+    return TinyCase(pipe=pipe, call_kwargs=dict(prompt="a red circle", num_inference_steps=4, height=32, width=32,
+                                                num_frames=8, output_type="np"),
+                    denoiser_attr="transformer", is_video=True, cfg_layout="separate", calls_per_step=1)
+
+
+def _kandinsky6_sr_pipeline_class():
+    """``Kandinsky6SRPipeline`` whose call also takes ``height`` / ``width`` / ``num_frames``: the size of a
+    deterministic low-resolution input video it makes (what the family tests vary), unless ``video=`` is given."""
+    from diffusers import Kandinsky6SRPipeline
+
+    class Kandinsky6SRTinyPipeline(Kandinsky6SRPipeline):
+        def __call__(self, video=None, height: int = 32, width: int = 32, num_frames: int = 5, **kwargs):
+            if video is None:
+                grid = torch.linspace(-1.0, 1.0, height * width * 3 * num_frames)
+                video = torch.sin(7.0 * grid).reshape(1, num_frames, 3, height, width).mul(0.5).add(0.5)  # (B, F, C, H, W) in [0, 1]
+            return super().__call__(video=video, **kwargs)
+
+    return Kandinsky6SRTinyPipeline
+
+
+def kandinsky6_sr() -> TinyCase:
+    """Kandinsky 6 video super-resolution: a text-free transformer refines latent tiles; no CFG (one forward per
+    step: the family tests' "2 calls per step" do not hold). Channels-last (B, F, H, W, 2C + 1) input
+    [noisy latent | anchor latent (zeros) | anchor mask], output (B, F, H, W, C); the blocks run a flattened token
+    sequence regrouped into 8x8 spatial patches (NABLA order), self-attention through a flex ``BlockMask`` (NABLA
+    sparse pattern; flex backend only). The video is cut into spatial tiles at ``transformer.config.tile_sizes`` /
+    scale; every ``tiles_batch_size`` chunk of tiles is its own denoising loop (``set_timesteps`` per chunk): here
+    ``tiles_batch_size=4`` so a tiny call is one loop. Input made by ``Kandinsky6SRTinyPipeline`` from ``height`` /
+    ``width`` / ``num_frames`` (32x32, 5 frames -> 64x64 output at ``resolution_scale=2``); tiny K-VAE 4x spatial,
+    2x temporal."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky6SRTransformer3DModel, Kandinsky6SRVAE
+
+    _seed(0)
+    transformer = Kandinsky6SRTransformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, time_dim=32, patch_size=(1, 1, 1), model_dim=24, ff_dim=32,
+        num_visual_blocks=3, axes_dims=(4, 4, 4), nabla_window=(3, 3, 3), tile_sizes=((64, 64),),
+    ).eval()
+    _seed(0)
+    vae = Kandinsky6SRVAE(latent_channels=4, encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                          layers_per_block=1, temporal_compression_ratio=2, temporal_compression_start_level=1).eval()
+    pipe = _kandinsky6_sr_pipeline_class()(transformer=transformer, vae=vae,
+                                           scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+    pipe.set_progress_bar_config(disable=True)
+    return TinyCase(pipe=pipe, call_kwargs=dict(height=32, width=32, num_frames=5, resolution_scale=2,
+                                                num_inference_steps=4, tiles_batch_size=4, output_type="np"),
+                    denoiser_attr="transformer", is_video=True, cfg_layout="separate", calls_per_step=1)
+
+
 def sd15() -> TinyCase:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -2690,6 +2829,8 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "wan_animate": wan_animate,
     "sana_wm": sana_wm,
     "framepack": framepack,
+    "minimax_h3": minimax_h3,
+    "kandinsky6_sr": kandinsky6_sr,
     "sd15": sd15,
     "sdxl": sdxl,
 }

@@ -293,6 +293,7 @@ class AdaptiveGuidanceHook(ModelHook):
 
     def _cond_call(self, ctx, args: tuple, kwargs: dict):
         state: GuidanceState = self.states.get(STATE_KEY)
+        self._note_no_cfg(state, ctx.step_index)
         reused = self._take_precomputed(state, ctx.step_index, args, kwargs)
         if reused is not None:
             return reused
@@ -479,6 +480,14 @@ class AdaptiveGuidanceHook(ModelHook):
         return None
 
     # ------------------------------------------------------------------ helpers
+
+    def _note_no_cfg(self, state: GuidanceState, step: int) -> None:
+        """A step that ended without an unconditional call: this call runs no CFG (guidance 1, or a
+        guidance-distilled model such as MiniMax H3), so there is nothing to skip. Said once, not silently."""
+        prev = state.current
+        if prev is not None and prev.step == step - 1 and prev.cond is not None and prev.uncond is None:
+            self._warn(state, "no_cfg", f"{self.config.method} guidance has nothing to skip in this call: step "
+                       f"{step - 1} ran no unconditional branch (guidance is off, or the model is guidance-distilled)")
 
     def _latents(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The latent input, stacked where the denoiser takes a list of per-image latents (Z-Image)."""
