@@ -403,3 +403,21 @@ def test_ideogram4s_unconditional_model_is_accelerated_as_the_unconditional_bran
     assert diffaccel.stats(case.pipe).get("guidance_skipped_uncond") is None
     diffaccel.remove(case.pipe)
     assert np.array_equal(run(case, seed=0), baseline)
+
+
+def test_helios_pyramid_stages_each_start_clean():
+    """Helios' pyramid pipeline denoises each chunk in resolution stages, each with a schedule of its own: every
+    stage starts the caches clean at its size, off is bit-identical and remove gives the plain pipeline back."""
+    from tiny_pipelines import helios_pyramid
+
+    case = helios_pyramid()
+    baseline = run(case, seed=0)
+    diffaccel.accelerate(case.pipe, "off")
+    assert np.array_equal(run(case, seed=0), baseline)
+    diffaccel.accelerate(case.pipe, cache=EAGER_CACHE)
+    out = run(case, seed=0)
+    stats = diffaccel.stats(case.pipe, cumulative=True)
+    assert np.isfinite(out).all() and stats["blocks_skipped"] > 0
+    assert stats["calls"] == 3 and stats["cache_misses"] == 3 * 2  # a warm-up per stage and branch
+    diffaccel.remove(case.pipe)
+    assert np.array_equal(run(case, seed=0), baseline)
