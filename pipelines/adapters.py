@@ -347,8 +347,13 @@ def unwrap_denoiser(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "_orig_mod", module)
 
 
-# Denoiser classes examined and left unsupported, with the reason the error gives (families.py fills it).
-UNSUPPORTED_REASONS: dict[str, str] = {}
+# Denoiser class names examined and left unsupported -> the reason the error gives (families.py's rows).
+_UNSUPPORTED: dict[str, str] = {}
+
+
+def register_unsupported(denoiser_class_name: str, why: str) -> None:
+    """Say why a denoiser class is not served: the unsupported-model error then gives the reason."""
+    _UNSUPPORTED[denoiser_class_name] = why
 
 
 def adapter_for(denoiser: torch.nn.Module) -> FamilyAdapter:
@@ -358,7 +363,7 @@ def adapter_for(denoiser: torch.nn.Module) -> FamilyAdapter:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
     name = type(unwrap_denoiser(denoiser)).__name__
-    why = f" ({UNSUPPORTED_REASONS[name]})" if name in UNSUPPORTED_REASONS else ""
+    why = f" ({_UNSUPPORTED[name]})" if name in _UNSUPPORTED else ""
     raise ValueError(
         f"diffaccel does not support the denoiser class {type(denoiser).__name__}{why}. Supported: "
         f"{', '.join(supported_denoisers())}. For another model, describe it with "

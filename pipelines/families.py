@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 import logging
 
-from .adapters import (ENCODER, HIDDEN, UNSUPPORTED_REASONS, BlockSpec, FamilyAdapter, register_adapter,
-                       register_block_spec, register_block_wrapper)
+from .adapters import (ENCODER, HIDDEN, BlockSpec, FamilyAdapter, register_adapter, register_block_spec,
+                       register_block_wrapper, register_unsupported)
 
 logger = logging.getLogger(__name__)
 
@@ -834,8 +834,8 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
 ]
 
 
-# Examined and left unsupported: the unsupported-model error says why.
-UNSUPPORTED_REASONS.update({
+# Denoiser classes examined and left unsupported -> why (the unsupported-model error says it).
+UNSUPPORTED_ROWS: dict[str, str] = {
     "JoyImageEditTransformer3DModel": "its latents are six-dimensional, (batch, items, channels, frames, height, "
                                       "width), a layout no row of this version describes",
     "WanAnimate2Transformer3DModel": "per segment its pipeline makes an extra forward that writes the driving "
@@ -843,7 +843,7 @@ UNSUPPORTED_REASONS.update({
                                      "empty and which call-order branch detection would take for a CFG branch",
     "AnyFlowFARTransformer3DModel": "after each chunk its pipeline makes an extra forward that writes the chunk's "
                                     "keys and values into a KV cache, which a skipped block would leave empty",
-})
+}
 
 
 def _resolve(module_path: str, name: str):
@@ -867,3 +867,5 @@ def register_builtin_families() -> None:
         cls = _resolve(module_path, name)
         if cls is not None:
             register_adapter(cls, adapter)
+    for name, why in UNSUPPORTED_ROWS.items():
+        register_unsupported(name, why)
