@@ -95,9 +95,16 @@ class FamilyAdapter:
     # attribute holding their number). Motif-Video's last single blocks are decoder blocks that restart from the
     # embedded input, so no cached span may reach into them.
     uncached_tail: tuple[tuple[str, str], ...] = ()
+    # (keyword argument, value): a forward called with it is not a denoising step but an auxiliary pass (Wan
+    # Animate 2's kv_cache_mode="extract" writes the driving video's keys and values into a KV cache): it runs
+    # with every method passed through (a skipped block would leave its cache empty), outside the step count.
+    auxiliary_forward: tuple[str, Any] = ()
     notes: str = ""
 
     def __post_init__(self) -> None:
+        if self.auxiliary_forward and (len(self.auxiliary_forward) != 2 or not isinstance(self.auxiliary_forward[0], str)):
+            raise ValueError(f"FamilyAdapter '{self.name}': auxiliary_forward must be (argument name, value), got "
+                             f"{self.auxiliary_forward!r}.")
         if sorted(self.cfg_batch_order) != ["cond", "uncond"]:
             raise ValueError(f"FamilyAdapter '{self.name}': cfg_batch_order {self.cfg_batch_order} must name "
                              f"'cond' and 'uncond' once each.")

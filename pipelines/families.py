@@ -141,6 +141,7 @@ BLOCK_ROWS: list[tuple[str, str, BlockSpec]] = [
     # MiniMax H3: one packed [text, audio, video] sequence (scattered by index, in the layout's order) in and out.
     ("diffusers.models.transformers.transformer_minimax_h3", "MiniMaxH3TransformerBlock", HIDDEN_ONLY),
     ("diffusers.models.transformers.transformer_kandinsky6_sr", "Kandinsky6SRTransformerBlock", HIDDEN_ONLY),
+    ("diffusers.models.transformers.transformer_wan_animate_2", "WanAnimate2TransformerBlock", HIDDEN_ONLY),
 ]
 
 # (module path, wrapper class name, attribute holding the described block)
@@ -820,6 +821,22 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
     ),
     (
         "diffusers",
+        "WanAnimate2Transformer3DModel",
+        FamilyAdapter(
+            name="wan_animate_2",
+            block_lists=("blocks",),
+            latent_layout="CFHW_LIST",
+            cfg_layout="separate",
+            is_video=True,
+            auxiliary_forward=("kv_cache_mode", "extract"),
+            notes="character animation (modular pipelines): per segment, one reference-extraction forward "
+                  "(kv_cache_mode='extract') writes every layer's K/V of the driving video into a KV cache, run "
+                  "unaccelerated and outside the step count; CFG through the guider, cond then uncond without a "
+                  "cache context; latents as a list of (C, F, H, W) tensors",
+        ),
+    ),
+    (
+        "diffusers",
         "UNet2DConditionModel",
         FamilyAdapter(
             name="unet",
@@ -838,9 +855,6 @@ FAMILY_ROWS: list[tuple[str, str, FamilyAdapter]] = [
 UNSUPPORTED_ROWS: dict[str, str] = {
     "JoyImageEditTransformer3DModel": "its latents are six-dimensional, (batch, items, channels, frames, height, "
                                       "width), a layout no row of this version describes",
-    "WanAnimate2Transformer3DModel": "per segment its pipeline makes an extra forward that writes the driving "
-                                     "video's keys and values into a KV cache, which a skipped block would leave "
-                                     "empty and which call-order branch detection would take for a CFG branch",
     "AnyFlowFARTransformer3DModel": "after each chunk its pipeline makes an extra forward that writes the chunk's "
                                     "keys and values into a KV cache, which a skipped block would leave empty",
 }

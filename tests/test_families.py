@@ -421,3 +421,30 @@ def test_helios_pyramid_stages_each_start_clean():
     assert stats["calls"] == 3 and stats["cache_misses"] == 3 * 2  # a warm-up per stage and branch
     diffaccel.remove(case.pipe)
     assert np.array_equal(run(case, seed=0), baseline)
+
+
+def test_an_auxiliary_forward_runs_every_block_outside_the_step_count():
+    """Wan Animate 2 runs one reference-extraction forward per segment (``kv_cache_mode="extract"``) that writes every
+    layer's keys and values into a KV cache: with the most eager cache, that forward still runs all its blocks (a
+    skipped one would leave its cache empty) and counts as no CFG branch; the denoising forwards are cached."""
+    case, baseline = case_and_baseline("wan_animate_2")
+    blocks = diffaccel.pipelines.adapter_for(case.denoiser).find_blocks(case.denoiser)
+    calls, extracting = [], []
+    outer = case.denoiser.register_forward_pre_hook(
+        lambda m, a, k: extracting.__setitem__(slice(None), [k.get("kv_cache_mode") == "extract"]), with_kwargs=True)
+    inner = [b.module.register_forward_pre_hook(lambda m, a, k: calls.append(extracting[0]), with_kwargs=True)
+             for b in blocks]
+    try:
+        diffaccel.accelerate(case.pipe, cache=EAGER_CACHE)
+        out = run(case, seed=0)
+    finally:
+        outer.remove()
+        for handle in inner:
+            handle.remove()
+    stats = diffaccel.stats(case.pipe)
+    steps = case.call_kwargs["num_inference_steps"]
+    assert calls.count(True) == len(blocks)  # the extraction forward ran every block
+    assert stats["auxiliary_forwards"] == 1 and stats["denoiser_calls_by_branch"] == {"cond": steps, "uncond": steps}
+    assert stats["blocks_skipped"] > 0 and np.isfinite(out).all()
+    diffaccel.remove(case.pipe)
+    assert np.array_equal(run(case, seed=0), baseline)

@@ -336,7 +336,7 @@ BATCHED = ["pixart_alpha", "sd3", "hunyuandit", "mochi", "sana_video", "easyanim
 PER_BRANCH = ["wan", "wan_vace", "skyreels_v2", "flux", "flux2_klein", "chroma", "lumina2", "hunyuan_video15", "hunyuan_image",
               "longcat_image", "ovis_image", "cosmos", "qwenimage21", "kandinsky5", "motif_video", "flux3", "krea2",
               "bria_fibo2", "kandinsky6", "helios", "chronoedit", "cosmos3_omni", "glm_image", "nucleusmoe_image",
-              "wan_animate", "framepack"]
+              "wan_animate", "framepack", "wan_animate_2"]
 FAMILIES = BATCHED + PER_BRANCH
 # The guidance scale of an unguided call, where it is not 1: Krea 2 guides as cond + s·(cond − uncond).
 UNGUIDED_SCALE = {"krea2": 0.0}
@@ -373,8 +373,11 @@ def cond_only_reference(case, from_step: int) -> np.ndarray:
     conditional one: per-branch, the "uncond" call returns the "cond" call's output; a doubled batch returns
     [c, c] with c computed by a forward of the conditional half alone (as the accelerated run does)."""
     seen = []
+    auxiliary = adapter_for(case.denoiser).auxiliary_forward  # Wan Animate 2's KV-cache extraction: no branch
 
     def hook(module, args, kwargs, output):
+        if auxiliary and kwargs.get(auxiliary[0]) == auxiliary[1]:
+            return output
         index = len(seen)
         seen.append(index)
         if case.cfg_layout == "batched":
@@ -446,20 +449,29 @@ def test_minus_one_from_the_start_equals_running_without_guidance(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_skipped_branches_are_not_executed(name):
     case, _ = case_and_baseline(name)
-    first_block = adapter_for(case.denoiser).find_blocks(case.denoiser)[0]
-    batches = []
+    adapter = adapter_for(case.denoiser)
+    first_block = adapter.find_blocks(case.denoiser)[0]
+    batches, auxiliary = [], []
+
+    def denoiser_call(module, args, kwargs):  # Wan Animate 2's KV-cache extraction forward is no CFG branch
+        auxiliary[:] = [bool(adapter.auxiliary_forward) and kwargs.get(adapter.auxiliary_forward[0])
+                        == adapter.auxiliary_forward[1]]
 
     def count(module, args, kwargs):
+        if auxiliary and auxiliary[0]:
+            return
         hidden, _ = first_block.stream_inputs(args, kwargs)
         # Cosmos 3's blocks take (tokens, channels): one sample, no batch axis
         batches.append(1 if hidden.dim() == 2 else hidden.shape[1 if name in SEQUENCE_FIRST else 0])
 
     handle = first_block.module.register_forward_pre_hook(count, with_kwargs=True)
+    outer = case.denoiser.register_forward_pre_hook(denoiser_call, with_kwargs=True)
     try:
         diffaccel.accelerate(case.pipe, guidance=AdaptiveGuidanceConfig(threshold=-1.0, min_steps=1))
         run(case, seed=0)
     finally:
         handle.remove()
+        outer.remove()
         diffaccel.remove(case.pipe)
     unit = batches[-1]  # one branch's batch as the block sees it (Latte's spatial blocks: one sample per frame)
     if name in BATCHED:  # one forward per step; the doubled batch only at step 0

@@ -2667,6 +2667,90 @@ def kandinsky6_sr() -> TinyCase:
                     denoiser_attr="transformer", is_video=True, cfg_layout="separate", calls_per_step=1)
 
 
+# Wan Animate 2 (modular)
+
+
+def _wan_animate_2_pipeline_class(distilled: bool = False):
+    """``WanAnimate2ModularPipeline`` (or the distilled one) with a classic ``__call__`` returning ``.frames``."""
+    from diffusers.modular_pipelines.wan_animate_2.modular_pipeline import (WanAnimate2DistilledModularPipeline,
+                                                                            WanAnimate2ModularPipeline)
+
+    base = WanAnimate2DistilledModularPipeline if distilled else WanAnimate2ModularPipeline
+
+    class WanAnimate2TinyPipeline(base):
+        def __call__(self, prompt: str | None = None, negative_prompt: str | None = None, height: int | None = None,
+                     width: int | None = None, num_inference_steps: int = 40,
+                     generator: torch.Generator | None = None, output_type: str = "np", return_dict: bool = True,
+                     **kwargs):
+            inputs = dict(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                          num_inference_steps=num_inference_steps, generator=generator, **kwargs)
+            inputs = {k: v for k, v in inputs.items() if v is not None}
+            videos = super().__call__(**inputs, output_type=output_type, output="videos")
+            out = FramesOutput(frames=videos)
+            return out if return_dict else (out.frames,)
+
+    return WanAnimate2TinyPipeline
+
+
+def _clip_vision_224(hidden_size: int = 16):
+    """A tiny CLIP vision tower at 224 px (Wan Animate 2 resizes to 224 itself), 32 px patches."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    _seed(0)
+    return CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=2,
+        image_size=224, patch_size=32, projection_dim=hidden_size,
+    )).eval()
+
+
+def wan_animate_2_modular(distilled: bool = False, pipeline_cls=None):
+    """The plain modular Wan Animate 2 pipeline (``WanAnimate2Blocks`` / ``WanAnimate2DistilledBlocks``) over tiny
+    components, with a CFG guider (guidance 1 for the distilled one, its default)."""
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, WanAnimate2Transformer3DModel
+    from diffusers.modular_pipelines.wan_animate_2.modular_blocks_wan_animate_2 import WanAnimate2Blocks
+    from diffusers.modular_pipelines.wan_animate_2.modular_blocks_wan_animate_2_distilled import (
+        WanAnimate2DistilledBlocks)
+
+    _seed(0)
+    transformer = WanAnimate2Transformer3DModel(
+        patch_size=(1, 2, 2), text_len=32, in_dim=36, dim=24, ffn_dim=32, freq_dim=32, text_dim=32, out_dim=16,
+        num_heads=2, num_layers=3, use_img_emb=False,
+    ).eval()
+    blocks = WanAnimate2DistilledBlocks() if distilled else WanAnimate2Blocks()
+    pipe = (pipeline_cls or _wan_animate_2_pipeline_class(distilled))(blocks=blocks)
+    pipe.update_components(transformer=transformer, vae=_wan_vae(16), text_encoder=t5_encoder(d_model=32, umt5=True),
+                           tokenizer=t5_tokenizer(), image_encoder=_clip_vision_224(16),
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                           guider=ClassifierFreeGuidance(guidance_scale=1.0 if distilled else 5.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _driving_video(frames: int = 5, size: int = 32):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(3)
+    return [Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8")) for _ in range(frames)]
+
+
+def wan_animate_2() -> TinyCase:
+    """Wan Animate 2 (modular only, ``WanAnimate2Blocks``): Wan-style blocks whose self attention also attends, through
+    a flex ``BlockMask`` (flex backend only, mask built with ``create_block_mask(_compile=True)``), to a per-segment
+    KV cache of the driving video's tokens. Per segment: ``scheduler.set_timesteps``, then ONE reference-extraction
+    forward (``kv_cache_mode="extract"``, at ``timesteps[0]``, over the driving-video latents: writes every layer's
+    K/V), then the denoising loop: cond then uncond calls through the ``ClassifierFreeGuidance`` guider without a cache
+    context (the uncond one with ``is_uncondtion=True``, which skips block 9, absent at 3 blocks). Latents are a list
+    of per-sample (C, F, H, W) tensors (CFHW_LIST). Tiny: ``use_img_emb=False`` (the CLIP features would be 1280
+    wide), one 5-frame segment at 32 px. The extraction forward is the row's ``auxiliary_forward``."""
+    pipe = wan_animate_2_modular()
+    return TinyCase(pipe=pipe, call_kwargs=dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=4,
+                                                height=32, width=32, image=_test_image(32),
+                                                driving_video=_driving_video(5, 32), segment_frame_length=5,
+                                                max_sequence_length=32, output_type="np"),
+                    denoiser_attr="transformer", is_video=True, cfg_layout="separate")
+
+
 def sd15() -> TinyCase:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -2831,6 +2915,7 @@ FAMILIES: dict[str, Callable[[], TinyCase]] = {
     "framepack": framepack,
     "minimax_h3": minimax_h3,
     "kandinsky6_sr": kandinsky6_sr,
+    "wan_animate_2": wan_animate_2,
     "sd15": sd15,
     "sdxl": sdxl,
 }

@@ -61,6 +61,28 @@ def remove_hook(module: torch.nn.Module, name: str) -> None:
         module.forward = outer
 
 
+def _pass_auxiliary_forwards(hook: ModelHook, runtime: "Runtime") -> None:
+    """Make ``hook`` (before it is registered) leave a forward untouched while ``runtime.auxiliary`` is set."""
+    pre_forward, post_forward = hook.pre_forward, hook.post_forward
+
+    def pre(module, *args, **kwargs):
+        return (args, kwargs) if runtime.auxiliary else pre_forward(module, *args, **kwargs)
+
+    def post(module, output):
+        return output if runtime.auxiliary else post_forward(module, output)
+
+    hook.pre_forward, hook.post_forward = pre, post
+    if hasattr(hook, "new_forward"):
+        new_forward = hook.new_forward
+
+        def new(module, *args, **kwargs):
+            if runtime.auxiliary:
+                return hook.fn_ref.original_forward(*args, **kwargs)
+            return new_forward(module, *args, **kwargs)
+
+        hook.new_forward = new
+
+
 class _NoState(BaseState):
     def reset(self, *args, **kwargs) -> None:
         pass
@@ -92,8 +114,18 @@ class DenoiserHook(ModelHook):
         self.branch_tracker = BranchTracker()
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        self.runtime.begin_forward(args, kwargs, self.branch_tracker.name)
+        runtime = self.runtime
+        runtime.auxiliary = runtime.is_auxiliary(kwargs)
+        if runtime.auxiliary:  # not a denoising step: every method hook below passes it through
+            (runtime.primary or runtime)._start_announced_call()
+            runtime.count("auxiliary_forwards")
+            return args, kwargs
+        runtime.begin_forward(args, kwargs, self.branch_tracker.name)
         return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output):
+        self.runtime.auxiliary = False
+        return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.runtime.reset_states()
@@ -160,6 +192,7 @@ class Runtime:
         # The one CFG branch every forward of this denoiser computes, where the pipeline gives each branch a model
         # of its own (Ideogram 4's unconditional_transformer); None: told by contexts, batch or call order.
         self.branch = branch
+        self.auxiliary = False  # set by the denoiser hook during an auxiliary forward (FamilyAdapter.auxiliary_forward)
         self.name = "denoiser"  # the pipeline attribute that holds it, where the caller knows (api._install)
         self._hidden_position = argument_position(denoiser, adapter.hidden_arg)
         self._timestep_position = argument_position(denoiser, adapter.timestep_arg)
@@ -172,9 +205,17 @@ class Runtime:
         return self._pipe_ref()
 
     def register_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-        """Register a hook through diffusers' registry and remember it for ``remove``."""
+        """Register a hook through diffusers' registry and remember it for ``remove``. Where the family has
+        auxiliary forwards, a method's hook passes them through."""
+        if self.adapter.auxiliary_forward and not isinstance(hook, DenoiserHook):
+            _pass_auxiliary_forwards(hook, self)
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
         self._installed.append((module, name))
+
+    def is_auxiliary(self, kwargs: dict) -> bool:
+        """Whether a forward is the family's auxiliary pass (``FamilyAdapter.auxiliary_forward``)."""
+        rule = self.adapter.auxiliary_forward
+        return bool(rule) and kwargs.get(rule[0]) == rule[1]
 
     def add_cleanup(self, fn: Callable[[], None]) -> None:
         """Something ``remove`` must undo that is not a hook (e.g. an attention processor)."""
