@@ -403,7 +403,7 @@ def test_self_attention_lookup_never_takes_a_cross_attention():
             continue
         target = AccelTarget(pipe=case.pipe, denoiser=case.denoiser, adapter=adapter)
         found = self_attention_modules(target)
-        if name == "cosmos3_omni":
+        if name in ("cosmos3_omni", "wan_animate_2"):  # refused by name: no square self-attention
             assert found == [], found
             continue
         assert [index for index, _, _ in found] == list(range(len(target.blocks))), (name, found)
@@ -438,6 +438,10 @@ def test_a_model_without_a_square_self_attention_is_refused_by_name():
                                          r"causally over the text.*\[text, vision\] keys"):
         diffaccel.accelerate(case.pipe, attention="block_sparse")
     assert getattr(case.pipe, "_diffaccel_runtime", None) is None
+    case = build("wan_animate_2")  # attends over a KV cache of the driving video through flex
+    with pytest.raises(ValueError, match=r"self_attn \(WanAnimate2Attention\) is no square self-attention.*"
+                                         r"KV cache of the driving video"):
+        diffaccel.accelerate(case.pipe, attention="block_sparse")
     case = build("kandinsky6_sr")  # its own NABLA block-sparse attention through flex
     with pytest.raises(ValueError, match=r"self_attention \(Kandinsky6SRAttention\) is no square self-attention.*"
                                          r"already block-sparse"):

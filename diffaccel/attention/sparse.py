@@ -63,6 +63,10 @@ SELF_ATTENTION_NAMES = (
 # Attention modules a block holds that are not a self-attention of the latent tokens block-sparse attention could
 # cut, by class name: why it refuses such a model by name (rather than hooking calls that would all run dense).
 NO_SQUARE_SELF_ATTENTION = {
+    "WanAnimate2Attention": (
+        "Wan Animate 2's self-attention attends, through a flex-attention BlockMask, over the block's tokens and a "
+        "KV cache of the driving video that its extraction forward wrote: more keys than queries, in flex's mask"
+    ),
     "Kandinsky6SRAttention": (
         "Kandinsky 6 SR's self-attention is already block-sparse: NABLA's pattern as a flex-attention BlockMask "
         "over its 8x8-patch token order, on the flex backend only"
