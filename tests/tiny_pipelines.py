@@ -2099,23 +2099,30 @@ def helios_pyramid() -> TinyCase:
     return case
 
 
+def _anyflow_case(pipeline_cls, transformer) -> TinyCase:
+    """An AnyFlow pipeline (plain or FAR) around ``transformer``: UMT5 text, Wan VAE, flow-map scheduler, CFG on."""
+    from diffusers import FlowMapEulerDiscreteScheduler
+
+    pipe = pipeline_cls(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(d_model=32, umt5=True),
+                        transformer=transformer, vae=_wan_vae(16), scheduler=FlowMapEulerDiscreteScheduler(shift=5.0))
+    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=5.0, height=32, width=32,
+                 num_frames=5, max_sequence_length=32)
+
+
 def anyflow() -> TinyCase:
     """AnyFlow (flow-map distilled Wan 2.1): Wan-style blocks over (B, F, C, H, W) latents (frames before channels;
     its ``latents=`` and latent output are (B, C, F, H, W)); every forward conditions on the source timestep ``t`` and
     the target ``r`` (both per frame, (B, F)), the scheduler a ``FlowMapEulerDiscreteScheduler``. The released
     checkpoints fold CFG into the weights (default ``guidance_scale=1``); with a scale > 1 the pipeline runs one
     doubled batch, unconditional first, no cache context. The tiny case turns CFG on (scale 5)."""
-    from diffusers import AnyFlowPipeline, AnyFlowTransformer3DModel, FlowMapEulerDiscreteScheduler
+    from diffusers import AnyFlowPipeline, AnyFlowTransformer3DModel
 
     _seed(0)
     transformer = AnyFlowTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3, cross_attn_norm=True, rope_max_seq_len=32,
     ).eval()
-    pipe = AnyFlowPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(d_model=32, umt5=True),
-                           transformer=transformer, vae=_wan_vae(16), scheduler=FlowMapEulerDiscreteScheduler(shift=5.0))
-    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=5.0, height=32, width=32,
-                 num_frames=5, max_sequence_length=32)
+    return _anyflow_case(AnyFlowPipeline, transformer)
 
 
 def anyflow_far() -> TinyCase:
@@ -2124,7 +2131,7 @@ def anyflow_far() -> TinyCase:
     earlier chunks, and after a chunk's last step the pipeline makes one more forward at timestep 0 (the "cache
     step", ``is_cache_step``) that WRITES the chunk's keys/values into that cache and returns no prediction
     (``sample=None``). Doubled-batch CFG when the scale is > 1 (the tiny case: 5)."""
-    from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, FlowMapEulerDiscreteScheduler
+    from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel
 
     _seed(0)
     transformer = AnyFlowFARTransformer3DModel(
@@ -2132,10 +2139,7 @@ def anyflow_far() -> TinyCase:
         attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3,
         cross_attn_norm=True, rope_max_seq_len=32, chunk_partition=(1, 1),
     ).eval()
-    pipe = AnyFlowFARPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(d_model=32, umt5=True),
-                              transformer=transformer, vae=_wan_vae(16), scheduler=FlowMapEulerDiscreteScheduler(shift=5.0))
-    return _case(pipe, "batched", is_video=True, negative_prompt="blurry", guidance_scale=5.0, height=32, width=32,
-                 num_frames=5, max_sequence_length=32)
+    return _anyflow_case(AnyFlowFARPipeline, transformer)
 
 
 def chronoedit() -> TinyCase:
